@@ -1,0 +1,41 @@
+# comfy-mesh: `make demo` runs a local demo mesh, `make test` installs everything and runs the tests.
+# Everything lives in .venv/ at the repository root; nothing is installed system-wide.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# Exactly this torch: a CPU build lies on this machine's disk; a bare `torch` would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+PB     := mesh/pb/mesh_pb2.py mesh/pb/mesh_pb2_grpc.py
+PYTEST_ARGS ?=
+
+.PHONY: install proto test demo bench clean
+
+install: $(STAMP) $(PB)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+	touch $(STAMP)
+
+# The gRPC code is generated from proto/, never edited by hand and never committed.
+proto: $(PB)
+$(PB): proto/mesh.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -Imesh/pb=proto --python_out=. --grpc_python_out=. --pyi_out=. proto/mesh.proto
+
+# pytest exits 5 when it collected no tests: that is a failure here, not a pass.
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+demo: install
+	$(PY) scripts/demo.py
+
+bench: install
+	$(PY) scripts/bench_node.py --json bench-results/node.json
+
+clean:
+	rm -rf $(VENV) mesh/pb/*_pb2*.py .pytest_cache .hypothesis build *.egg-info

@@ -1,0 +1,299 @@
+"""The `mesh` command: run a node (`mesh serve`) or inspect and operate any node over gRPC.
+
+Global options come before the command: `mesh --node HOST:PORT --secret-file F stats --json`.
+Errors are one line on stderr and a non-zero exit: 1 for a failed operation, 2 for usage, 3 for a missing key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from mesh.auth import SECRET_FILE_ENV, load_secret
+from mesh.node import DEFAULT_PORT, Node, NodeConfig
+from mesh.peer import MeshError, PeerClient
+from mesh.units import format_size, parse_size
+from mesh.wire import Limits
+
+NODE_ENV = "MESH_NODE"
+EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 3
+
+
+class CliError(Exception):
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# -- output helpers ----------------------------------------------------------------------------------------
+
+def _emit_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*(str(v) for v in row))
+    Console().print(table)
+
+
+class _ProgressBar:
+    """A rich progress bar with bytes/s, shown only for long transfers on a terminal."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label = label
+        self.enabled = enabled and sys.stderr.isatty()
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total < 8 * 1024 * 1024:
+            return
+        if self._bar is None:
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
+                                       TransferSpeedColumn)
+
+            self._bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                                 TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
+            self._task = self._bar.add_task(self.label, total=total)
+            self._bar.start()
+        self._bar.update(self._task, completed=done)
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _client(args: argparse.Namespace) -> PeerClient:
+    secret = load_secret(args.secret_file)
+    return PeerClient(args.node, secret, timeout=args.timeout)
+
+
+# -- commands ----------------------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = NodeConfig(
+        listen=args.listen, node_id=args.node_id or "", max_memory=parse_size(args.max_memory),
+        min_free_ram=parse_size(args.min_free_ram), secret=load_secret(args.secret_file),
+        limits=Limits(chunk_size=parse_size(args.chunk_size), max_blob_size=parse_size(args.max_blob_size),
+                      max_chunk_size=parse_size(args.max_chunk_size),
+                      max_message_size=parse_size(args.max_message_size), max_transfers=args.max_transfers),
+    )
+    node = Node(config).start()
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logging.getLogger("mesh").info("received %s, stopping", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    if args.ready_file:
+        Path(args.ready_file).write_text(json.dumps({"address": node.address, "node_id": node.node_id}))
+    while not stopping.wait(0.5):
+        pass
+    node.stop()
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        health = c.health(timeout=min(args.timeout, 5.0))
+        s = c.stats()
+    counters = dict(s.counters)
+    data = {"node_id": s.node_id, "address": s.address, "version": s.version, "health": health,
+            "uptime_seconds": round(s.uptime_seconds, 1), "entries": int(counters.get("entries", 0)),
+            "bytes_used": int(counters.get("bytes_used", 0)), "max_memory": int(counters.get("max_memory", 0))}
+    if args.json:
+        _emit_json(data)
+    else:
+        _table(f"mesh node {s.node_id}", ["field", "value"], [
+            ("address", s.address), ("health", health), ("version", s.version),
+            ("uptime", f"{s.uptime_seconds:.0f} s"), ("entries", data["entries"]),
+            ("memory", f"{format_size(data['bytes_used'])} of {format_size(data['max_memory'])}"),
+        ])
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        s = c.stats()
+    counters = {k: (int(v) if float(v).is_integer() else v) for k, v in sorted(s.counters.items())}
+    if args.json:
+        _emit_json({"node_id": s.node_id, "address": s.address, "counters": counters})
+    else:
+        _table(f"stats of {s.node_id} ({s.address})", ["counter", "value"], list(counters.items()))
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        keys = c.list_keys(prefix=args.prefix, limit=args.limit)
+    rows = [{"key": k.key, "raw_size": k.raw_size, "stored_size": k.stored_size,
+             "age_seconds": round(k.age_seconds, 1), "meta": dict(k.meta)} for k in keys]
+    if args.json:
+        _emit_json(rows)
+    else:
+        _table(f"{len(rows)} keys", ["key", "size", "stored", "age", "meta"], [
+            (r["key"], format_size(r["raw_size"]), format_size(r["stored_size"]), f"{r['age_seconds']:.0f} s",
+             ", ".join(f"{k}={v}" for k, v in r["meta"].items())) for r in rows])
+    return 0
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    path = Path(args.file)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CliError(f"cannot read {path}: {e.strerror}") from None
+    meta = dict(m.split("=", 1) for m in args.meta)
+    meta.setdefault("content", "bytes")
+    started = time.perf_counter()
+    with _client(args) as c, _ProgressBar(f"put {args.key}", not args.json) as bar:
+        reply = c.put(args.key, data, meta, progress=bar)
+    seconds = time.perf_counter() - started
+    result = {"key": args.key, "bytes": len(data), "stored": reply.stored, "existed": reply.existed,
+              "replicas": reply.replicas, "seconds": round(seconds, 4)}
+    if args.json:
+        _emit_json(result)
+    else:
+        verb = "already stored" if reply.existed else "stored"
+        print(f"{verb} {args.key}: {format_size(len(data))} in {seconds:.3f} s")
+    return 0
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    if not args.output and not args.describe:
+        raise CliError("give -o FILE to write the value, or --describe to show its structure", EXIT_USAGE)
+    started = time.perf_counter()
+    with _client(args) as c, _ProgressBar(f"get {args.key}", not args.json) as bar:
+        blob = c.get(args.key, progress=bar)
+    if blob is None:
+        raise CliError(f"key not found: {args.key}", EXIT_NOT_FOUND)
+    seconds = time.perf_counter() - started
+    if args.describe:
+        from mesh import blob as codec
+
+        try:
+            rows = codec.describe(blob.data)
+        except codec.BlobFormatError as e:
+            raise CliError(f"{args.key} is not a tensor-tree blob: {e}") from None
+        if args.json:
+            _emit_json({"key": args.key, "bytes": len(blob.data), "meta": dict(blob.header.meta), "leaves": rows})
+        else:
+            print(f"{args.key}: {format_size(len(blob.data))}, "
+                  + ", ".join(f"{k}={v}" for k, v in blob.header.meta.items()))
+            print(codec.format_description(rows))
+    if args.output:
+        out = Path(args.output)
+        if str(out) == "-":
+            sys.stdout.buffer.write(blob.data)
+        else:
+            out.write_bytes(blob.data)
+        if not args.json and str(out) != "-":
+            print(f"wrote {format_size(len(blob.data))} to {out} in {seconds:.3f} s")
+        elif args.json and not args.describe:
+            _emit_json({"key": args.key, "bytes": len(blob.data), "file": str(out), "seconds": round(seconds, 4)})
+    return 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        deleted = c.delete(args.keys)
+    if args.json:
+        _emit_json({"deleted": deleted})
+    else:
+        print(f"deleted {deleted} of {len(args.keys)} keys")
+    return 0 if deleted else EXIT_NOT_FOUND
+
+
+# -- parser --------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mesh", description="comfy-mesh: a shared cache for ComfyUI fleets")
+    p.add_argument("--node", default=os.environ.get(NODE_ENV, f"127.0.0.1:{DEFAULT_PORT}"),
+                   help=f"node to talk to, HOST:PORT (env {NODE_ENV}; default 127.0.0.1:{DEFAULT_PORT})")
+    p.add_argument("--secret-file", default=None, help=f"cluster secret file (env {SECRET_FILE_ENV} or MESH_SECRET)")
+    p.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds (default 60)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(fn=fn)
+        if name != "serve":
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+        return sp
+
+    s = command("serve", cmd_serve, "run a mesh node in the foreground")
+    s.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT to serve on (port 0: any)")
+    s.add_argument("--node-id", help="stable id of this node (default: hostname-port-random)")
+    s.add_argument("--max-memory", default="4GiB", help="byte budget of the blob store (default 4GiB)")
+    s.add_argument("--min-free-ram", default="1GiB", help="evict while the host has less RAM available (1GiB)")
+    s.add_argument("--chunk-size", default="1MiB", help="raw bytes per chunk sent (default 1MiB)")
+    s.add_argument("--max-blob-size", default="2GiB", help="largest value accepted (default 2GiB)")
+    s.add_argument("--max-chunk-size", default="16MiB", help="largest raw chunk accepted (default 16MiB)")
+    s.add_argument("--max-message-size", default="20MiB", help="gRPC message cap (default 20MiB)")
+    s.add_argument("--max-transfers", type=int, default=16, help="concurrent Get/Put streams (default 16)")
+    s.add_argument("--ready-file", help="write {address, node_id} as JSON here once serving (for scripts)")
+
+    command("status", cmd_status, "health and summary of a node")
+    command("stats", cmd_stats, "counters of a node")
+    k = command("keys", cmd_keys, "list the keys a node stores, with sizes and ages")
+    k.add_argument("--prefix", default="", help="only keys starting with this")
+    k.add_argument("--limit", type=int, default=0, help="at most this many (0: all)")
+    pt = command("put", cmd_put, "store a file's bytes under KEY")
+    pt.add_argument("key")
+    pt.add_argument("file")
+    pt.add_argument("--meta", action="append", default=[], metavar="K=V", help="content metadata (repeatable)")
+    g = command("get", cmd_get, "fetch KEY bit-exactly into a file, or describe a tensor blob")
+    g.add_argument("key")
+    g.add_argument("-o", "--output", help="file to write ('-' for stdout)")
+    g.add_argument("--describe", action="store_true", help="print the structure of a ComfyUI value blob")
+    d = command("delete", cmd_delete, "delete KEYs")
+    d.add_argument("keys", nargs="+")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("grpc", "zeroconf", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.fn(args)
+    except CliError as e:
+        print(f"mesh: {e}", file=sys.stderr)
+        return e.exit_code
+    except MeshError as e:
+        print(f"mesh: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except (OSError, ValueError) as e:
+        print(f"mesh: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

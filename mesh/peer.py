@@ -1,0 +1,231 @@
+"""A client for one mesh node: deadlines, the cluster token, chunked transfers in and out.
+
+Every call carries a deadline; gRPC failures become one of a few exceptions a caller can act on (and the CLI
+can print as one line). The channel is a plain synchronous grpc channel: it is thread-safe and bound to no
+event loop, so ComfyUI's per-prompt loops can use it from a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import grpc
+
+from mesh.auth import TokenSource
+from mesh.pb import mesh_pb2 as pb
+from mesh.pb import mesh_pb2_grpc as pb_grpc
+from mesh.wire import Header, Limits, Receiver, StoredChunk, TransferError, iter_chunks, make_header
+
+Progress = Callable[[int, int], None]  # called with (bytes moved so far, total bytes)
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class MeshError(Exception):
+    """A mesh call failed; `code` is the gRPC status (None for local causes)."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Unreachable(MeshError):
+    """The node did not answer in time or is not there."""
+
+
+class Unauthenticated(MeshError):
+    """The node refused our cluster secret."""
+
+
+class Refused(MeshError):
+    """The node understood and said no (too large, bad data, busy)."""
+
+
+def channel_options(limits: Limits) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", limits.max_message_size),
+        ("grpc.max_receive_message_length", limits.max_message_size),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        # Fail fast when a peer is gone instead of sitting in backoff past our deadlines.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
+
+
+def translate(err: grpc.RpcError, address: str) -> MeshError:
+    code = err.code() if hasattr(err, "code") else None
+    detail = err.details() if hasattr(err, "details") else str(err)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+        return Unreachable(f"node {address} unreachable: {detail or code}", code)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(f"node {address} refused the cluster secret: {detail}", code)
+    return Refused(f"node {address}: {code.name if code else 'error'}: {detail}", code)
+
+
+@dataclass(frozen=True)
+class Blob:
+    header: Header
+    data: bytearray
+
+
+class PeerClient:
+    def __init__(self, address: str, secret: bytes | None = None, limits: Limits | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.address = address
+        self.limits = limits or Limits()
+        self.timeout = timeout
+        self._tokens = TokenSource(secret)
+        self._channel = grpc.insecure_channel(address, options=channel_options(self.limits))
+        self._stub = pb_grpc.MeshStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> PeerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _md(self) -> tuple[tuple[str, str], ...]:
+        return self._tokens.metadata()
+
+    def _t(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+    # -- blobs ---------------------------------------------------------------------------------------------
+
+    def get(self, key: str, timeout: float | None = None, local_only: bool = False,
+            progress: Progress | None = None) -> Blob | None:
+        """The verified bytes of `key`, decoded into one buffer, or None if the node does not have it."""
+        receiver: Receiver | None = None
+        try:
+            for receiver, _ in self._get_stream(key, timeout, local_only, into=True, progress=progress):
+                pass
+        except _Missing:
+            return None
+        assert receiver is not None and receiver.buffer is not None
+        return Blob(receiver.header, receiver.buffer)
+
+    def get_chunks(self, key: str, timeout: float | None = None,
+                   local_only: bool = True) -> tuple[Header, list[StoredChunk]] | None:
+        """The verified chunks of `key` as stored (no decompression kept): for node-to-node copies."""
+        receiver: Receiver | None = None
+        try:
+            for receiver, _ in self._get_stream(key, timeout, local_only, into=False):
+                pass
+        except _Missing:
+            return None
+        assert receiver is not None
+        return receiver.header, receiver.chunks
+
+    def _get_stream(self, key: str, timeout: float | None, local_only: bool, into: bool,
+                    progress: Progress | None = None) -> Iterator[tuple[Receiver, StoredChunk | None]]:
+        call = self._stub.Get(pb.GetRequest(key=key, local_only=local_only), timeout=self._t(timeout),
+                              metadata=self._md())
+        receiver: Receiver | None = None
+        moved = 0
+        try:
+            for reply in call:
+                if reply.HasField("header"):
+                    if receiver is not None:
+                        raise TransferError(grpc.StatusCode.DATA_LOSS, "second header in one stream")
+                    header = Header.from_pb(reply.header)
+                    if header.key != key:
+                        raise TransferError(grpc.StatusCode.DATA_LOSS, f"asked for {key!r}, got {header.key!r}")
+                    receiver = Receiver(header, self.limits, into=into)
+                    yield receiver, None
+                elif reply.HasField("chunk"):
+                    if receiver is None:
+                        raise TransferError(grpc.StatusCode.DATA_LOSS, "chunk before header")
+                    chunk = receiver.add(reply.chunk)
+                    moved += chunk.raw_size
+                    if progress:
+                        progress(moved, receiver.header.raw_size)
+                    yield receiver, chunk
+            if receiver is None:
+                raise TransferError(grpc.StatusCode.DATA_LOSS, "stream ended without a header")
+            receiver.finish()
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                raise _Missing() from None
+            raise translate(e, self.address) from None
+        except TransferError as e:
+            call.cancel()
+            raise Refused(f"node {self.address} sent a bad blob for {key!r}: {e}", e.code) from None
+
+    def put(self, key: str, data: bytes | bytearray | memoryview, meta: Mapping[str, str] | None = None,
+            timeout: float | None = None, compress: bool = True, local_only: bool = False,
+            progress: Progress | None = None) -> pb.PutReply:
+        """Store bytes under `key`; chunks are compressed lazily while earlier ones are already on the wire."""
+        header = make_header(key, data, self.limits.chunk_size, meta)
+        return self.put_chunks(header, iter_chunks(data, self.limits.chunk_size, compress), timeout,
+                               local_only, progress)
+
+    def put_chunks(self, header: Header, chunks: Iterable[StoredChunk], timeout: float | None = None,
+                   local_only: bool = False, progress: Progress | None = None) -> pb.PutReply:
+        def requests() -> Iterator[pb.PutRequest]:
+            yield pb.PutRequest(header=header.to_pb(), local_only=local_only)
+            moved = 0
+            for i, chunk in enumerate(chunks):
+                yield pb.PutRequest(chunk=chunk.to_pb(i))
+                moved += chunk.raw_size
+                if progress:
+                    progress(moved, header.raw_size)
+
+        try:
+            return self._stub.Put(requests(), timeout=self._t(timeout), metadata=self._md())
+        except grpc.RpcError as e:
+            raise translate(e, self.address) from None
+
+    # -- small calls -----------------------------------------------------------------------------------------
+
+    def _unary(self, method: Callable[..., object], request: object, timeout: float | None) -> object:
+        try:
+            return method(request, timeout=self._t(timeout), metadata=self._md())
+        except grpc.RpcError as e:
+            raise translate(e, self.address) from None
+
+    def has(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> list[bool]:
+        reply = self._unary(self._stub.Has, pb.HasRequest(keys=keys, local_only=local_only), timeout)
+        present = list(reply.present)  # type: ignore[attr-defined]
+        if len(present) != len(keys):
+            raise Refused(f"node {self.address} answered {len(present)} of {len(keys)} keys")
+        return present
+
+    def delete(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> int:
+        reply = self._unary(self._stub.Delete, pb.DeleteRequest(keys=keys, local_only=local_only), timeout)
+        return reply.deleted  # type: ignore[attr-defined]
+
+    def stats(self, timeout: float | None = None) -> pb.StatsReply:
+        return self._unary(self._stub.Stats, pb.StatsRequest(), timeout)  # type: ignore[return-value]
+
+    def ping(self, request: pb.PingRequest, timeout: float | None = None) -> pb.PingReply:
+        return self._unary(self._stub.Ping, request, timeout)  # type: ignore[return-value]
+
+    def drain(self, timeout: float | None = None) -> pb.DrainReply:
+        return self._unary(self._stub.Drain, pb.DrainRequest(), timeout)  # type: ignore[return-value]
+
+    def list_keys(self, prefix: str = "", limit: int = 0, timeout: float | None = None) -> list[pb.KeyInfo]:
+        try:
+            return list(self._stub.ListKeys(pb.ListKeysRequest(prefix=prefix, limit=limit),
+                                            timeout=self._t(timeout), metadata=self._md()))
+        except grpc.RpcError as e:
+            raise translate(e, self.address) from None
+
+    def health(self, timeout: float = 2.0) -> str:
+        """The grpc.health.v1 status of the node's Mesh service (needs no secret)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        stub = health_pb2_grpc.HealthStub(self._channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service="comfymesh.v1.Mesh"), timeout=timeout)
+        except grpc.RpcError as e:
+            raise translate(e, self.address) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class _Missing(Exception):
+    pass

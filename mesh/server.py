@@ -1,0 +1,168 @@
+"""The gRPC face of a node: translates RPCs into store (and cluster) calls and errors into status codes.
+
+The servicer holds no state of its own beyond transfer slots. A request marked `local_only` (a peer asking
+this node as an owner) is answered from the local store; any other request goes through the cluster, which
+routes it to the key's owners. Without a cluster (a lone node) everything is local.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Protocol
+
+import grpc
+
+import mesh
+from mesh.pb import mesh_pb2 as pb
+from mesh.pb import mesh_pb2_grpc as pb_grpc
+from mesh.store import BlobStore, Entry, StoreFull
+from mesh.wire import Header, Limits, Receiver, TransferError
+
+log = logging.getLogger(__name__)
+
+SLOT_WAIT = 5.0  # seconds a transfer waits for a free slot before RESOURCE_EXHAUSTED
+
+
+class Cluster(Protocol):
+    """What the servicer needs from the cluster layer (mesh/cluster.py)."""
+
+    def get(self, key: str, timeout: float) -> Entry | None: ...
+    def put(self, entry: Entry) -> int: ...
+    def has(self, keys: list[str], timeout: float) -> list[bool]: ...
+    def delete(self, keys: list[str], timeout: float) -> int: ...
+    def ping(self, request: pb.PingRequest) -> pb.PingReply: ...
+    def members(self) -> list[pb.Member]: ...
+    def drain(self) -> pb.DrainReply: ...
+    @property
+    def replicas(self) -> int: ...
+    @property
+    def cluster_name(self) -> str: ...
+
+
+class MeshServicer(pb_grpc.MeshServicer):
+    def __init__(self, node_id: str, address: str, store: BlobStore, limits: Limits,
+                 cluster: Cluster | None = None) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.store = store
+        self.limits = limits
+        self.cluster = cluster
+        self.started = time.time()
+        self._slots = threading.BoundedSemaphore(limits.max_transfers)
+        self._lock = threading.Lock()
+        self.transfer_errors = 0
+        self.busy_refusals = 0
+
+    @contextmanager
+    def _slot(self, context: grpc.ServicerContext) -> Iterator[None]:
+        if not self._slots.acquire(timeout=SLOT_WAIT):
+            with self._lock:
+                self.busy_refusals += 1
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"node busy: {self.limits.max_transfers} transfers in progress")
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def _deadline(self, context: grpc.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return 30.0 if remaining is None else max(0.0, remaining - 0.05)
+
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[pb.GetReply]:
+        if request.local_only or self.cluster is None:
+            entry = self.store.get(request.key)
+        else:
+            entry = self.cluster.get(request.key, self._deadline(context))
+        if entry is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no blob under key {request.key!r}")
+        with self._slot(context):
+            yield pb.GetReply(header=entry.header.to_pb())
+            for i, chunk in enumerate(entry.chunks):
+                yield pb.GetReply(chunk=chunk.to_pb(i))
+
+    def Put(self, request_iterator: Iterator[pb.PutRequest], context: grpc.ServicerContext) -> pb.PutReply:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a Put stream must start with a header")
+        local_only = first.local_only or self.cluster is None
+        try:
+            header = Header.from_pb(first.header)
+            if local_only and header.key in self.store:
+                self.store.counters.duplicate_puts += 1
+                return pb.PutReply(existed=True, replicas=1)
+            with self._slot(context):
+                entry = self._receive(header, request_iterator)
+            if local_only:
+                stored = self.store.put(entry)
+                return pb.PutReply(stored=stored, existed=not stored, replicas=1)
+            return pb.PutReply(stored=True, replicas=self.cluster.put(entry))
+        except TransferError as e:
+            with self._lock:
+                self.transfer_errors += 1
+            log.info("put refused: %s", e)
+            context.abort(e.code, str(e))
+        except StoreFull as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        raise AssertionError("unreachable")
+
+    def _receive(self, header: Header, requests: Iterator[pb.PutRequest]) -> Entry:
+        if header.stored_size > self.store.max_memory:
+            raise TransferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"blob of {header.stored_size} bytes exceeds the store budget")
+        receiver = Receiver(header, self.limits)
+        for request in requests:
+            if not request.HasField("chunk"):
+                raise TransferError(grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the header")
+            receiver.add(request.chunk)
+            if receiver.stored_size > self.store.max_memory:
+                raise TransferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"blob exceeds the store budget of {self.store.max_memory} bytes")
+        receiver.finish()
+        header = replace(header, stored_size=receiver.stored_size, created_unix=header.created_unix or time.time())
+        return Entry(header, tuple(receiver.chunks))
+
+    def Has(self, request: pb.HasRequest, context: grpc.ServicerContext) -> pb.HasReply:
+        keys = list(request.keys)
+        if request.local_only or self.cluster is None:
+            return pb.HasReply(present=[k in self.store for k in keys])
+        return pb.HasReply(present=self.cluster.has(keys, self._deadline(context)))
+
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteReply:
+        keys = list(request.keys)
+        if request.local_only or self.cluster is None:
+            return pb.DeleteReply(deleted=self.store.delete(keys))
+        return pb.DeleteReply(deleted=self.cluster.delete(keys, self._deadline(context)))
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
+        counters = self.store.stats()
+        counters.update(transfer_errors=self.transfer_errors, busy_refusals=self.busy_refusals)
+        reply = pb.StatsReply(node_id=self.node_id, address=self.address, version=mesh.__version__,
+                              uptime_seconds=time.time() - self.started, counters=counters, replicas=1)
+        if self.cluster is not None:
+            reply.members.extend(self.cluster.members())
+            reply.replicas = self.cluster.replicas
+            reply.cluster = self.cluster.cluster_name
+        return reply
+
+    def ListKeys(self, request: pb.ListKeysRequest, context: grpc.ServicerContext) -> Iterator[pb.KeyInfo]:
+        now = time.time()
+        for entry in self.store.items(request.prefix, request.limit):
+            h = entry.header
+            yield pb.KeyInfo(key=h.key, raw_size=h.raw_size, stored_size=h.stored_size,
+                             age_seconds=now - entry.stored_at, meta=dict(h.meta))
+
+    def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
+        if self.cluster is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node runs without a cluster")
+        return self.cluster.ping(request)
+
+    def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.DrainReply:
+        if self.cluster is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node runs without a cluster")
+        return self.cluster.drain()

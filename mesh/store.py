@@ -1,0 +1,165 @@
+"""The node's local blob store: verified blobs under a byte budget, LRU eviction, RAM-pressure eviction.
+
+Blobs are kept as the chunks they arrived in (compressed where that paid), so a Get streams them out with no
+recompression, and the budget counts what is really held. Besides the budget, the store keeps at least
+`min_free_ram` of the machine's memory available (as ComfyUI's RAM_PRESSURE cache does): the node shares the
+host with ComfyUI, whose models matter more than our cache.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import psutil
+
+from mesh.wire import Header, StoredChunk
+
+ENTRY_OVERHEAD = 512  # bytes of bookkeeping charged per blob, so many tiny blobs cannot exceed the budget
+CHUNK_OVERHEAD = 64
+
+
+class StoreFull(Exception):
+    """A blob that can never fit (larger than the whole budget); refused rather than half-stored."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    header: Header
+    chunks: tuple[StoredChunk, ...]
+    stored_at: float = field(default_factory=time.time)
+
+    @property
+    def size(self) -> int:
+        return ENTRY_OVERHEAD + sum(len(c.data) + CHUNK_OVERHEAD for c in self.chunks)
+
+
+@dataclass
+class Counters:
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    duplicate_puts: int = 0
+    evictions: int = 0
+    pressure_evictions: int = 0
+    deletes: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    refused: int = 0
+
+
+def available_ram() -> int:
+    return psutil.virtual_memory().available
+
+
+class BlobStore:
+    """Thread-safe LRU of verified blobs. All bookkeeping happens under one lock; data is never copied."""
+
+    def __init__(self, max_memory: int, min_free_ram: int = 0,
+                 ram_probe: Callable[[], int] = available_ram) -> None:
+        if max_memory <= 0:
+            raise ValueError("max_memory must be positive")
+        self.max_memory = max_memory
+        self.min_free_ram = min_free_ram
+        self._probe = ram_probe
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[str, tuple[Entry, int]] = OrderedDict()
+        self._used = 0
+        self.counters = Counters()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def get(self, key: str) -> Entry | None:
+        with self._lock:
+            item = self._entries.get(key)
+            if item is None:
+                self.counters.misses += 1
+                return None
+            self._entries.move_to_end(key)
+            self.counters.hits += 1
+            self.counters.bytes_out += item[1]
+            return item[0]
+
+    def peek(self, key: str) -> Entry | None:
+        """Read without counting a hit or touching recency (hand-off, listings)."""
+        item = self._entries.get(key)
+        return item[0] if item else None
+
+    def put(self, entry: Entry) -> bool:
+        """Store a verified blob; False if the key was already there (values are immutable)."""
+        size = entry.size
+        if size > self.max_memory:
+            with self._lock:
+                self.counters.refused += 1
+            raise StoreFull(f"blob of {size} bytes exceeds the store budget of {self.max_memory} bytes")
+        with self._lock:
+            if entry.header.key in self._entries:
+                self._entries.move_to_end(entry.header.key)
+                self.counters.duplicate_puts += 1
+                return False
+            while self._used + size > self.max_memory and self._entries:
+                self._evict_oldest()
+            self._entries[entry.header.key] = (entry, size)
+            self._used += size
+            self.counters.puts += 1
+            self.counters.bytes_in += size
+        self.relieve_pressure()
+        return True
+
+    def delete(self, keys: list[str]) -> int:
+        deleted = 0
+        with self._lock:
+            for key in keys:
+                item = self._entries.pop(key, None)
+                if item is not None:
+                    self._used -= item[1]
+                    deleted += 1
+            self.counters.deletes += deleted
+        return deleted
+
+    def relieve_pressure(self) -> int:
+        """Evict LRU blobs until the bytes freed cover the shortfall of available RAM. Returns evictions.
+
+        The shortfall is measured once rather than re-probed per eviction: a blob still being streamed to a
+        reader is not freed at once, and re-probing would then empty the whole store.
+        """
+        if self.min_free_ram <= 0:
+            return 0
+        deficit = self.min_free_ram - self._probe()
+        evicted = 0
+        with self._lock:
+            while deficit > 0 and self._entries:
+                deficit -= self._evict_oldest()
+                self.counters.pressure_evictions += 1
+                evicted += 1
+        return evicted
+
+    def _evict_oldest(self) -> int:
+        _, (_, size) = self._entries.popitem(last=False)
+        self._used -= size
+        self.counters.evictions += 1
+        return size
+
+    def items(self, prefix: str = "", limit: int = 0) -> Iterator[Entry]:
+        """A snapshot of entries, least recently used first."""
+        with self._lock:
+            entries = [e for e, _ in self._entries.values() if e.header.key.startswith(prefix)]
+        return iter(entries[:limit] if limit else entries)
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            out: dict[str, float] = dict(vars(self.counters))
+            out.update(entries=len(self._entries), bytes_used=self._used, max_memory=self.max_memory,
+                       min_free_ram=self.min_free_ram)
+        return out
