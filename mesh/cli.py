@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from mesh.auth import SECRET_FILE_ENV, load_secret
+from mesh.cluster import ClusterConfig
+from mesh.membership import Timing
 from mesh.node import DEFAULT_PORT, Node, NodeConfig
+from mesh.pb.mesh_pb2 import MemberState
 from mesh.peer import MeshError, PeerClient
 from mesh.units import format_size, parse_size
 from mesh.wire import Limits
@@ -91,27 +94,42 @@ def _client(args: argparse.Namespace) -> PeerClient:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = NodeConfig(
-        listen=args.listen, node_id=args.node_id or "", max_memory=parse_size(args.max_memory),
-        min_free_ram=parse_size(args.min_free_ram), secret=load_secret(args.secret_file),
+        listen=args.listen, node_id=args.node_id or "", advertise=args.advertise or "",
+        max_memory=parse_size(args.max_memory), min_free_ram=parse_size(args.min_free_ram),
+        secret=load_secret(args.secret_file),
         limits=Limits(chunk_size=parse_size(args.chunk_size), max_blob_size=parse_size(args.max_blob_size),
                       max_chunk_size=parse_size(args.max_chunk_size),
                       max_message_size=parse_size(args.max_message_size), max_transfers=args.max_transfers),
+        cluster=ClusterConfig(name=args.cluster, replicas=args.replicas, write_acks=args.write_acks),
+        seeds=[s for s in (args.seeds or "").split(",") if s.strip()],
+        zeroconf=args.zeroconf,
+        zeroconf_interfaces=[i for i in (args.zeroconf_interfaces or "").split(",") if i] or None,
+        timing=Timing(interval=args.heartbeat, suspect_after=args.suspect_after, dead_after=args.dead_after),
     )
     node = Node(config).start()
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        logging.getLogger("mesh").info("received %s, stopping", signal.Signals(signum).name)
+        logging.getLogger("mesh").info("received %s, %s", signal.Signals(signum).name,
+                                       "draining" if args.drain_on_term else "stopping")
         stopping.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     if args.ready_file:
         Path(args.ready_file).write_text(json.dumps({"address": node.address, "node_id": node.node_id}))
-    while not stopping.wait(0.5):
+    while not stopping.wait(0.5) and not node.stopped.is_set():
         pass
+    if args.drain_on_term and not node.stopped.is_set():
+        node.drain()
     node.stop()
     return 0
+
+
+def _member_rows(members: Sequence[Any]) -> list[dict[str, Any]]:
+    return [{"node_id": m.node_id, "address": m.address, "state": MemberState.Name(m.state),
+             "last_heard_seconds": round(m.last_heard_age, 2), "keys": m.keys, "bytes": m.bytes,
+             "capacity": m.capacity, "incarnation": m.incarnation} for m in members]
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -119,7 +137,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         health = c.health(timeout=min(args.timeout, 5.0))
         s = c.stats()
     counters = dict(s.counters)
+    members = _member_rows(s.members)
+    states = {st: sum(1 for m in members if m["state"] == st) for st in ("ALIVE", "SUSPECT", "DEAD", "LEFT")}
     data = {"node_id": s.node_id, "address": s.address, "version": s.version, "health": health,
+            "cluster": s.cluster, "replicas": s.replicas, "members": states,
             "uptime_seconds": round(s.uptime_seconds, 1), "entries": int(counters.get("entries", 0)),
             "bytes_used": int(counters.get("bytes_used", 0)), "max_memory": int(counters.get("max_memory", 0))}
     if args.json:
@@ -127,10 +148,52 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         _table(f"mesh node {s.node_id}", ["field", "value"], [
             ("address", s.address), ("health", health), ("version", s.version),
+            ("cluster", f"{s.cluster} ({s.replicas} replicas)"),
+            ("members", ", ".join(f"{v} {k.lower()}" for k, v in states.items() if v)),
             ("uptime", f"{s.uptime_seconds:.0f} s"), ("entries", data["entries"]),
             ("memory", f"{format_size(data['bytes_used'])} of {format_size(data['max_memory'])}"),
         ])
     return 0
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        s = c.stats()
+    rows = _member_rows(s.members)
+    if args.json:
+        _emit_json(rows)
+    else:
+        _table(f"members seen by {s.node_id}", ["id", "address", "state", "last heard", "keys", "bytes"], [
+            (r["node_id"], r["address"], r["state"], f"{r['last_heard_seconds']:.1f} s ago", r["keys"],
+             format_size(r["bytes"])) for r in rows])
+    return 0
+
+
+def cmd_ring(args: argparse.Namespace) -> int:
+    from mesh.ring import Ring
+
+    with _client(args) as c:
+        s = c.stats()
+    owners = {m.node_id: float(m.capacity or 1) for m in s.members if m.state in (MemberState.Value("ALIVE"),
+                                                                                  MemberState.Value("SUSPECT"))}
+    shares = Ring(owners).shares() if owners else {}
+    rows = [{"node_id": n, "share": round(shares.get(n, 0.0) * 100, 2), "weight": owners[n]} for n in sorted(owners)]
+    if args.json:
+        _emit_json({"replicas": s.replicas, "members": rows})
+    else:
+        _table(f"ring of {len(rows)} members, {s.replicas} replicas (primary ownership)", ["id", "share", "capacity"],
+               [(r["node_id"], f"{r['share']:.1f} %", format_size(r["weight"])) for r in rows])
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        reply = c.drain()
+    if args.json:
+        _emit_json({"handed_off": reply.handed_off, "failed": reply.failed})
+    else:
+        print(f"drained {args.node}: handed {reply.handed_off} blobs to their owners, {reply.failed} failed")
+    return 0 if reply.failed == 0 else EXIT_FAILED
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -254,6 +317,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-message-size", default="20MiB", help="gRPC message cap (default 20MiB)")
     s.add_argument("--max-transfers", type=int, default=16, help="concurrent Get/Put streams (default 16)")
     s.add_argument("--ready-file", help="write {address, node_id} as JSON here once serving (for scripts)")
+    s.add_argument("--advertise", help="HOST:PORT peers should dial (default: the listen address)")
+    s.add_argument("--cluster", default="default", help="cluster name; nodes of other clusters are ignored")
+    s.add_argument("--seeds", default=os.environ.get("MESH_SEEDS", ""),
+                   help="comma-separated HOST:PORT or dns:NAME:PORT of nodes to join (env MESH_SEEDS)")
+    s.add_argument("--zeroconf", action="store_true", help="advertise and discover peers with mDNS")
+    s.add_argument("--zeroconf-interfaces", help="comma-separated addresses for mDNS (default: all)")
+    s.add_argument("--replicas", type=int, default=2, help="owners per key (default 2)")
+    s.add_argument("--write-acks", type=int, default=1, help="owners a put waits for (default 1)")
+    s.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats (default 0.5)")
+    s.add_argument("--suspect-after", type=float, default=2.0, help="silent seconds before SUSPECT (2)")
+    s.add_argument("--dead-after", type=float, default=5.0, help="silent seconds before DEAD (5)")
+    s.add_argument("--drain-on-term", action="store_true",
+                   help="on SIGTERM, hand keys to their new owners before stopping")
 
     command("status", cmd_status, "health and summary of a node")
     command("stats", cmd_stats, "counters of a node")
@@ -270,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--describe", action="store_true", help="print the structure of a ComfyUI value blob")
     d = command("delete", cmd_delete, "delete KEYs")
     d.add_argument("keys", nargs="+")
+    command("peers", cmd_peers, "members of the mesh as a node sees them")
+    command("ring", cmd_ring, "ownership share of each member")
+    command("drain", cmd_drain, "make a node leave: hand its keys to their new owners, then stop")
     return p
 
 

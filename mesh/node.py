@@ -1,7 +1,8 @@
-"""A mesh node: the gRPC server, its blob store, and (issue 3) its place in the cluster.
+"""A mesh node: the gRPC server, its blob store, and its place in the cluster.
 
-The node runs on its own threads (gRPC's pool and a housekeeping thread), never on a caller's event loop, so
-it can live inside ComfyUI's process (embedded mode) as well as on its own (`mesh serve`).
+The node runs on its own threads (gRPC's pool, membership, housekeeping), never on a caller's event loop, so
+it can live inside ComfyUI's process (embedded mode) as well as on its own (`mesh serve`). A node with no
+seeds and no zeroconf is a cluster of one; the code path is the same.
 """
 
 from __future__ import annotations
@@ -9,15 +10,20 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import uuid
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+import mesh
 from mesh.auth import AuthInterceptor
+from mesh.cluster import Cluster, ClusterConfig
+from mesh.membership import Member, Membership, Timing
+from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
+from mesh.peers import PeerPool
 from mesh.server import MeshServicer
 from mesh.store import BlobStore
 from mesh.units import format_size
@@ -33,11 +39,18 @@ HOUSEKEEPING_INTERVAL = 1.0
 @dataclass
 class NodeConfig:
     listen: str = f"127.0.0.1:{DEFAULT_PORT}"
-    node_id: str = ""                 # default: <hostname>-<port>, stable across restarts of the same node
+    node_id: str = ""                 # default <hostname>-<port>: stable, so a restarted node rejoins as itself
+    advertise: str = ""               # address peers dial; default: the listen address (a LAN IP for 0.0.0.0)
     max_memory: int = 4 * GiB
     min_free_ram: int = 1 * GiB
+    near_fraction: float = 0.25       # share of max_memory for copies of keys this node reads but does not own
     secret: bytes | None = None
     limits: Limits = field(default_factory=Limits)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    seeds: list[str] = field(default_factory=list)
+    zeroconf: bool = False
+    zeroconf_interfaces: list[str] | None = None
+    timing: Timing = field(default_factory=Timing)
 
 
 def split_hostport(address: str) -> tuple[str, int]:
@@ -51,17 +64,37 @@ def join_hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _routable_host(host: str) -> str:
+    if host not in ("0.0.0.0", "::", ""):
+        return host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
 class Node:
     def __init__(self, config: NodeConfig) -> None:
+        if not 0.0 <= config.near_fraction < 1.0:
+            raise ValueError("near_fraction must be in [0, 1)")
         self.config = config
-        self.store = BlobStore(config.max_memory, config.min_free_ram)
+        near_budget = max(1, int(config.max_memory * config.near_fraction))
+        self.store = BlobStore(config.max_memory - near_budget if config.near_fraction else config.max_memory,
+                               config.min_free_ram)
+        self.near = BlobStore(near_budget, config.min_free_ram)
         self.server: grpc.Server | None = None
         self.servicer: MeshServicer | None = None
+        self.cluster: Cluster | None = None
+        self.membership: Membership | None = None
+        self.discovery: object | None = None
         self.health = health.HealthServicer()
+        self.peers = PeerPool(config.secret, config.limits)
         self.address = ""
         self.node_id = config.node_id
+        self.stopped = threading.Event()
         self._stop = threading.Event()
         self._housekeeper: threading.Thread | None = None
+        self._drain_lock = threading.Lock()
 
     def start(self) -> Node:
         c = self.config
@@ -81,40 +114,90 @@ class Node:
         bound = server.add_insecure_port(join_hostport(host, port))
         if bound == 0:
             raise OSError(f"cannot listen on {c.listen}")
-        self.address = join_hostport(host, bound)
-        self.node_id = c.node_id or f"{socket.gethostname()}-{bound}-{uuid.uuid4().hex[:4]}"
-        self.servicer = MeshServicer(self.node_id, self.address, self.store, c.limits)
+        self.address = c.advertise or join_hostport(_routable_host(host), bound)
+        self.node_id = c.node_id or f"{socket.gethostname()}-{bound}"
+        me = Member(self.node_id, self.address, c.max_memory, incarnation=int(time.time() * 1000))
+        self.membership = Membership(me=me, cluster=c.cluster.name, peers=self.peers, seeds=c.seeds,
+                                     timing=c.timing, on_change=self._on_membership_change,
+                                     local_stats=lambda: (len(self.store), self.store.used))
+        self.cluster = Cluster(node_id=self.node_id, store=self.store, near=self.near,
+                               membership=self.membership, peers=self.peers, config=c.cluster)
+        self.servicer = MeshServicer(self.node_id, self.address, self.store, c.limits, self.cluster)
+        self.servicer.on_drain = self._drain_rpc
         pb_grpc.add_MeshServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.start()
         self.server = server
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.membership.start()
+        if c.zeroconf:
+            self._start_zeroconf(host, bound)
         self._housekeeper = threading.Thread(target=self._housekeep, name="mesh-housekeeping", daemon=True)
         self._housekeeper.start()
-        log.info("mesh node %s listening on %s (budget %s, min free RAM %s, auth %s)", self.node_id, self.address,
-                 format_size(c.max_memory), format_size(c.min_free_ram), "on" if c.secret else "OFF")
+        log.info("mesh node %s serving on %s (cluster %r, budget %s, min free RAM %s, replicas %d, auth %s, "
+                 "seeds %s, zeroconf %s)", self.node_id, self.address, c.cluster.name, format_size(c.max_memory),
+                 format_size(c.min_free_ram), c.cluster.replicas, "on" if c.secret else "OFF",
+                 ",".join(c.seeds) or "none", "on" if c.zeroconf else "off")
         return self
+
+    def _start_zeroconf(self, host: str, port: int) -> None:
+        from mesh.discovery import ZeroconfDiscovery
+
+        assert self.membership is not None
+        membership = self.membership
+        ad_host, _ = split_hostport(self.address)
+        self.discovery = ZeroconfDiscovery(
+            node_id=self.node_id, cluster=self.config.cluster.name, host=ad_host, port=port,
+            capacity=self.config.max_memory, protocol=mesh.PROTOCOL_VERSION,
+            on_found=lambda advert: membership.add_candidate(advert.address),
+            interfaces=self.config.zeroconf_interfaces,
+        )
+        self.discovery.start()  # type: ignore[attr-defined]
+
+    def _on_membership_change(self) -> None:
+        if self.cluster is not None:
+            self.cluster.on_membership_change()
 
     def _housekeep(self) -> None:
         """RAM pressure can come from ComfyUI, not from us, so it is watched even when nothing is stored."""
         while not self._stop.wait(HOUSEKEEPING_INTERVAL):
             try:
-                evicted = self.store.relieve_pressure()
+                evicted = self.near.relieve_pressure() + self.store.relieve_pressure()
                 if evicted:
                     log.info("RAM pressure: evicted %d blobs", evicted)
             except Exception:  # pragma: no cover - must never kill the thread
                 log.exception("housekeeping failed")
 
+    def drain(self) -> pb.DrainReply:
+        """Leave gracefully (announce, hand blobs off), then stop. Safe to call more than once."""
+        with self._drain_lock:
+            if self.cluster is None or self.server is None:
+                return pb.DrainReply()
+            self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+            return self.cluster.drain()
+
+    def _drain_rpc(self) -> pb.DrainReply:
+        reply = self.drain()
+        threading.Thread(target=self.stop, name="mesh-stop", daemon=True).start()
+        return reply
+
     def stop(self, grace: float = 2.0) -> None:
-        if self.server is None:
+        server, self.server = self.server, None
+        if server is None:
             return
         self._stop.set()
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
-        self.server = None
+        if self.discovery is not None:
+            self.discovery.stop()  # type: ignore[attr-defined]
+        if self.membership is not None:
+            self.membership.stop()
+        server.stop(grace).wait()
+        if self.cluster is not None:
+            self.cluster.close()
+        self.peers.close()
         log.info("mesh node %s stopped", self.node_id)
+        self.stopped.set()
 
     def wait(self) -> None:
-        if self.server is not None:
-            self.server.wait_for_termination()
+        self.stopped.wait()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Protocol
@@ -37,7 +37,7 @@ class Cluster(Protocol):
     def delete(self, keys: list[str], timeout: float) -> int: ...
     def ping(self, request: pb.PingRequest) -> pb.PingReply: ...
     def members(self) -> list[pb.Member]: ...
-    def drain(self) -> pb.DrainReply: ...
+    def stats(self) -> dict[str, float]: ...
     @property
     def replicas(self) -> int: ...
     @property
@@ -52,6 +52,8 @@ class MeshServicer(pb_grpc.MeshServicer):
         self.store = store
         self.limits = limits
         self.cluster = cluster
+        self.on_drain: Callable[[], pb.DrainReply] | None = None
+        self.stats_sources: list[Callable[[], dict[str, float]]] = []  # e.g. an embedded ComfyUI provider
         self.started = time.time()
         self._slots = threading.BoundedSemaphore(limits.max_transfers)
         self._lock = threading.Lock()
@@ -93,7 +95,7 @@ class MeshServicer(pb_grpc.MeshServicer):
         local_only = first.local_only or self.cluster is None
         try:
             header = Header.from_pb(first.header)
-            if local_only and header.key in self.store:
+            if header.key in self.store:
                 self.store.counters.duplicate_puts += 1
                 return pb.PutReply(existed=True, replicas=1)
             with self._slot(context):
@@ -142,9 +144,12 @@ class MeshServicer(pb_grpc.MeshServicer):
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
         counters = self.store.stats()
         counters.update(transfer_errors=self.transfer_errors, busy_refusals=self.busy_refusals)
+        for source in self.stats_sources:
+            counters.update(source())
         reply = pb.StatsReply(node_id=self.node_id, address=self.address, version=mesh.__version__,
                               uptime_seconds=time.time() - self.started, counters=counters, replicas=1)
         if self.cluster is not None:
+            reply.counters.update(self.cluster.stats())
             reply.members.extend(self.cluster.members())
             reply.replicas = self.cluster.replicas
             reply.cluster = self.cluster.cluster_name
@@ -160,9 +165,13 @@ class MeshServicer(pb_grpc.MeshServicer):
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
         if self.cluster is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node runs without a cluster")
-        return self.cluster.ping(request)
+        try:
+            return self.cluster.ping(request)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        raise AssertionError("unreachable")
 
     def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.DrainReply:
-        if self.cluster is None:
-            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node runs without a cluster")
-        return self.cluster.drain()
+        if self.on_drain is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node cannot be drained")
+        return self.on_drain()

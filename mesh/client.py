@@ -1,0 +1,146 @@
+"""The mesh as the provider sees it: get, has and put of byte values under deadlines.
+
+Two ways to reach the mesh, one interface:
+- `LocalClient` (embedded mode): the node runs in this process, so reads and writes call its cluster directly;
+  a value held locally is one dictionary lookup and a decompression away, no RPC.
+- `RemoteClient` (sidecar mode): a `mesh serve` runs beside ComfyUI. The client learns the ring from it and
+  reads straight from a key's owners (one hop instead of two), falling back to the sidecar's routed read.
+Neither raises on a miss or a dead mesh: `get` returns None; errors surface as MeshError for the caller to
+count and contain.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from collections.abc import Mapping
+from typing import Protocol
+
+from mesh.node import Node
+from mesh.peer import MeshError, PeerClient, Unreachable
+from mesh.peers import PeerPool
+from mesh.pb import mesh_pb2 as pb
+from mesh.ring import Ring
+from mesh.store import Entry
+from mesh.wire import Limits, Receiver, iter_chunks, make_header
+
+Bytes = bytes | bytearray | memoryview
+
+
+class MeshClient(Protocol):
+    def get(self, key: str, timeout: float) -> bytearray | None: ...
+    def has(self, keys: list[str], timeout: float) -> list[bool]: ...
+    def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int: ...
+    def stats(self) -> dict[str, float]: ...
+    def close(self) -> None: ...
+
+
+def assemble(entry: Entry, limits: Limits) -> bytearray:
+    """Decode stored chunks into one buffer, verifying the checksum again on the way out."""
+    receiver = Receiver(entry.header, limits, into=True)
+    for i, chunk in enumerate(entry.chunks):
+        receiver.add(chunk.to_pb(i))
+    receiver.finish()
+    assert receiver.buffer is not None
+    return receiver.buffer
+
+
+class LocalClient:
+    def __init__(self, node: Node) -> None:
+        if node.cluster is None:
+            raise ValueError("the node is not started")
+        self.node = node
+        self.cluster = node.cluster
+        self.limits = node.config.limits
+
+    def get(self, key: str, timeout: float) -> bytearray | None:
+        entry = self.cluster.get(key, timeout)
+        return None if entry is None else assemble(entry, self.limits)
+
+    def has(self, keys: list[str], timeout: float) -> list[bool]:
+        return self.cluster.has(keys, timeout)
+
+    def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int:
+        header = make_header(key, data, self.limits.chunk_size, meta)
+        chunks = tuple(iter_chunks(data, self.limits.chunk_size))
+        stored = sum(len(c.data) for c in chunks)
+        return self.cluster.put(Entry(replace(header, stored_size=stored, created_unix=time.time()), chunks))
+
+    def stats(self) -> dict[str, float]:
+        out = self.node.store.stats()
+        out.update(self.cluster.stats())
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+class RemoteClient:
+    """Talks to a sidecar node; with `direct`, reads go straight to the owners from the ring it learns."""
+
+    MEMBERS_TTL = 5.0
+
+    def __init__(self, address: str, secret: bytes | None = None, limits: Limits | None = None,
+                 direct: bool = True) -> None:
+        self.address = address
+        self.limits = limits or Limits()
+        self.direct = direct
+        self.node = PeerClient(address, secret, self.limits)
+        self.peers = PeerPool(secret, self.limits)
+        self._lock = threading.Lock()
+        self._ring = Ring({})
+        self._addresses: dict[str, str] = {}
+        self._replicas = 1
+        self._learned = -1e9
+
+    def _refresh(self, timeout: float) -> None:
+        if time.monotonic() - self._learned < self.MEMBERS_TTL:
+            return
+        self._learned = time.monotonic()  # at most one refresh per TTL, even when it fails
+        stats = self.node.stats(timeout=timeout)
+        live = [m for m in stats.members if m.state in (pb.ALIVE, pb.SUSPECT)]
+        with self._lock:
+            self._ring = Ring({m.node_id: float(m.capacity or 1) for m in live})
+            self._addresses = {m.node_id: m.address for m in live}
+            self._replicas = max(1, stats.replicas)
+        for m in live:
+            self.peers.heard(m.address, age=m.last_heard_age)
+
+    def get(self, key: str, timeout: float) -> bytearray | None:
+        deadline = time.monotonic() + timeout
+        if self.direct:
+            try:
+                self._refresh(timeout)
+            except MeshError:
+                pass
+            for node_id in self._ring.owners(key, self._replicas):
+                address = self._addresses.get(node_id)
+                remaining = deadline - time.monotonic()
+                if address is None or remaining <= 0 or not self.peers.usable(address):
+                    continue
+                try:
+                    blob = self.peers.client(address).get(key, timeout=remaining, local_only=True)
+                except Unreachable:
+                    self.peers.failed(address)
+                    continue
+                if blob is not None:
+                    return blob.data
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        blob = self.node.get(key, timeout=remaining)  # routed: previous owners, repair, near cache
+        return None if blob is None else blob.data
+
+    def has(self, keys: list[str], timeout: float) -> list[bool]:
+        return self.node.has(keys, timeout=timeout)
+
+    def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int:
+        return self.node.put(key, data, meta, timeout=timeout).replicas
+
+    def stats(self) -> dict[str, float]:
+        return dict(self.node.stats().counters)
+
+    def close(self) -> None:
+        self.node.close()
+        self.peers.close()

@@ -1,0 +1,32 @@
+"""comfy-mesh as a ComfyUI custom node: shares node outputs across a fleet of ComfyUI instances.
+
+Linked or copied into `ComfyUI/custom_nodes/`, this package starts (or attaches to) a mesh node and registers
+a CacheProvider with ComfyUI. It adds no nodes. Imported outside ComfyUI (tests, tools) it does nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+
+log = logging.getLogger("comfy_mesh")
+RUNTIME = None
+
+
+def _inside_comfyui() -> bool:
+    nodes = sys.modules.get("nodes")
+    return nodes is not None and hasattr(nodes, "NODE_CLASS_MAPPINGS") and hasattr(nodes, "load_custom_node")
+
+
+if _inside_comfyui():
+    try:
+        from .comfy import install
+
+        RUNTIME = install()
+    except ImportError as e:
+        log.warning("comfy-mesh: cannot load (%s); install it into ComfyUI's Python: pip install comfy-mesh", e)
+    except Exception:
+        log.exception("comfy-mesh: failed to start; ComfyUI runs without the mesh cache")

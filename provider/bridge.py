@@ -1,0 +1,227 @@
+"""The provider's own threads: every network call and every encode/decode happens here, off ComfyUI's loop.
+
+ComfyUI runs each prompt on a fresh event loop that it closes at the end, cancelling whatever still awaits.
+So nothing here is bound to an event loop: callers get `concurrent.futures.Future`s, and stores are handed
+over through a bounded queue before the caller's first `await`.
+
+Lookups are micro-batched: at prompt start ComfyUI looks up every node of the prompt at once, so the lookup
+thread collects what arrives within a fraction of a millisecond and asks the mesh about all of it in one
+batched Has; only keys that are present are fetched. A failing mesh trips a breaker for a few seconds, during
+which every lookup is an immediate miss: a dead mesh must not cost each node a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent import futures
+from dataclasses import dataclass, field
+
+from mesh.client import MeshClient
+from mesh.peer import MeshError
+
+log = logging.getLogger(__name__)
+
+LINGER = 0.0005        # seconds the batcher waits for more keys after the first
+MAX_BATCH = 1024
+BREAKER_OPEN = 3.0     # seconds the provider stops asking a mesh that just failed
+
+
+@dataclass
+class BridgeCounters:
+    lookups: int = 0
+    batches: int = 0
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0
+    stores: int = 0
+    stores_dropped: int = 0
+    store_errors: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    breaker_trips: int = 0
+
+
+@dataclass
+class _Store:
+    key: str
+    tree: object
+    meta: Mapping[str, str]
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+class Bridge:
+    def __init__(self, client: MeshClient, *, encode: Callable[[object], bytes | bytearray],
+                 decode: Callable[[bytearray], object], lookup_timeout: float, store_timeout: float,
+                 store_queue: int) -> None:
+        self.client = client
+        self.encode = encode
+        self.decode = decode
+        self.lookup_timeout = lookup_timeout
+        self.store_timeout = store_timeout
+        self.counters = BridgeCounters()
+        self._lock = threading.Lock()
+        self._lookups: queue.SimpleQueue[tuple[str, futures.Future[object | None]]] = queue.SimpleQueue()
+        self._stores: queue.Queue[_Store | None] = queue.Queue(maxsize=store_queue)
+        self._pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="mesh-provider-get")
+        self._down_until = 0.0
+        self._recent_stores: dict[str, float] = {}
+        self._closed = threading.Event()
+        self._threads = [threading.Thread(target=self._lookup_loop, name="mesh-provider-lookup", daemon=True),
+                         threading.Thread(target=self._store_loop, name="mesh-provider-store", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            setattr(self.counters, name, getattr(self.counters, name) + n)
+
+    # -- lookups -----------------------------------------------------------------------------------------------
+
+    def lookup(self, key: str) -> futures.Future[object | None]:
+        """The decoded value under `key`, or None. Never raises; resolves within lookup_timeout."""
+        future: futures.Future[object | None] = futures.Future()
+        self._count("lookups")
+        if self._closed.is_set() or time.monotonic() < self._down_until:
+            self._count("misses")
+            future.set_result(None)
+        else:
+            self._lookups.put((key, future))
+        return future
+
+    def _trip(self, error: Exception) -> None:
+        if time.monotonic() >= self._down_until:
+            log.warning("mesh unavailable, lookups are misses for %.0f s: %s", BREAKER_OPEN, error)
+            self._count("breaker_trips")
+        self._down_until = time.monotonic() + BREAKER_OPEN
+
+    def _lookup_loop(self) -> None:
+        while not self._closed.is_set():
+            item = self._lookups.get()
+            if item[0] == "":
+                break
+            batch = [item]
+            deadline = time.monotonic() + LINGER
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._lookups.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            try:
+                self._resolve(batch)
+            except Exception as e:  # pragma: no cover - nothing may kill this thread
+                log.exception("lookup batch failed")
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+
+    def _resolve(self, batch: list[tuple[str, futures.Future[object | None]]]) -> None:
+        self._count("batches")
+        waiting: dict[str, list[futures.Future[object | None]]] = {}
+        for key, future in batch:
+            waiting.setdefault(key, []).append(future)
+        keys = list(waiting)
+        started = time.monotonic()
+        if len(keys) == 1:
+            present = keys  # one key: a Get answers NOT_FOUND as fast as a Has would
+        else:
+            try:
+                flags = self.client.has(keys, timeout=self.lookup_timeout)
+            except MeshError as e:
+                self._trip(e)
+                flags = [False] * len(keys)
+            present = [k for k, yes in zip(keys, flags) if yes]
+        for key in keys:
+            if key not in present:
+                self._finish(waiting[key], None, "misses")
+        for key in present:
+            self._pool.submit(self._fetch, key, waiting[key], started + self.lookup_timeout)
+
+    def _fetch(self, key: str, waiting: list[futures.Future[object | None]], deadline: float) -> None:
+        try:
+            data = self.client.get(key, timeout=max(0.01, deadline - time.monotonic()))
+            if data is None:
+                self._finish(waiting, None, "misses")
+                return
+            value = self.decode(data)
+        except MeshError as e:
+            self._trip(e)
+            self._finish(waiting, None, "errors")
+            return
+        except Exception as e:  # a corrupt or foreign blob is a miss, never an exception in ComfyUI
+            log.warning("cannot decode %s from the mesh: %s", key, e)
+            self._finish(waiting, None, "errors")
+            return
+        self._count("bytes_in", len(data))
+        self._finish(waiting, value, "hits")
+
+    def _finish(self, waiting: list[futures.Future[object | None]], value: object | None, counter: str) -> None:
+        self._count(counter, len(waiting))
+        for f in waiting:
+            try:
+                f.set_result(value)
+            except futures.InvalidStateError:
+                pass  # the prompt gave up waiting (deadline) and cancelled it
+
+    # -- stores ------------------------------------------------------------------------------------------------
+
+    def store(self, key: str, tree: object, meta: Mapping[str, str]) -> bool:
+        """Queue a value for the mesh and return at once; False (counted) if the queue is full."""
+        if self._closed.is_set():
+            return False
+        try:
+            self._stores.put_nowait(_Store(key, tree, meta))
+        except queue.Full:
+            self._count("stores_dropped")
+            return False
+        return True
+
+    def _store_loop(self) -> None:
+        while True:
+            item = self._stores.get()
+            try:
+                if item is None:
+                    break
+                self._push(item)
+            finally:
+                self._stores.task_done()
+
+    def _push(self, item: _Store) -> None:
+        now = time.monotonic()
+        if self._recent_stores.get(item.key, -1e9) > now - 60:
+            return  # the same value twice in a minute (another prompt, same inputs): already there
+        try:
+            data = self.encode(item.tree)
+            self.client.put(item.key, data, item.meta, timeout=self.store_timeout)
+        except MeshError as e:
+            log.warning("store of %s failed: %s", item.key, e)
+            self._count("store_errors")
+            return
+        except Exception:
+            log.exception("store of %s failed", item.key)
+            self._count("store_errors")
+            return
+        self._recent_stores[item.key] = now
+        if len(self._recent_stores) > 4096:
+            self._recent_stores = {k: t for k, t in self._recent_stores.items() if t > now - 60}
+        self._count("stores")
+        self._count("bytes_out", len(data))
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until queued stores are pushed (tests, shutdown); False if they did not finish in time."""
+        deadline = time.monotonic() + timeout
+        while self._stores.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._stores.unfinished_tasks
+
+    def close(self) -> None:
+        self._closed.set()
+        self._lookups.put(("", futures.Future()))
+        try:
+            self._stores.put_nowait(None)
+        except queue.Full:
+            pass
+        self._pool.shutdown(wait=False, cancel_futures=True)

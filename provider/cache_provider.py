@@ -1,0 +1,141 @@
+"""MeshCacheProvider: ComfyUI's CacheProvider contract on top of the mesh.
+
+Every method is safe to call on ComfyUI's per-prompt event loop: lookups await a future that the provider's
+own threads resolve, under a deadline; stores are handed off before the first `await` (ComfyUI runs store tasks
+only as the prompt's loop shuts down, and cancels any that await); should_cache is a cached class check plus a
+walk of the value. No exception ever leaves a method: errors are counted and logged at debug level.
+
+ComfyUI looks each uncached node up twice per prompt (all at prompt start, then again right before it runs).
+The first answer is remembered for the rest of the prompt, so a miss costs one batched round trip, not two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .bridge import Bridge
+from .policy import Policy, value_tree
+
+log = logging.getLogger("comfy_mesh")
+
+CONTENT = "comfy-value/1"
+
+
+@dataclass
+class PromptStats:
+    prompt_id: str = ""
+    lookups: int = 0
+    hits: int = 0
+    misses: int = 0
+    errors: int = 0
+    stores: int = 0
+    stores_dropped: int = 0
+    lookup_seconds: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+    known_misses: set[str] = field(default_factory=set)
+
+    def line(self) -> str:
+        return (f"comfy-mesh prompt {self.prompt_id}: {self.lookups} lookups, {self.hits} hits, {self.misses} misses, "
+                f"{self.errors} errors, {self.stores} stores queued ({self.stores_dropped} dropped), "
+                f"{self.lookup_seconds * 1000:.1f} ms in lookups")
+
+
+class MeshCacheProvider:
+    """Implements ComfyUI's CacheProvider methods; `comfy.py` mixes in ComfyUI's own base class."""
+
+    def __init__(self, bridge: Bridge, policy: Policy, *, namespace: str, cache_value: Callable[..., Any],
+                 lookup_timeout: float) -> None:
+        self.bridge = bridge
+        self.policy = policy
+        self.namespace = namespace
+        self.cache_value = cache_value
+        self.lookup_timeout = lookup_timeout
+        self.prompt = PromptStats()
+        self.totals: dict[str, float] = {"prompts": 0, "lookups": 0, "hits": 0, "misses": 0, "errors": 0,
+                                         "stores": 0, "stores_dropped": 0, "lookup_seconds": 0.0}
+        self._lock = threading.Lock()
+
+    def key(self, context: Any) -> str:
+        return f"{self.namespace}/{context.cache_key_hash}"
+
+    # -- ComfyUI's CacheProvider methods -------------------------------------------------------------------------
+
+    def should_cache(self, context: Any, value: Any = None) -> bool:
+        try:
+            if not self.policy.allows_class(context.class_type):
+                return False
+            return value is None or self.policy.allows_value(context.class_type, value.outputs, value.ui)
+        except Exception:
+            log.debug("should_cache failed", exc_info=True)
+            return False
+
+    async def on_lookup(self, context: Any) -> Any:
+        started = time.perf_counter()
+        prompt = self.prompt
+        prompt.lookups += 1
+        try:
+            key = self.key(context)
+            if key in prompt.known_misses:
+                prompt.misses += 1
+                return None
+            future = self.bridge.lookup(key)
+            tree = await asyncio.wait_for(asyncio.wrap_future(future), self.lookup_timeout)
+            if tree is None:
+                prompt.known_misses.add(key)
+                prompt.misses += 1
+                return None
+            value = self._to_cache_value(tree)
+            prompt.hits += 1
+            return value
+        except Exception as e:  # timeouts included: a miss, never an error in the prompt
+            prompt.errors += 1
+            log.debug("lookup of %s failed: %r", getattr(context, "class_type", "?"), e)
+            return None
+        finally:
+            prompt.lookup_seconds += time.perf_counter() - started
+
+    def _to_cache_value(self, tree: Any) -> Any:
+        if not isinstance(tree, dict) or not isinstance(tree.get("outputs"), (list, tuple)):
+            raise ValueError("blob is not a ComfyUI value")
+        return self.cache_value(outputs=list(tree["outputs"]), ui=tree.get("ui"))
+
+    async def on_store(self, context: Any, value: Any) -> None:
+        # No await anywhere: ComfyUI cancels store tasks that await, so the hand-off happens at once.
+        prompt = self.prompt
+        try:
+            meta = {"class_type": str(context.class_type), "content": CONTENT}
+            if self.bridge.store(self.key(context), value_tree(value.outputs, value.ui), meta):
+                prompt.stores += 1
+            else:
+                prompt.stores_dropped += 1
+        except Exception:
+            log.debug("store hand-off failed", exc_info=True)
+
+    def on_prompt_start(self, prompt_id: str) -> None:
+        self.prompt = PromptStats(prompt_id=str(prompt_id))
+
+    def on_prompt_end(self, prompt_id: str) -> None:
+        try:
+            prompt = self.prompt
+            if prompt.lookups or prompt.stores or prompt.stores_dropped:
+                log.info(prompt.line())
+            with self._lock:
+                self.totals["prompts"] += 1
+                for name in self.totals:
+                    self.totals[name] += getattr(prompt, name, 0)
+        except Exception:
+            log.debug("prompt accounting failed", exc_info=True)
+
+    # -- for `mesh stats` --------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            out = {f"provider_{k}": float(v) for k, v in self.totals.items()}
+        out.update({f"provider_bridge_{k}": float(v) for k, v in asdict(self.bridge.counters).items()})
+        return out

@@ -1,0 +1,67 @@
+"""The ComfyUI side: read node traits, register the provider through ComfyUI's public API, clean up at exit."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from typing import Any
+
+from .config import ProviderConfig
+from .policy import NodeTraits
+
+log = logging.getLogger("comfy_mesh")
+
+
+def _traits(nodes_module: Any) -> Any:
+    def traits(class_type: str) -> NodeTraits:
+        cls = nodes_module.NODE_CLASS_MAPPINGS.get(class_type)
+        if cls is None:
+            return NodeTraits(not_idempotent=True)  # unknown class: do not guess
+        output = getattr(cls, "OUTPUT_NODE", False)
+        not_idempotent = getattr(cls, "NOT_IDEMPOTENT", False)
+        schema = getattr(cls, "GET_SCHEMA", None)  # V3 nodes declare both in their schema
+        if callable(schema):
+            try:
+                s = schema()
+                output = output or getattr(s, "is_output_node", False)
+                not_idempotent = not_idempotent or getattr(s, "not_idempotent", False)
+            except Exception:
+                log.debug("schema of %s unreadable", class_type, exc_info=True)
+        return NodeTraits(output_node=bool(output), not_idempotent=bool(not_idempotent))
+
+    return traits
+
+
+def install() -> Any:
+    """Start the mesh and register the provider; returns the runtime, or None when there is nothing to do."""
+    config = ProviderConfig.load()
+    if not config.enabled:
+        log.info("comfy-mesh: disabled (MESH_ENABLED=0)")
+        return None
+    try:
+        from comfy_execution import cache_provider as api
+    except ImportError:
+        log.warning("comfy-mesh: this ComfyUI has no CacheProvider API (comfy_execution.cache_provider); "
+                    "comfy-mesh does nothing. Update ComfyUI to a version with PR #12056.")
+        return None
+    import nodes
+
+    try:
+        from comfyui_version import __version__ as version
+    except ImportError:
+        version = "unknown"
+    from .runtime import start
+
+    runtime = start(config, cache_value=api.CacheValue, traits=_traits(nodes), comfy_version=str(version),
+                    base=api.CacheProvider)
+    api.register_cache_provider(runtime.provider)
+
+    def shutdown() -> None:
+        try:
+            api.unregister_cache_provider(runtime.provider)
+        finally:
+            runtime.close()
+
+    atexit.register(shutdown)
+    log.info(runtime.describe())
+    return runtime

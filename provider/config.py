@@ -1,0 +1,93 @@
+"""Provider settings, from environment variables and an optional TOML file.
+
+Precedence: environment variable, then the file named by MESH_CONFIG (keys are the variable names without the
+MESH_ prefix, lower case: `mode = "sidecar"`), then the default. Every setting is listed in README.md.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from mesh.units import parse_size
+
+ENV_PREFIX = "MESH_"
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    mode: str = "embedded"            # embedded: a node in ComfyUI's process; sidecar: attach to `mesh serve`
+    node: str = "127.0.0.1:8288"      # sidecar address
+    listen: str = "127.0.0.1:0"       # embedded node's listen address (port 0: any free port)
+    node_id: str = ""
+    advertise: str = ""
+    seeds: tuple[str, ...] = ()
+    zeroconf: bool = False
+    cluster: str = "default"
+    replicas: int = 2
+    secret: str = ""
+    secret_file: str = ""
+    max_memory: int = parse_size("4GiB")
+    min_free_ram: int = parse_size("2GiB")
+    namespace: str = ""               # operator's part of the key namespace (model set, fleet name...)
+    allow: tuple[str, ...] = ()       # class types to cache; empty: all that pass the other rules
+    deny: tuple[str, ...] = ()        # class types never cached
+    cache_output_nodes: bool = False  # a hit skips the node, so SaveImage would write no file on this instance
+    max_value_size: int = parse_size("1GiB")
+    lookup_timeout: float = 3.0       # seconds one lookup may cost a prompt, at most
+    store_timeout: float = 60.0
+    store_queue: int = 64             # values waiting to be pushed; a full queue drops the store (counted)
+    direct: bool = True               # sidecar mode: read straight from owners with the ring the sidecar shares
+    enabled: bool = True
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> ProviderConfig:
+        env = os.environ if env is None else env
+        file_values: dict[str, object] = {}
+        if env.get("MESH_CONFIG"):
+            file_values = tomllib.loads(Path(env["MESH_CONFIG"]).read_text())
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw: object | None = env.get(ENV_PREFIX + f.name.upper())
+            if raw is None:
+                raw = file_values.get(f.name)
+            if raw is None:
+                continue
+            values[f.name] = _convert(f.name, f.type, raw)
+        unknown = set(file_values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown settings in {env['MESH_CONFIG']}: {', '.join(sorted(unknown))}")
+        config = cls(**values)  # type: ignore[arg-type]
+        if config.mode not in ("embedded", "sidecar"):
+            raise ValueError(f"MESH_MODE must be embedded or sidecar, not {config.mode!r}")
+        return config
+
+    def secret_bytes(self) -> bytes | None:
+        if self.secret_file:
+            data = Path(self.secret_file).read_bytes().strip()
+            if not data:
+                raise ValueError(f"secret file {self.secret_file} is empty")
+            return data
+        return self.secret.encode() if self.secret else None
+
+
+def _convert(name: str, type_name: object, raw: object) -> object:
+    kind = str(type_name)
+    if kind.startswith("tuple"):
+        items = raw if isinstance(raw, list) else [s for s in str(raw).split(",")]
+        return tuple(str(s).strip() for s in items if str(s).strip())
+    if kind == "bool":
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError(f"MESH_{name.upper()} must be a boolean, not {raw!r}")
+        return text in ("1", "true", "yes", "on")
+    if kind == "int":
+        return parse_size(raw if isinstance(raw, int) else str(raw))
+    if kind == "float":
+        return float(raw)  # type: ignore[arg-type]
+    return str(raw)

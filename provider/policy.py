@@ -1,0 +1,77 @@
+"""What the provider caches. Decided cheaply: should_cache runs on ComfyUI's event loop.
+
+Not cached: output nodes (a hit skips the node, so SaveImage would write no file on this instance and
+PreviewImage's `ui` would name a file that exists only on another host), non-idempotent nodes (their output
+differs run to run by design), class types on the deny list or off a non-empty allow list, and values the
+codec cannot represent (MODEL, CLIP, VAE objects...) or that exceed the size limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mesh import blob
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeTraits:
+    output_node: bool = False
+    not_idempotent: bool = False
+
+
+TraitsLookup = Callable[[str], NodeTraits]
+
+
+def value_tree(outputs: object, ui: object) -> dict[str, object]:
+    """The tree the provider stores for one CacheValue."""
+    return {"outputs": outputs, "ui": ui}
+
+
+class Policy:
+    def __init__(self, traits: TraitsLookup, *, allow: tuple[str, ...] = (), deny: tuple[str, ...] = (),
+                 cache_output_nodes: bool = False, max_value_size: int = 1 << 30) -> None:
+        self._traits = traits
+        self._allow = frozenset(allow)
+        self._deny = frozenset(deny)
+        self._cache_output_nodes = cache_output_nodes
+        self.max_value_size = max_value_size
+        self._lock = threading.Lock()
+        self._by_class: dict[str, bool] = {}
+        self._refused_logged: set[str] = set()
+
+    def allows_class(self, class_type: str) -> bool:
+        known = self._by_class.get(class_type)
+        if known is not None:
+            return known
+        decision = self._decide_class(class_type)
+        with self._lock:
+            self._by_class[class_type] = decision
+        return decision
+
+    def _decide_class(self, class_type: str) -> bool:
+        if class_type in self._deny or (self._allow and class_type not in self._allow):
+            return False
+        try:
+            traits = self._traits(class_type)
+        except Exception:  # a broken node class must not break the prompt
+            log.debug("cannot read traits of %s", class_type, exc_info=True)
+            return False
+        if traits.not_idempotent:
+            return False
+        return self._cache_output_nodes or not traits.output_node
+
+    def allows_value(self, class_type: str, outputs: object, ui: object) -> bool:
+        """A cheap walk of the value (no copies): representable, and not larger than the limit."""
+        try:
+            blob.check(value_tree(outputs, ui), self.max_value_size)
+        except blob.NotCacheable as e:
+            if class_type not in self._refused_logged:
+                self._refused_logged.add(class_type)
+                log.debug("not caching %s: %s", class_type, e)
+            return False
+        return True

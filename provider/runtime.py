@@ -1,0 +1,80 @@
+"""Wires a provider to a mesh: an embedded node in this process, or a sidecar `mesh serve` to attach to.
+
+Kept apart from ComfyUI's imports (see comfy.py) so the test harness runs exactly this wiring without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mesh import blob
+from mesh.client import LocalClient, MeshClient, RemoteClient
+from mesh.cluster import ClusterConfig
+from mesh.node import Node, NodeConfig
+
+from .bridge import Bridge
+from .cache_provider import MeshCacheProvider
+from .config import ProviderConfig
+from .policy import Policy, TraitsLookup
+
+log = logging.getLogger("comfy_mesh")
+
+CODEC_VERSION = "cm1"
+
+
+def namespace_for(comfy_version: str, operator_namespace: str) -> str:
+    """Keys never cross fleets with different code: codec version, ComfyUI version, then the operator's part."""
+    parts = [CODEC_VERSION, f"comfyui-{comfy_version}"] + ([operator_namespace] if operator_namespace else [])
+    return "/".join(parts)
+
+
+@dataclass
+class Runtime:
+    provider: MeshCacheProvider
+    bridge: Bridge
+    client: MeshClient
+    node: Node | None
+    config: ProviderConfig
+
+    def describe(self) -> str:
+        where = (f"embedded node {self.node.node_id} on {self.node.address}" if self.node
+                 else f"sidecar at {self.config.node}")
+        return (f"comfy-mesh: {where}, namespace {self.provider.namespace!r}, "
+                f"seeds {','.join(self.config.seeds) or 'none'}, zeroconf {'on' if self.config.zeroconf else 'off'}, "
+                f"lookup deadline {self.config.lookup_timeout:g} s")
+
+    def close(self) -> None:
+        self.bridge.close()
+        self.client.close()
+        if self.node is not None:
+            self.node.stop(grace=1.0)
+
+
+def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: TraitsLookup, comfy_version: str,
+          base: type | None = None) -> Runtime:
+    secret = config.secret_bytes()
+    node: Node | None = None
+    client: MeshClient
+    if config.mode == "embedded":
+        node = Node(NodeConfig(
+            listen=config.listen, node_id=config.node_id, advertise=config.advertise,
+            max_memory=config.max_memory, min_free_ram=config.min_free_ram, secret=secret,
+            cluster=ClusterConfig(name=config.cluster, replicas=config.replicas),
+            seeds=list(config.seeds), zeroconf=config.zeroconf,
+        )).start()
+        client = LocalClient(node)
+    else:
+        client = RemoteClient(config.node, secret, direct=config.direct)
+    bridge = Bridge(client, encode=blob.encode, decode=blob.decode, lookup_timeout=config.lookup_timeout,
+                    store_timeout=config.store_timeout, store_queue=config.store_queue)
+    policy = Policy(traits, allow=config.allow, deny=config.deny, cache_output_nodes=config.cache_output_nodes,
+                    max_value_size=config.max_value_size)
+    cls = type("MeshCacheProvider", (MeshCacheProvider, base), {}) if base is not None else MeshCacheProvider
+    provider = cls(bridge, policy, namespace=namespace_for(comfy_version, config.namespace),
+                   cache_value=cache_value, lookup_timeout=config.lookup_timeout)
+    if node is not None and node.servicer is not None:
+        node.servicer.stats_sources.append(provider.stats)
+    return Runtime(provider, bridge, client, node, config)

@@ -1,0 +1,568 @@
+"""The tensor-tree codec: exact round trips, refusals with a path, and corrupt input that only ever fails cleanly."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+import warnings
+from collections import OrderedDict, namedtuple
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from mesh import blob
+from mesh.blob import BlobFormatError, NotCacheable
+
+ROOT = Path(__file__).resolve().parent.parent
+TORCH_DTYPES = [getattr(torch, name) for name in blob.TENSOR_DTYPES if hasattr(torch, name)]
+FLOAT_DTYPES = [d for d in TORCH_DTYPES if d.is_floating_point]
+NUMPY_DTYPES = [np.dtype(c) for c in ("?", "u1", "i1", "<i2", ">i2", "<u2", "<i4", ">u4", "<i8", "<u8", "<f2",
+                                     "<f4", ">f4", "<f8", ">f8", "<c8", ">c16")]
+FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def raw(t: torch.Tensor) -> bytes:
+    """The bytes of a tensor in C order, so NaN payloads and -0.0 count."""
+    dense = torch.empty(t.shape, dtype=t.dtype).copy_(t.detach())  # canonical strides; resolves conj/neg views
+    return bytes(dense.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
+
+
+def assert_same(a: Any, b: Any, path: str = "") -> None:
+    """Exact structural equality: same container types, same dtypes and shapes, same bits."""
+    assert type(a) is type(b) or (isinstance(a, torch.Tensor) and type(b) is torch.Tensor) \
+        or (type(a) is bytearray and type(b) is bytes), f"{path}: {type(a)} != {type(b)}"
+    if isinstance(a, torch.Tensor):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), path
+        assert b.device.type == "cpu" and not b.requires_grad, path
+        assert raw(a) == raw(b), path
+    elif isinstance(a, np.ndarray):
+        assert (a.dtype, a.shape) == (b.dtype, b.shape), path
+        assert a.tobytes() == b.tobytes(), path
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, dict):
+        assert list(a) == list(b), path
+        for k in a:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, float):
+        assert (math.isnan(a) and math.isnan(b)) or struct.pack("<d", a) == struct.pack("<d", b), path
+    else:
+        assert a == b, path
+
+
+def roundtrip(value: Any, *, shuffle: bool = False) -> Any:
+    buf = blob.encode(value, shuffle=shuffle)
+    assert blob.check(value) == len(buf)
+    assert buf[:4] == blob.MAGIC
+    out = blob.decode(buf)
+    assert_same(value, out)
+    assert_same(value, blob.decode(bytes(buf)))  # read-only input takes the copying path
+    return out
+
+
+def forge(manifest: Any, data: bytes = b"", *, length: int | None = None) -> bytes:
+    """A blob with a hand-written manifest, laid out the way the format says."""
+    text = json.dumps(manifest).encode()
+    head = struct.pack("<4sI", blob.MAGIC, len(text) if length is None else length) + text
+    return head + bytes(-len(head) % blob.ALIGN) + data
+
+
+def tensor_node(dtype: str = "float32", shape: list[int] | None = None, **extra: Any) -> dict[str, Any]:
+    shape = [2, 3] if shape is None else shape
+    node = {"t": "tensor", "dtype": dtype, "shape": shape, "off": 0,
+            "len": math.prod(shape) * blob.TENSOR_DTYPES.get(dtype, 4)}
+    node.update(extra)
+    return node
+
+
+# ------------------------------------------------------------------------------------------------ strategies
+
+
+@st.composite
+def tensors(draw: st.DrawFn) -> torch.Tensor:
+    dtype = draw(st.sampled_from(TORCH_DTYPES))
+    shape = draw(st.lists(st.integers(0, 4), max_size=3))
+    layout = draw(st.sampled_from(["plain", "transposed", "stepped", "grad"]))
+    stored = [2 * shape[0], *shape[1:]] if layout == "stepped" and shape else shape
+    count, size = math.prod(stored), torch.empty(0, dtype=dtype).element_size()
+    if dtype is torch.bool:
+        data = bytes(draw(st.lists(st.booleans(), min_size=count, max_size=count)))
+    else:  # arbitrary bits: NaNs with payloads, signalling NaNs, -0.0, subnormals
+        data = draw(st.binary(min_size=count * size, max_size=count * size))
+    t = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8))
+    t = t.view(dtype).reshape(stored)
+    if layout == "stepped" and shape:
+        t = t[::2]
+    elif layout == "transposed" and t.dim() >= 2:
+        t = t.transpose(0, -1)
+    elif layout == "grad" and dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        t = t.clone().requires_grad_(True)
+    return t
+
+
+@st.composite
+def ndarrays(draw: st.DrawFn) -> np.ndarray:
+    dtype = draw(st.sampled_from(NUMPY_DTYPES))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
+    a = draw(hnp.arrays(dtype, shape))
+    return a.T if draw(st.booleans()) else a
+
+
+scalars = (st.none() | st.booleans() | st.integers() | st.integers(min_value=-2**300, max_value=2**300)
+           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8) | st.binary(max_size=8))
+leaves = scalars | tensors() | ndarrays()
+trees = st.recursive(
+    leaves,
+    lambda inner: (st.lists(inner, max_size=4) | st.lists(inner, max_size=4).map(tuple)
+                   | st.dictionaries(st.text(max_size=5), inner, max_size=4)),
+    max_leaves=12,
+)
+
+
+# ------------------------------------------------------------------------------------------------ round trips
+
+
+@FAST
+@given(trees, st.booleans())
+def test_roundtrip_random_trees(value: Any, shuffle: bool) -> None:
+    roundtrip(value, shuffle=shuffle)
+
+
+@settings(max_examples=80, deadline=None)
+@given(tensors())
+def test_roundtrip_every_dtype(t: torch.Tensor) -> None:
+    out = roundtrip([t])[0]
+    assert out.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", TORCH_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (1,), (2, 3, 5)], ids=str)
+def test_every_dtype_and_edge_shapes(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    t = torch.arange(math.prod(shape)).reshape(shape).to(dtype)
+    out = roundtrip({"t": t})["t"]
+    assert out.shape == torch.Size(shape)
+
+
+def test_comfyui_values() -> None:
+    image = torch.rand(2, 64, 48, 3)
+    mask = torch.rand(2, 64, 48)
+    latent = {"samples": torch.randn(2, 4, 8, 6), "batch_index": [0, 1], "noise_mask": None}
+    conditioning = [[torch.randn(1, 77, 768), {"pooled_output": torch.randn(1, 1280), "strength": 0.75,
+                                               "area": (64, 64, 0, 0), "set_area_to_bounds": False}]]
+    outputs = [[image], [mask], [latent], [conditioning], [12345, 7.5, "euler", True]]
+    ui = {"images": [{"filename": "x_00001_.png", "subfolder": "", "type": "output"}]}
+    out = roundtrip([outputs, ui])
+    assert type(out[0][2][0]["batch_index"]) is list
+    assert type(out[0][3][0][0][1]["area"]) is tuple
+    assert out[0][4][3] is True
+
+
+def test_non_contiguous_tensors() -> None:
+    base = torch.arange(4 * 6 * 5, dtype=torch.float32).reshape(4, 6, 5)
+    views = [base.transpose(0, 2), base[::2, 1::3], base.permute(2, 0, 1),
+             base[:, :, 2], torch.randn(3, 4, dtype=torch.complex64).conj(), -torch.randn(5, 5)[::2]]
+    for v in views:
+        assert_same(v, blob.decode(blob.encode(v)))
+
+
+def test_expanded_tensor_is_materialized() -> None:
+    t = torch.tensor([1.0, 2.0]).expand(3, 2)
+    out = roundtrip(t)
+    assert out.stride() == (2, 1)
+
+
+def test_requires_grad_and_parameter() -> None:
+    t = torch.randn(3, 4, requires_grad=True) * 2  # non-leaf with a grad_fn
+    p = torch.nn.Parameter(torch.randn(2, 2))
+    out = blob.decode(blob.encode([t, p]))
+    assert type(out[1]) is torch.Tensor and not out[0].requires_grad
+    assert raw(out[0]) == raw(t) and raw(out[1]) == raw(p)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_shuffle_roundtrip(dtype: torch.dtype) -> None:
+    t = (torch.randn(3, 40, 50) * 100).to(dtype)
+    strided = t.transpose(1, 2)[:, ::2]  # fewer than SHUFFLE_MIN_ELEMENTS: stored plain
+    buf = blob.encode([t, t.transpose(0, 2), strided], shuffle=True)
+    shuffled = [r.get("shuffle", False) for r in blob.describe(buf)]
+    assert shuffled == [t.element_size() > 1] * 2 + [False]
+    assert_same([t, t.transpose(0, 2), strided], blob.decode(buf))
+
+
+def test_shuffle_helpers() -> None:
+    data = bytes(range(12))
+    assert blob.byte_shuffle(data, 4) == bytes([0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11])
+    assert blob.byte_unshuffle(blob.byte_shuffle(data, 4), 4) == data
+    assert blob.byte_shuffle(memoryview(bytearray(data)), 3) == bytes([0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11])
+    assert blob.byte_shuffle(b"", 8) == b""
+    with pytest.raises(ValueError):
+        blob.byte_shuffle(b"abc", 2)
+    t = torch.randn(4096)
+    assert blob.encode(t, shuffle=True)[-4 * 4096:] == blob.byte_shuffle(raw(t), 4)
+
+
+def test_python_scalars_exact() -> None:
+    values = [float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 5e-324, 1.7976931348623157e308, 0.1,
+              2**64, -(2**64) - 1, 10**5000, -(3**7000), 0, True, False, None, "", "naïve ✓ \ud800", b"", b"\x00\xff"]
+    out = roundtrip(values)
+    assert math.copysign(1, out[3]) == -1
+    assert out[13] is True and out[14] is False
+    assert out[10] == 10**5000
+
+
+def test_numpy_arrays() -> None:
+    arrays = [np.arange(12, dtype=np.float32).reshape(3, 4), np.array(3.5), np.zeros((0, 2), dtype=np.int16),
+              np.arange(6, dtype=">u4")[::2], np.array([True, False]), np.full((2, 2), np.nan, dtype=np.float16),
+              np.arange(4, dtype=np.complex128).reshape(2, 2).T]
+    out = roundtrip(arrays)
+    assert out[3].dtype == np.dtype(">u4")
+    assert all(a.flags.writeable for a in blob.decode(blob.encode(arrays)))
+
+
+def test_dict_order_and_tuple_kept() -> None:
+    value = {"z": 1, "a": (2, [3]), "m": {}}
+    out = roundtrip(value)
+    assert list(out) == ["z", "a", "m"] and type(out["a"]) is tuple
+
+
+def test_decode_is_zero_copy_for_writable_buffers() -> None:
+    t = torch.randn(4, 8, 8, 3)
+    buf = blob.encode({"x": t})
+    out = blob.decode(buf)["x"]
+    out[0, 0, 0, 0] = 42.0
+    assert blob.decode(buf)["x"][0, 0, 0, 0] == 42.0  # the tensor is a view of buf
+    frozen = bytes(buf)
+    copied = blob.decode(frozen)["x"]
+    copied[0, 0, 0, 0] = 7.0  # safe: read-only input was copied first
+    assert blob.decode(frozen)["x"][0, 0, 0, 0] == 42.0
+
+
+def test_sections_are_aligned() -> None:
+    value = [b"x", torch.ones(3, dtype=torch.float64), np.ones(5, dtype=np.int8), torch.ones(2, dtype=torch.int64)]
+    buf = blob.encode(value)
+    out = blob.decode(buf)
+    header = struct.unpack_from("<I", buf, 4)[0]
+    start = -(-(8 + header) // blob.ALIGN) * blob.ALIGN
+    addr = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+    for t in (out[1], out[3]):
+        assert (t.data_ptr() - addr - start) % blob.ALIGN == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_tensors_come_back_on_cpu() -> None:
+    t = torch.randn(2, 64, 64, 3, device="cuda")
+    for shuffle in (False, True):
+        out = blob.decode(blob.encode([t, t.transpose(1, 2)], shuffle=shuffle))
+        assert out[0].device.type == "cpu" and torch.equal(out[0], t.cpu()) and torch.equal(out[1], t.transpose(1, 2).cpu())
+
+
+# ------------------------------------------------------------------------------------------------ not cacheable
+
+
+class Patcher:
+    pass
+
+
+def quantized() -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # deprecated in torch, but ComfyUI values may still hold one
+        return torch.quantize_per_tensor(torch.rand(3), 0.1, 0, torch.quint8)
+
+
+Point = namedtuple("Point", "x y")
+
+
+class MyDict(dict):
+    pass
+
+
+@pytest.mark.parametrize("value, where, what", [
+    (object(), "top level", "object"),
+    ([[lambda: 1]], "[0][0]", "function"),
+    ([[Patcher()]], "[0][0]", "Patcher"),
+    ({"a": {1: "x"}}, "['a']", "dict key 1"),
+    ([Point(1, 2)], "[0]", "Point"),
+    ([MyDict()], "[0]", "MyDict"),
+    ([OrderedDict()], "[0]", "OrderedDict"),
+    ([{1, 2}], "[0]", "set"),
+    ([1j], "[0]", "complex"),
+    ([np.float64(1.0)], "[0]", "float64"),
+    ([[torch.randn(3, 3).to_sparse()]], "[0][0]", "sparse"),
+    ([torch.empty(2, device="meta")], "[0]", "meta"),
+    ([quantized()], "[0]", "quantized"),
+    ([np.array([object()])], "[0]", "object"),
+    ([np.array(["a"])], "[0]", "<U1"),
+    ([np.ma.masked_array([1, 2])], "[0]", "MaskedArray"),
+], ids=lambda v: None)
+def test_not_cacheable_names_type_and_path(value: Any, where: str, what: str) -> None:
+    for fn in (blob.encode, blob.check):
+        with pytest.raises(NotCacheable) as e:
+            fn(value)
+        assert isinstance(e.value, TypeError)
+        message = str(e.value)
+        assert message.startswith("not cacheable:") and what in message and message.endswith(f"at {where}")
+
+
+def test_cycles_and_deep_nesting_are_refused() -> None:
+    cyclic: list[Any] = []
+    cyclic.append(cyclic)
+    with pytest.raises(NotCacheable, match="nested deeper"):
+        blob.encode(cyclic)
+    deep: Any = 1
+    for _ in range(blob.MAX_DEPTH):
+        deep = [deep]
+    roundtrip(deep)
+    with pytest.raises(NotCacheable, match="nested deeper"):
+        blob.check([deep])
+
+
+def test_check_is_exact_and_enforces_max_bytes() -> None:
+    value = [[torch.zeros(4, 64, 64, 3)], {"s": "x" * 100, "b": b"12345"}]
+    size = blob.check(value)
+    assert size == len(blob.encode(value))
+    assert blob.check(value, max_bytes=size) == size
+    with pytest.raises(NotCacheable, match=f"exceeds max_bytes {size - 1}"):
+        blob.check(value, max_bytes=size - 1)
+
+
+def test_check_never_touches_data() -> None:
+    huge = torch.zeros(1).expand(2**40)  # 4 TiB if it were ever materialized
+    assert blob.check([huge]) > 4 * 2**40
+    with pytest.raises(NotCacheable, match="max_bytes"):
+        blob.check([huge, object()], max_bytes=2**31)  # stops at the size, before the unsupported leaf
+
+
+# ------------------------------------------------------------------------------------------------ corrupt input
+
+
+def sample_blob() -> bytearray:
+    return blob.encode([{"samples": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, 7, "s", b"xy",
+                        np.arange(3, dtype=np.int16), (True, None, 1.5)])
+
+
+def test_bad_magic() -> None:
+    buf = sample_blob()
+    buf[:4] = b"PK\x03\x04"
+    with pytest.raises(BlobFormatError, match="bad magic"):
+        blob.decode(buf)
+
+
+def test_every_truncation_fails_cleanly() -> None:
+    buf = bytes(sample_blob())
+    for n in range(len(buf)):
+        for fn in (blob.decode, blob.describe):
+            with pytest.raises(BlobFormatError):
+                fn(buf[:n])
+
+
+def test_trailing_bytes_refused() -> None:
+    with pytest.raises(BlobFormatError, match="after the last"):
+        blob.decode(bytes(sample_blob()) + b"\x00")
+
+
+@pytest.mark.parametrize("manifest, data, message", [
+    (tensor_node(len=20), bytes(24), "does not match shape"),
+    (tensor_node(shape=[2, 4]), bytes(24), "truncated"),
+    (tensor_node(shape=[2, -3], len=24), bytes(24), "non-negative"),
+    (tensor_node(shape=[2, 3.0], len=24), bytes(24), "non-negative"),
+    (tensor_node() | {"shape": "23"}, bytes(24), "non-negative"),
+    (tensor_node(shape=[0, 2**40, 2**40], len=0), b"", "too large"),
+    (tensor_node(shape=[1] * 65, len=4), bytes(4), "too large"),
+    (tensor_node(dtype="float128", len=24), bytes(24), "unsupported tensor dtype"),
+    (tensor_node(dtype="__import__('os')", len=24), bytes(24), "unsupported tensor dtype"),
+    (tensor_node(dtype="bfloat16", len=12) | {"t": "ndarray"}, bytes(12), "unsupported ndarray dtype"),
+    (tensor_node(off=64), bytes(88), "expected 0"),
+    (tensor_node(off=-64), bytes(24), "expected 0"),
+    (tensor_node(off=2**70), bytes(24), "expected 0"),
+    (tensor_node(shuffle=1), bytes(24), "shuffle is not a bool"),
+    (tensor_node(extra=1), bytes(24), "keys"),
+    ({"t": "list", "items": [tensor_node(), tensor_node(off=0)]}, bytes(88), "expected 64"),
+    ({"t": "pickle", "v": "cos\nsystem\n"}, b"", "unknown node type"),
+    ({"v": 1}, b"", "unknown node type"),
+    ([1, 2], b"", "not an object"),
+    ({"t": "int", "v": 5}, b"", "bad int"),
+    ({"t": "int", "v": "0x_1"}, b"", "bad int"),
+    ({"t": "int", "v": " 0x1"}, b"", "bad int"),
+    ({"t": "float", "v": 1.5}, b"", "bad float"),
+    ({"t": "float", "v": "0x1p99999"}, b"", "bad float"),
+    ({"t": "float", "v": "pi"}, b"", "bad float"),
+    ({"t": "bool", "v": 1}, b"", "bad bool"),
+    ({"t": "str", "v": None}, b"", "bad str"),
+    ({"t": "none", "v": None}, b"", "keys"),
+    ({"t": "list", "items": {}}, b"", "not a list"),
+    ({"t": "dict", "keys": ["a"], "items": []}, b"", "1 keys"),
+    ({"t": "dict", "keys": ["a", "a"], "items": [{"t": "none"}, {"t": "none"}]}, b"", "distinct"),
+    ({"t": "dict", "keys": [1], "items": [{"t": "none"}]}, b"", "strings"),
+    ({"t": "bytes", "off": 0, "len": 10}, bytes(4), "truncated"),
+    ({"t": "bytes", "off": 0, "len": -1}, b"", "bad off/len"),
+    ({"t": "none"}, b"\x00", "after the last"),
+], ids=lambda v: None)
+def test_inconsistent_manifests(manifest: Any, data: bytes, message: str) -> None:
+    buf = forge(manifest, data)
+    for fn in (blob.decode, blob.describe):
+        with pytest.raises(BlobFormatError, match=message):
+            fn(buf)
+
+
+def test_depth_limit_on_decode() -> None:
+    node: dict[str, Any] = {"t": "none"}
+    for _ in range(blob.MAX_DEPTH + 1):
+        node = {"t": "list", "items": [node]}
+    with pytest.raises(BlobFormatError, match="nested deeper"):
+        blob.decode(forge(node))
+    text = b"[" * 100_000 + b"]" * 100_000  # deeper than the JSON parser itself will go
+    with pytest.raises(BlobFormatError, match="not valid JSON"):
+        blob.decode(struct.pack("<4sI", blob.MAGIC, len(text)) + text)
+
+
+@pytest.mark.parametrize("manifest, data", [
+    (tensor_node(dtype="bool", shape=[3]), b"\x00\x01\x02"),
+    ({"t": "ndarray", "dtype": "bool", "shape": [2], "off": 0, "len": 2}, b"\x01\x05"),
+], ids=["tensor", "ndarray"])
+def test_bool_data_must_be_0_or_1(manifest: Any, data: bytes) -> None:
+    buf = forge(manifest, data)
+    assert blob.describe(buf)[0]["dtype"] == "bool"  # describe reads the manifest alone
+    with pytest.raises(BlobFormatError, match="0 and 1"):
+        blob.decode(buf)
+
+
+@pytest.mark.parametrize("body, message", [
+    (struct.pack("<4sI", blob.MAGIC, 0xFFFFFFFF), "exceeds the limit"),
+    (struct.pack("<4sI", blob.MAGIC, 1000) + b"{}", "truncated"),
+    (struct.pack("<4sI", blob.MAGIC, 2) + b"\xff\xfe", "not valid JSON"),
+    (struct.pack("<4sI", blob.MAGIC, 3) + b"NaN", "not valid JSON"),
+    (struct.pack("<4sI", blob.MAGIC, 5) + b'{"t":', "not valid JSON"),
+    (b"CMB", "shorter than"),
+    (b"", "shorter than"),
+], ids=lambda v: None)
+def test_bad_headers(body: bytes, message: str) -> None:
+    with pytest.raises(BlobFormatError, match=message):
+        blob.decode(body)
+
+
+def test_manifest_never_imports_anything() -> None:
+    for dtype in ("os", "__builtins__", "nn", "Tensor"):
+        with pytest.raises(BlobFormatError):
+            blob.decode(forge(tensor_node(dtype=dtype, len=24), bytes(24)))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_fuzz_byte_flips(data: st.DataObject) -> None:
+    buf = bytearray(SAMPLE)
+    manifest_end = 8 + struct.unpack_from("<I", SAMPLE, 4)[0]
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, manifest_end + 8) | st.integers(0, len(buf) - 1))
+        buf[min(at, len(buf) - 1)] = data.draw(st.integers(0, 255))
+    for fn in (blob.decode, blob.describe):
+        try:
+            fn(bytes(buf))
+        except BlobFormatError:
+            pass
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["t", "v", "off", "len", "items",
+                                                                                  "keys", "shape", "dtype"]),
+                                                                 inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_fuzz_manifest_fields(data: st.DataObject) -> None:
+    """Replace one field anywhere in a real manifest with arbitrary JSON: decoding returns or says why not."""
+    manifest = json.loads(SAMPLE[8: 8 + struct.unpack_from("<I", SAMPLE, 4)[0]])
+    containers: list[Any] = []
+
+    def collect(node: Any) -> None:
+        if isinstance(node, (dict, list)) and node:
+            containers.append(node)
+            for child in (node.values() if isinstance(node, dict) else node):
+                collect(child)
+
+    collect(manifest)
+    target = data.draw(st.sampled_from(containers))
+    key = data.draw(st.sampled_from(list(target) if isinstance(target, dict) else range(len(target))))
+    target[key] = data.draw(json_values | st.sampled_from(list(blob.TENSOR_DTYPES) + ["tensor", "ndarray", "dict"]))
+    buf = forge(manifest, SAMPLE[SAMPLE_DATA_START:])
+    for fn in (blob.decode, blob.describe):
+        try:
+            fn(buf)
+        except BlobFormatError:
+            pass
+
+
+SAMPLE = bytes(sample_blob())
+SAMPLE_DATA_START = -(-(8 + struct.unpack_from("<I", SAMPLE, 4)[0]) // blob.ALIGN) * blob.ALIGN
+
+
+# ------------------------------------------------------------------------------------------------ describe
+
+
+def latent_blob() -> bytearray:
+    return blob.encode([[{"samples": torch.zeros(1, 4, 64, 64), "batch_index": [0]}], (1.5, "euler", None, True)])
+
+
+def test_describe_latent() -> None:
+    rows = blob.describe(latent_blob())
+    assert rows == [
+        {"path": "[0][0]['samples']", "type": "tensor", "dtype": "float32", "shape": [1, 4, 64, 64], "bytes": 65536},
+        {"path": "[0][0]['batch_index'][0]", "type": "int", "value": 0},
+        {"path": "[1][0]", "type": "float", "value": 1.5},
+        {"path": "[1][1]", "type": "str", "value": "euler"},
+        {"path": "[1][2]", "type": "none", "value": None},
+        {"path": "[1][3]", "type": "bool", "value": True},
+    ]
+    json.dumps(rows)  # the CLI prints them as JSON
+    text = blob.format_description(rows)
+    lines = text.splitlines()
+    assert len(lines) == len(rows)
+    assert "[0][0]['samples']" in lines[0] and "float32" in lines[0] and "64.0 KiB" in lines[0]
+    assert "'euler'" in lines[3]
+
+
+def test_describe_odd_leaves() -> None:
+    rows = blob.describe(blob.encode([[], {}, (), b"abc", np.zeros(2, dtype=">f8"), 7]))
+    assert [r["type"] for r in rows] == ["list", "dict", "tuple", "bytes", "ndarray", "int"]
+    assert rows[0] == {"path": "[0]", "type": "list", "len": 0}
+    assert rows[4]["byteorder"] == "big"
+    assert blob.format_description(blob.describe(blob.encode(10**400)))
+    assert blob.format_description(blob.describe(blob.encode("x"))).startswith("(value)")
+    assert blob.format_description([]) == ""
+
+
+def test_describe_works_without_torch_or_numpy(tmp_path: Path) -> None:
+    path = tmp_path / "latent.blob"
+    path.write_bytes(latent_blob())
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; from mesh import blob; "
+            f"rows = blob.describe(open({str(path)!r}, 'rb').read()); print(rows); print(blob.format_description(rows))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "'shape': [1, 4, 64, 64]" in result.stdout and "64.0 KiB" in result.stdout
+
+
+def test_encode_without_torch_loaded_needs_no_torch() -> None:
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; from mesh import blob; "
+            "v = [{'a': (1, 2.5, 'x', b'y', None, True)}]; assert blob.decode(blob.encode(v)) == v; print('ok')")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
