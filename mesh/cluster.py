@@ -204,10 +204,14 @@ class Cluster:
             acks += 1
         remote = [self._pool.submit(self._put_at, o, entry) for o in owners if o != self.node_id]
         need = min(self.config.write_acks, len(owners))
-        for job in futures.as_completed(remote, timeout=self.config.write_timeout + 1):
-            if acks >= need:
-                break
-            acks += job.result()
+        if acks < need and remote:
+            try:
+                for job in futures.as_completed(remote, timeout=self.config.write_timeout + 1):
+                    acks += job.result()
+                    if acks >= need:
+                        break
+            except futures.TimeoutError:
+                pass
         if acks == 0:
             self.near.put(entry)  # no owner took it: keep it here rather than lose it
         return acks

@@ -15,7 +15,8 @@ import grpc
 from mesh.auth import TokenSource
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
-from mesh.wire import Header, Limits, Receiver, StoredChunk, TransferError, iter_chunks, make_header
+from mesh.wire import (Header, Limits, Receiver, StoredChunk, TransferError, WireChunk, decode_chunk_message,
+                       encode_chunk_message, iter_chunks, make_header)
 
 Progress = Callable[[int, int], None]  # called with (bytes moved so far, total bytes)
 
@@ -70,6 +71,14 @@ class Blob:
     data: bytearray
 
 
+def _parse_get_reply(data: bytes) -> pb.GetReply | WireChunk:
+    return decode_chunk_message(data, pb.GetReply)  # type: ignore[return-value]
+
+
+def _serialize_put_request(request: pb.PutRequest | bytes) -> bytes:
+    return request if type(request) is bytes else request.SerializeToString()  # type: ignore[union-attr]
+
+
 class PeerClient:
     def __init__(self, address: str, secret: bytes | None = None, limits: Limits | None = None,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -79,6 +88,12 @@ class PeerClient:
         self._tokens = TokenSource(secret)
         self._channel = grpc.insecure_channel(address, options=channel_options(self.limits))
         self._stub = pb_grpc.MeshStub(self._channel)
+        # Get and Put move the bulk bytes: their chunk messages are framed by hand (see mesh/wire.py).
+        self._get = self._channel.unary_stream("/comfymesh.v1.Mesh/Get",
+                                               request_serializer=pb.GetRequest.SerializeToString,
+                                               response_deserializer=_parse_get_reply, _registered_method=True)
+        self._put = self._channel.stream_unary("/comfymesh.v1.Mesh/Put", request_serializer=_serialize_put_request,
+                                               response_deserializer=pb.PutReply.FromString, _registered_method=True)
 
     def close(self) -> None:
         self._channel.close()
@@ -123,13 +138,21 @@ class PeerClient:
 
     def _get_stream(self, key: str, timeout: float | None, local_only: bool, into: bool,
                     progress: Progress | None = None) -> Iterator[tuple[Receiver, StoredChunk | None]]:
-        call = self._stub.Get(pb.GetRequest(key=key, local_only=local_only), timeout=self._t(timeout),
-                              metadata=self._md())
+        call = self._get(pb.GetRequest(key=key, local_only=local_only), timeout=self._t(timeout),
+                         metadata=self._md())
         receiver: Receiver | None = None
         moved = 0
         try:
             for reply in call:
-                if reply.HasField("header"):
+                if isinstance(reply, WireChunk):
+                    if receiver is None:
+                        raise TransferError(grpc.StatusCode.DATA_LOSS, "chunk before header")
+                    chunk = receiver.add(reply)
+                    moved += chunk.raw_size
+                    if progress:
+                        progress(moved, receiver.header.raw_size)
+                    yield receiver, chunk
+                elif reply.HasField("header"):
                     if receiver is not None:
                         raise TransferError(grpc.StatusCode.DATA_LOSS, "second header in one stream")
                     header = Header.from_pb(reply.header)
@@ -137,14 +160,6 @@ class PeerClient:
                         raise TransferError(grpc.StatusCode.DATA_LOSS, f"asked for {key!r}, got {header.key!r}")
                     receiver = Receiver(header, self.limits, into=into)
                     yield receiver, None
-                elif reply.HasField("chunk"):
-                    if receiver is None:
-                        raise TransferError(grpc.StatusCode.DATA_LOSS, "chunk before header")
-                    chunk = receiver.add(reply.chunk)
-                    moved += chunk.raw_size
-                    if progress:
-                        progress(moved, receiver.header.raw_size)
-                    yield receiver, chunk
             if receiver is None:
                 raise TransferError(grpc.StatusCode.DATA_LOSS, "stream ended without a header")
             receiver.finish()
@@ -166,17 +181,17 @@ class PeerClient:
 
     def put_chunks(self, header: Header, chunks: Iterable[StoredChunk], timeout: float | None = None,
                    local_only: bool = False, progress: Progress | None = None) -> pb.PutReply:
-        def requests() -> Iterator[pb.PutRequest]:
+        def requests() -> Iterator[pb.PutRequest | bytes]:
             yield pb.PutRequest(header=header.to_pb(), local_only=local_only)
             moved = 0
             for i, chunk in enumerate(chunks):
-                yield pb.PutRequest(chunk=chunk.to_pb(i))
+                yield encode_chunk_message(i, chunk)  # a serialized PutRequest carrying the chunk
                 moved += chunk.raw_size
                 if progress:
                     progress(moved, header.raw_size)
 
         try:
-            return self._stub.Put(requests(), timeout=self._t(timeout), metadata=self._md())
+            return self._put(requests(), timeout=self._t(timeout), metadata=self._md())
         except grpc.RpcError as e:
             raise translate(e, self.address) from None
 

@@ -3,6 +3,10 @@
 The servicer holds no state of its own beyond transfer slots. A request marked `local_only` (a peer asking
 this node as an owner) is answered from the local store; any other request goes through the cluster, which
 routes it to the key's owners. Without a cluster (a lone node) everything is local.
+
+Register the servicer with `add_to_server` rather than the generated `add_MeshServicer_to_server`: it frames
+chunk messages by hand (mesh/wire.py), which keeps the bulk bytes of a Get or Put out of protobuf objects and
+saves two to three copies of every chunk. The servicer works under either registration.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import mesh
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.store import BlobStore, Entry, StoreFull
-from mesh.wire import Header, Limits, Receiver, TransferError
+from mesh.wire import (Header, Limits, Receiver, TransferError, WireChunk, decode_chunk_message,
+                       encode_chunk_message)
 
 log = logging.getLogger(__name__)
 
 SLOT_WAIT = 5.0  # seconds a transfer waits for a free slot before RESOURCE_EXHAUSTED
+SERVICE = "comfymesh.v1.Mesh"
 
 
 class Cluster(Protocol):
@@ -59,6 +65,7 @@ class MeshServicer(pb_grpc.MeshServicer):
         self._lock = threading.Lock()
         self.transfer_errors = 0
         self.busy_refusals = 0
+        self.raw_framing = False  # set by add_to_server: Get may yield chunk messages already serialized
 
     @contextmanager
     def _slot(self, context: grpc.ServicerContext) -> Iterator[None]:
@@ -85,12 +92,17 @@ class MeshServicer(pb_grpc.MeshServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no blob under key {request.key!r}")
         with self._slot(context):
             yield pb.GetReply(header=entry.header.to_pb())
-            for i, chunk in enumerate(entry.chunks):
-                yield pb.GetReply(chunk=chunk.to_pb(i))
+            if self.raw_framing:
+                for i, chunk in enumerate(entry.chunks):
+                    yield encode_chunk_message(i, chunk)  # type: ignore[misc]
+            else:
+                for i, chunk in enumerate(entry.chunks):
+                    yield pb.GetReply(chunk=chunk.to_pb(i))
 
-    def Put(self, request_iterator: Iterator[pb.PutRequest], context: grpc.ServicerContext) -> pb.PutReply:
+    def Put(self, request_iterator: Iterator[pb.PutRequest | WireChunk],
+            context: grpc.ServicerContext) -> pb.PutReply:
         first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
+        if first is None or isinstance(first, WireChunk) or not first.HasField("header"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a Put stream must start with a header")
         local_only = first.local_only or self.cluster is None
         try:
@@ -113,15 +125,18 @@ class MeshServicer(pb_grpc.MeshServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         raise AssertionError("unreachable")
 
-    def _receive(self, header: Header, requests: Iterator[pb.PutRequest]) -> Entry:
+    def _receive(self, header: Header, requests: Iterator[pb.PutRequest | WireChunk]) -> Entry:
         if header.stored_size > self.store.max_memory:
             raise TransferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"blob of {header.stored_size} bytes exceeds the store budget")
         receiver = Receiver(header, self.limits)
         for request in requests:
-            if not request.HasField("chunk"):
+            if isinstance(request, WireChunk):
+                receiver.add(request)
+            elif request.HasField("chunk"):
+                receiver.add(request.chunk)
+            else:
                 raise TransferError(grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the header")
-            receiver.add(request.chunk)
             if receiver.stored_size > self.store.max_memory:
                 raise TransferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                     f"blob exceeds the store budget of {self.store.max_memory} bytes")
@@ -175,3 +190,36 @@ class MeshServicer(pb_grpc.MeshServicer):
         if self.on_drain is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node cannot be drained")
         return self.on_drain()
+
+
+def _serialize_get_reply(reply: pb.GetReply | bytes) -> bytes:
+    return reply if type(reply) is bytes else reply.SerializeToString()  # type: ignore[union-attr]
+
+
+def _parse_put_request(data: bytes) -> pb.PutRequest | WireChunk:
+    return decode_chunk_message(data, pb.PutRequest)  # type: ignore[return-value]
+
+
+def add_to_server(servicer: MeshServicer, server: grpc.Server) -> None:
+    """Like the generated `add_MeshServicer_to_server`, with hand-framed chunks in Get replies and Put requests.
+
+    Every other method keeps the generated protobuf (de)serializers.
+    """
+    generated: dict[str, grpc.RpcMethodHandler] = {}
+
+    class _Capture:  # collects the generated handlers of every method, so only Get and Put are spelled out here
+        def add_generic_rpc_handlers(self, handlers: object) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+            generated.update(handlers)
+
+    pb_grpc.add_MeshServicer_to_server(servicer, _Capture())
+    handlers = dict(generated)
+    handlers["Get"] = grpc.unary_stream_rpc_method_handler(
+        servicer.Get, request_deserializer=pb.GetRequest.FromString, response_serializer=_serialize_get_reply)
+    handlers["Put"] = grpc.stream_unary_rpc_method_handler(
+        servicer.Put, request_deserializer=_parse_put_request, response_serializer=pb.PutReply.SerializeToString)
+    servicer.raw_framing = True
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)

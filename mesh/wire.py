@@ -8,6 +8,14 @@ will not pay. `lz4.block` with the raw size carried in the chunk decompresses ~3
 
 Why xxh3_64 over the raw bytes: it runs at memory speed, and it is checked by every receiver (the storing
 node on Put, the client on Get), so a corrupt or truncated transfer is never stored nor handed on.
+
+Why chunk messages are framed by hand (`encode_chunk_message`, `decode_chunk_message`): building a protobuf
+Chunk copies its payload into the message, serializing copies it again, parsing copies it once more and reading
+`.data` once more. At a few GB/s those copies (and the fresh page-faulted buffers behind them) cost more than
+the transfer itself. The hand framing writes exactly the bytes protobuf would (a GetReply and a PutRequest
+carrying a chunk are byte-identical), and the parser hands out a zero-copy view of the payload, falling back
+to the protobuf parser for any message that is not one plainly encoded chunk. proto/mesh.proto stays the
+contract: every message sent is valid protobuf, and any valid protobuf is accepted.
 """
 
 from __future__ import annotations
@@ -88,14 +96,127 @@ class Header:
         )
 
 
+Buffer = bytes | bytearray | memoryview
+
+
 @dataclass(frozen=True, slots=True)
 class StoredChunk:
     codec: int
     raw_size: int
-    data: bytes
+    data: bytes | memoryview  # a view into the message it arrived in, when it came off the wire
 
     def to_pb(self, index: int) -> pb.Chunk:
-        return pb.Chunk(index=index, codec=self.codec, raw_size=self.raw_size, data=self.data)
+        data = self.data if type(self.data) is bytes else bytes(self.data)
+        return pb.Chunk(index=index, codec=self.codec, raw_size=self.raw_size, data=data)
+
+
+@dataclass(frozen=True, slots=True)
+class WireChunk:
+    """A Chunk message as parsed off the wire; `data` is a read-only view into the received message."""
+
+    index: int
+    codec: int
+    raw_size: int
+    data: bytes | memoryview
+
+
+# -- hand framing of chunk messages ---------------------------------------------------------------------------
+# Field tags (field number << 3 | wire type) of the messages framed by hand; see proto/mesh.proto.
+_TAG_BODY_CHUNK = 0x12    # GetReply.chunk and PutRequest.chunk: field 2, length-delimited
+_TAG_INDEX = 0x08         # Chunk.index: field 1, varint
+_TAG_CODEC = 0x10         # Chunk.codec: field 2, varint
+_TAG_RAW_SIZE = 0x18      # Chunk.raw_size: field 3, varint
+_TAG_DATA = 0x22          # Chunk.data: field 4, length-delimited
+_UINT32 = 1 << 32
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """(value, position after it); raises IndexError past `end` and ValueError on an over-long varint."""
+    value = shift = 0
+    while True:
+        if pos >= end:
+            raise IndexError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+        if shift >= 64:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def encode_chunk_message(index: int, chunk: StoredChunk) -> bytes:
+    """The serialized GetReply (equally, PutRequest) carrying this chunk, exactly as protobuf would write it.
+
+    One copy of the payload, against three for building and serializing the message.
+    """
+    body = bytearray()
+    for tag, value in ((_TAG_INDEX, index), (_TAG_CODEC, chunk.codec), (_TAG_RAW_SIZE, chunk.raw_size)):
+        if value:  # proto3 leaves out fields at their default
+            body.append(tag)
+            body += _varint(value)
+    size = len(chunk.data)
+    if size:
+        body.append(_TAG_DATA)
+        body += _varint(size)
+    head = bytes((_TAG_BODY_CHUNK,)) + _varint(len(body) + size) + body
+    return b"".join((head, chunk.data))
+
+
+def decode_chunk_message(buf: bytes, message_type: type[pb.GetReply] | type[pb.PutRequest]
+                         ) -> WireChunk | pb.GetReply | pb.PutRequest:
+    """A received GetReply or PutRequest: a WireChunk if it carries a chunk, else the protobuf message.
+
+    The fast path takes a message that is one plainly encoded chunk (what every sender here writes) and views
+    its payload in place. Anything else (a header, other fields, repeated or unknown fields, odd encodings) is
+    left to the protobuf parser, so the result is always what protobuf itself would make of the bytes.
+    """
+    end = len(buf)
+    try:
+        if end >= 2 and buf[0] == _TAG_BODY_CHUNK:
+            size, pos = _read_varint(buf, 1, end)
+            if pos + size == end:
+                index = codec = raw_size = 0
+                data: bytes | memoryview = b""
+                while pos < end:
+                    tag = buf[pos]
+                    if tag == _TAG_DATA:
+                        n, pos = _read_varint(buf, pos + 1, end)
+                        if pos + n > end:
+                            break
+                        data = memoryview(buf)[pos:pos + n]
+                        pos += n
+                    elif tag in (_TAG_INDEX, _TAG_CODEC, _TAG_RAW_SIZE):
+                        value, pos = _read_varint(buf, pos + 1, end)
+                        if value >= (_UINT32 >> 1 if tag == _TAG_CODEC else _UINT32):
+                            break  # out of range: protobuf truncates or sign-extends; let it
+                        if tag == _TAG_INDEX:
+                            index = value
+                        elif tag == _TAG_CODEC:
+                            codec = value
+                        else:
+                            raw_size = value
+                    else:
+                        break
+                else:
+                    return WireChunk(index, codec, raw_size, data)
+    except (IndexError, ValueError):
+        pass  # malformed: the protobuf parser below raises the proper error
+    message = message_type.FromString(buf)
+    if message.WhichOneof("body") == "chunk":
+        c = message.chunk
+        return WireChunk(c.index, c.codec, c.raw_size, c.data)
+    return message
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:

@@ -175,3 +175,43 @@ def test_node_with_wrong_secret_is_not_admitted() -> None:
             assert intruder.node_id not in _members(good, node) or intruder.node_id == node.node_id
         with bad.client(intruder) as c:
             assert [m.node_id for m in c.stats(timeout=5).members] == [intruder.node_id]
+
+
+def test_concurrent_reads_of_one_key_make_one_transfer_and_stay_near() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with LocalMesh(extra_args=FAST) as mesh:
+        mesh.start(3)
+        mesh.wait_members(3)
+        ring = Ring({n.node_id: 1.0 for n in mesh.nodes})
+        key = next(k for k in (f"hot/{i}" for i in range(1000)) if mesh.nodes[0].node_id not in ring.owners(k, 2))
+        value = _blob(7, 3_000_000)
+        owners = [n for n in mesh.nodes if n.node_id in ring.owners(key, 2)]
+        with mesh.client(owners[0]) as c:
+            c.put(key, value)
+        time.sleep(0.5)
+
+        def owner_hits() -> int:
+            total = 0
+            for node in owners:
+                with mesh.client(node) as c:
+                    total += int(c.stats(timeout=5).counters["hits"])
+            return total
+
+        before = owner_hits()
+        reader = mesh.nodes[0]
+
+        def read(_: int) -> bytes:
+            with mesh.client(reader) as c:
+                got = c.get(key, timeout=10)
+                assert got is not None
+                return bytes(got.data)
+
+        with ThreadPoolExecutor(8) as pool:
+            assert all(v == value for v in pool.map(read, range(8)))
+        assert owner_hits() - before == 1  # eight readers, one transfer from the owners
+        for _ in range(5):
+            read(0)
+        assert owner_hits() - before == 1  # later reads are served from the reader's near cache
+        with mesh.client(reader) as c:
+            assert c.stats(timeout=5).counters["near_hits"] >= 5
