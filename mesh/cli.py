@@ -288,6 +288,44 @@ def cmd_delete(args: argparse.Namespace) -> int:
     return 0 if deleted else EXIT_NOT_FOUND
 
 
+def cmd_install_comfyui(args: argparse.Namespace) -> int:
+    """Link (or copy) provider/ into ComfyUI's custom_nodes and optionally install this package there."""
+    import shutil
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    source = repo / "provider"
+    if not (source / "__init__.py").exists():
+        raise CliError(f"no provider/ folder next to the mesh package ({repo}); install from a checkout (pip -e)")
+    comfy = Path(args.comfyui_dir).expanduser().resolve()
+    custom = comfy / "custom_nodes"
+    if not (comfy / "main.py").exists() or not custom.is_dir():
+        raise CliError(f"{comfy} does not look like a ComfyUI folder (no main.py or custom_nodes/)")
+    target = custom / "comfy_mesh"
+    if target.is_symlink() or target.exists():
+        if target.is_symlink() and target.resolve() == source:
+            print(f"{target} already links to {source}")
+        elif not args.force:
+            raise CliError(f"{target} exists; pass --force to replace it")
+        else:
+            target.unlink() if target.is_symlink() or target.is_file() else shutil.rmtree(target)
+    if not target.exists():
+        if args.copy:
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            target.symlink_to(source, target_is_directory=True)
+        print(f"{'copied' if args.copy else 'linked'} {source} -> {target}")
+    if args.python:
+        cmd = [args.python, "-m", "pip", "install", "-e", str(repo)]
+        print("running:", " ".join(cmd))
+        if subprocess.run(cmd).returncode != 0:
+            raise CliError("installing comfy-mesh into ComfyUI's Python failed")
+    else:
+        print(f"make sure ComfyUI's Python has the mesh package: <comfyui python> -m pip install -e {repo}")
+    print("configure with MESH_* environment variables (see README.md), then restart ComfyUI")
+    return 0
+
+
 # -- parser --------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     command("peers", cmd_peers, "members of the mesh as a node sees them")
     command("ring", cmd_ring, "ownership share of each member")
     command("drain", cmd_drain, "make a node leave: hand its keys to their new owners, then stop")
+    ic = command("install-comfyui", cmd_install_comfyui, "add the comfy-mesh provider to a ComfyUI folder")
+    ic.add_argument("comfyui_dir", help="the ComfyUI folder (with main.py and custom_nodes/)")
+    ic.add_argument("--python", help="ComfyUI's Python: also pip-install comfy-mesh into it")
+    ic.add_argument("--copy", action="store_true", help="copy provider/ instead of linking it")
+    ic.add_argument("--force", action="store_true", help="replace an existing custom_nodes/comfy_mesh")
     return p
 
 

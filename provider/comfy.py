@@ -17,16 +17,9 @@ def _traits(nodes_module: Any) -> Any:
         cls = nodes_module.NODE_CLASS_MAPPINGS.get(class_type)
         if cls is None:
             return NodeTraits(not_idempotent=True)  # unknown class: do not guess
+        # V1 nodes set these as class attributes; V3 nodes expose them as class properties from their schema.
         output = getattr(cls, "OUTPUT_NODE", False)
         not_idempotent = getattr(cls, "NOT_IDEMPOTENT", False)
-        schema = getattr(cls, "GET_SCHEMA", None)  # V3 nodes declare both in their schema
-        if callable(schema):
-            try:
-                s = schema()
-                output = output or getattr(s, "is_output_node", False)
-                not_idempotent = not_idempotent or getattr(s, "not_idempotent", False)
-            except Exception:
-                log.debug("schema of %s unreadable", class_type, exc_info=True)
         return NodeTraits(output_node=bool(output), not_idempotent=bool(not_idempotent))
 
     return traits
