@@ -34,16 +34,13 @@ class PromptStats:
     hits: int = 0
     misses: int = 0
     errors: int = 0
-    stores: int = 0
-    stores_dropped: int = 0
     lookup_seconds: float = 0.0
     started: float = field(default_factory=time.monotonic)
     known_misses: set[str] = field(default_factory=set)
 
     def line(self) -> str:
         return (f"comfy-mesh prompt {self.prompt_id}: {self.lookups} lookups, {self.hits} hits, {self.misses} misses, "
-                f"{self.errors} errors, {self.stores} stores queued ({self.stores_dropped} dropped), "
-                f"{self.lookup_seconds * 1000:.1f} ms in lookups")
+                f"{self.errors} errors, {self.lookup_seconds * 1000:.1f} ms in lookups")
 
 
 class MeshCacheProvider:
@@ -106,14 +103,13 @@ class MeshCacheProvider:
         return self.cache_value(outputs=list(tree["outputs"]), ui=tree.get("ui"))
 
     async def on_store(self, context: Any, value: Any) -> None:
-        # No await anywhere: ComfyUI cancels store tasks that await, so the hand-off happens at once.
-        prompt = self.prompt
+        # No await anywhere: ComfyUI cancels store tasks that await, so the hand-off happens at once. These tasks
+        # run as the prompt's loop shuts down, after on_prompt_end, so they count in the totals, not the prompt.
         try:
             meta = {"class_type": str(context.class_type), "content": CONTENT}
-            if self.bridge.store(self.key(context), value_tree(value.outputs, value.ui), meta):
-                prompt.stores += 1
-            else:
-                prompt.stores_dropped += 1
+            queued = self.bridge.store(self.key(context), value_tree(value.outputs, value.ui), meta)
+            with self._lock:
+                self.totals["stores" if queued else "stores_dropped"] += 1
         except Exception:
             log.debug("store hand-off failed", exc_info=True)
 
@@ -123,12 +119,12 @@ class MeshCacheProvider:
     def on_prompt_end(self, prompt_id: str) -> None:
         try:
             prompt = self.prompt
-            if prompt.lookups or prompt.stores or prompt.stores_dropped:
+            if prompt.lookups:
                 log.info(prompt.line())
             with self._lock:
                 self.totals["prompts"] += 1
-                for name in self.totals:
-                    self.totals[name] += getattr(prompt, name, 0)
+                for name in ("lookups", "hits", "misses", "errors", "lookup_seconds"):
+                    self.totals[name] += getattr(prompt, name)
         except Exception:
             log.debug("prompt accounting failed", exc_info=True)
 

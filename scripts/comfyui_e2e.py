@@ -86,7 +86,8 @@ class Instance:
         full_env = {**os.environ, **env, "MESH_E2E_LOG": str(self.exec_log)}
         self.process = subprocess.Popen(
             [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-auto-launch", "--base-directory", str(self.base)],
+             "--disable-auto-launch", "--base-directory", str(self.base),
+             "--database-url", f"sqlite:///{self.base / 'comfyui.db'}"],  # one database (and lock) each
             cwd=comfy, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
 
     @property
