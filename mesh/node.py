@@ -22,9 +22,8 @@ from mesh.auth import AuthInterceptor
 from mesh.cluster import Cluster, ClusterConfig
 from mesh.membership import Member, Membership, Timing
 from mesh.pb import mesh_pb2 as pb
-from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.peers import PeerPool
-from mesh.server import MeshServicer
+from mesh.server import MeshServicer, add_to_server
 from mesh.store import BlobStore
 from mesh.units import format_size
 from mesh.wire import GiB, Limits
@@ -124,7 +123,7 @@ class Node:
                                membership=self.membership, peers=self.peers, config=c.cluster)
         self.servicer = MeshServicer(self.node_id, self.address, self.store, c.limits, self.cluster)
         self.servicer.on_drain = self._drain_rpc
-        pb_grpc.add_MeshServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         server.start()
         self.server = server

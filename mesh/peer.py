@@ -16,7 +16,7 @@ from mesh.auth import TokenSource
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.wire import (Header, Limits, Receiver, StoredChunk, TransferError, WireChunk, decode_chunk_message,
-                       encode_chunk_message, iter_chunks, make_header)
+                       iter_chunks, make_header)
 
 Progress = Callable[[int, int], None]  # called with (bytes moved so far, total bytes)
 
@@ -185,7 +185,7 @@ class PeerClient:
             yield pb.PutRequest(header=header.to_pb(), local_only=local_only)
             moved = 0
             for i, chunk in enumerate(chunks):
-                yield encode_chunk_message(i, chunk)  # a serialized PutRequest carrying the chunk
+                yield chunk.message(i)  # a serialized PutRequest carrying the chunk
                 moved += chunk.raw_size
                 if progress:
                     progress(moved, header.raw_size)

@@ -4,9 +4,9 @@ The servicer holds no state of its own beyond transfer slots. A request marked `
 this node as an owner) is answered from the local store; any other request goes through the cluster, which
 routes it to the key's owners. Without a cluster (a lone node) everything is local.
 
-Register the servicer with `add_to_server` rather than the generated `add_MeshServicer_to_server`: it frames
-chunk messages by hand (mesh/wire.py), which keeps the bulk bytes of a Get or Put out of protobuf objects and
-saves two to three copies of every chunk. The servicer works under either registration.
+Register the servicer with `add_to_server`, not the generated `add_MeshServicer_to_server`: it frames chunk
+messages by hand (mesh/wire.py), which keeps the bulk bytes of a Get or Put out of protobuf objects and saves
+two to three copies of every chunk.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ import mesh
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.store import BlobStore, Entry, StoreFull
-from mesh.wire import (Header, Limits, Receiver, TransferError, WireChunk, decode_chunk_message,
-                       encode_chunk_message)
+from mesh.wire import Header, Limits, Receiver, TransferError, WireChunk, decode_chunk_message
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,6 @@ class MeshServicer(pb_grpc.MeshServicer):
         self._lock = threading.Lock()
         self.transfer_errors = 0
         self.busy_refusals = 0
-        self.raw_framing = False  # set by add_to_server: Get may yield chunk messages already serialized
 
     @contextmanager
     def _slot(self, context: grpc.ServicerContext) -> Iterator[None]:
@@ -92,12 +90,8 @@ class MeshServicer(pb_grpc.MeshServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no blob under key {request.key!r}")
         with self._slot(context):
             yield pb.GetReply(header=entry.header.to_pb())
-            if self.raw_framing:
-                for i, chunk in enumerate(entry.chunks):
-                    yield encode_chunk_message(i, chunk)  # type: ignore[misc]
-            else:
-                for i, chunk in enumerate(entry.chunks):
-                    yield pb.GetReply(chunk=chunk.to_pb(i))
+            for i, chunk in enumerate(entry.chunks):
+                yield chunk.message(i)  # type: ignore[misc]  # already serialized: see add_to_server
 
     def Put(self, request_iterator: Iterator[pb.PutRequest | WireChunk],
             context: grpc.ServicerContext) -> pb.PutReply:
@@ -115,7 +109,11 @@ class MeshServicer(pb_grpc.MeshServicer):
             if local_only:
                 stored = self.store.put(entry)
                 return pb.PutReply(stored=stored, existed=not stored, replicas=1)
-            return pb.PutReply(stored=True, replicas=self.cluster.put(entry))
+            replicas = self.cluster.put(entry)
+            held = self.store.peek(header.key)
+            if held is not None and held is not entry:  # a concurrent put of the same key stored it first
+                return pb.PutReply(existed=True, replicas=replicas)
+            return pb.PutReply(stored=True, replicas=replicas)
         except TransferError as e:
             with self._lock:
                 self.transfer_errors += 1
@@ -205,21 +203,25 @@ def add_to_server(servicer: MeshServicer, server: grpc.Server) -> None:
 
     Every other method keeps the generated protobuf (de)serializers.
     """
-    generated: dict[str, grpc.RpcMethodHandler] = {}
-
-    class _Capture:  # collects the generated handlers of every method, so only Get and Put are spelled out here
-        def add_generic_rpc_handlers(self, handlers: object) -> None:
-            pass
-
-        def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
-            generated.update(handlers)
-
-    pb_grpc.add_MeshServicer_to_server(servicer, _Capture())
-    handlers = dict(generated)
-    handlers["Get"] = grpc.unary_stream_rpc_method_handler(
-        servicer.Get, request_deserializer=pb.GetRequest.FromString, response_serializer=_serialize_get_reply)
-    handlers["Put"] = grpc.stream_unary_rpc_method_handler(
-        servicer.Put, request_deserializer=_parse_put_request, response_serializer=pb.PutReply.SerializeToString)
-    servicer.raw_framing = True
+    unary = grpc.unary_unary_rpc_method_handler
+    handlers = {
+        "Get": grpc.unary_stream_rpc_method_handler(servicer.Get, request_deserializer=pb.GetRequest.FromString,
+                                                    response_serializer=_serialize_get_reply),
+        "Put": grpc.stream_unary_rpc_method_handler(servicer.Put, request_deserializer=_parse_put_request,
+                                                    response_serializer=pb.PutReply.SerializeToString),
+        "Has": unary(servicer.Has, request_deserializer=pb.HasRequest.FromString,
+                     response_serializer=pb.HasReply.SerializeToString),
+        "Delete": unary(servicer.Delete, request_deserializer=pb.DeleteRequest.FromString,
+                        response_serializer=pb.DeleteReply.SerializeToString),
+        "Stats": unary(servicer.Stats, request_deserializer=pb.StatsRequest.FromString,
+                       response_serializer=pb.StatsReply.SerializeToString),
+        "ListKeys": grpc.unary_stream_rpc_method_handler(servicer.ListKeys,
+                                                         request_deserializer=pb.ListKeysRequest.FromString,
+                                                         response_serializer=pb.KeyInfo.SerializeToString),
+        "Ping": unary(servicer.Ping, request_deserializer=pb.PingRequest.FromString,
+                      response_serializer=pb.PingReply.SerializeToString),
+        "Drain": unary(servicer.Drain, request_deserializer=pb.DrainRequest.FromString,
+                       response_serializer=pb.DrainReply.SerializeToString),
+    }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

@@ -1,21 +1,21 @@
 """Blobs on the wire: split into lz4 chunks, checksum, and verified reassembly.
 
-Why per-chunk lz4 blocks: a sender starts streaming before the whole blob is compressed, a receiver decodes
-each chunk into its place in one preallocated buffer (no second copy of the blob), and a chunk that would not
-shrink is sent raw. Unquantised float tensors (latents, VAE decodes) barely compress, and lz4 costs more than
-it saves on a fast link, so the sender probes a slice of each chunk first and skips compressing chunks that
-will not pay. `lz4.block` with the raw size carried in the chunk decompresses ~3x faster than `lz4.frame`.
+Why per-chunk lz4 blocks: a sender starts streaming before the whole blob is compressed, a receiver appends
+each decoded chunk to one buffer (no second copy of the blob), and a chunk that would not shrink is sent raw.
+Unquantised float tensors (latents, VAE decodes) barely compress, and lz4 costs more than it saves on a fast
+link, so the sender probes a slice of each chunk first and skips compressing chunks that will not pay.
+`lz4.block` with the raw size carried in the chunk decompresses ~3x faster than `lz4.frame`.
 
 Why xxh3_64 over the raw bytes: it runs at memory speed, and it is checked by every receiver (the storing
 node on Put, the client on Get), so a corrupt or truncated transfer is never stored nor handed on.
 
 Why chunk messages are framed by hand (`encode_chunk_message`, `decode_chunk_message`): building a protobuf
-Chunk copies its payload into the message, serializing copies it again, parsing copies it once more and reading
-`.data` once more. At a few GB/s those copies (and the fresh page-faulted buffers behind them) cost more than
-the transfer itself. The hand framing writes exactly the bytes protobuf would (a GetReply and a PutRequest
-carrying a chunk are byte-identical), and the parser hands out a zero-copy view of the payload, falling back
-to the protobuf parser for any message that is not one plainly encoded chunk. proto/mesh.proto stays the
-contract: every message sent is valid protobuf, and any valid protobuf is accepted.
+Chunk copies its payload, serializing copies it again, parsing copies it once more and reading `.data` once
+more; at a few GB/s those copies, and the fresh page-faulted buffers behind them, cost more than the transfer.
+The hand framing writes exactly the bytes protobuf would, the parser views the payload in place, and a chunk
+keeps the message it arrived in (a GetReply and a PutRequest carrying a chunk are byte-identical), so a node
+serves a stored chunk without framing or copying it. proto/mesh.proto stays the contract: every message sent
+is valid protobuf, and anything the fast path does not recognise goes to the protobuf parser.
 """
 
 from __future__ import annotations
@@ -96,38 +96,46 @@ class Header:
         )
 
 
-Buffer = bytes | bytearray | memoryview
-
-
 @dataclass(frozen=True, slots=True)
 class StoredChunk:
     codec: int
     raw_size: int
-    data: bytes | memoryview  # a view into the message it arrived in, when it came off the wire
+    data: bytes | memoryview  # a view into `frame` when the chunk came off the wire
+    # The serialized chunk message this chunk arrived in, and its index there: sent on as it is, a stored chunk
+    # needs no framing (and no copy) when it is read back or handed to another node.
+    frame: bytes | None = field(default=None, compare=False, repr=False)
+    frame_index: int = field(default=-1, compare=False, repr=False)
 
     def to_pb(self, index: int) -> pb.Chunk:
         data = self.data if type(self.data) is bytes else bytes(self.data)
         return pb.Chunk(index=index, codec=self.codec, raw_size=self.raw_size, data=data)
 
+    def message(self, index: int) -> bytes:
+        """This chunk at position `index`, serialized as a GetReply (byte-identical to the PutRequest)."""
+        if self.frame is not None and self.frame_index == index:
+            return self.frame
+        return encode_chunk_message(index, self.codec, self.raw_size, self.data)
+
 
 @dataclass(frozen=True, slots=True)
 class WireChunk:
-    """A Chunk message as parsed off the wire; `data` is a read-only view into the received message."""
+    """A Chunk message as received; `data` views the payload inside `frame`, the whole message, when it can."""
 
     index: int
     codec: int
     raw_size: int
     data: bytes | memoryview
+    frame: bytes | None = None
 
 
 # -- hand framing of chunk messages ---------------------------------------------------------------------------
-# Field tags (field number << 3 | wire type) of the messages framed by hand; see proto/mesh.proto.
+# Tags (field number << 3 | wire type) of the fields framed by hand; see proto/mesh.proto.
 _TAG_BODY_CHUNK = 0x12    # GetReply.chunk and PutRequest.chunk: field 2, length-delimited
 _TAG_INDEX = 0x08         # Chunk.index: field 1, varint
 _TAG_CODEC = 0x10         # Chunk.codec: field 2, varint
 _TAG_RAW_SIZE = 0x18      # Chunk.raw_size: field 3, varint
 _TAG_DATA = 0x22          # Chunk.data: field 4, length-delimited
-_UINT32 = 1 << 32
+_VARINT_LIMIT = {_TAG_INDEX: 1 << 32, _TAG_RAW_SIZE: 1 << 32, _TAG_CODEC: 1 << 31}  # uint32, uint32, enum
 
 
 def _varint(n: int) -> bytes:
@@ -140,7 +148,7 @@ def _varint(n: int) -> bytes:
 
 
 def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
-    """(value, position after it); raises IndexError past `end` and ValueError on an over-long varint."""
+    """(value, position after it); IndexError when it runs past `end`, ValueError when longer than 10 bytes."""
     value = shift = 0
     while True:
         if pos >= end:
@@ -151,67 +159,69 @@ def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
         if b < 0x80:
             return value, pos
         shift += 7
-        if shift >= 64:
+        if shift >= 70:
             raise ValueError("varint longer than 10 bytes")
 
 
-def encode_chunk_message(index: int, chunk: StoredChunk) -> bytes:
-    """The serialized GetReply (equally, PutRequest) carrying this chunk, exactly as protobuf would write it.
+def encode_chunk_message(index: int, codec: int, raw_size: int, data: bytes | memoryview) -> bytes:
+    """A GetReply (equally, a PutRequest) carrying one chunk, byte for byte as protobuf serializes it.
 
-    One copy of the payload, against three for building and serializing the message.
+    One copy of the payload, where building and serializing the message makes three.
     """
     body = bytearray()
-    for tag, value in ((_TAG_INDEX, index), (_TAG_CODEC, chunk.codec), (_TAG_RAW_SIZE, chunk.raw_size)):
-        if value:  # proto3 leaves out fields at their default
+    for tag, value in ((_TAG_INDEX, index), (_TAG_CODEC, codec), (_TAG_RAW_SIZE, raw_size)):
+        if value:  # proto3 leaves fields at their default out
             body.append(tag)
             body += _varint(value)
-    size = len(chunk.data)
-    if size:
+    if len(data):
         body.append(_TAG_DATA)
-        body += _varint(size)
-    head = bytes((_TAG_BODY_CHUNK,)) + _varint(len(body) + size) + body
-    return b"".join((head, chunk.data))
+        body += _varint(len(data))
+    head = bytes((_TAG_BODY_CHUNK,)) + _varint(len(body) + len(data)) + body
+    return b"".join((head, data))
+
+
+def _parse_plain_chunk(buf: bytes) -> WireChunk | None:
+    """The chunk of a message that is nothing but one chunk with known fields, else None."""
+    end = len(buf)
+    if end < 2 or buf[0] != _TAG_BODY_CHUNK:
+        return None
+    size, pos = _read_varint(buf, 1, end)
+    if pos + size != end:
+        return None
+    fields = {_TAG_INDEX: 0, _TAG_CODEC: 0, _TAG_RAW_SIZE: 0}
+    data: bytes | memoryview = b""
+    while pos < end:
+        tag = buf[pos]
+        if tag == _TAG_DATA:
+            n, pos = _read_varint(buf, pos + 1, end)
+            if pos + n > end:
+                return None
+            data = memoryview(buf)[pos:pos + n]
+            pos += n
+        elif tag in fields:
+            value, pos = _read_varint(buf, pos + 1, end)
+            if value >= _VARINT_LIMIT[tag]:
+                return None  # protobuf would truncate or sign-extend it; let protobuf decide
+            fields[tag] = value  # a repeated field: the last one wins, as in protobuf
+        else:
+            return None
+    return WireChunk(fields[_TAG_INDEX], fields[_TAG_CODEC], fields[_TAG_RAW_SIZE], data, frame=buf)
 
 
 def decode_chunk_message(buf: bytes, message_type: type[pb.GetReply] | type[pb.PutRequest]
                          ) -> WireChunk | pb.GetReply | pb.PutRequest:
     """A received GetReply or PutRequest: a WireChunk if it carries a chunk, else the protobuf message.
 
-    The fast path takes a message that is one plainly encoded chunk (what every sender here writes) and views
-    its payload in place. Anything else (a header, other fields, repeated or unknown fields, odd encodings) is
-    left to the protobuf parser, so the result is always what protobuf itself would make of the bytes.
+    A message that is one plainly encoded chunk (what every sender here writes) is read in place, its payload a
+    view into `buf`. Anything else (a header, other or unknown fields, odd encodings, garbage) goes to the
+    protobuf parser, so the result is what protobuf itself makes of the bytes.
     """
-    end = len(buf)
     try:
-        if end >= 2 and buf[0] == _TAG_BODY_CHUNK:
-            size, pos = _read_varint(buf, 1, end)
-            if pos + size == end:
-                index = codec = raw_size = 0
-                data: bytes | memoryview = b""
-                while pos < end:
-                    tag = buf[pos]
-                    if tag == _TAG_DATA:
-                        n, pos = _read_varint(buf, pos + 1, end)
-                        if pos + n > end:
-                            break
-                        data = memoryview(buf)[pos:pos + n]
-                        pos += n
-                    elif tag in (_TAG_INDEX, _TAG_CODEC, _TAG_RAW_SIZE):
-                        value, pos = _read_varint(buf, pos + 1, end)
-                        if value >= (_UINT32 >> 1 if tag == _TAG_CODEC else _UINT32):
-                            break  # out of range: protobuf truncates or sign-extends; let it
-                        if tag == _TAG_INDEX:
-                            index = value
-                        elif tag == _TAG_CODEC:
-                            codec = value
-                        else:
-                            raw_size = value
-                    else:
-                        break
-                else:
-                    return WireChunk(index, codec, raw_size, data)
+        chunk = _parse_plain_chunk(buf)
     except (IndexError, ValueError):
-        pass  # malformed: the protobuf parser below raises the proper error
+        chunk = None  # malformed: the protobuf parser below raises the proper error
+    if chunk is not None:
+        return chunk
     message = message_type.FromString(buf)
     if message.WhichOneof("body") == "chunk":
         c = message.chunk
@@ -273,7 +283,7 @@ def validate_header(h: Header, limits: Limits) -> None:
 
 
 class Receiver:
-    """Checks a stream of chunks against its header; optionally decodes them into one preallocated buffer.
+    """Checks a stream of chunks against its header; optionally decodes them into one buffer.
 
     The storing node keeps the chunks as they came (`into=False`): it decompresses each only to verify the
     checksum. A reading client decodes into `buffer`, whose bytes are the value once `finish()` returns.
@@ -282,16 +292,18 @@ class Receiver:
     def __init__(self, header: Header, limits: Limits, into: bool = False) -> None:
         validate_header(header, limits)
         self.header = header
-        self.buffer: bytearray | None = bytearray(header.raw_size) if into else None
+        # Grown chunk by chunk rather than preallocated: bytearray(n) zero-fills (page-faults) the whole buffer
+        # before the first chunk is read, ~0.1 s for 512 MiB on the critical path; appending touches each page
+        # once, in step with the stream, and growing a large buffer remaps its pages rather than copying them.
+        self.buffer: bytearray | None = bytearray() if into else None
         self.chunks: list[StoredChunk] = []
         self.stored_size = 0
-        self._view = memoryview(self.buffer) if self.buffer is not None else None
         self._hash = xxhash.xxh3_64()
         self._next = 0
         self._offset = 0
         self._keep = not into
 
-    def add(self, chunk: pb.Chunk) -> StoredChunk:
+    def add(self, chunk: WireChunk | pb.Chunk) -> StoredChunk:
         h = self.header
         if chunk.index != self._next:
             raise TransferError(grpc.StatusCode.DATA_LOSS, f"chunk {chunk.index} arrived where {self._next} was due")
@@ -319,13 +331,11 @@ class Receiver:
                                     f"chunk {chunk.index} decompressed to {len(raw)} bytes, {expect} expected")
         else:
             raise TransferError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown chunk codec {chunk.codec}")
-        if self._view is not None:
-            target = self._view[self._offset:self._offset + expect]
-            target[:] = raw
-            self._hash.update(target)
-        else:
-            self._hash.update(raw)
-        stored = StoredChunk(chunk.codec, expect, data)
+        self._hash.update(raw)
+        if self.buffer is not None:
+            self.buffer += raw
+        frame = getattr(chunk, "frame", None)  # a pb.Chunk (built in process) has none
+        stored = StoredChunk(chunk.codec, expect, data, frame, chunk.index if frame is not None else -1)
         if self._keep:
             self.chunks.append(stored)
         self.stored_size += len(data)

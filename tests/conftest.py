@@ -1,0 +1,225 @@
+"""Shared fixtures: real mesh nodes on 127.0.0.1, in this process or as `mesh serve` subprocesses.
+
+Everything started here is stopped in teardown, including when a test fails half-way; subprocesses are killed if
+they do not stop in time. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from mesh.auth import METADATA_KEY, AuthInterceptor, make_token
+from mesh.node import Node, NodeConfig
+from mesh.pb import mesh_pb2_grpc as pb_grpc
+from mesh.peer import PeerClient
+from mesh.server import MeshServicer, add_to_server
+from mesh.store import BlobStore
+from mesh.wire import GiB, MiB, Limits
+
+SECRET = b"test-cluster-secret"
+READY_TIMEOUT = 20.0  # seconds a `mesh serve` may take to write its ready file
+STOP_TIMEOUT = 10.0
+
+
+def token_metadata(secret: bytes = SECRET) -> tuple[tuple[str, str], ...]:
+    return ((METADATA_KEY, make_token(secret)),)
+
+
+# -- in-process nodes ------------------------------------------------------------------------------------------
+
+def start_node(secret: bytes | None = SECRET, max_memory: int = 1 * GiB, limits: Limits | None = None,
+               near_fraction: float = 0.25) -> Node:
+    """A real Node on 127.0.0.1:0 (lone: no seeds, no zeroconf); the caller stops it."""
+    config = NodeConfig(listen="127.0.0.1:0", node_id="", max_memory=max_memory, min_free_ram=0,
+                        near_fraction=near_fraction, secret=secret, limits=limits or Limits())
+    return Node(config).start()
+
+
+@pytest.fixture
+def node_factory() -> Iterator[Callable[..., Node]]:
+    """start_node(...) for tests that need their own settings; every node started is stopped afterwards."""
+    started: list[Node] = []
+
+    def make(**kwargs: object) -> Node:
+        node = start_node(**kwargs)  # type: ignore[arg-type]
+        started.append(node)
+        return node
+
+    yield make
+    for node in started:
+        node.stop(grace=0.5)
+
+
+@pytest.fixture
+def node(node_factory: Callable[..., Node]) -> Node:
+    """A lone node with the cluster secret and a 1 GiB budget (store 768 MiB, near cache 256 MiB)."""
+    return node_factory()
+
+
+@pytest.fixture
+def client(node: Node) -> Iterator[PeerClient]:
+    with PeerClient(node.address, SECRET, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def stub(node: Node) -> Iterator[pb_grpc.MeshStub]:
+    """The generated stub on its own channel: for hand-crafted (malformed) requests."""
+    limits = Limits()
+    channel = grpc.insecure_channel(node.address, options=[
+        ("grpc.max_send_message_length", limits.max_message_size),
+        ("grpc.max_receive_message_length", limits.max_message_size)])
+    try:
+        yield pb_grpc.MeshStub(channel)
+    finally:
+        channel.close()
+
+
+# -- a bare servicer, without a cluster ----------------------------------------------------------------
+
+@dataclass
+class Served:
+    """A MeshServicer (no cluster) on its own gRPC server: the servicer under a chosen registration."""
+
+    address: str
+    store: BlobStore
+    servicer: MeshServicer
+    server: grpc.Server = field(repr=False)
+
+    def stop(self) -> None:
+        self.server.stop(0.5).wait()
+
+
+def serve_servicer(limits: Limits | None = None, max_memory: int = 256 * MiB,
+                   secret: bytes = SECRET) -> Served:
+    limits = limits or Limits()
+    store = BlobStore(max_memory)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[AuthInterceptor(secret)],
+                         options=[("grpc.max_send_message_length", limits.max_message_size),
+                                  ("grpc.max_receive_message_length", limits.max_message_size)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    servicer = MeshServicer("bare", f"127.0.0.1:{port}", store, limits)
+    add_to_server(servicer, server)
+    server.start()
+    return Served(f"127.0.0.1:{port}", store, servicer, server)
+
+
+@pytest.fixture(params=["node", "bare"])
+def target(request: pytest.FixtureRequest, node_factory: Callable[..., Node]) -> Iterator[tuple[str, BlobStore]]:
+    """(address, store) of a real node (a cluster of one), and of the bare servicer with no cluster at all."""
+    limits = Limits(max_blob_size=64 * MiB)
+    if request.param == "node":
+        n = node_factory(limits=limits, max_memory=256 * MiB)
+        yield n.address, n.store
+        return
+    served = serve_servicer(limits=limits)
+    try:
+        yield served.address, served.store
+    finally:
+        served.stop()
+
+
+# -- `mesh serve` subprocesses ---------------------------------------------------------------------------------
+
+def mesh_command() -> list[str]:
+    """The installed `mesh` command beside this interpreter (the venv's), else `python -m mesh.cli`."""
+    script = Path(sys.executable).with_name("mesh")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mesh.cli"]
+
+
+@dataclass
+class ServeProcess:
+    process: subprocess.Popen[bytes]
+    address: str
+    node_id: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
+        """Signal it and wait (bounded); returns its exit code. Killed if it does not stop in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=STOP_TIMEOUT)
+                raise
+        return self.process.returncode
+
+
+def start_serve(workdir: Path, secret_file: Path | None, *args: str) -> ServeProcess:
+    """Run `mesh serve --listen 127.0.0.1:0 --ready-file F` and wait (bounded) for its ready file."""
+    index = len(list(workdir.glob("serve-*.log")))
+    ready = workdir / f"serve-{index}.ready"
+    log_path = workdir / f"serve-{index}.log"
+    argv = mesh_command() + (["--secret-file", str(secret_file)] if secret_file else []) + [
+        "serve", "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--min-free-ram", "0",
+        "--max-memory", "256MiB", *args]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + READY_TIMEOUT
+    try:
+        while True:
+            text = ready.read_text() if ready.exists() else ""
+            if text:
+                info = json.loads(text)
+                return ServeProcess(process, info["address"], info["node_id"], log_path)
+            if process.poll() is not None:
+                raise RuntimeError(f"mesh serve exited with {process.returncode}:\n{log_path.read_text()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mesh serve wrote no ready file in {READY_TIMEOUT} s:\n{log_path.read_text()}")
+            time.sleep(0.05)
+    except BaseException:
+        process.kill()
+        process.wait(timeout=STOP_TIMEOUT)
+        raise
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / "secret"
+    path.write_bytes(SECRET + b"\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+@pytest.fixture
+def serve(tmp_path: Path, secret_file: Path) -> Iterator[Callable[..., ServeProcess]]:
+    """serve(*extra_args) starts a `mesh serve` with the test secret; all are killed in teardown."""
+    started: list[ServeProcess] = []
+
+    def start(*args: str, secret: Path | None = secret_file) -> ServeProcess:
+        proc = start_serve(tmp_path, secret, *args)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.process.poll() is None:
+            proc.process.kill()
+            proc.process.wait(timeout=STOP_TIMEOUT)
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+

@@ -1,0 +1,168 @@
+"""The `mesh` command end to end: `mesh serve` and the client commands as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ServeProcess, free_port, mesh_command
+
+CLI_TIMEOUT = 60
+
+
+def run_mesh(node: str, *args: str, secret_file: Path | None = None, timeout: float = 10
+             ) -> subprocess.CompletedProcess[str]:
+    argv = mesh_command() + ["--node", node, "--timeout", str(timeout)]
+    if secret_file is not None:
+        argv += ["--secret-file", str(secret_file)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    return subprocess.run(argv + list(args), capture_output=True, text=True, timeout=CLI_TIMEOUT, env=env)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("mesh: ")
+    return lines[0]
+
+
+@pytest.fixture
+def served(serve: Callable[..., ServeProcess]) -> ServeProcess:
+    return serve()
+
+
+@pytest.fixture
+def mesh(served: ServeProcess, secret_file: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """mesh(*args): run a `mesh` command against the served node with the right secret."""
+    return lambda *args: run_mesh(served.address, *args, secret_file=secret_file)
+
+
+def test_put_get_keys_stats_status_delete(mesh: Callable[..., subprocess.CompletedProcess[str]],
+                                          served: ServeProcess, tmp_path: Path) -> None:
+    value = os.urandom(300_000) + bytes(700_000)
+    src = tmp_path / "value.bin"
+    src.write_bytes(value)
+
+    r = mesh("put", "img/1", str(src), "--meta", "class_type=LoadImage")
+    assert r.returncode == 0, r.stderr
+    assert "stored img/1" in r.stdout
+    r = mesh("put", "img/1", str(src))
+    assert r.returncode == 0 and "already stored img/1" in r.stdout
+
+    out = tmp_path / "out.bin"
+    r = mesh("get", "img/1", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == value
+    assert "wrote" in r.stdout
+
+    r = mesh("keys")
+    assert r.returncode == 0 and "img/1" in r.stdout and "class_type=LoadImage" in r.stdout
+    r = mesh("stats")
+    assert r.returncode == 0 and "puts" in r.stdout and served.node_id in r.stdout
+    r = mesh("status")
+    assert r.returncode == 0 and "SERVING" in r.stdout and served.address in r.stdout
+
+    r = mesh("delete", "img/1")
+    assert r.returncode == 0 and "deleted 1 of 1" in r.stdout
+    r = mesh("delete", "img/1")
+    assert r.returncode == 3 and "deleted 0 of 1" in r.stdout
+
+
+def test_json_output(mesh: Callable[..., subprocess.CompletedProcess[str]], served: ServeProcess,
+                     tmp_path: Path) -> None:
+    value = bytes(range(256)) * 4000
+    src = tmp_path / "v"
+    src.write_bytes(value)
+
+    put = json.loads(mesh("put", "k/1", str(src), "--json").stdout)
+    assert put["key"] == "k/1" and put["bytes"] == len(value) and put["stored"] and not put["existed"]
+    assert put["replicas"] == 1
+    again = json.loads(mesh("put", "k/1", str(src), "--json").stdout)
+    assert again["existed"] and not again["stored"]
+
+    out = tmp_path / "o"
+    got = json.loads(mesh("get", "k/1", "-o", str(out), "--json").stdout)
+    assert got == {"key": "k/1", "bytes": len(value), "file": str(out), "seconds": got["seconds"]}
+    assert out.read_bytes() == value
+
+    keys = json.loads(mesh("keys", "--json").stdout)
+    assert [k["key"] for k in keys] == ["k/1"]
+    assert keys[0]["raw_size"] == len(value) and keys[0]["meta"] == {"content": "bytes"}
+    assert 0 < keys[0]["stored_size"] < len(value)  # repetitive bytes: lz4 chunks
+
+    stats = json.loads(mesh("stats", "--json").stdout)
+    assert stats["node_id"] == served.node_id and stats["address"] == served.address
+    assert stats["counters"]["entries"] == 1 and stats["counters"]["puts"] == 1
+    assert stats["counters"]["duplicate_puts"] == 1 and stats["counters"]["hits"] == 1
+
+    status = json.loads(mesh("status", "--json").stdout)
+    assert status["health"] == "SERVING" and status["entries"] == 1 and status["node_id"] == served.node_id
+    assert status["members"]["ALIVE"] == 1 and status["bytes_used"] > 0
+
+    assert json.loads(mesh("delete", "k/1", "nope", "--json").stdout) == {"deleted": 1}
+    assert json.loads(mesh("keys", "--json").stdout) == []
+
+
+def test_get_to_stdout(mesh: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    src = tmp_path / "v"
+    src.write_bytes(b"hello mesh\n")
+    assert mesh("put", "greeting", str(src)).returncode == 0
+    r = mesh("get", "greeting", "-o", "-")
+    assert r.returncode == 0 and r.stdout == "hello mesh\n"
+
+
+def test_missing_key_exits_3(mesh: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    out = tmp_path / "never"
+    r = mesh("get", "no/such/key", "-o", str(out))
+    assert r.returncode == 3
+    assert "key not found: no/such/key" in one_line_error(r)
+    assert not out.exists() and r.stdout == ""
+
+
+def test_usage_errors_exit_2(mesh: Callable[..., subprocess.CompletedProcess[str]], tmp_path: Path) -> None:
+    r = mesh("get", "k")  # neither -o nor --describe
+    assert r.returncode == 2 and "-o FILE" in one_line_error(r)
+    r = mesh("put", "k", str(tmp_path / "does-not-exist"))
+    assert r.returncode == 1 and "cannot read" in one_line_error(r)
+
+
+def test_wrong_secret_is_one_line_and_non_zero(served: ServeProcess, tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong-secret"
+    wrong.write_bytes(b"not the cluster secret")
+    for args in (["stats"], ["keys", "--json"], ["get", "k", "-o", str(tmp_path / "o")]):
+        r = run_mesh(served.address, *args, secret_file=wrong)
+        assert r.returncode == 1
+        assert "refused the cluster secret" in one_line_error(r)
+    r = run_mesh(served.address, "stats")  # no secret at all
+    assert r.returncode == 1 and "refused the cluster secret" in one_line_error(r)
+
+
+def test_unreachable_node_is_one_line_and_non_zero(secret_file: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    for args in (["stats"], ["status", "--json"], ["get", "k", "-o", "/dev/null"]):
+        r = run_mesh(address, *args, secret_file=secret_file, timeout=3)
+        assert r.returncode == 1
+        assert f"node {address} unreachable" in one_line_error(r)
+
+
+def test_sigterm_stops_serve_cleanly(served: ServeProcess, secret_file: Path) -> None:
+    assert run_mesh(served.address, "stats", secret_file=secret_file).returncode == 0
+    assert served.stop(signal.SIGTERM) == 0
+    assert "stopped" in served.log()
+    r = run_mesh(served.address, "stats", secret_file=secret_file, timeout=2)
+    assert r.returncode == 1 and "unreachable" in one_line_error(r)
+
+
+def test_sigint_stops_serve_cleanly(served: ServeProcess) -> None:
+    assert served.stop(signal.SIGINT) == 0
+
+
+def test_serve_refuses_a_busy_port(serve: Callable[..., ServeProcess], served: ServeProcess) -> None:
+    with pytest.raises(RuntimeError, match="exited"):
+        serve("--listen", served.address)
