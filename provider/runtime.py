@@ -5,6 +5,7 @@ Kept apart from ComfyUI's imports (see comfy.py) so the test harness runs exactl
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,7 +69,8 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
         client = LocalClient(node)
     else:
         client = RemoteClient(config.node, secret, direct=config.direct)
-    bridge = Bridge(client, encode=blob.encode, decode=blob.decode, lookup_timeout=config.lookup_timeout,
+    bridge = Bridge(client, encode=functools.partial(blob.encode, shuffle=config.shuffle), decode=blob.decode,
+                    lookup_timeout=config.lookup_timeout,
                     store_timeout=config.store_timeout, store_queue=config.store_queue)
     policy = Policy(traits, allow=config.allow, deny=config.deny, cache_output_nodes=config.cache_output_nodes,
                     max_value_size=config.max_value_size)
