@@ -166,3 +166,43 @@ def test_sigint_stops_serve_cleanly(served: ServeProcess) -> None:
 def test_serve_refuses_a_busy_port(serve: Callable[..., ServeProcess], served: ServeProcess) -> None:
     with pytest.raises(RuntimeError, match="exited"):
         serve("--listen", served.address)
+
+
+def test_get_describe_shows_a_comfyui_value(mesh: Callable[..., subprocess.CompletedProcess[str]],
+                                            tmp_path: Path) -> None:
+    import torch
+
+    from mesh import blob
+
+    value = {"outputs": [[{"samples": torch.zeros(1, 4, 8, 8)}], [torch.ones(2, 3, dtype=torch.bfloat16)], ["txt"]],
+             "ui": None}
+    path = tmp_path / "value.bin"
+    path.write_bytes(blob.encode(value))
+    assert mesh("put", "cm1/v", str(path), "--meta", "class_type=KSampler").returncode == 0
+    human = mesh("get", "cm1/v", "--describe")
+    assert human.returncode == 0, human.stderr
+    assert "float32[1, 4, 8, 8]" in human.stdout and "bfloat16[2, 3]" in human.stdout
+    assert "class_type=KSampler" in human.stdout
+    rows = json.loads(mesh("get", "cm1/v", "--describe", "--json").stdout)["leaves"]
+    assert {"dtype": "float32", "shape": [1, 4, 8, 8]}.items() <= rows[0].items()
+    raw = tmp_path / "raw.bin"
+    raw.write_bytes(b"not a tensor blob")
+    mesh("put", "plain", str(raw))
+    bad = mesh("get", "plain", "--describe")
+    assert bad.returncode == 1 and "not a tensor-tree blob" in one_line_error(bad)
+
+
+def test_install_comfyui_links_the_provider(tmp_path: Path) -> None:
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "custom_nodes").mkdir(parents=True)
+    (comfy / "main.py").write_text("")
+    argv = mesh_command() + ["install-comfyui", str(comfy)]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert first.returncode == 0, first.stderr
+    link = comfy / "custom_nodes" / "comfy_mesh"
+    assert link.is_symlink() and (link / "__init__.py").exists()
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert again.returncode == 0 and "already links" in again.stdout
+    not_comfy = subprocess.run(mesh_command() + ["install-comfyui", str(tmp_path / "nothing")],
+                               capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert not_comfy.returncode == 1 and "does not look like a ComfyUI folder" in one_line_error(not_comfy)
