@@ -117,7 +117,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     if args.ready_file:
-        Path(args.ready_file).write_text(json.dumps({"address": node.address, "node_id": node.node_id}))
+        # Written whole, then renamed, so a watcher never reads a half-written file.
+        ready = Path(args.ready_file)
+        partial = ready.with_name(ready.name + ".partial")
+        partial.write_text(json.dumps({"address": node.address, "node_id": node.node_id}))
+        os.replace(partial, ready)
     while not stopping.wait(0.5) and not node.stopped.is_set():
         pass
     if args.drain_on_term and not node.stopped.is_set():
