@@ -56,7 +56,10 @@ class Cluster:
         self._changed_at = 0.0
         self._generation = 0
         self._flight: Group[Entry | None] = Group()
+        # Reads (Has, Get fan-out, deletes) and writes (replica puts, read repair) get their own threads: a burst of
+        # background replication after a prompt must not queue the next prompt's lookups behind it.
         self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="mesh-route")
+        self._writes = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="mesh-replicate")
         self._rebalancer = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-rebalance")
         self.counters: dict[str, int] = {"remote_hits": 0, "remote_misses": 0, "previous_owner_hits": 0,
                                          "near_hits": 0, "owner_failures": 0, "replica_write_failures": 0,
@@ -133,7 +136,7 @@ class Cluster:
                 continue
             if node_id in previous:
                 self._count("previous_owner_hits")
-                self._pool.submit(self._repair, entry, [o for o in owners if o != self.node_id])
+                self._writes.submit(self._repair, entry, [o for o in owners if o != self.node_id])
             if self.node_id in owners:
                 self.store.put(entry)
             else:
@@ -202,7 +205,7 @@ class Cluster:
         if self.node_id in owners:
             self.store.put(entry)
             acks += 1
-        remote = [self._pool.submit(self._put_at, o, entry) for o in owners if o != self.node_id]
+        remote = [self._writes.submit(self._put_at, o, entry) for o in owners if o != self.node_id]
         need = min(self.config.write_acks, len(owners))
         if acks < need and remote:
             try:
@@ -314,3 +317,4 @@ class Cluster:
     def close(self) -> None:
         self._rebalancer.shutdown(wait=False, cancel_futures=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._writes.shutdown(wait=False, cancel_futures=True)

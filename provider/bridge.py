@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 LINGER = 0.0005        # seconds the batcher waits for more keys after the first
 MAX_BATCH = 1024
 BREAKER_OPEN = 3.0     # seconds the provider stops asking a mesh that just failed
+STORE_SETTLE = 0.005   # a burst of stores is pushed once no hand-off came for this long...
+STORE_SETTLE_MAX = 0.05  # ...or after this long at most
 
 
 @dataclass
@@ -64,7 +66,9 @@ class Bridge:
         self.store_timeout = store_timeout
         self.counters = BridgeCounters()
         self._lock = threading.Lock()
-        self._lookups: queue.SimpleQueue[tuple[str, futures.Future[object | None]]] = queue.SimpleQueue()
+        # Units of lookups submitted together (a prompt's opening gather is one), or None to stop the thread.
+        self._lookups: queue.SimpleQueue[list[tuple[str, futures.Future[object | None]]] | None] = \
+            queue.SimpleQueue()
         self._stores: queue.Queue[_Store | None] = queue.Queue(maxsize=store_queue)
         self._pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="mesh-provider-get")
         self._down_until = 0.0
@@ -83,14 +87,23 @@ class Bridge:
 
     def lookup(self, key: str) -> futures.Future[object | None]:
         """The decoded value under `key`, or None. Never raises; resolves within lookup_timeout."""
-        future: futures.Future[object | None] = futures.Future()
-        self._count("lookups")
+        return self.lookup_many([key])[0]
+
+    def lookup_many(self, keys: list[str]) -> list[futures.Future[object | None]]:
+        """One future per key; the keys go to the mesh together, in one batched Has."""
+        batch: list[tuple[str, futures.Future[object | None]]] = [(key, futures.Future()) for key in keys]
+        self.submit(batch)
+        return [f for _, f in batch]
+
+    def submit(self, batch: list[tuple[str, futures.Future[object | None]]]) -> None:
+        """Resolve the futures of `batch` (key, future) pairs; the whole batch is asked about at once."""
+        if not batch:
+            return
+        self._count("lookups", len(batch))
         if self._closed.is_set() or time.monotonic() < self._down_until:
-            self._count("misses")
-            future.set_result(None)
+            self._finish([f for _, f in batch], None, "misses")
         else:
-            self._lookups.put((key, future))
-        return future
+            self._lookups.put(batch)
 
     def _trip(self, error: Exception) -> None:
         if time.monotonic() >= self._down_until:
@@ -99,17 +112,22 @@ class Bridge:
         self._down_until = time.monotonic() + BREAKER_OPEN
 
     def _lookup_loop(self) -> None:
-        while not self._closed.is_set():
-            item = self._lookups.get()
-            if item[0] == "":
+        stop = False
+        while not stop and not self._closed.is_set():
+            unit = self._lookups.get()
+            if unit is None:
                 break
-            batch = [item]
+            batch = list(unit)
             deadline = time.monotonic() + LINGER
             while len(batch) < MAX_BATCH:
                 try:
-                    batch.append(self._lookups.get(timeout=max(0.0, deadline - time.monotonic())))
+                    more = self._lookups.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
+                if more is None:
+                    stop = True
+                    break
+                batch.extend(more)
             try:
                 self._resolve(batch)
             except Exception as e:  # pragma: no cover - nothing may kill this thread
@@ -123,6 +141,11 @@ class Bridge:
         waiting: dict[str, list[futures.Future[object | None]]] = {}
         for key, future in batch:
             waiting.setdefault(key, []).append(future)
+        if self._closed.is_set() or time.monotonic() < self._down_until:
+            # Queued while an earlier batch was failing: the breaker is open now, so do not pay a deadline again.
+            for fs in waiting.values():
+                self._finish(fs, None, "misses")
+            return
         keys = list(waiting)
         started = time.monotonic()
         if len(keys) == 1:
@@ -181,7 +204,12 @@ class Bridge:
 
     def _store_loop(self) -> None:
         while True:
-            item = self._stores.get()
+            try:
+                item = self._stores.get_nowait()
+            except queue.Empty:
+                item = self._stores.get()
+                if item is not None:
+                    self._settle()
             try:
                 if item is None:
                     break
@@ -189,7 +217,20 @@ class Bridge:
             finally:
                 self._stores.task_done()
 
+    def _settle(self) -> None:
+        """Let a burst of hand-offs end before pushing: ComfyUI hands over a prompt's stores together as the prompt
+        finishes, and encoding and sending hold the GIL, which the prompt's own tail would otherwise wait for."""
+        size, deadline = self._stores.qsize(), time.monotonic() + STORE_SETTLE_MAX
+        while time.monotonic() < deadline and not self._closed.is_set():
+            time.sleep(STORE_SETTLE)
+            now = self._stores.qsize()
+            if now == size:
+                return
+            size = now
+
     def _push(self, item: _Store) -> None:
+        if self._closed.is_set():
+            return  # closed: the client may be closed too; what is still queued is dropped
         now = time.monotonic()
         if self._recent_stores.get(item.key, -1e9) > now - 60:
             return  # the same value twice in a minute (another prompt, same inputs): already there
@@ -219,7 +260,7 @@ class Bridge:
 
     def close(self) -> None:
         self._closed.set()
-        self._lookups.put(("", futures.Future()))
+        self._lookups.put(None)
         try:
             self._stores.put_nowait(None)
         except queue.Full:

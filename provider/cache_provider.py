@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -57,6 +58,9 @@ class MeshCacheProvider:
         self.totals: dict[str, float] = {"prompts": 0, "lookups": 0, "hits": 0, "misses": 0, "errors": 0,
                                          "stores": 0, "stores_dropped": 0, "lookup_seconds": 0.0}
         self._lock = threading.Lock()
+        # Lookups made in one turn of the event loop, sent to the bridge as one batch when the turn ends.
+        self._pending: list[tuple[str, futures.Future[Any]]] = []
+        self._flush_loop: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
 
     def key(self, context: Any) -> str:
         return f"{self.namespace}/{context.cache_key_hash}"
@@ -76,12 +80,13 @@ class MeshCacheProvider:
         started = time.perf_counter()
         prompt = self.prompt
         prompt.lookups += 1
+        key = None
         try:
             key = self.key(context)
             if key in prompt.known_misses:
                 prompt.misses += 1
                 return None
-            future = self.bridge.lookup(key)
+            future = self._submit(key)
             tree = await asyncio.wait_for(asyncio.wrap_future(future), self.lookup_timeout)
             if tree is None:
                 prompt.known_misses.add(key)
@@ -92,10 +97,35 @@ class MeshCacheProvider:
             return value
         except Exception as e:  # timeouts included: a miss, never an error in the prompt
             prompt.errors += 1
+            if key is not None:
+                prompt.known_misses.add(key)  # a timed-out or failed lookup is not paid for twice in a prompt
             log.debug("lookup of %s failed: %r", getattr(context, "class_type", "?"), e)
             return None
         finally:
             prompt.lookup_seconds += time.perf_counter() - started
+
+    def _submit(self, key: str) -> futures.Future[Any]:
+        """Queue a lookup until the current turn of the event loop ends.
+
+        ComfyUI's prompt-start gather runs every node's lookup up to its first await within one turn of the loop,
+        hashing each node's key in between; collected here and flushed by a callback at the end of that turn,
+        they reach the mesh as one batch however long that hashing takes (a time-based linger would split it).
+        """
+        future: futures.Future[Any] = futures.Future()
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._pending.append((key, future))
+            schedule = self._flush_loop is not loop  # none scheduled on this loop (or on a loop now gone)
+            self._flush_loop = loop
+        if schedule:
+            loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+            self._flush_loop = None
+        self.bridge.submit(batch)
 
     def _to_cache_value(self, tree: Any) -> Any:
         if not isinstance(tree, dict) or not isinstance(tree.get("outputs"), (list, tuple)):

@@ -87,8 +87,12 @@ def _convert(name: str, type_name: object, raw: object) -> object:
         if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
             raise ValueError(f"MESH_{name.upper()} must be a boolean, not {raw!r}")
         return text in ("1", "true", "yes", "on")
-    if kind == "int":
-        return parse_size(raw if isinstance(raw, int) else str(raw))
-    if kind == "float":
-        return float(raw)  # type: ignore[arg-type]
+    try:
+        if kind == "int":
+            return parse_size(raw if isinstance(raw, int) else str(raw))
+        if kind == "float":
+            return float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"MESH_{name.upper()} must be a {'size' if kind == 'int' else 'number'}, "
+                         f"not {raw!r} ({e})") from None
     return str(raw)

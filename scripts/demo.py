@@ -7,17 +7,22 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import torch
-
-from mesh import blob
-from mesh.localmesh import LocalMesh
-from mesh.ring import Ring
-from mesh.units import format_size
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from mesh import blob  # noqa: E402
+from mesh.localmesh import LocalMesh  # noqa: E402
+from mesh.ring import Ring  # noqa: E402
+from mesh.units import format_size  # noqa: E402
+from tests.comfy_harness import HarnessProcess  # noqa: E402
+
+SLOW_NODE_SECONDS = 2.0
 
 
 def say(text: str) -> None:
@@ -59,16 +64,61 @@ def mesh_demo(mesh: LocalMesh) -> None:
     print(f"   got it back through {reader.node_id} in {ms:.1f} ms: bit-exact = {same}")
     subprocess.run([sys.executable, "-m", "mesh.cli", "--node", reader.address, "--secret-file",
                     str(mesh.secret_file), "get", key, "--describe"], check=True)
+    time.sleep(1.2)  # key counts of other members travel with heartbeats (every 0.5 s): let them catch up
     subprocess.run([sys.executable, "-m", "mesh.cli", "--node", reader.address, "--secret-file",
                     str(mesh.secret_file), "peers"], check=True)
     if not same:
         raise SystemExit("demo failed: the value did not come back bit-exactly")
 
 
+def comfyui_demo(workdir: Path) -> None:
+    say("two ComfyUI-like processes (tests/comfy_harness.py drives the provider as ComfyUI does), "
+        "each with an embedded mesh node; B's seed is A")
+    secret = hashlib.sha256(str(time.time_ns()).encode()).hexdigest()
+    a = HarnessProcess(["--secret", secret, "--node-id", "comfyui-a"], log_path=workdir / "comfyui-a.log")
+    b = None
+    try:
+        b = HarnessProcess(["--secret", secret, "--node-id", "comfyui-b", "--seeds", a.address or ""],
+                           log_path=workdir / "comfyui-b.log")
+        a.wait_members(2)
+        b.wait_members(2)
+        print(f"   A: node {a.node_id} on {a.address}; B: node {b.node_id} on {b.address}; "
+              f"namespace {a.namespace}")
+        spec = {"workflow": "standard", "seed": 2026, "args": {"delay": SLOW_NODE_SECONDS, "size": 512}}
+        for name, proc in (("A", a), ("B", b)):
+            if name == "B":
+                proc_a_flushed = a.flush(60)
+                print(f"   (A's stores reached the mesh: {proc_a_flushed})")
+            result = proc.run(timeout=120, **spec)
+            slow = result["nodes"]["blur"]
+            print(f"   {name} ran the prompt in {result['wall_s']:.2f} s: executed {len(result['executed'])} nodes, "
+                  f"{len(result['provider_hits'])} from the mesh; the slow node (SlowBlur, {SLOW_NODE_SECONDS:g} s) "
+                  f"was {'executed' if slow['status'] == 'executed' else 'served from the mesh'}")
+            if name == "A":
+                outputs_a = result["outputs"]
+            else:
+                shared = [n for n in result["provider_hits"]]
+                same = all(result["outputs"][n] == outputs_a[n] for n in shared)
+                print(f"   B's values from the mesh ({', '.join(shared)}) are bit-exact copies of A's: {same}")
+                print(f"   not shared, by design: {', '.join(result['executed'])} "
+                      "(a MODEL, an output node, a non-idempotent node, a node whose IS_CHANGED is NaN)")
+                if not same or slow["status"] == "executed":
+                    raise SystemExit("demo failed: B did not get A's outputs from the mesh")
+        stats = b.stats()["provider"]
+        print(f"   B's provider: {stats['provider_hits']:.0f} hits, {stats['provider_misses']:.0f} misses, "
+              f"{stats['provider_bridge_bytes_in'] / 2**20:.1f} MiB in (also in `mesh stats` on B's node)")
+    finally:
+        if b is not None:
+            b.quit()
+        a.quit()
+
+
 def main() -> None:
     with LocalMesh() as mesh:
         mesh_demo(mesh)
         say("stopping the mesh")
+    with tempfile.TemporaryDirectory(prefix="mesh-demo-") as tmp:
+        comfyui_demo(Path(tmp))
     print("done: everything the demo started has stopped")
 
 
