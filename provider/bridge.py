@@ -47,6 +47,14 @@ class BridgeCounters:
     breaker_trips: int = 0
 
 
+@dataclass(frozen=True)
+class Found:
+    """A lookup's answer when the key was there: the decoded value and the size of the blob it came from."""
+
+    value: object
+    size: int
+
+
 @dataclass
 class _Store:
     key: str
@@ -67,7 +75,7 @@ class Bridge:
         self.counters = BridgeCounters()
         self._lock = threading.Lock()
         # Units of lookups submitted together (a prompt's opening gather is one), or None to stop the thread.
-        self._lookups: queue.SimpleQueue[list[tuple[str, futures.Future[object | None]]] | None] = \
+        self._lookups: queue.SimpleQueue[list[tuple[str, futures.Future[Found | None]]] | None] = \
             queue.SimpleQueue()
         self._stores: queue.Queue[_Store | None] = queue.Queue(maxsize=store_queue)
         self._pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="mesh-provider-get")
@@ -85,17 +93,17 @@ class Bridge:
 
     # -- lookups -----------------------------------------------------------------------------------------------
 
-    def lookup(self, key: str) -> futures.Future[object | None]:
-        """The decoded value under `key`, or None. Never raises; resolves within lookup_timeout."""
+    def lookup(self, key: str) -> futures.Future[Found | None]:
+        """What is stored under `key`, decoded, or None. Never raises; resolves within lookup_timeout."""
         return self.lookup_many([key])[0]
 
-    def lookup_many(self, keys: list[str]) -> list[futures.Future[object | None]]:
+    def lookup_many(self, keys: list[str]) -> list[futures.Future[Found | None]]:
         """One future per key; the keys go to the mesh together, in one batched Has."""
-        batch: list[tuple[str, futures.Future[object | None]]] = [(key, futures.Future()) for key in keys]
+        batch: list[tuple[str, futures.Future[Found | None]]] = [(key, futures.Future()) for key in keys]
         self.submit(batch)
         return [f for _, f in batch]
 
-    def submit(self, batch: list[tuple[str, futures.Future[object | None]]]) -> None:
+    def submit(self, batch: list[tuple[str, futures.Future[Found | None]]]) -> None:
         """Resolve the futures of `batch` (key, future) pairs; the whole batch is asked about at once."""
         if not batch:
             return
@@ -136,9 +144,9 @@ class Bridge:
                     if not f.done():
                         f.set_exception(e)
 
-    def _resolve(self, batch: list[tuple[str, futures.Future[object | None]]]) -> None:
+    def _resolve(self, batch: list[tuple[str, futures.Future[Found | None]]]) -> None:
         self._count("batches")
-        waiting: dict[str, list[futures.Future[object | None]]] = {}
+        waiting: dict[str, list[futures.Future[Found | None]]] = {}
         for key, future in batch:
             waiting.setdefault(key, []).append(future)
         if self._closed.is_set() or time.monotonic() < self._down_until:
@@ -163,7 +171,7 @@ class Bridge:
         for key in present:
             self._pool.submit(self._fetch, key, waiting[key], started + self.lookup_timeout)
 
-    def _fetch(self, key: str, waiting: list[futures.Future[object | None]], deadline: float) -> None:
+    def _fetch(self, key: str, waiting: list[futures.Future[Found | None]], deadline: float) -> None:
         try:
             data = self.client.get(key, timeout=max(0.01, deadline - time.monotonic()))
             if data is None:
@@ -179,9 +187,9 @@ class Bridge:
             self._finish(waiting, None, "errors")
             return
         self._count("bytes_in", len(data))
-        self._finish(waiting, value, "hits")
+        self._finish(waiting, Found(value, len(data)), "hits")
 
-    def _finish(self, waiting: list[futures.Future[object | None]], value: object | None, counter: str) -> None:
+    def _finish(self, waiting: list[futures.Future[Found | None]], value: Found | None, counter: str) -> None:
         self._count(counter, len(waiting))
         for f in waiting:
             try:

@@ -20,6 +20,8 @@ from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mesh.units import format_size
+
 from .bridge import Bridge
 from .policy import Policy, value_tree
 
@@ -35,13 +37,15 @@ class PromptStats:
     hits: int = 0
     misses: int = 0
     errors: int = 0
+    bytes: int = 0                    # blob bytes of the hits, as they came from the mesh
     lookup_seconds: float = 0.0
     started: float = field(default_factory=time.monotonic)
     known_misses: set[str] = field(default_factory=set)
 
     def line(self) -> str:
         return (f"comfy-mesh prompt {self.prompt_id}: {self.lookups} lookups, {self.hits} hits, {self.misses} misses, "
-                f"{self.errors} errors, {self.lookup_seconds * 1000:.1f} ms in lookups")
+                f"{self.errors} errors, {format_size(self.bytes)} from the mesh, "
+                f"{self.lookup_seconds * 1000:.1f} ms in lookups")
 
 
 class MeshCacheProvider:
@@ -56,7 +60,7 @@ class MeshCacheProvider:
         self.lookup_timeout = lookup_timeout
         self.prompt = PromptStats()
         self.totals: dict[str, float] = {"prompts": 0, "lookups": 0, "hits": 0, "misses": 0, "errors": 0,
-                                         "stores": 0, "stores_dropped": 0, "lookup_seconds": 0.0}
+                                         "bytes": 0, "stores": 0, "stores_dropped": 0, "lookup_seconds": 0.0}
         self._lock = threading.Lock()
         # Lookups made in one turn of the event loop, sent to the bridge as one batch when the turn ends.
         self._pending: list[tuple[str, futures.Future[Any]]] = []
@@ -87,13 +91,14 @@ class MeshCacheProvider:
                 prompt.misses += 1
                 return None
             future = self._submit(key)
-            tree = await asyncio.wait_for(asyncio.wrap_future(future), self.lookup_timeout)
-            if tree is None:
+            found = await asyncio.wait_for(asyncio.wrap_future(future), self.lookup_timeout)
+            if found is None:
                 prompt.known_misses.add(key)
                 prompt.misses += 1
                 return None
-            value = self._to_cache_value(tree)
+            value = self._to_cache_value(found.value)
             prompt.hits += 1
+            prompt.bytes += found.size
             return value
         except Exception as e:  # timeouts included: a miss, never an error in the prompt
             prompt.errors += 1
@@ -153,7 +158,7 @@ class MeshCacheProvider:
                 log.info(prompt.line())
             with self._lock:
                 self.totals["prompts"] += 1
-                for name in ("lookups", "hits", "misses", "errors", "lookup_seconds"):
+                for name in ("lookups", "hits", "misses", "errors", "bytes", "lookup_seconds"):
                     self.totals[name] += getattr(prompt, name)
         except Exception:
             log.debug("prompt accounting failed", exc_info=True)

@@ -90,6 +90,7 @@ def test_b_gets_what_a_computed_bit_exactly(tmp_path: Path) -> None:
         stats = b.stats()["provider"]
         assert stats["provider_hits"] == len(STANDARD_SHARED)
         assert stats["provider_errors"] == 0
+        assert stats["provider_bytes"] == stats["provider_bridge_bytes_in"] > 0
         # provider_* counters are part of the node's Stats (what `mesh stats` prints).
         with PeerClient(b.address, SECRET.encode()) as client:
             counters = dict(client.stats(timeout=5).counters)
