@@ -4,9 +4,10 @@ ComfyUI runs each prompt on a fresh event loop that it closes at the end, cancel
 So nothing here is bound to an event loop: callers get `concurrent.futures.Future`s, and stores are handed
 over through a bounded queue before the caller's first `await`.
 
-Lookups are micro-batched: at prompt start ComfyUI looks up every node of the prompt at once, so the lookup
-thread collects what arrives within a fraction of a millisecond and asks the mesh about all of it in one
-batched Has; only keys that are present are fetched. A failing mesh trips a breaker for a few seconds, during
+Lookups are batched: at prompt start ComfyUI looks up every node of the prompt at once; the provider hands
+them over as one unit (see MeshCacheProvider._submit), the lookup thread adds whatever else arrives within a
+fraction of a millisecond, and asks the mesh about all of it in one batched Has; only keys that are present
+are fetched. A failing mesh trips a breaker for a few seconds, during
 which every lookup is an immediate miss: a dead mesh must not cost each node a deadline.
 """
 
