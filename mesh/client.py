@@ -33,6 +33,7 @@ class MeshClient(Protocol):
     def has(self, keys: list[str], timeout: float) -> list[bool]: ...
     def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int: ...
     def stats(self) -> dict[str, float]: ...
+    def report(self, reporter: str, counters: Mapping[str, float], timeout: float) -> None: ...
     def close(self) -> None: ...
 
 
@@ -71,6 +72,9 @@ class LocalClient:
         out = self.node.store.stats()
         out.update(self.cluster.stats())
         return out
+
+    def report(self, reporter: str, counters: Mapping[str, float], timeout: float) -> None:
+        pass  # in-process: the node reads the provider's counters itself (MeshServicer.stats_sources)
 
     def close(self) -> None:
         pass
@@ -140,6 +144,10 @@ class RemoteClient:
 
     def stats(self) -> dict[str, float]:
         return dict(self.node.stats().counters)
+
+    def report(self, reporter: str, counters: Mapping[str, float], timeout: float) -> None:
+        """Hand this process's counters to the sidecar, which shows them in its `mesh stats`."""
+        self.node.stats(timeout=timeout, reporter=reporter, report=counters)
 
     def close(self) -> None:
         self.node.close()

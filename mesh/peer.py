@@ -214,8 +214,11 @@ class PeerClient:
         reply = self._unary(self._stub.Delete, pb.DeleteRequest(keys=keys, local_only=local_only), timeout)
         return reply.deleted  # type: ignore[attr-defined]
 
-    def stats(self, timeout: float | None = None) -> pb.StatsReply:
-        return self._unary(self._stub.Stats, pb.StatsRequest(), timeout)  # type: ignore[return-value]
+    def stats(self, timeout: float | None = None, reporter: str = "",
+              report: Mapping[str, float] | None = None) -> pb.StatsReply:
+        """The node's view; `reporter` and `report` hand this client's own counters to the node as well."""
+        request = pb.StatsRequest(reporter=reporter, report=dict(report or {}))
+        return self._unary(self._stub.Stats, request, timeout)  # type: ignore[return-value]
 
     def ping(self, request: pb.PingRequest, timeout: float | None = None) -> pb.PingReply:
         return self._unary(self._stub.Ping, request, timeout)  # type: ignore[return-value]

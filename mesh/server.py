@@ -1,6 +1,6 @@
 """The gRPC face of a node: translates RPCs into store (and cluster) calls and errors into status codes.
 
-The servicer holds no state of its own beyond transfer slots. A request marked `local_only` (a peer asking
+The servicer holds no state of its own beyond transfer slots and the counters sidecar clients report. A request marked `local_only` (a peer asking
 this node as an owner) is answered from the local store; any other request goes through the cluster, which
 routes it to the key's owners. Without a cluster (a lone node) everything is local.
 
@@ -12,6 +12,7 @@ two to three copies of every chunk.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 
 SLOT_WAIT = 5.0  # seconds a transfer waits for a free slot before RESOURCE_EXHAUSTED
 SERVICE = "comfymesh.v1.Mesh"
+REPORT_TTL = 60.0        # seconds a sidecar client's reported counters count after it last reported
+MAX_REPORTERS = 256
+MAX_REPORT_ITEMS = 256
+MAX_REPORTER = 200       # characters in a reporter or counter name
 
 
 class Cluster(Protocol):
@@ -59,6 +64,7 @@ class MeshServicer(pb_grpc.MeshServicer):
         self.cluster = cluster
         self.on_drain: Callable[[], pb.DrainReply] | None = None
         self.stats_sources: list[Callable[[], dict[str, float]]] = []  # e.g. an embedded ComfyUI provider
+        self._reports: dict[str, tuple[float, dict[str, float]]] = {}  # reporter -> (when, counters): sidecar clients
         self.started = time.time()
         self._slots = threading.BoundedSemaphore(limits.max_transfers)
         self._lock = threading.Lock()
@@ -155,10 +161,14 @@ class MeshServicer(pb_grpc.MeshServicer):
         return pb.DeleteReply(deleted=self.cluster.delete(keys, self._deadline(context)))
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
+        if request.reporter:
+            self._take_report(request, context)
         counters = self.store.stats()
         counters.update(transfer_errors=self.transfer_errors, busy_refusals=self.busy_refusals)
         for source in self.stats_sources:
             counters.update(source())
+        for name, value in self._reported().items():
+            counters[name] = counters.get(name, 0.0) + value
         reply = pb.StatsReply(node_id=self.node_id, address=self.address, version=mesh.__version__,
                               uptime_seconds=time.time() - self.started, counters=counters, replicas=1)
         if self.cluster is not None:
@@ -167,6 +177,32 @@ class MeshServicer(pb_grpc.MeshServicer):
             reply.replicas = self.cluster.replicas
             reply.cluster = self.cluster.cluster_name
         return reply
+
+    def _take_report(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> None:
+        """Keep a sidecar client's counters; bounded, since any holder of the secret may send them."""
+        if len(request.reporter) > MAX_REPORTER or len(request.report) > MAX_REPORT_ITEMS or any(
+                len(name) > MAX_REPORTER or not math.isfinite(v) for name, v in request.report.items()):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"a stats report has at most {MAX_REPORT_ITEMS} finite counters with names of at most "
+                          f"{MAX_REPORTER} characters")
+        with self._lock:
+            if request.reporter not in self._reports and len(self._reports) >= MAX_REPORTERS:
+                oldest = min(self._reports, key=lambda r: self._reports[r][0])
+                del self._reports[oldest]
+            self._reports[request.reporter] = (time.monotonic(), dict(request.report))
+
+    def _reported(self) -> dict[str, float]:
+        """The counters of the clients heard from within REPORT_TTL, summed by name."""
+        now = time.monotonic()
+        out: dict[str, float] = {}
+        with self._lock:
+            for reporter, (when, counters) in list(self._reports.items()):
+                if now - when > REPORT_TTL:
+                    del self._reports[reporter]
+                    continue
+                for name, value in counters.items():
+                    out[name] = out.get(name, 0.0) + value
+        return out
 
     def ListKeys(self, request: pb.ListKeysRequest, context: grpc.ServicerContext) -> Iterator[pb.KeyInfo]:
         now = time.time()

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import socket
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mesh import blob
@@ -24,6 +27,7 @@ from .policy import Policy, TraitsLookup
 log = logging.getLogger("comfy_mesh")
 
 CODEC_VERSION = "cm1"
+REPORT_EVERY = 2.0  # seconds between sidecar-mode reports of the provider's counters to the sidecar
 
 
 def namespace_for(comfy_version: str, operator_namespace: str) -> str:
@@ -39,6 +43,20 @@ class Runtime:
     client: MeshClient
     node: Node | None
     config: ProviderConfig
+    _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def start_reporting(self) -> None:
+        """Sidecar mode: the sidecar's `mesh stats` shows this provider's counters, as an embedded node's does."""
+        reporter = f"comfyui@{socket.gethostname()}:{os.getpid()}"
+
+        def loop() -> None:
+            while not self._stop.wait(REPORT_EVERY):
+                try:
+                    self.client.report(reporter, self.provider.stats(), timeout=2.0)
+                except Exception as e:  # the sidecar may be down: the lookups notice that on their own
+                    log.debug("cannot report counters to the sidecar: %r", e)
+
+        threading.Thread(target=loop, name="mesh-provider-report", daemon=True).start()
 
     def describe(self) -> str:
         where = (f"embedded node {self.node.node_id} on {self.node.address}" if self.node
@@ -48,6 +66,7 @@ class Runtime:
                 f"lookup deadline {self.config.lookup_timeout:g} s")
 
     def close(self) -> None:
+        self._stop.set()
         self.bridge.close()
         self.client.close()
         if self.node is not None:
@@ -77,6 +96,9 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
     cls = type("MeshCacheProvider", (MeshCacheProvider, base), {}) if base is not None else MeshCacheProvider
     provider = cls(bridge, policy, namespace=namespace_for(comfy_version, config.namespace),
                    cache_value=cache_value, lookup_timeout=config.lookup_timeout)
+    runtime = Runtime(provider, bridge, client, node, config)
     if node is not None and node.servicer is not None:
         node.servicer.stats_sources.append(provider.stats)
-    return Runtime(provider, bridge, client, node, config)
+    else:
+        runtime.start_reporting()
+    return runtime

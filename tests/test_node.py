@@ -338,6 +338,24 @@ def test_has_delete_list_keys_and_stats(node: Node, client: PeerClient) -> None:
     assert client.stats().counters["entries"] == 2
 
 
+def test_sidecar_clients_report_counters(node: Node, client: PeerClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counters handed along with Stats are summed over reporters, expire, and are bounded."""
+    import mesh.server
+
+    client.stats(reporter="comfyui@a:1", report={"provider_hits": 3, "provider_lookups": 10})
+    client.stats(reporter="comfyui@b:2", report={"provider_hits": 4})
+    client.stats(reporter="comfyui@a:1", report={"provider_hits": 5, "provider_lookups": 12})  # replaces a's
+    counters = client.stats().counters
+    assert counters["provider_hits"] == 9 and counters["provider_lookups"] == 12
+    assert counters["entries"] == 0  # the node's own counters are untouched
+    for bad in ({"x" * 300: 1.0}, {"nan": float("nan")}, {f"c{i}": 1.0 for i in range(300)}):
+        with pytest.raises(Refused, match="stats report"):
+            client.stats(reporter="comfyui@c:3", report=bad)
+    assert client.stats().counters["provider_hits"] == 9  # a refused report changed nothing
+    monkeypatch.setattr(mesh.server, "REPORT_TTL", 0.0)
+    assert "provider_hits" not in client.stats().counters  # reporters that went quiet stop counting
+
+
 # -- concurrency -------------------------------------------------------------------------------------------------
 
 def _value(key: str) -> bytes:

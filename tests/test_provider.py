@@ -7,6 +7,7 @@ Two ComfyUI-like processes share a real mesh on 127.0.0.1; in-process engines ch
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import subprocess
@@ -122,6 +123,19 @@ def test_sidecar_mode_shares_through_mesh_serve(tmp_path: Path) -> None:
             assert rb["errors"] == []
             assert set(rb["provider_hits"]) == set(STANDARD_SHARED)
             assert shared_outputs(rb) == shared_outputs(ra)
+            # B's provider reports its counters to its sidecar: `mesh stats` there shows them.
+            deadline = time.monotonic() + 20
+            while True:
+                done = subprocess.run([sys.executable, "-m", "mesh.cli", "--node", mesh.nodes[1].address,
+                                       "--secret-file", str(mesh.secret_file), "stats", "--json"],
+                                      capture_output=True, text=True, timeout=60)
+                assert done.returncode == 0, done.stderr
+                counters = json.loads(done.stdout)["counters"]
+                if counters.get("provider_hits") == len(STANDARD_SHARED) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert counters.get("provider_hits") == len(STANDARD_SHARED)
+            assert counters.get("provider_prompts") == 1
         finally:
             if b is not None:
                 b.quit()
