@@ -20,7 +20,7 @@ from typing import Any
 
 from mesh.auth import SECRET_FILE_ENV, load_secret
 from mesh.cluster import ClusterConfig
-from mesh.membership import Timing
+from mesh.membership import Timing, ring_weights
 from mesh.node import DEFAULT_PORT, Node, NodeConfig
 from mesh.pb.mesh_pb2 import MemberState
 from mesh.peer import MeshError, PeerClient
@@ -178,9 +178,8 @@ def cmd_ring(args: argparse.Namespace) -> int:
 
     with _client(args) as c:
         s = c.stats()
-    owners = {m.node_id: float(m.capacity or 1) for m in s.members if m.state in (MemberState.Value("ALIVE"),
-                                                                                  MemberState.Value("SUSPECT"))}
-    shares = Ring(owners).shares() if owners else {}
+    owners = ring_weights(s.members)
+    shares = Ring(owners).shares()
     rows = [{"node_id": n, "share": round(shares.get(n, 0.0) * 100, 2), "weight": owners[n]} for n in sorted(owners)]
     if args.json:
         _emit_json({"replicas": s.replicas, "members": rows})

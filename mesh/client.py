@@ -17,10 +17,10 @@ from dataclasses import replace
 from collections.abc import Mapping
 from typing import Protocol
 
+from mesh.membership import ring_weights
 from mesh.node import Node
 from mesh.peer import MeshError, PeerClient, Unreachable
 from mesh.peers import PeerPool
-from mesh.pb import mesh_pb2 as pb
 from mesh.ring import Ring
 from mesh.store import Entry
 from mesh.wire import Limits, Receiver, iter_chunks, make_header
@@ -103,9 +103,10 @@ class RemoteClient:
             return
         self._learned = time.monotonic()  # at most one refresh per TTL, even when it fails
         stats = self.node.stats(timeout=timeout)
-        live = [m for m in stats.members if m.state in (pb.ALIVE, pb.SUSPECT)]
+        weights = ring_weights(stats.members)
+        live = [m for m in stats.members if m.node_id in weights]
         with self._lock:
-            self._ring = Ring({m.node_id: float(m.capacity or 1) for m in live})
+            self._ring = Ring(weights)
             self._addresses = {m.node_id: m.address for m in live}
             self._replicas = max(1, stats.replicas)
         for m in live:

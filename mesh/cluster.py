@@ -80,12 +80,12 @@ class Cluster:
         return self._ring
 
     def on_membership_change(self) -> None:
-        members = self.membership.ring_members()
+        weights = {k: float(v) for k, v in self.membership.ring_members().items()}
         with self._lock:
-            if dict(self._ring.weights) == {k: float(v) for k, v in members.items()}:
+            if self._ring.weights == weights:
                 return
             old = self._ring
-            self._ring = Ring({k: float(v) for k, v in members.items()}) if members else Ring({})
+            self._ring = Ring(weights)
             self._previous = old
             self._changed_at = time.monotonic()
             self._generation += 1
@@ -287,8 +287,7 @@ class Cluster:
     def drain(self, on_done: Callable[[], None] | None = None) -> pb.DrainReply:
         """Leave gracefully: announce it, hand every local blob to its owners without us, then call on_done."""
         self.membership.leave()
-        remaining = {k: float(v) for k, v in self.membership.ring_members().items()}
-        ring = Ring(remaining) if remaining else Ring({})
+        ring = Ring({k: float(v) for k, v in self.membership.ring_members().items()})
         handed, failed = 0, 0
         for entry in self.store.items():
             owners = ring.owners(entry.header.key, self.config.replicas)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import psutil
 from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
 
+from mesh.address import join_hostport
+
 log = logging.getLogger(__name__)
 
 SERVICE_TYPE = "_comfy-mesh._tcp.local."
@@ -108,10 +110,6 @@ def parse_advert(properties: Mapping[bytes | str, bytes | str | None], address: 
         numbers[key] = int(text)
     return Advert(node_id=props["id"], cluster=props["cluster"], address=address,
                   protocol=numbers["proto"], capacity=numbers["cap"])
-
-
-def join_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def pick_address(addresses: list[str]) -> str | None:

@@ -16,7 +16,31 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mesh.pb import mesh_pb2 as pb
 from mesh.peer import MeshError, PeerClient
+
+
+def wait_until_serving(process: subprocess.Popen[bytes], ready: Path, log_path: Path,
+                       timeout: float) -> dict[str, str]:
+    """What a `mesh serve --ready-file READY` wrote there ({address, node_id}), once it is serving.
+
+    Raises RuntimeError if the process exits first and TimeoutError after `timeout` seconds, killing the process
+    and quoting its log either way, so a caller never waits unbounded nor leaks a half-started node.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready.exists():
+            if process.poll() is not None:
+                raise RuntimeError(f"mesh serve exited with {process.returncode}; log:\n{log_path.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mesh serve wrote no ready file in {timeout} s; log:\n"
+                                   f"{log_path.read_text()[-4000:]}")
+            time.sleep(0.05)
+        return json.loads(ready.read_text())  # written whole, then renamed into place
+    except BaseException:
+        process.kill()
+        process.wait(timeout=10)
+        raise
 
 
 @dataclass
@@ -73,13 +97,7 @@ class LocalMesh:
             + self.extra_args + list(args or [])
         with open(log_path, "ab") as log:
             process = subprocess.Popen(argv + ["serve"] + node_args, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError(f"node {index} did not start; log:\n{log_path.read_text()[-2000:]}")
-            time.sleep(0.05)
-        info = json.loads(ready.read_text())
+        info = wait_until_serving(process, ready, log_path, timeout)
         node = LocalNode(index, info["address"], info["node_id"], process, log_path, node_args)
         self.nodes.append(node)
         return node
@@ -100,7 +118,7 @@ class LocalMesh:
             node = pending[0]
             try:
                 with self.client(node) as c:
-                    alive = sum(1 for m in c.stats(timeout=2.0).members if m.state == 0)
+                    alive = sum(1 for m in c.stats(timeout=2.0).members if m.state == pb.ALIVE)
             except MeshError:
                 alive = -1
             if alive == count:

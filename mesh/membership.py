@@ -18,11 +18,12 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass, field
 
 import mesh
+from mesh.address import join_hostport
 from mesh.peer import MeshError, Unauthenticated
 from mesh.peers import PeerPool
 from mesh.pb import mesh_pb2 as pb
@@ -67,6 +68,11 @@ class Member:
                          last_heard_age=max(0.0, now - self.last_heard), keys=self.keys, bytes=self.bytes)
 
 
+def ring_weights(members: Iterable[pb.Member]) -> dict[str, float]:
+    """node id -> ring weight of the members that own keys, from a member list as Stats reports it."""
+    return {m.node_id: float(m.capacity or 1) for m in members if m.state in IN_RING}
+
+
 def resolve_seeds(seeds: list[str]) -> set[str]:
     """Seed addresses; `dns:NAME:PORT` expands to every A/AAAA record (a Kubernetes headless service)."""
     out: set[str] = set()
@@ -83,9 +89,8 @@ def resolve_seeds(seeds: list[str]) -> set[str]:
         except (OSError, ValueError) as e:
             log.debug("seed %s does not resolve: %s", seed, e)
             continue
-        for family, _, _, _, sockaddr in infos:
-            host = sockaddr[0]
-            out.add(f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}")
+        for _, _, _, _, sockaddr in infos:
+            out.add(join_hostport(sockaddr[0], port))
     return out
 
 

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import mesh
+from mesh.address import join_hostport, split_hostport
 from mesh.auth import AuthInterceptor
 from mesh.cluster import Cluster, ClusterConfig
 from mesh.membership import Member, Membership, Timing
@@ -26,12 +27,12 @@ from mesh.peers import PeerPool
 from mesh.server import MeshServicer, add_to_server
 from mesh.store import BlobStore
 from mesh.units import format_size
-from mesh.wire import GiB, Limits
+from mesh.wire import SERVICE, GiB, Limits
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 8288
-SERVICE_NAME = "comfymesh.v1.Mesh"
+SERVICE_NAME = SERVICE  # what the health service reports on, besides the server as a whole ("")
 HOUSEKEEPING_INTERVAL = 1.0
 
 
@@ -50,17 +51,6 @@ class NodeConfig:
     zeroconf: bool = False
     zeroconf_interfaces: list[str] | None = None
     timing: Timing = field(default_factory=Timing)
-
-
-def split_hostport(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"not a HOST:PORT address: {address!r}")
-    return host.strip("[]"), int(port)
-
-
-def join_hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _routable_host(host: str) -> str:

@@ -15,8 +15,8 @@ import grpc
 from mesh.auth import TokenSource
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
-from mesh.wire import (Header, Limits, Receiver, StoredChunk, TransferError, WireChunk, decode_chunk_message,
-                       iter_chunks, make_header)
+from mesh.wire import (SERVICE, Header, Limits, Receiver, StoredChunk, TransferError, WireChunk,
+                       decode_chunk_message, iter_chunks, make_header, serialize_message)
 
 Progress = Callable[[int, int], None]  # called with (bytes moved so far, total bytes)
 
@@ -75,10 +75,6 @@ def _parse_get_reply(data: bytes) -> pb.GetReply | WireChunk:
     return decode_chunk_message(data, pb.GetReply)  # type: ignore[return-value]
 
 
-def _serialize_put_request(request: pb.PutRequest | bytes) -> bytes:
-    return request if type(request) is bytes else request.SerializeToString()  # type: ignore[union-attr]
-
-
 class PeerClient:
     def __init__(self, address: str, secret: bytes | None = None, limits: Limits | None = None,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
@@ -89,10 +85,10 @@ class PeerClient:
         self._channel = grpc.insecure_channel(address, options=channel_options(self.limits))
         self._stub = pb_grpc.MeshStub(self._channel)
         # Get and Put move the bulk bytes: their chunk messages are framed by hand (see mesh/wire.py).
-        self._get = self._channel.unary_stream("/comfymesh.v1.Mesh/Get",
+        self._get = self._channel.unary_stream(f"/{SERVICE}/Get",
                                                request_serializer=pb.GetRequest.SerializeToString,
                                                response_deserializer=_parse_get_reply, _registered_method=True)
-        self._put = self._channel.stream_unary("/comfymesh.v1.Mesh/Put", request_serializer=_serialize_put_request,
+        self._put = self._channel.stream_unary(f"/{SERVICE}/Put", request_serializer=serialize_message,
                                                response_deserializer=pb.PutReply.FromString, _registered_method=True)
 
     def close(self) -> None:

@@ -1,8 +1,8 @@
 """The gRPC face of a node: translates RPCs into store (and cluster) calls and errors into status codes.
 
-The servicer holds no state of its own beyond transfer slots and the counters sidecar clients report. A request marked `local_only` (a peer asking
-this node as an owner) is answered from the local store; any other request goes through the cluster, which
-routes it to the key's owners. Without a cluster (a lone node) everything is local.
+The servicer holds no state of its own beyond transfer slots and the counters sidecar clients report. A
+request marked `local_only` (a peer asking this node as an owner) is answered from the local store; any other
+request goes through the cluster, which routes it to the key's owners. Without a cluster (a lone node) everything is local.
 
 Register the servicer with `add_to_server`, not the generated `add_MeshServicer_to_server`: it frames chunk
 messages by hand (mesh/wire.py), which keeps the bulk bytes of a Get or Put out of protobuf objects and saves
@@ -26,12 +26,12 @@ import mesh
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.store import BlobStore, Entry, StoreFull
-from mesh.wire import Header, Limits, Receiver, TransferError, WireChunk, decode_chunk_message
+from mesh.wire import (SERVICE, Header, Limits, Receiver, TransferError, WireChunk, decode_chunk_message,
+                       serialize_message)
 
 log = logging.getLogger(__name__)
 
 SLOT_WAIT = 5.0  # seconds a transfer waits for a free slot before RESOURCE_EXHAUSTED
-SERVICE = "comfymesh.v1.Mesh"
 REPORT_TTL = 60.0        # seconds a sidecar client's reported counters count after it last reported
 MAX_REPORTERS = 256
 MAX_REPORT_ITEMS = 256
@@ -226,10 +226,6 @@ class MeshServicer(pb_grpc.MeshServicer):
         return self.on_drain()
 
 
-def _serialize_get_reply(reply: pb.GetReply | bytes) -> bytes:
-    return reply if type(reply) is bytes else reply.SerializeToString()  # type: ignore[union-attr]
-
-
 def _parse_put_request(data: bytes) -> pb.PutRequest | WireChunk:
     return decode_chunk_message(data, pb.PutRequest)  # type: ignore[return-value]
 
@@ -242,7 +238,7 @@ def add_to_server(servicer: MeshServicer, server: grpc.Server) -> None:
     unary = grpc.unary_unary_rpc_method_handler
     handlers = {
         "Get": grpc.unary_stream_rpc_method_handler(servicer.Get, request_deserializer=pb.GetRequest.FromString,
-                                                    response_serializer=_serialize_get_reply),
+                                                    response_serializer=serialize_message),
         "Put": grpc.stream_unary_rpc_method_handler(servicer.Put, request_deserializer=_parse_put_request,
                                                     response_serializer=pb.PutReply.SerializeToString),
         "Has": unary(servicer.Has, request_deserializer=pb.HasRequest.FromString,

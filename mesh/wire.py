@@ -129,6 +129,7 @@ class WireChunk:
 
 
 # -- hand framing of chunk messages ---------------------------------------------------------------------------
+SERVICE = pb.DESCRIPTOR.services_by_name["Mesh"].full_name  # whose Get and Put carry hand-framed chunks
 # Tags (field number << 3 | wire type) of the fields framed by hand; see proto/mesh.proto.
 _TAG_BODY_CHUNK = 0x12    # GetReply.chunk and PutRequest.chunk: field 2, length-delimited
 _TAG_INDEX = 0x08         # Chunk.index: field 1, varint
@@ -227,6 +228,11 @@ def decode_chunk_message(buf: bytes, message_type: type[pb.GetReply] | type[pb.P
         c = message.chunk
         return WireChunk(c.index, c.codec, c.raw_size, c.data)
     return message
+
+
+def serialize_message(message: pb.GetReply | pb.PutRequest | bytes) -> bytes:
+    """The serializer of Get replies and Put requests: a chunk arrives already framed (`StoredChunk.message`)."""
+    return message if type(message) is bytes else message.SerializeToString()  # type: ignore[union-attr]
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:

@@ -94,18 +94,11 @@ class Bridge:
 
     # -- lookups -----------------------------------------------------------------------------------------------
 
-    def lookup(self, key: str) -> futures.Future[Found | None]:
-        """What is stored under `key`, decoded, or None. Never raises; resolves within lookup_timeout."""
-        return self.lookup_many([key])[0]
-
-    def lookup_many(self, keys: list[str]) -> list[futures.Future[Found | None]]:
-        """One future per key; the keys go to the mesh together, in one batched Has."""
-        batch: list[tuple[str, futures.Future[Found | None]]] = [(key, futures.Future()) for key in keys]
-        self.submit(batch)
-        return [f for _, f in batch]
-
     def submit(self, batch: list[tuple[str, futures.Future[Found | None]]]) -> None:
-        """Resolve the futures of `batch` (key, future) pairs; the whole batch is asked about at once."""
+        """Resolve each future of `batch` (key, future) pairs to what is stored under its key, decoded, or None.
+
+        The whole batch is asked about at once. Never raises; every future resolves within lookup_timeout.
+        """
         if not batch:
             return
         self._count("lookups", len(batch))

@@ -97,7 +97,7 @@ def comfyui_demo(workdir: Path) -> None:
             if name == "A":
                 outputs_a = result["outputs"]
             else:
-                shared = [n for n in result["provider_hits"]]
+                shared = list(result["provider_hits"])
                 same = all(result["outputs"][n] == outputs_a[n] for n in shared)
                 print(f"   B's values from the mesh ({', '.join(shared)}) are bit-exact copies of A's: {same}")
                 print(f"   not shared, by design: {', '.join(result['executed'])} "

@@ -6,12 +6,10 @@ they do not stop in time. Every wait is bounded.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ import grpc
 import pytest
 
 from mesh.auth import METADATA_KEY, AuthInterceptor, make_token
+from mesh.localmesh import wait_until_serving
 from mesh.node import Node, NodeConfig
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.peer import PeerClient
@@ -172,22 +171,8 @@ def start_serve(workdir: Path, secret_file: Path | None, *args: str) -> ServePro
         "--max-memory", "256MiB", *args]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + READY_TIMEOUT
-    try:
-        while True:
-            text = ready.read_text() if ready.exists() else ""
-            if text:
-                info = json.loads(text)
-                return ServeProcess(process, info["address"], info["node_id"], log_path)
-            if process.poll() is not None:
-                raise RuntimeError(f"mesh serve exited with {process.returncode}:\n{log_path.read_text()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"mesh serve wrote no ready file in {READY_TIMEOUT} s:\n{log_path.read_text()}")
-            time.sleep(0.05)
-    except BaseException:
-        process.kill()
-        process.wait(timeout=STOP_TIMEOUT)
-        raise
+    info = wait_until_serving(process, ready, log_path, READY_TIMEOUT)
+    return ServeProcess(process, info["address"], info["node_id"], log_path)
 
 
 @pytest.fixture

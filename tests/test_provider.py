@@ -30,8 +30,9 @@ from provider.cache_provider import MeshCacheProvider
 from provider.config import ProviderConfig
 from provider.policy import Policy
 from provider.runtime import namespace_for
-from tests.comfy_harness import (STANDARD_LOCAL, STANDARD_SHARED, CacheContext, CacheValue, Engine, HarnessProcess,
+from tests.comfy_harness import (STANDARD_LOCAL, STANDARD_SHARED, CacheValue, Engine, HarnessProcess,
                                  chain_prompt, parser, standard_prompt, start_runtime, traits_lookup)
+from tests.conftest import free_port
 
 SECRET = "provider-test-secret"
 
@@ -166,14 +167,8 @@ def test_owner_killed_means_misses_not_errors(tmp_path: Path) -> None:
 # -- a dead or silent mesh ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_dead_sidecar_is_a_fast_miss() -> None:
-    rt = runtime("--mode", "sidecar", "--node", f"127.0.0.1:{_free_port()}", "--lookup-timeout", "1")
+    rt = runtime("--mode", "sidecar", "--node", f"127.0.0.1:{free_port()}", "--lookup-timeout", "1")
     try:
         engine = Engine(rt.provider)
         for seed in (41, 42):
