@@ -1,6 +1,8 @@
 """The `mesh` command: run a node (`mesh serve`) or inspect and operate any node over gRPC.
 
 Global options come before the command: `mesh --node HOST:PORT --secret-file F stats --json`.
+Everything a node sends is printed through `safe()`: keys and meta are anyone's text, and must not reach the
+terminal as escape sequences or rich markup.
 Errors are one line on stderr and a non-zero exit: 1 for a failed operation, 2 for usage, 3 for a missing key.
 """
 
@@ -18,12 +20,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mesh.auth import SECRET_FILE_ENV, load_secret
+from mesh.auth import SECRET_FILE_ENV, Keyring, load_keyring, load_secrets
 from mesh.cluster import ClusterConfig
 from mesh.membership import Timing, ring_weights
 from mesh.node import DEFAULT_PORT, Node, NodeConfig
 from mesh.pb.mesh_pb2 import MemberState
 from mesh.peer import MeshError, PeerClient
+from mesh.tls import TlsConfig, init_tls, load_tls
 from mesh.units import format_size, parse_size
 from mesh.wire import Limits
 
@@ -43,15 +46,24 @@ def _emit_json(data: Any) -> None:
     print(json.dumps(data, indent=2, sort_keys=True))
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def safe(value: object) -> str:
+    """Text from a node, printable as it is: control characters (ESC, OSC, newlines...) become \\xNN."""
+    return str(value).translate(_CONTROL)
+
+
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=escape(safe(title)), title_justify="left")
     for col in columns:
         table.add_column(col, overflow="fold")
     for row in rows:
-        table.add_row(*(str(v) for v in row))
+        table.add_row(*(escape(safe(v)) for v in row))
     Console().print(table)
 
 
@@ -85,9 +97,12 @@ class _ProgressBar:
             self._bar.stop()
 
 
+def _tls(args: argparse.Namespace) -> TlsConfig | None:
+    return load_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
+
+
 def _client(args: argparse.Namespace) -> PeerClient:
-    secret = load_secret(args.secret_file)
-    return PeerClient(args.node, secret, timeout=args.timeout)
+    return PeerClient(args.node, load_keyring(args.secret_file), timeout=args.timeout, tls=_tls(args))
 
 
 # -- commands ----------------------------------------------------------------------------------------------
@@ -96,10 +111,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = NodeConfig(
         listen=args.listen, node_id=args.node_id or "", advertise=args.advertise or "",
         max_memory=parse_size(args.max_memory), min_free_ram=parse_size(args.min_free_ram),
-        secret=load_secret(args.secret_file),
+        secret=load_keyring(args.secret_file), tls=_tls(args),
         limits=Limits(chunk_size=parse_size(args.chunk_size), max_blob_size=parse_size(args.max_blob_size),
                       max_chunk_size=parse_size(args.max_chunk_size),
-                      max_message_size=parse_size(args.max_message_size), max_transfers=args.max_transfers),
+                      max_message_size=parse_size(args.max_message_size), max_transfers=args.max_transfers,
+                      max_inflight=parse_size(args.max_inflight), header_timeout=args.header_timeout,
+                      idle_timeout=args.idle_timeout),
         cluster=ClusterConfig(name=args.cluster, replicas=args.replicas, write_acks=args.write_acks),
         seeds=[s for s in (args.seeds or "").split(",") if s.strip()],
         zeroconf=args.zeroconf,
@@ -114,8 +131,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                        "draining" if args.drain_on_term else "stopping")
         stopping.set()
 
+    def on_hangup(_signum: int, _frame: object) -> None:
+        """Reload the secret file: rotation (add the next secret, make it first, drop the old) without a restart."""
+        keyring = node.keyring
+        try:
+            keys = load_secrets(args.secret_file)
+            if keyring is None or keys is None:
+                raise ValueError("this node runs without a secret; restart it to add one")
+            keyring.replace(keys)
+            logging.getLogger("mesh").info("reloaded the cluster secrets: %d known, signing with key %s",
+                                           len(keys), keyring.current[0])
+        except ValueError as e:
+            logging.getLogger("mesh").warning("SIGHUP: secrets not reloaded: %s", e)
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     if args.ready_file:
         # Written whole, then renamed, so a watcher never reads a half-written file.
         ready = Path(args.ready_file)
@@ -253,7 +284,7 @@ def cmd_get(args: argparse.Namespace) -> int:
     with _client(args) as c, _ProgressBar(f"get {args.key}", not args.json) as bar:
         blob = c.get(args.key, progress=bar)
     if blob is None:
-        raise CliError(f"key not found: {args.key}", EXIT_NOT_FOUND)
+        raise CliError(f"key not found: {safe(args.key)}", EXIT_NOT_FOUND)
     seconds = time.perf_counter() - started
     if args.describe:
         from mesh import blob as codec
@@ -265,9 +296,9 @@ def cmd_get(args: argparse.Namespace) -> int:
         if args.json:
             _emit_json({"key": args.key, "bytes": len(blob.data), "meta": dict(blob.header.meta), "leaves": rows})
         else:
-            print(f"{args.key}: {format_size(len(blob.data))}, "
-                  + ", ".join(f"{k}={v}" for k, v in blob.header.meta.items()))
-            print(codec.format_description(rows))
+            print(safe(f"{args.key}: {format_size(len(blob.data))}, "
+                       + ", ".join(f"{k}={v}" for k, v in blob.header.meta.items())))
+            print("\n".join(safe(line) for line in codec.format_description(rows).splitlines()))
     if args.output:
         out = Path(args.output)
         if str(out) == "-":
@@ -289,6 +320,27 @@ def cmd_delete(args: argparse.Namespace) -> int:
     else:
         print(f"deleted {deleted} of {len(args.keys)} keys")
     return 0 if deleted else EXIT_NOT_FOUND
+
+
+def cmd_tls_init(args: argparse.Namespace) -> int:
+    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
+    if not nodes:
+        raise CliError("give --nodes NAME[,NAME...]", EXIT_USAGE)
+    hosts = [h.strip() for h in (args.hosts or "").split(",") if h.strip()]
+    try:
+        written = init_tls(Path(args.directory), nodes, hosts=hosts, days=args.days, force=args.force)
+    except FileExistsError as e:
+        raise CliError(str(e)) from None
+    if args.json:
+        _emit_json({"written": [str(p) for p in written]})
+    else:
+        for path in written:
+            print(f"wrote {path}")
+        d = Path(args.directory)
+        print(f"on node NAME: mesh --tls-cert {d}/NAME.pem --tls-key {d}/NAME-key.pem --tls-ca {d}/ca.pem serve ...")
+        print(f"CLI and ComfyUI: --tls-cert {d}/client.pem --tls-key {d}/client-key.pem --tls-ca {d}/ca.pem "
+              f"(or MESH_TLS_CERT, MESH_TLS_KEY, MESH_TLS_CA); keep ca-key.pem off the nodes")
+    return 0
 
 
 def cmd_install_comfyui(args: argparse.Namespace) -> int:
@@ -332,10 +384,18 @@ def cmd_install_comfyui(args: argparse.Namespace) -> int:
 # -- parser --------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mesh", description="comfy-mesh: a shared cache for ComfyUI fleets")
+    p = argparse.ArgumentParser(prog="mesh", description="comfy-mesh: a shared cache for ComfyUI fleets",
+                                allow_abbrev=False)
     p.add_argument("--node", default=os.environ.get(NODE_ENV, f"127.0.0.1:{DEFAULT_PORT}"),
                    help=f"node to talk to, HOST:PORT (env {NODE_ENV}; default 127.0.0.1:{DEFAULT_PORT})")
     p.add_argument("--secret-file", default=None, help=f"cluster secret file (env {SECRET_FILE_ENV} or MESH_SECRET)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate: serve and dial TLS only (env MESH_TLS_CERT)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (env MESH_TLS_KEY)")
+    p.add_argument("--tls-ca", default=None,
+                   help="PEM CA: verify peers against it and require client certificates (env MESH_TLS_CA)")
+    p.add_argument("--tls-server-name", default=None,
+                   help="name verified in node certificates (default comfy-mesh; '' = the host dialled; "
+                        "env MESH_TLS_SERVER_NAME)")
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds (default 60)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -357,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-chunk-size", default="16MiB", help="largest raw chunk accepted (default 16MiB)")
     s.add_argument("--max-message-size", default="20MiB", help="gRPC message cap (default 20MiB)")
     s.add_argument("--max-transfers", type=int, default=16, help="concurrent Get/Put streams (default 16)")
+    s.add_argument("--max-inflight", default="0",
+                   help="bytes all concurrent puts may hold before they are stored (default 0: --max-memory)")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a put may take to send its header before it is cancelled (default 10)")
+    s.add_argument("--idle-timeout", type=float, default=30.0,
+                   help="seconds a transfer may stall before it is cancelled (default 30)")
     s.add_argument("--ready-file", help="write {address, node_id} as JSON here once serving (for scripts)")
     s.add_argument("--advertise", help="HOST:PORT peers should dial (default: the listen address)")
     s.add_argument("--cluster", default="default", help="cluster name; nodes of other clusters are ignored")
@@ -390,6 +456,17 @@ def build_parser() -> argparse.ArgumentParser:
     command("peers", cmd_peers, "members of the mesh as a node sees them")
     command("ring", cmd_ring, "ownership share of each member")
     command("drain", cmd_drain, "make a node leave: hand its keys to their new owners, then stop")
+    tls = sub.add_parser("tls", help="TLS certificates for a mesh", description="TLS certificates for a mesh")
+    tls_sub = tls.add_subparsers(dest="tls_command", required=True, metavar="COMMAND")
+    ti = tls_sub.add_parser("init", help="write a new CA and a certificate per node (and one for clients)",
+                            description="write a new CA and a certificate per node (and one for clients)")
+    ti.set_defaults(fn=cmd_tls_init)
+    ti.add_argument("directory")
+    ti.add_argument("--nodes", required=True, help="comma-separated node names (one certificate each)")
+    ti.add_argument("--hosts", default="", help="extra comma-separated DNS names or IPs for every certificate")
+    ti.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
+    ti.add_argument("--force", action="store_true", help="overwrite existing files")
+    ti.add_argument("--json", action="store_true", help="machine-readable output")
     ic = command("install-comfyui", cmd_install_comfyui, "add the comfy-mesh provider to a ComfyUI folder")
     ic.add_argument("comfyui_dir", help="the ComfyUI folder (with main.py and custom_nodes/)")
     ic.add_argument("--python", help="ComfyUI's Python: also pip-install comfy-mesh into it")

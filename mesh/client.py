@@ -15,8 +15,9 @@ import threading
 import time
 from dataclasses import replace
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from mesh.auth import Secret, as_keyring
 from mesh.membership import ring_weights
 from mesh.node import Node
 from mesh.peer import MeshError, PeerClient, Unreachable
@@ -24,6 +25,9 @@ from mesh.peers import PeerPool
 from mesh.ring import Ring
 from mesh.store import Entry
 from mesh.wire import Limits, Receiver, iter_chunks, make_header
+
+if TYPE_CHECKING:
+    from mesh.tls import TlsConfig
 
 Bytes = bytes | bytearray | memoryview
 
@@ -85,13 +89,14 @@ class RemoteClient:
 
     MEMBERS_TTL = 5.0
 
-    def __init__(self, address: str, secret: bytes | None = None, limits: Limits | None = None,
-                 direct: bool = True) -> None:
+    def __init__(self, address: str, secret: Secret = None, limits: Limits | None = None,
+                 direct: bool = True, tls: TlsConfig | None = None) -> None:
         self.address = address
         self.limits = limits or Limits()
         self.direct = direct
-        self.node = PeerClient(address, secret, self.limits)
-        self.peers = PeerPool(secret, self.limits)
+        keyring = as_keyring(secret)
+        self.node = PeerClient(address, keyring, self.limits, tls=tls)
+        self.peers = PeerPool(keyring, self.limits, tls=tls)
         self._lock = threading.Lock()
         self._ring = Ring({})
         self._addresses: dict[str, str] = {}

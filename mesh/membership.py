@@ -5,8 +5,9 @@ or zeroconf); the Ping RPC carries the sender's member list, so one seed is enou
 Liveness is decided from a node's own direct contact only: a member not heard from for `suspect_after` is
 SUSPECT (still an owner in the ring, so a busy host does not reshuffle placement), after `dead_after` it is
 DEAD and leaves the ring; any answer makes it ALIVE again. Gossip only introduces addresses and spreads
-graceful leaves: a member is admitted only after it answered our own authenticated Ping, so neither a
-zeroconf advert nor a peer's hearsay lets a node without the cluster secret in.
+graceful leaves: a member is admitted only after it proved the cluster secret to us in the Hello handshake
+(mesh/auth.py) and then answered our Ping under the node id it proved, so neither a zeroconf advert nor a
+peer's hearsay lets a node without the secret in.
 
 Incarnations start at the node's start time in milliseconds, so a node restarted with the same id always
 supersedes what the mesh remembers of its previous life.
@@ -209,6 +210,12 @@ class Membership:
             return False
         except MeshError as e:
             log.debug("ping %s failed: %s", address, e)
+            self._peers.failed(address)
+            return False
+        proven = self._peers.client(address).proven_node_id
+        if proven is not None and reply.responder.node_id != proven:
+            log.warning("not admitting %s: it proved the secret as %r but answers as %r", address, proven,
+                        reply.responder.node_id)
             self._peers.failed(address)
             return False
         if reply.responder.node_id == self.me.node_id:

@@ -13,13 +13,14 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import mesh
 from mesh.address import join_hostport, split_hostport
-from mesh.auth import AuthInterceptor
+from mesh.auth import AuthInterceptor, Secret, ServerAuth, as_keyring
 from mesh.cluster import Cluster, ClusterConfig
 from mesh.membership import Member, Membership, Timing
 from mesh.pb import mesh_pb2 as pb
@@ -28,6 +29,9 @@ from mesh.server import MeshServicer, add_to_server
 from mesh.store import BlobStore
 from mesh.units import format_size
 from mesh.wire import SERVICE, GiB, Limits
+
+if TYPE_CHECKING:
+    from mesh.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,8 @@ class NodeConfig:
     max_memory: int = 4 * GiB
     min_free_ram: int = 1 * GiB
     near_fraction: float = 0.25       # share of max_memory for copies of keys this node reads but does not own
-    secret: bytes | None = None
+    secret: Secret = None             # one secret, several (the first signs: rotation), or a shared Keyring
+    tls: TlsConfig | None = None      # with it, the node serves TLS only (mTLS when it has a CA) and dials peers so
     limits: Limits = field(default_factory=Limits)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     seeds: list[str] = field(default_factory=list)
@@ -77,7 +82,9 @@ class Node:
         self.membership: Membership | None = None
         self.discovery: object | None = None
         self.health = health.HealthServicer()
-        self.peers = PeerPool(config.secret, config.limits)
+        self.keyring = as_keyring(config.secret)
+        self.auth = ServerAuth(self.keyring) if self.keyring is not None else None
+        self.peers = PeerPool(self.keyring, config.limits, tls=config.tls)
         self.address = ""
         self.node_id = config.node_id
         self.stopped = threading.Event()
@@ -88,11 +95,11 @@ class Node:
     def start(self) -> Node:
         c = self.config
         host, port = split_hostport(c.listen)
-        interceptors = [AuthInterceptor(c.secret)] if c.secret else []
-        if not c.secret:
+        interceptors = [AuthInterceptor(self.auth)] if self.auth is not None else []
+        if self.auth is None:
             log.warning("no cluster secret set: this node accepts any caller (set --secret-file or MESH_SECRET)")
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=c.limits.max_transfers + 16, thread_name_prefix="mesh-rpc"),
+            futures.ThreadPoolExecutor(max_workers=MeshServicer.threads(c.limits), thread_name_prefix="mesh-rpc"),
             interceptors=interceptors,
             options=[
                 ("grpc.max_send_message_length", c.limits.max_message_size),
@@ -100,18 +107,23 @@ class Node:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        bound = server.add_insecure_port(join_hostport(host, port))
+        if c.tls is not None:
+            bound = server.add_secure_port(join_hostport(host, port), c.tls.server_credentials())
+        else:
+            bound = server.add_insecure_port(join_hostport(host, port))
         if bound == 0:
             raise OSError(f"cannot listen on {c.listen}")
         self.address = c.advertise or join_hostport(_routable_host(host), bound)
         self.node_id = c.node_id or f"{socket.gethostname()}-{bound}"
+        if self.auth is not None:
+            self.auth.node_id = self.node_id
         me = Member(self.node_id, self.address, c.max_memory, incarnation=int(time.time() * 1000))
         self.membership = Membership(me=me, cluster=c.cluster.name, peers=self.peers, seeds=c.seeds,
                                      timing=c.timing, on_change=self._on_membership_change,
                                      local_stats=lambda: (len(self.store), self.store.used))
         self.cluster = Cluster(node_id=self.node_id, store=self.store, near=self.near,
                                membership=self.membership, peers=self.peers, config=c.cluster)
-        self.servicer = MeshServicer(self.node_id, self.address, self.store, c.limits, self.cluster)
+        self.servicer = MeshServicer(self.node_id, self.address, self.store, c.limits, self.cluster, self.auth)
         self.servicer.on_drain = self._drain_rpc
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -125,8 +137,9 @@ class Node:
         self._housekeeper = threading.Thread(target=self._housekeep, name="mesh-housekeeping", daemon=True)
         self._housekeeper.start()
         log.info("mesh node %s serving on %s (cluster %r, budget %s, min free RAM %s, replicas %d, auth %s, "
-                 "seeds %s, zeroconf %s)", self.node_id, self.address, c.cluster.name, format_size(c.max_memory),
-                 format_size(c.min_free_ram), c.cluster.replicas, "on" if c.secret else "OFF",
+                 "tls %s, seeds %s, zeroconf %s)", self.node_id, self.address, c.cluster.name, format_size(c.max_memory),
+                 format_size(c.min_free_ram), c.cluster.replicas, "on" if self.auth else "OFF",
+                 ("mutual" if c.tls.ca else "on") if c.tls else "off",
                  ",".join(c.seeds) or "none", "on" if c.zeroconf else "off")
         return self
 
@@ -182,6 +195,8 @@ class Node:
         if self.membership is not None:
             self.membership.stop()
         server.stop(grace).wait()
+        if self.servicer is not None:
+            self.servicer.watchdog.stop()
         if self.cluster is not None:
             self.cluster.close()
         self.peers.close()

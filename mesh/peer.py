@@ -7,20 +7,26 @@ event loop, so ComfyUI's per-prompt loops can use it from a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from mesh.auth import TokenSource
+from mesh.auth import STALE, AuthError, ClientAuth, Secret, as_keyring
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
-from mesh.wire import (SERVICE, Header, Limits, Receiver, StoredChunk, TransferError, WireChunk,
+from mesh.wire import (MAX_KEY_BYTES, SERVICE, Header, Limits, Receiver, StoredChunk, TransferError, WireChunk,
                        decode_chunk_message, iter_chunks, make_header, serialize_message)
+
+if TYPE_CHECKING:
+    from mesh.tls import TlsConfig
 
 Progress = Callable[[int, int], None]  # called with (bytes moved so far, total bytes)
 
 DEFAULT_TIMEOUT = 30.0
+HELLO_TIMEOUT = 5.0  # the most a handshake may take of a call's deadline
 
 
 class MeshError(Exception):
@@ -76,13 +82,18 @@ def _parse_get_reply(data: bytes) -> pb.GetReply | WireChunk:
 
 
 class PeerClient:
-    def __init__(self, address: str, secret: bytes | None = None, limits: Limits | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, address: str, secret: Secret = None, limits: Limits | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, tls: TlsConfig | None = None) -> None:
         self.address = address
         self.limits = limits or Limits()
         self.timeout = timeout
-        self._tokens = TokenSource(secret)
-        self._channel = grpc.insecure_channel(address, options=channel_options(self.limits))
+        self._auth = ClientAuth(as_keyring(secret))
+        options: list[tuple[str, Any]] = list(channel_options(self.limits))
+        if tls is None:
+            self._channel = grpc.insecure_channel(address, options=options)
+        else:
+            self._channel = grpc.secure_channel(address, tls.channel_credentials(),
+                                                options=options + tls.channel_options())
         self._stub = pb_grpc.MeshStub(self._channel)
         # Get and Put move the bulk bytes: their chunk messages are framed by hand (see mesh/wire.py).
         self._get = self._channel.unary_stream(f"/{SERVICE}/Get",
@@ -100,8 +111,33 @@ class PeerClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _md(self) -> tuple[tuple[str, str], ...]:
-        return self._tokens.metadata()
+    @property
+    def proven_node_id(self) -> str | None:
+        """The node id the node proved in the handshake (None before one, or without a secret)."""
+        return self._auth.node_id
+
+    def _hello(self, request: pb.HelloRequest, timeout: float) -> pb.HelloReply:
+        try:
+            return self._stub.Hello(request, timeout=min(timeout, HELLO_TIMEOUT))
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                raise Unauthenticated(f"node {self.address} cannot prove the cluster secret: {e.details()}",
+                                      grpc.StatusCode.UNAUTHENTICATED) from None
+            raise translate(e, self.address) from None
+
+    def _md(self, method: str, timeout: float) -> tuple[tuple[str, str], ...]:
+        """This call's proof; says Hello first when there is no session yet (the node proves the secret then)."""
+        try:
+            return self._auth.metadata(f"/{SERVICE}/{method}", lambda r: self._hello(r, timeout))
+        except AuthError as e:
+            raise Unauthenticated(f"node {self.address} is not trusted: {e}", grpc.StatusCode.UNAUTHENTICATED) from None
+
+    def _stale(self, err: grpc.RpcError) -> bool:
+        """The node no longer knows our session (it restarted): say Hello again and retry once."""
+        if err.code() == grpc.StatusCode.UNAUTHENTICATED and err.details() == STALE:
+            self._auth.reset()
+            return True
+        return False
 
     def _t(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
@@ -134,12 +170,24 @@ class PeerClient:
 
     def _get_stream(self, key: str, timeout: float | None, local_only: bool, into: bool,
                     progress: Progress | None = None) -> Iterator[tuple[Receiver, StoredChunk | None]]:
-        call = self._get(pb.GetRequest(key=key, local_only=local_only), timeout=self._t(timeout),
-                         metadata=self._md())
+        if len(key.encode()) > MAX_KEY_BYTES:
+            raise _Missing()  # no node stores such a key
+        request = pb.GetRequest(key=key, local_only=local_only)
+        t = self._t(timeout)
+        call = self._get(request, timeout=t, metadata=self._md("Get", t))
         receiver: Receiver | None = None
         moved = 0
         try:
-            for reply in call:
+            try:
+                first = next(call)
+            except StopIteration:
+                first = None
+            except grpc.RpcError as e:
+                if not self._stale(e):
+                    raise
+                call = self._get(request, timeout=t, metadata=self._md("Get", t))
+                first = next(call, None)
+            for reply in itertools.chain(() if first is None else (first,), call):
                 if isinstance(reply, WireChunk):
                     if receiver is None:
                         raise TransferError(grpc.StatusCode.DATA_LOSS, "chunk before header")
@@ -156,6 +204,10 @@ class PeerClient:
                         raise TransferError(grpc.StatusCode.DATA_LOSS, f"asked for {key!r}, got {header.key!r}")
                     receiver = Receiver(header, self.limits, into=into)
                     yield receiver, None
+                    if header.raw_size > self.limits.max_blob_size:
+                        raise TransferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                            f"a value of {header.raw_size} bytes exceeds this client's maximum of "
+                                            f"{self.limits.max_blob_size}")
             if receiver is None:
                 raise TransferError(grpc.StatusCode.DATA_LOSS, "stream ended without a header")
             receiver.finish()
@@ -186,46 +238,67 @@ class PeerClient:
                 if progress:
                     progress(moved, header.raw_size)
 
+        t = self._t(timeout)
         try:
-            return self._put(requests(), timeout=self._t(timeout), metadata=self._md())
+            return self._put(requests(), timeout=t, metadata=self._md("Put", t))
         except grpc.RpcError as e:
+            # A refused proof is answered before a chunk is read; the chunks can be sent again when they are
+            # a sequence (a stored entry), not a one-shot generator.
+            if self._stale(e) and isinstance(chunks, Sequence):
+                try:
+                    return self._put(requests(), timeout=t, metadata=self._md("Put", t))
+                except grpc.RpcError as e2:
+                    raise translate(e2, self.address) from None
             raise translate(e, self.address) from None
 
     # -- small calls -----------------------------------------------------------------------------------------
 
-    def _unary(self, method: Callable[..., object], request: object, timeout: float | None) -> object:
+    def _unary(self, name: str, request: object, timeout: float | None) -> object:
+        method: Callable[..., object] = getattr(self._stub, name)
+        t = self._t(timeout)
         try:
-            return method(request, timeout=self._t(timeout), metadata=self._md())
+            try:
+                return method(request, timeout=t, metadata=self._md(name, t))
+            except grpc.RpcError as e:
+                if not self._stale(e):
+                    raise
+                return method(request, timeout=t, metadata=self._md(name, t))
         except grpc.RpcError as e:
             raise translate(e, self.address) from None
 
     def has(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> list[bool]:
-        reply = self._unary(self._stub.Has, pb.HasRequest(keys=keys, local_only=local_only), timeout)
+        reply = self._unary("Has", pb.HasRequest(keys=keys, local_only=local_only), timeout)
         present = list(reply.present)  # type: ignore[attr-defined]
         if len(present) != len(keys):
             raise Refused(f"node {self.address} answered {len(present)} of {len(keys)} keys")
         return present
 
     def delete(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> int:
-        reply = self._unary(self._stub.Delete, pb.DeleteRequest(keys=keys, local_only=local_only), timeout)
+        reply = self._unary("Delete", pb.DeleteRequest(keys=keys, local_only=local_only), timeout)
         return reply.deleted  # type: ignore[attr-defined]
 
     def stats(self, timeout: float | None = None, reporter: str = "",
               report: Mapping[str, float] | None = None) -> pb.StatsReply:
         """The node's view; `reporter` and `report` hand this client's own counters to the node as well."""
         request = pb.StatsRequest(reporter=reporter, report=dict(report or {}))
-        return self._unary(self._stub.Stats, request, timeout)  # type: ignore[return-value]
+        return self._unary("Stats", request, timeout)  # type: ignore[return-value]
 
     def ping(self, request: pb.PingRequest, timeout: float | None = None) -> pb.PingReply:
-        return self._unary(self._stub.Ping, request, timeout)  # type: ignore[return-value]
+        return self._unary("Ping", request, timeout)  # type: ignore[return-value]
 
     def drain(self, timeout: float | None = None) -> pb.DrainReply:
-        return self._unary(self._stub.Drain, pb.DrainRequest(), timeout)  # type: ignore[return-value]
+        return self._unary("Drain", pb.DrainRequest(), timeout)  # type: ignore[return-value]
 
     def list_keys(self, prefix: str = "", limit: int = 0, timeout: float | None = None) -> list[pb.KeyInfo]:
+        request = pb.ListKeysRequest(prefix=prefix, limit=limit)
+        t = self._t(timeout)
         try:
-            return list(self._stub.ListKeys(pb.ListKeysRequest(prefix=prefix, limit=limit),
-                                            timeout=self._t(timeout), metadata=self._md()))
+            try:
+                return list(self._stub.ListKeys(request, timeout=t, metadata=self._md("ListKeys", t)))
+            except grpc.RpcError as e:
+                if not self._stale(e):
+                    raise
+                return list(self._stub.ListKeys(request, timeout=t, metadata=self._md("ListKeys", t)))
         except grpc.RpcError as e:
             raise translate(e, self.address) from None
 

@@ -9,14 +9,21 @@ from __future__ import annotations
 import threading
 import time
 
+from typing import TYPE_CHECKING
+
+from mesh.auth import Secret, as_keyring
 from mesh.peer import PeerClient
 from mesh.wire import Limits
 
+if TYPE_CHECKING:
+    from mesh.tls import TlsConfig
+
 
 class PeerPool:
-    def __init__(self, secret: bytes | None, limits: Limits) -> None:
-        self._secret = secret
+    def __init__(self, secret: Secret, limits: Limits, tls: TlsConfig | None = None) -> None:
+        self._secret = as_keyring(secret)  # shared by every client: a reloaded secret file reaches them all
         self._limits = limits
+        self._tls = tls
         self._lock = threading.Lock()
         self._clients: dict[str, PeerClient] = {}
         self._failed_at: dict[str, float] = {}
@@ -26,7 +33,7 @@ class PeerPool:
         with self._lock:
             c = self._clients.get(address)
             if c is None:
-                c = self._clients[address] = PeerClient(address, self._secret, self._limits)
+                c = self._clients[address] = PeerClient(address, self._secret, self._limits, tls=self._tls)
             return c
 
     def failed(self, address: str) -> None:

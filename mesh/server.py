@@ -23,15 +23,21 @@ from typing import Protocol
 import grpc
 
 import mesh
+from mesh.auth import AuthError, ServerAuth
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
+from mesh.budget import ByteBudget
 from mesh.store import BlobStore, Entry, StoreFull
-from mesh.wire import (SERVICE, Header, Limits, Receiver, TransferError, WireChunk, decode_chunk_message,
-                       serialize_message)
+from mesh.watchdog import Watch, Watchdog
+from mesh.wire import (MAX_KEY_BYTES, SERVICE, Header, Limits, Receiver, TransferError, WireChunk,
+                       decode_chunk_message, serialize_message)
 
 log = logging.getLogger(__name__)
 
 SLOT_WAIT = 5.0  # seconds a transfer waits for a free slot before RESOURCE_EXHAUSTED
+ROUTED_CALLS = 16        # concurrent Has/Delete that may wait on other nodes
+CONTROL_THREADS = 16     # server threads no stream or routed call can take: health, Hello, Ping, Stats, Drain
+MAX_BATCH = 10_000       # keys in one Has or Delete
 REPORT_TTL = 60.0        # seconds a sidecar client's reported counters count after it last reported
 MAX_REPORTERS = 256
 MAX_REPORT_ITEMS = 256
@@ -56,8 +62,9 @@ class Cluster(Protocol):
 
 class MeshServicer(pb_grpc.MeshServicer):
     def __init__(self, node_id: str, address: str, store: BlobStore, limits: Limits,
-                 cluster: Cluster | None = None) -> None:
+                 cluster: Cluster | None = None, auth: ServerAuth | None = None) -> None:
         self.node_id = node_id
+        self.auth = auth
         self.address = address
         self.store = store
         self.limits = limits
@@ -67,51 +74,111 @@ class MeshServicer(pb_grpc.MeshServicer):
         self._reports: dict[str, tuple[float, dict[str, float]]] = {}  # reporter -> (when, counters): sidecar clients
         self.started = time.time()
         self._slots = threading.BoundedSemaphore(limits.max_transfers)
+        # Streams admitted at all (transferring, or waiting for a slot or a header): never more threads than this.
+        self._streams = threading.BoundedSemaphore(2 * limits.max_transfers)
+        self._routed = threading.BoundedSemaphore(ROUTED_CALLS)
+        self.inflight = ByteBudget(limits.max_inflight or store.max_memory)
+        self.watchdog = Watchdog()
         self._lock = threading.Lock()
         self.transfer_errors = 0
         self.busy_refusals = 0
 
+    @staticmethod
+    def threads(limits: Limits) -> int:
+        """Server threads: every admitted stream and routed call, plus a reserve they can never take."""
+        return 2 * limits.max_transfers + ROUTED_CALLS + CONTROL_THREADS
+
+    def _busy(self, context: grpc.ServicerContext, what: str) -> None:
+        with self._lock:
+            self.busy_refusals += 1
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"node busy: {what}")
+
+    @contextmanager
+    def _admit(self, context: grpc.ServicerContext, gate: threading.BoundedSemaphore, what: str) -> Iterator[None]:
+        """Take a place at `gate` at once or refuse: a handler never waits for one, so threads stay free."""
+        if not gate.acquire(blocking=False):
+            self._busy(context, what)
+        try:
+            yield
+        finally:
+            gate.release()
+
     @contextmanager
     def _slot(self, context: grpc.ServicerContext) -> Iterator[None]:
         if not self._slots.acquire(timeout=SLOT_WAIT):
-            with self._lock:
-                self.busy_refusals += 1
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"node busy: {self.limits.max_transfers} transfers in progress")
+            self._busy(context, f"{self.limits.max_transfers} transfers in progress")
         try:
             yield
         finally:
             self._slots.release()
 
+    @staticmethod
+    def _check_key(key: str, context: grpc.ServicerContext) -> None:
+        if not key or len(key.encode()) > MAX_KEY_BYTES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a key has 1 to {MAX_KEY_BYTES} bytes")
+
+    def _check_keys(self, keys: list[str], context: grpc.ServicerContext) -> None:
+        if len(keys) > MAX_BATCH:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_BATCH} keys per call")
+        for key in keys:
+            self._check_key(key, context)
+
     def _deadline(self, context: grpc.ServicerContext) -> float:
         remaining = context.time_remaining()
         return 30.0 if remaining is None else max(0.0, remaining - 0.05)
 
+    def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
+        if self.auth is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this node runs without a cluster secret: it cannot prove one")
+        try:
+            return self.auth.hello(request)
+        except AuthError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        raise AssertionError("unreachable")
+
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[pb.GetReply]:
-        if request.local_only or self.cluster is None:
-            entry = self.store.get(request.key)
-        else:
-            entry = self.cluster.get(request.key, self._deadline(context))
-        if entry is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no blob under key {request.key!r}")
-        with self._slot(context):
-            yield pb.GetReply(header=entry.header.to_pb())
-            for i, chunk in enumerate(entry.chunks):
-                yield chunk.message(i)  # type: ignore[misc]  # already serialized: see add_to_server
+        self._check_key(request.key, context)
+        with self._admit(context, self._streams, "too many streams"):
+            if request.local_only or self.cluster is None:
+                entry = self.store.get(request.key)
+            else:
+                entry = self.cluster.get(request.key, self._deadline(context))
+            if entry is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, f"no blob under key {_short(request.key)}")
+            with self._slot(context), self.watchdog.watch(context.cancel, self.limits.idle_timeout,
+                                                          f"Get to {context.peer()}") as watch:
+                yield pb.GetReply(header=entry.header.to_pb())
+                for i, chunk in enumerate(entry.chunks):
+                    watch.touch(self.limits.idle_timeout)
+                    yield chunk.message(i)  # type: ignore[misc]  # already serialized: see add_to_server
 
     def Put(self, request_iterator: Iterator[pb.PutRequest | WireChunk],
             context: grpc.ServicerContext) -> pb.PutReply:
+        with self._admit(context, self._streams, "too many streams"), \
+                self.watchdog.watch(context.cancel, self.limits.header_timeout, f"Put from {context.peer()}") as watch:
+            try:
+                return self._put(request_iterator, context, watch)
+            except grpc.RpcError:  # the watchdog cancelled the call, or the caller went away
+                with self._lock:
+                    self.transfer_errors += 1
+                return pb.PutReply()  # nobody reads it: the call is already over
+
+    def _put(self, request_iterator: Iterator[pb.PutRequest | WireChunk], context: grpc.ServicerContext,
+             watch: Watch) -> pb.PutReply:
         first = next(request_iterator, None)
         if first is None or isinstance(first, WireChunk) or not first.HasField("header"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a Put stream must start with a header")
+        watch.touch(self.limits.idle_timeout)
         local_only = first.local_only or self.cluster is None
+        taken = 0
         try:
             header = Header.from_pb(first.header)
             if header.key in self.store:
                 self.store.counters.duplicate_puts += 1
                 return pb.PutReply(existed=True, replicas=1)
             with self._slot(context):
-                entry = self._receive(header, request_iterator)
+                entry, taken = self._receive(header, request_iterator, watch)
             if local_only:
                 stored = self.store.put(entry)
                 return pb.PutReply(stored=stored, existed=not stored, replicas=1)
@@ -127,44 +194,66 @@ class MeshServicer(pb_grpc.MeshServicer):
             context.abort(e.code, str(e))
         except StoreFull as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        finally:
+            self.inflight.give(taken)  # stored now (the store counts it) or dropped
         raise AssertionError("unreachable")
 
-    def _receive(self, header: Header, requests: Iterator[pb.PutRequest | WireChunk]) -> Entry:
+    def _receive(self, header: Header, requests: Iterator[pb.PutRequest | WireChunk],
+                 watch: Watch) -> tuple[Entry, int]:
+        """The verified entry, and the in-flight bytes it took (the caller gives them back)."""
         if header.stored_size > self.store.max_memory:
             raise TransferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"blob of {header.stored_size} bytes exceeds the store budget")
         receiver = Receiver(header, self.limits)
-        for request in requests:
-            if isinstance(request, WireChunk):
-                receiver.add(request)
-            elif request.HasField("chunk"):
-                receiver.add(request.chunk)
-            else:
-                raise TransferError(grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the header")
-            if receiver.stored_size > self.store.max_memory:
-                raise TransferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    f"blob exceeds the store budget of {self.store.max_memory} bytes")
-        receiver.finish()
+        taken = 0
+        try:
+            for request in requests:
+                watch.touch(self.limits.idle_timeout)
+                if isinstance(request, WireChunk):
+                    chunk: WireChunk | pb.Chunk = request
+                elif request.HasField("chunk"):
+                    chunk = request.chunk
+                else:
+                    raise TransferError(grpc.StatusCode.INVALID_ARGUMENT, "only chunks may follow the header")
+                size = len(chunk.data)
+                if not self.inflight.take(size):
+                    raise TransferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"node busy: {self.inflight.limit} bytes of puts already in flight")
+                taken += size
+                receiver.add(chunk)
+                if receiver.stored_size > self.store.max_memory:
+                    raise TransferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"blob exceeds the store budget of {self.store.max_memory} bytes")
+            receiver.finish()
+        except BaseException:
+            self.inflight.give(taken)
+            raise
         header = replace(header, stored_size=receiver.stored_size, created_unix=header.created_unix or time.time())
-        return Entry(header, tuple(receiver.chunks))
+        return Entry(header, tuple(receiver.chunks)), taken
 
     def Has(self, request: pb.HasRequest, context: grpc.ServicerContext) -> pb.HasReply:
         keys = list(request.keys)
+        self._check_keys(keys, context)
         if request.local_only or self.cluster is None:
             return pb.HasReply(present=[k in self.store for k in keys])
-        return pb.HasReply(present=self.cluster.has(keys, self._deadline(context)))
+        with self._admit(context, self._routed, "too many routed calls"):
+            return pb.HasReply(present=self.cluster.has(keys, self._deadline(context)))
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteReply:
         keys = list(request.keys)
+        self._check_keys(keys, context)
         if request.local_only or self.cluster is None:
             return pb.DeleteReply(deleted=self.store.delete(keys))
-        return pb.DeleteReply(deleted=self.cluster.delete(keys, self._deadline(context)))
+        with self._admit(context, self._routed, "too many routed calls"):
+            return pb.DeleteReply(deleted=self.cluster.delete(keys, self._deadline(context)))
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
         if request.reporter:
             self._take_report(request, context)
         counters = self.store.stats()
-        counters.update(transfer_errors=self.transfer_errors, busy_refusals=self.busy_refusals)
+        counters.update(transfer_errors=self.transfer_errors, busy_refusals=self.busy_refusals,
+                        inflight_bytes=self.inflight.used, inflight_refusals=self.inflight.refusals,
+                        stalled_streams=self.watchdog.cancelled)
         for source in self.stats_sources:
             counters.update(source())
         for name, value in self._reported().items():
@@ -206,10 +295,13 @@ class MeshServicer(pb_grpc.MeshServicer):
 
     def ListKeys(self, request: pb.ListKeysRequest, context: grpc.ServicerContext) -> Iterator[pb.KeyInfo]:
         now = time.time()
-        for entry in self.store.items(request.prefix, request.limit):
-            h = entry.header
-            yield pb.KeyInfo(key=h.key, raw_size=h.raw_size, stored_size=h.stored_size,
-                             age_seconds=now - entry.stored_at, meta=dict(h.meta))
+        with self._admit(context, self._streams, "too many streams"), \
+                self.watchdog.watch(context.cancel, self.limits.idle_timeout, f"ListKeys to {context.peer()}") as watch:
+            for entry in self.store.items(request.prefix, request.limit):
+                h = entry.header
+                watch.touch(self.limits.idle_timeout)
+                yield pb.KeyInfo(key=h.key, raw_size=h.raw_size, stored_size=h.stored_size,
+                                 age_seconds=now - entry.stored_at, meta=dict(h.meta))
 
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
         if self.cluster is None:
@@ -226,6 +318,11 @@ class MeshServicer(pb_grpc.MeshServicer):
         return self.on_drain()
 
 
+def _short(key: str, limit: int = 80) -> str:
+    """A key for a status message: never echo a long one back."""
+    return repr(key) if len(key) <= limit else f"{key[:limit]!r}... ({len(key)} characters)"
+
+
 def _parse_put_request(data: bytes) -> pb.PutRequest | WireChunk:
     return decode_chunk_message(data, pb.PutRequest)  # type: ignore[return-value]
 
@@ -237,6 +334,8 @@ def add_to_server(servicer: MeshServicer, server: grpc.Server) -> None:
     """
     unary = grpc.unary_unary_rpc_method_handler
     handlers = {
+        "Hello": unary(servicer.Hello, request_deserializer=pb.HelloRequest.FromString,
+                       response_serializer=pb.HelloReply.SerializeToString),
         "Get": grpc.unary_stream_rpc_method_handler(servicer.Get, request_deserializer=pb.GetRequest.FromString,
                                                     response_serializer=serialize_message),
         "Put": grpc.stream_unary_rpc_method_handler(servicer.Put, request_deserializer=_parse_put_request,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from mesh.wire import Header, StoredChunk
+from mesh.wire import Header, StoredChunk, meta_size
 
 ENTRY_OVERHEAD = 512  # bytes of bookkeeping charged per blob, so many tiny blobs cannot exceed the budget
 CHUNK_OVERHEAD = 64
@@ -34,7 +34,9 @@ class Entry:
 
     @property
     def size(self) -> int:
-        return ENTRY_OVERHEAD + sum(len(c.data) + CHUNK_OVERHEAD for c in self.chunks)
+        h = self.header
+        return (ENTRY_OVERHEAD + len(h.key) + meta_size(h.meta)
+                + sum(len(c.data) + CHUNK_OVERHEAD for c in self.chunks))
 
 
 @dataclass

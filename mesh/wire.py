@@ -42,6 +42,10 @@ _PROBE_KEEP = 0.90     # a probe must shrink below this ratio...
 _CHUNK_KEEP = 0.95     # ...and the whole chunk below this one, or it goes raw
 _MIN_COMPRESS = 4 * KiB
 
+MAX_KEY_BYTES = 1024     # UTF-8 bytes of a key, for every RPC (ComfyUI provider keys are ~100)
+MAX_META_BYTES = 16 * KiB  # all names and values of a blob's meta together; counted against the store budget
+MAX_META_ITEMS = 64
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -52,10 +56,15 @@ class Limits:
     max_chunk_size: int = 16 * MiB      # raw bytes one chunk may expand to (no decompression bombs)
     max_message_size: int = 20 * MiB    # gRPC message cap: a chunk plus its framing
     max_transfers: int = 16             # concurrent Get/Put streams served
+    max_inflight: int = 0               # bytes all concurrent puts may hold before they are stored; 0: the store budget
+    header_timeout: float = 10.0        # seconds a Put stream may take to send its header
+    idle_timeout: float = 30.0          # seconds a stream may go without moving a chunk before it is cancelled
 
     def __post_init__(self) -> None:
         if not 0 < self.chunk_size <= self.max_chunk_size:
             raise ValueError("chunk_size must be positive and at most max_chunk_size")
+        if self.header_timeout <= 0 or self.idle_timeout <= 0 or self.max_transfers <= 0 or self.max_inflight < 0:
+            raise ValueError("timeouts and max_transfers must be positive, max_inflight not negative")
         if self.max_message_size < self.max_chunk_size + 64 * KiB:
             raise ValueError("max_message_size must exceed max_chunk_size by the framing (64 KiB)")
 
@@ -269,13 +278,19 @@ def iter_chunks(data: bytes | bytearray | memoryview, chunk_size: int, compress:
         yield pack_chunk(view[offset:offset + chunk_size], compress)
 
 
+def meta_size(meta: Mapping[str, str]) -> int:
+    return sum(len(k.encode()) + len(v.encode()) for k, v in meta.items())
+
+
 def validate_header(h: Header, limits: Limits) -> None:
     """Reject a header before a single chunk is read, with the status a caller can act on."""
     bad = grpc.StatusCode.INVALID_ARGUMENT
     if not h.key:
         raise TransferError(bad, "empty key")
-    if len(h.key) > 1024:
-        raise TransferError(bad, "key longer than 1024 characters")
+    if len(h.key.encode()) > MAX_KEY_BYTES:
+        raise TransferError(bad, f"key longer than {MAX_KEY_BYTES} bytes")
+    if len(h.meta) > MAX_META_ITEMS or meta_size(h.meta) > MAX_META_BYTES:
+        raise TransferError(bad, f"meta larger than {MAX_META_ITEMS} items or {MAX_META_BYTES} bytes")
     if h.codec != CODEC:
         raise TransferError(bad, f"unknown codec {h.codec!r} (this node speaks {CODEC!r})")
     if h.raw_size > limits.max_blob_size:

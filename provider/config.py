@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from mesh.auth import SECRET_ENV, SECRET_FILE_ENV, Keyring, load_keyring
+from mesh.tls import TlsConfig, load_tls
 from mesh.units import parse_size
 
 ENV_PREFIX = "MESH_"
@@ -29,7 +31,11 @@ class ProviderConfig:
     cluster: str = "default"
     replicas: int = 2
     secret: str = ""
-    secret_file: str = ""
+    secret_file: str = ""             # one secret per line, the first signs (rotation: see README)
+    tls_cert: str = ""                # PEM files: with cert and key the provider speaks TLS to its node
+    tls_key: str = ""
+    tls_ca: str = ""
+    tls_server_name: str = "comfy-mesh"
     max_memory: int = parse_size("4GiB")
     min_free_ram: int = parse_size("2GiB")
     namespace: str = ""               # operator's part of the key namespace (model set, fleet name...)
@@ -66,13 +72,12 @@ class ProviderConfig:
             raise ValueError(f"MESH_MODE must be embedded or sidecar, not {config.mode!r}")
         return config
 
-    def secret_bytes(self) -> bytes | None:
-        if self.secret_file:
-            data = Path(self.secret_file).read_bytes().strip()
-            if not data:
-                raise ValueError(f"secret file {self.secret_file} is empty")
-            return data
-        return self.secret.encode() if self.secret else None
+    def keyring(self) -> Keyring | None:
+        env = {SECRET_FILE_ENV: self.secret_file} if self.secret_file else {SECRET_ENV: self.secret}
+        return load_keyring(None, env)
+
+    def tls(self) -> TlsConfig | None:
+        return load_tls(self.tls_cert or None, self.tls_key or None, self.tls_ca or None, self.tls_server_name, env={})
 
 
 def _convert(name: str, type_name: object, raw: object) -> object:

@@ -18,6 +18,7 @@ from mesh import blob
 from mesh.client import LocalClient, MeshClient, RemoteClient
 from mesh.cluster import ClusterConfig
 from mesh.node import Node, NodeConfig
+from mesh.wire import Limits
 
 from .bridge import Bridge
 from .cache_provider import MeshCacheProvider
@@ -75,19 +76,22 @@ class Runtime:
 
 def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: TraitsLookup, comfy_version: str,
           base: type | None = None) -> Runtime:
-    secret = config.secret_bytes()
+    secret = config.keyring()
+    tls = config.tls()
+    # No value larger than MESH_MAX_VALUE_SIZE is ever stored, so none larger is ever accepted off the wire.
+    limits = Limits(max_blob_size=min(Limits().max_blob_size, max(config.max_value_size, 1)))
     node: Node | None = None
     client: MeshClient
     if config.mode == "embedded":
         node = Node(NodeConfig(
             listen=config.listen, node_id=config.node_id, advertise=config.advertise,
-            max_memory=config.max_memory, min_free_ram=config.min_free_ram, secret=secret,
+            max_memory=config.max_memory, min_free_ram=config.min_free_ram, secret=secret, tls=tls, limits=limits,
             cluster=ClusterConfig(name=config.cluster, replicas=config.replicas),
             seeds=list(config.seeds), zeroconf=config.zeroconf,
         )).start()
         client = LocalClient(node)
     else:
-        client = RemoteClient(config.node, secret, direct=config.direct)
+        client = RemoteClient(config.node, secret, limits, direct=config.direct, tls=tls)
     bridge = Bridge(client, encode=functools.partial(blob.encode, shuffle=config.shuffle), decode=blob.decode,
                     lookup_timeout=config.lookup_timeout,
                     store_timeout=config.store_timeout, store_queue=config.store_queue)

@@ -18,9 +18,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mesh.auth import METADATA_KEY, AuthInterceptor, make_token
+from mesh.auth import METADATA_KEY, AuthInterceptor, Keyring, ServerAuth, call_tag, key_id
 from mesh.localmesh import wait_until_serving
 from mesh.node import Node, NodeConfig
+from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.peer import PeerClient
 from mesh.server import MeshServicer, add_to_server
@@ -32,8 +33,18 @@ READY_TIMEOUT = 20.0  # seconds a `mesh serve` may take to write its ready file
 STOP_TIMEOUT = 10.0
 
 
-def token_metadata(secret: bytes = SECRET) -> tuple[tuple[str, str], ...]:
-    return ((METADATA_KEY, make_token(secret)),)
+def token_metadata(address: str, method: str, secret: bytes = SECRET) -> tuple[tuple[str, str], ...]:
+    """A fresh proof under `secret` for one call of `method` ("Put", "Get", ...) to the node at `address`.
+
+    Built by hand (the node's own proof is not checked) so that a test can also sign with a wrong secret.
+    """
+    channel = grpc.insecure_channel(address)
+    try:
+        reply = pb_grpc.MeshStub(channel).Hello(pb.HelloRequest(client_nonce=os.urandom(16)), timeout=5)
+    finally:
+        channel.close()
+    tag = call_tag(secret, f"/comfymesh.v1.Mesh/{method}", reply.session, 1)
+    return ((METADATA_KEY, f"{key_id(secret)}.{reply.session}.1.{tag}"),)
 
 
 # -- in-process nodes ------------------------------------------------------------------------------------------
@@ -105,11 +116,12 @@ def serve_servicer(limits: Limits | None = None, max_memory: int = 256 * MiB,
                    secret: bytes = SECRET) -> Served:
     limits = limits or Limits()
     store = BlobStore(max_memory)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[AuthInterceptor(secret)],
+    auth = ServerAuth(Keyring([secret]), node_id="bare")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), interceptors=[AuthInterceptor(auth)],
                          options=[("grpc.max_send_message_length", limits.max_message_size),
                                   ("grpc.max_receive_message_length", limits.max_message_size)])
     port = server.add_insecure_port("127.0.0.1:0")
-    servicer = MeshServicer("bare", f"127.0.0.1:{port}", store, limits)
+    servicer = MeshServicer("bare", f"127.0.0.1:{port}", store, limits, auth=auth)
     add_to_server(servicer, server)
     server.start()
     return Served(f"127.0.0.1:{port}", store, servicer, server)

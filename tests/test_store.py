@@ -18,10 +18,10 @@ def entry(key: str, size: int, chunk: int = 1000) -> Entry:
     return Entry(make_header(key, data, chunk), chunks)
 
 
-def cost(size: int, chunk: int = 1000) -> int:
-    """What the store charges for entry(key, size, chunk)."""
+def cost(size: int, chunk: int = 1000, key: str = "a") -> int:
+    """What the store charges for entry(key, size, chunk): the key counts, as any meta would."""
     n = -(-size // chunk)
-    return ENTRY_OVERHEAD + size + n * CHUNK_OVERHEAD
+    return ENTRY_OVERHEAD + len(key) + size + n * CHUNK_OVERHEAD
 
 
 def keys(store: BlobStore) -> list[str]:
@@ -30,7 +30,19 @@ def keys(store: BlobStore) -> list[str]:
 
 def test_entry_size_counts_payload_and_overheads() -> None:
     e = entry("a", 2500)
-    assert e.size == cost(2500) == ENTRY_OVERHEAD + 2500 + 3 * CHUNK_OVERHEAD
+    assert e.size == cost(2500) == ENTRY_OVERHEAD + 1 + 2500 + 3 * CHUNK_OVERHEAD
+
+
+def test_meta_counts_against_the_budget() -> None:
+    """A zero-byte value with a large meta once left the budget at a few bytes while RSS grew by the meta."""
+    data = b""
+    meta = {f"m{i}": "x" * 200 for i in range(60)}
+    e = Entry(make_header("a", data, 1000, meta), ())
+    assert e.size == ENTRY_OVERHEAD + 1 + sum(len(k) + len(v) for k, v in meta.items())
+    s = BlobStore(e.size * 3)
+    for key in "abcdef":
+        s.put(Entry(make_header(key, data, 1000, meta), ()))
+    assert s.used <= s.max_memory and len(s) == 3
 
 
 def test_put_get_and_accounting() -> None:
@@ -97,7 +109,7 @@ def test_blob_larger_than_the_budget_is_refused_whole() -> None:
 
 
 def test_exactly_the_budget_fits() -> None:
-    s = BlobStore(cost(5000))
+    s = BlobStore(cost(5000, key="exact"))
     s.put(entry("a", 100))
     s.put(entry("exact", 5000))
     assert keys(s) == ["exact"] and s.used == s.max_memory
@@ -147,7 +159,7 @@ def test_delete_and_items_with_prefix_and_limit() -> None:
     assert [e.header.key for e in s.items(prefix="x/", limit=2)] == ["x/1", "x/2"]
     assert s.delete(["x/2", "nope", "x/2"]) == 1
     assert keys(s) == ["x/1", "y/1", "x/3"] and s.counters.deletes == 1
-    assert s.used == 3 * cost(10)
+    assert s.used == 3 * cost(10, key="x/1")
 
 
 def test_stats_reports_counters_and_budget() -> None:

@@ -13,8 +13,6 @@ from google.protobuf.message import DecodeError
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh import auth
-from mesh.auth import TokenSource, check_token, load_secret, make_token
 from mesh.pb import mesh_pb2 as pb
 from mesh.units import format_size, parse_size
 from mesh.wire import (CODEC, LZ4, RAW, KiB, MiB, Header, Limits, Receiver, StoredChunk, TransferError, WireChunk,
@@ -353,63 +351,6 @@ def test_parse_size_rejects(text: str) -> None:
 ])
 def test_format_size(n: int, text: str) -> None:
     assert format_size(n) == text
-
-
-# -- auth: tokens, expiry, skew ------------------------------------------------------------------------------------
-
-def test_token_proves_the_secret() -> None:
-    token = make_token(b"s", now=1_000_000)
-    assert token.startswith("1000000.")
-    assert check_token(b"s", token, now=1_000_000)
-    assert not check_token(b"other", token, now=1_000_000)
-
-
-def test_token_expires_and_tolerates_bounded_skew() -> None:
-    token = make_token(b"s", now=1_000_000)
-    assert check_token(b"s", token, now=1_000_000 + auth.MAX_SKEW)          # old, but within the window
-    assert not check_token(b"s", token, now=1_000_000 + auth.MAX_SKEW + 1)  # expired
-    assert check_token(b"s", token, now=1_000_000 - auth.MAX_SKEW)          # the caller's clock runs ahead
-    assert not check_token(b"s", token, now=1_000_000 - auth.MAX_SKEW - 1)  # too far ahead
-
-
-@pytest.mark.parametrize("token", ["", "abc", "1000000", "1000000.", "x.deadbeef", "1000000.zz"])
-def test_malformed_tokens_fail(token: str) -> None:
-    assert not check_token(b"s", token, now=1_000_000)
-
-
-def test_forged_timestamp_fails() -> None:
-    _, _, digest = make_token(b"s", now=1_000_000).partition(".")
-    assert not check_token(b"s", f"1000001.{digest}", now=1_000_000)
-
-
-def test_token_source_caches_then_refreshes(monkeypatch: pytest.MonkeyPatch) -> None:
-    clock = [1_000_000.0]
-    monkeypatch.setattr(auth.time, "time", lambda: clock[0])
-    src = TokenSource(b"s")
-    first = src.metadata()
-    assert first[0][0] == auth.METADATA_KEY and check_token(b"s", first[0][1], now=clock[0])
-    clock[0] += 30
-    assert src.metadata() == first  # cached: no HMAC per call
-    clock[0] += auth._REFRESH
-    fresh = src.metadata()
-    assert fresh != first and check_token(b"s", fresh[0][1], now=clock[0])
-    assert TokenSource(None).metadata() == ()
-
-
-def test_load_secret(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.delenv(auth.SECRET_ENV, raising=False)
-    monkeypatch.delenv(auth.SECRET_FILE_ENV, raising=False)
-    assert load_secret(None) is None
-    monkeypatch.setenv(auth.SECRET_ENV, "from-env")
-    assert load_secret(None) == b"from-env"
-    f = tmp_path / "secret"
-    f.write_bytes(b"from-file\n")
-    assert load_secret(str(f)) == b"from-file"  # the file wins, trailing newline stripped
-    monkeypatch.setenv(auth.SECRET_FILE_ENV, str(f))
-    assert load_secret(None) == b"from-file"
-    f.write_bytes(b"  \n")
-    with pytest.raises(ValueError, match="empty"):
-        load_secret(str(f))
 
 
 def test_checksum_is_xxh3_of_the_raw_bytes() -> None:
