@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mesh.auth import SECRET_FILE_ENV, Keyring, load_keyring, load_secrets
+from mesh.auth import SECRET_FILE_ENV, load_keyring, load_secrets
 from mesh.cluster import ClusterConfig
 from mesh.membership import Timing, ring_weights
 from mesh.node import DEFAULT_PORT, Node, NodeConfig

@@ -202,12 +202,8 @@ class PeerClient:
                     header = Header.from_pb(reply.header)
                     if header.key != key:
                         raise TransferError(grpc.StatusCode.DATA_LOSS, f"asked for {key!r}, got {header.key!r}")
-                    receiver = Receiver(header, self.limits, into=into)
+                    receiver = Receiver(header, self.limits, into=into)  # refuses raw_size > max_blob_size
                     yield receiver, None
-                    if header.raw_size > self.limits.max_blob_size:
-                        raise TransferError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                            f"a value of {header.raw_size} bytes exceeds this client's maximum of "
-                                            f"{self.limits.max_blob_size}")
             if receiver is None:
                 raise TransferError(grpc.StatusCode.DATA_LOSS, "stream ended without a header")
             receiver.finish()

@@ -45,7 +45,6 @@ import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import queue
 import subprocess

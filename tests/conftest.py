@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,12 +173,12 @@ class ServeProcess:
         return self.process.returncode
 
 
-def start_serve(workdir: Path, secret_file: Path | None, *args: str) -> ServeProcess:
-    """Run `mesh serve --listen 127.0.0.1:0 --ready-file F` and wait (bounded) for its ready file."""
+def start_serve(workdir: Path, secret_file: Path | None, *args: str, pre: Sequence[str] = ()) -> ServeProcess:
+    """Run `mesh [pre...] serve --listen 127.0.0.1:0 --ready-file F` and wait (bounded) for its ready file."""
     index = len(list(workdir.glob("serve-*.log")))
     ready = workdir / f"serve-{index}.ready"
     log_path = workdir / f"serve-{index}.log"
-    argv = mesh_command() + (["--secret-file", str(secret_file)] if secret_file else []) + [
+    argv = mesh_command() + (["--secret-file", str(secret_file)] if secret_file else []) + list(pre) + [
         "serve", "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--min-free-ram", "0",
         "--max-memory", "256MiB", *args]
     with open(log_path, "wb") as log:
@@ -200,8 +200,8 @@ def serve(tmp_path: Path, secret_file: Path) -> Iterator[Callable[..., ServeProc
     """serve(*extra_args) starts a `mesh serve` with the test secret; all are killed in teardown."""
     started: list[ServeProcess] = []
 
-    def start(*args: str, secret: Path | None = secret_file) -> ServeProcess:
-        proc = start_serve(tmp_path, secret, *args)
+    def start(*args: str, secret: Path | None = secret_file, pre: Sequence[str] = ()) -> ServeProcess:
+        proc = start_serve(tmp_path, secret, *args, pre=pre)
         started.append(proc)
         return proc
 

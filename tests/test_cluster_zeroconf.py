@@ -1,12 +1,14 @@
 """Zeroconf discovery end to end: `mesh serve --zeroconf` nodes in separate network namespaces, no seeds.
 
-They find each other by mDNS and admit each other after an authenticated ping; a node with the wrong secret
-advertises on the same LAN but is never admitted.
+They find each other by mDNS and admit each other once each proved the secret; a node with the wrong secret
+and a rogue that knows none (it answers every RPC and advertises a huge capacity) advertise on the same LAN
+but are never admitted, and the rogue never receives a put.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -38,15 +40,27 @@ def _peers(lab: NetLab, host: Host, secret_file: Path) -> dict[str, str]:
     return {r["node_id"]: r["state"] for r in json.loads(out.stdout)}
 
 
-def test_zeroconf_nodes_find_each_other_and_refuse_a_wrong_secret(tmp_path: Path) -> None:
+def _rogue_status(path: Path) -> dict[str, int]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_zeroconf_nodes_find_each_other_and_refuse_strangers(tmp_path: Path) -> None:
     good_secret = tmp_path / "good"
     good_secret.write_text("the-cluster-secret")
     bad_secret = tmp_path / "bad"
     bad_secret.write_text("not-the-secret")
-    with netlab_or_skip(4) as lab:
+    with netlab_or_skip(5) as lab:
         for i, host in enumerate(lab.hosts[:3]):
             _serve(lab, host, good_secret, f"zc{i}", tmp_path)
         _serve(lab, lab.hosts[3], bad_secret, "intruder", tmp_path)
+        rogue_status = tmp_path / "rogue.json"
+        repo = str(Path(__file__).resolve().parent.parent)
+        lab.popen(lab.hosts[4], [sys.executable, "-m", "tests.rogue", "--listen", f"{lab.hosts[4].addr}:{PORT}",
+                                 "--status", str(rogue_status)], cwd=repo,
+                  env={**os.environ, "PYTHONPATH": repo}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         want = {"zc0": "ALIVE", "zc1": "ALIVE", "zc2": "ALIVE"}
         deadline = time.monotonic() + 20
         views: dict[str, dict[str, str]] = {}
@@ -56,8 +70,21 @@ def test_zeroconf_nodes_find_each_other_and_refuse_a_wrong_secret(tmp_path: Path
                 break
             time.sleep(0.3)
         assert all(v == want for v in views.values()), views
-        # The intruder's adverts reached everyone (it is on the same LAN) but it was never admitted.
-        time.sleep(1.0)
+        # The adverts reached everyone (same LAN): every good node tried both strangers and refused them.
+        logs = [tmp_path / f"zc{i}.log" for i in range(3)]
+        deadline = time.monotonic() + 20
+        while not (all(f"not admitting {lab.hosts[3].addr}" in p.read_text()
+                       and f"not admitting {lab.hosts[4].addr}" in p.read_text() for p in logs)
+                   and _rogue_status(rogue_status).get("hellos", 0) >= 3):
+            assert time.monotonic() < deadline, ([p.read_text()[-2000:] for p in logs], _rogue_status(rogue_status))
+            time.sleep(0.2)
+        value = tmp_path / "value"
+        value.write_bytes(os.urandom(50_000))
+        for i in range(6):
+            lab.run(lab.hosts[i % 3], [sys.executable, "-m", "mesh.cli", "--node", f"{lab.hosts[i % 3].addr}:{PORT}",
+                                       "--secret-file", str(good_secret), "put", f"k{i}", str(value)])
         for h in lab.hosts[:3]:
-            assert "intruder" not in _peers(lab, h, good_secret)
+            assert set(_peers(lab, h, good_secret)) == {"zc0", "zc1", "zc2"}
         assert _peers(lab, lab.hosts[3], bad_secret) == {"intruder": "ALIVE"}
+        status = _rogue_status(rogue_status)
+        assert status["puts"] == 0 and status["gets"] == 0 and status["proofs"] == 0, status

@@ -23,7 +23,6 @@ import torch
 
 from mesh import blob
 from mesh.client import LocalClient
-from mesh.node import Node
 from mesh.peer import PeerClient
 from provider.bridge import Bridge
 from provider.cache_provider import MeshCacheProvider
