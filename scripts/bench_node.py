@@ -11,10 +11,15 @@ The node is a separate `mesh serve` process, as in production; the client is thi
 - miss and small-hit (4 KiB) latency, p50 and p99;
 - lz4 ratio and speed, with and without byte shuffle, for float32 images and latents, fp16 and bf16;
 - the receiver's peak memory for a 512 MiB get, as RSS growth of a fresh client process;
-- a chunk-size sweep (256 KiB, 1 MiB, 4 MiB) for the 512 MiB get.
+- a chunk-size sweep (256 KiB, 1 MiB, 4 MiB) for the 512 MiB get;
+- with --tls, the cost of TLS: a second `mesh serve` with mutual TLS (certificates from `init_tls`) runs beside
+  the plaintext one, and gets alternate between the two (plaintext, TLS, plaintext, TLS, ...): the 512 MiB
+  unquantised float32 get, and a 48 MiB IMAGE hit, a (1, 2048, 2048, 3) float32 synthetic picture on 8-bit
+  levels encoded with `mesh.blob.encode` and fetched end to end (get + `mesh.blob.decode`). Median, min and
+  max of each, and TLS time / plaintext time. `--tls-only` runs just this part.
 
 GB/s are decimal (1e9 bytes/s). Timings are medians of a few runs; a busy machine makes every number worse,
-raw TCP included, so compare numbers of one run with each other.
+raw TCP included, so compare numbers of one run with each other. The load average at start and end is recorded.
 """
 
 from __future__ import annotations
@@ -39,13 +44,17 @@ import lz4.block
 import numpy as np
 
 import mesh
+import mesh.blob
 from mesh.peer import PeerClient
+from mesh.tls import TlsConfig, init_tls, load_tls
+from mesh.units import parse_size
 from mesh.wire import KiB, MiB, Limits
 
 SECRET = b"bench-secret"
 TARGET_GET_VS_TCP = 0.5
 TARGET_MISS_P50_US = 500.0
 TARGET_PEAK_RATIO = 1.5
+TARGET_TLS_COST_PCT = 25.0  # TLS get time at most this much above plaintext
 SWEEP = (256 * KiB, 1 * MiB, 4 * MiB)
 
 
@@ -70,6 +79,44 @@ def image_like(nbytes: int, quantised: bool, seed: int = 0) -> np.ndarray:
         np.round(img, out=img)
         np.divide(img, 255.0, out=img)
     return img
+
+
+def synthetic_image(height: int, width: int, seed: int = 6) -> Any:
+    """A ComfyUI IMAGE, float32 (1, height, width, 3) in [0, 1], that looks like a decoded 8-bit picture.
+
+    Smooth colour gradients, a few flat-coloured discs and rectangles with one-pixel soft edges, mild noise
+    (sigma ~2.5 levels), then quantised to round(x * 255) / 255, as a loaded PNG or JPEG is. Not uniform noise:
+    uniform random levels would be far less compressible than any real image.
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+    y = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None]
+    x = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :]
+    img = np.empty((height, width, 3), dtype=np.float32)
+    img[..., 0] = 0.15 + 0.6 * x + 0.1 * np.sin(5.0 * y)
+    img[..., 1] = 0.25 + 0.45 * y + 0.08 * np.cos(4.0 * x + 2.0 * y)
+    img[..., 2] = 0.7 - 0.35 * x * y
+    px = np.float32(max(height, width))  # soft edges one pixel wide
+    for i in range(8):
+        colour = rng.uniform(0.05, 0.95, 3).astype(np.float32)
+        cy, cx = rng.uniform(0.1, 0.9, 2)
+        if i % 2:
+            r = rng.uniform(0.05, 0.2)
+            inside = np.float32(r) - np.sqrt((y - np.float32(cy)) ** 2 + (x - np.float32(cx)) ** 2)
+        else:
+            hy, hx = rng.uniform(0.04, 0.2, 2)
+            inside = np.minimum(np.float32(hy) - np.abs(y - np.float32(cy)),
+                                np.float32(hx) - np.abs(x - np.float32(cx)))
+        alpha = np.clip(inside * px, 0.0, 1.0)[..., None]
+        shade = colour * (0.85 + 0.15 * (1.0 - y[..., None]))  # lit from above
+        img += alpha * (shade - img)
+    img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(0.01)
+    np.clip(img, 0.0, 1.0, out=img)
+    np.multiply(img, 255.0, out=img)
+    np.round(img, out=img)
+    np.divide(img, 255.0, out=img)
+    return torch.from_numpy(img).unsqueeze(0)
 
 
 def latent_like(nbytes: int, seed: int = 1) -> np.ndarray:
@@ -155,22 +202,28 @@ class RawTcp:
 # -- the node ----------------------------------------------------------------------------------------------------
 
 class NodeProcess:
-    def __init__(self, workdir: Path, max_memory: str) -> None:
+    def __init__(self, workdir: Path, max_memory: str, name: str = "bench", tls_dir: Path | None = None) -> None:
+        """`mesh serve` on a free loopback port; with tls_dir (from init_tls, holding NAME.pem), TLS only."""
         self.secret_file = workdir / "secret"
         self.secret_file.write_bytes(SECRET)
-        ready = workdir / "ready.json"
-        self.log = open(workdir / "node.log", "wb")
+        ready = workdir / f"ready-{name}.json"
+        log = workdir / f"node-{name}.log"
+        self.log = open(log, "wb")
         script = Path(sys.executable).with_name("mesh")  # the installed `mesh` command of this interpreter
         command = [str(script)] if script.exists() else [sys.executable, "-m", "mesh.cli"]
-        argv = command + ["--secret-file", str(self.secret_file), "serve",
-                "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--node-id", "bench",
+        tls = [] if tls_dir is None else ["--tls-cert", str(tls_dir / f"{name}.pem"), "--tls-key",
+                                          str(tls_dir / f"{name}-key.pem"), "--tls-ca", str(tls_dir / "ca.pem")]
+        argv = command + ["--secret-file", str(self.secret_file), *tls, "serve",
+                "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--node-id", name,
                 "--max-memory", max_memory, "--min-free-ram", "0", "--max-blob-size", "1GiB"]
-        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        # TLS only where asked: MESH_TLS_* in our environment would otherwise turn the plaintext node into TLS.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_TLS_")}
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         while not ready.exists() or not ready.read_text():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.close()
-                raise RuntimeError(f"mesh serve did not start; see {workdir / 'node.log'}")
+                raise RuntimeError(f"mesh serve did not start; see {log}")
             time.sleep(0.05)
         self.address = json.loads(ready.read_text())["address"]
 
@@ -321,6 +374,74 @@ def peak_memory(address: str, key: str) -> dict[str, Any]:
     return {"bytes": got["bytes"], "rss_growth": got["rss_growth"], "ratio": got["rss_growth"] / got["bytes"]}
 
 
+def spread(nbytes: int, seconds: list[float]) -> dict[str, Any]:
+    """Median, min and max of a case's runs, in seconds and in GB/s (min_gbps is the slowest run)."""
+    med, lo, hi = statistics.median(seconds), min(seconds), max(seconds)
+    return {"median_s": med, "min_s": lo, "max_s": hi, "median_gbps": nbytes / med / 1e9,
+            "min_gbps": nbytes / hi / 1e9, "max_gbps": nbytes / lo / 1e9, "seconds": seconds}
+
+
+def tls_comparison(plain: PeerClient, tls: PeerClient, big: int, image_side: int, repeat: int) -> dict[str, Any]:
+    """Gets of the same blobs from the plaintext node and from the TLS node, alternating (A B A B ...).
+
+    Case 1: `big` bytes of unquantised float32 (image_like, as in the throughput table), the bytes only.
+    Case 2: an IMAGE hit: a (1, side, side, 3) float32 picture encoded with mesh.blob.encode; each run is
+    PeerClient.get plus mesh.blob.decode, i.e. what a cache hit costs the provider before ComfyUI sees the tensor.
+    The first get of each case on each node is checked and not timed (it also warms the channel and handshake).
+    """
+    import torch
+
+    load_start = os.getloadavg()
+    clients = {"plaintext": plain, "tls": tls}
+
+    def compare(name: str, key: str, payload: memoryview, fetch: Callable[[PeerClient], object],
+                check: Callable[[object], bool], nbytes: int, runs: int) -> dict[str, Any]:
+        for c in clients.values():
+            assert c.put(key, payload).stored, f"put of {key} did not store"
+            assert check(fetch(c)), f"{name}: get returned other data than was put"
+        # What a get sends: chunks as stored, lz4-compressed where that paid off, so TLS encrypts these bytes.
+        stored = sum(k.stored_size for k in plain.list_keys(prefix=key) if k.key == key)
+        seconds: dict[str, list[float]] = {t: [] for t in clients}
+        for _ in range(runs):
+            for transport, c in clients.items():  # A B A B: both see the same machine, run by run
+                t = time.perf_counter()
+                got = fetch(c)
+                seconds[transport].append(time.perf_counter() - t)
+                del got
+        for c in clients.values():
+            c.delete([key])
+        row: dict[str, Any] = {"case": name, "bytes": nbytes, "blob_bytes": len(payload), "stored_bytes": stored,
+                               "repeat": runs}
+        row.update({t: spread(nbytes, v) for t, v in seconds.items()})
+        ratio = row["tls"]["median_s"] / row["plaintext"]["median_s"]
+        row.update({"tls_over_plaintext": ratio, "tls_cost_pct": 100 * (ratio - 1)})
+        return row
+
+    def get_bytes(c: PeerClient) -> object:
+        return c.get("bench/tls/big")
+
+    data = image_like(big, quantised=False)
+    raw = as_bytes(data)
+    cases = [compare(f"get {fmt_size(big)} f32 unquantised", "bench/tls/big", raw, get_bytes,
+                     lambda b: b is not None and b.data == raw, big, repeat)]  # type: ignore[attr-defined]
+    del raw, data
+
+    image = synthetic_image(image_side, image_side)
+    encoded = mesh.blob.encode(image)
+
+    def get_image(c: PeerClient) -> object:
+        blob = c.get("bench/tls/image")
+        assert blob is not None, "IMAGE miss"
+        return mesh.blob.decode(blob.data)
+
+    cases.append(compare(f"IMAGE {'x'.join(map(str, image.shape))} hit, get+decode", "bench/tls/image",
+                         memoryview(encoded), get_image, lambda v: torch.equal(v, image),  # type: ignore[arg-type]
+                         image.numel() * image.element_size(), max(repeat, 11)))
+    return {"order": "interleaved per run: plaintext, TLS, plaintext, TLS, ...", "mutual_tls": True,
+            "target_cost_pct": TARGET_TLS_COST_PCT, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+            "cases": cases}
+
+
 # -- output ------------------------------------------------------------------------------------------------------
 
 def fmt_size(n: int) -> str:
@@ -332,22 +453,24 @@ def print_report(r: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console(width=140)
-    t = Table(title="put / get through one node vs raw TCP (GB/s, median)", title_justify="left")
-    for col in ("data", "size", "put", "get", "raw TCP fresh buf", "raw TCP reused buf", "get / fresh",
-                "get / reused"):
-        t.add_column(col, justify="right" if col not in ("data",) else "left")
-    for row in r["throughput"]:
-        t.add_row(row["kind"], fmt_size(row["bytes"]), f"{row['put_gbps']:.2f}", f"{row['get_gbps']:.2f}",
-                  f"{row['raw_tcp_fresh_gbps']:.2f}", f"{row['raw_tcp_gbps']:.2f}",
-                  f"{100 * row['get_vs_raw_tcp_fresh']:.0f} %", f"{100 * row['get_vs_raw_tcp']:.0f} %")
-    console.print(t)
+    if r.get("throughput"):
+        t = Table(title="put / get through one node vs raw TCP (GB/s, median)", title_justify="left")
+        for col in ("data", "size", "put", "get", "raw TCP fresh buf", "raw TCP reused buf", "get / fresh",
+                    "get / reused"):
+            t.add_column(col, justify="right" if col not in ("data",) else "left")
+        for row in r["throughput"]:
+            t.add_row(row["kind"], fmt_size(row["bytes"]), f"{row['put_gbps']:.2f}", f"{row['get_gbps']:.2f}",
+                      f"{row['raw_tcp_fresh_gbps']:.2f}", f"{row['raw_tcp_gbps']:.2f}",
+                      f"{100 * row['get_vs_raw_tcp_fresh']:.0f} %", f"{100 * row['get_vs_raw_tcp']:.0f} %")
+        console.print(t)
 
-    t = Table(title="latency (µs)", title_justify="left")
-    for col in ("call", "p50", "p99", "n"):
-        t.add_column(col, justify="right" if col != "call" else "left")
-    for name, v in r["latency"].items():
-        t.add_row(name, f"{v['p50_us']:.0f}", f"{v['p99_us']:.0f}", str(v["n"]))
-    console.print(t)
+    if r.get("latency"):
+        t = Table(title="latency (µs)", title_justify="left")
+        for col in ("call", "p50", "p99", "n"):
+            t.add_column(col, justify="right" if col != "call" else "left")
+        for name, v in r["latency"].items():
+            t.add_row(name, f"{v['p50_us']:.0f}", f"{v['p99_us']:.0f}", str(v["n"]))
+        console.print(t)
 
     if r.get("chunk_sweep"):
         t = Table(title="chunk-size sweep, 512 MiB unquantised float32", title_justify="left")
@@ -366,28 +489,95 @@ def print_report(r: dict[str, Any]) -> None:
             t.add_row(name, fmt_size(v["bytes"]), fmt_size(v["rss_growth"]), f"{v['ratio']:.2f}x")
         console.print(t)
 
-    t = Table(title="lz4 per 1 MiB chunk (ratio = compressed / raw)", title_justify="left")
-    for col in ("data", "shuffle", "ratio", "compress GB/s", "decompress GB/s", "shuffle GB/s"):
-        t.add_column(col, justify="right" if col != "data" else "left")
-    for row in r["lz4"]:
-        t.add_row(row["data"], "yes" if row["shuffle"] else "no", f"{row['ratio']:.3f}",
-                  f"{row['compress_gbps']:.2f}", f"{row['decompress_gbps']:.2f}",
-                  f"{row['shuffle_gbps']:.2f}" if row["shuffle_gbps"] else "")
-    console.print(t)
+    if r.get("lz4"):
+        t = Table(title="lz4 per 1 MiB chunk (ratio = compressed / raw)", title_justify="left")
+        for col in ("data", "shuffle", "ratio", "compress GB/s", "decompress GB/s", "shuffle GB/s"):
+            t.add_column(col, justify="right" if col != "data" else "left")
+        for row in r["lz4"]:
+            t.add_row(row["data"], "yes" if row["shuffle"] else "no", f"{row['ratio']:.3f}",
+                      f"{row['compress_gbps']:.2f}", f"{row['decompress_gbps']:.2f}",
+                      f"{row['shuffle_gbps']:.2f}" if row["shuffle_gbps"] else "")
+        console.print(t)
+
+    if r.get("tls"):
+        tls = r["tls"]
+        t = Table(title="TLS (mutual) vs plaintext, same run, runs interleaved plaintext / TLS "
+                        "(seconds and GB/s: median, min - max)", title_justify="left")
+        for col in ("case", "stored (lz4)", "runs", "transport", "seconds", "GB/s", "TLS cost"):
+            t.add_column(col, justify="right" if col not in ("case", "transport") else "left")
+        for row in tls["cases"]:
+            for transport in ("plaintext", "tls"):
+                v = row[transport]
+                first = transport == "plaintext"
+                t.add_row(row["case"] if first else "", f"{row['stored_bytes'] / MiB:.1f} MiB" if first else "",
+                          str(row["repeat"]),
+                          "TLS" if transport == "tls" else transport,
+                          f"{v['median_s']:.3f}, {v['min_s']:.3f} - {v['max_s']:.3f}",
+                          f"{v['median_gbps']:.2f}, {v['min_gbps']:.2f} - {v['max_gbps']:.2f}",
+                          f"{row['tls_cost_pct']:+.1f} % ({row['tls_over_plaintext']:.2f}x)" if transport == "tls"
+                          else "")
+        console.print(t)
+        console.print("load average (1, 5, 15 min) during the TLS comparison: "
+                      f"start {' '.join(f'{x:.2f}' for x in tls['loadavg_start'])}, "
+                      f"end {' '.join(f'{x:.2f}' for x in tls['loadavg_end'])}")
 
     for name, target in r["targets"].items():
         mark = "[green]met[/green]" if target["met"] else "[red]MISSED[/red]"
         console.print(f"target {name}: {target['value']:.3g} (wanted {target['wanted']}) {mark}")
+    console.print(f"load average (1, 5, 15 min): start {' '.join(f'{x:.2f}' for x in r['loadavg_start'])}, "
+                  f"end {' '.join(f'{x:.2f}' for x in r['loadavg_end'])}")
 
 
 # -- main --------------------------------------------------------------------------------------------------------
+
+def measure_plaintext(args: argparse.Namespace, results: dict[str, Any], node: NodeProcess,
+                      client_for: Callable[[int], PeerClient], stack: contextlib.ExitStack, sizes: list[int],
+                      big: int) -> None:
+    """Everything but the TLS comparison: throughput vs raw TCP, latency, peak memory, chunk sweep, lz4."""
+    raw = RawTcp()
+    stack.callback(raw.close)
+    results["latency"] = latency(client_for(MiB), count=300 if args.quick else 1000)
+    for quantised in (False, True):
+        kind = "f32 image, 8-bit levels" if quantised else "f32 unquantised"
+        for size in sizes:
+            data = image_like(size, quantised)
+            repeat = max(args.repeat, 20) if size <= MiB else args.repeat
+            row = throughput(client_for, raw, kind, as_bytes(data), repeat, key=f"bench/{kind}/{size}")
+            results["throughput"].append(row)
+            if size == big:
+                key = f"bench/peak/{kind}"
+                client_for(MiB).put(key, as_bytes(data))
+                results["peak_memory"][kind] = peak_memory(node.address, key)
+                client_for(MiB).delete([key])
+            del data
+    if not args.quick:
+        data = image_like(big, quantised=False)
+        for cs in SWEEP:
+            row = throughput(client_for, raw, "f32 unquantised", as_bytes(data), args.repeat, chunk_size=cs,
+                             key=f"bench/sweep/{cs}")
+            key = f"bench/sweep-peak/{cs}"
+            client_for(cs).put(key, as_bytes(data))
+            row["peak_ratio"] = peak_memory(node.address, key)["ratio"]
+            client_for(cs).delete([key])
+            results["chunk_sweep"].append(row)
+        del data
+    results["lz4"] = lz4_table(8 * MiB if args.quick else 32 * MiB)
+
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", help="also write the results as JSON here")
     p.add_argument("--quick", action="store_true", help="1 MiB and 64 MiB only, no sweep (a smoke run)")
     p.add_argument("--repeat", type=int, default=5, help="runs per measurement of big blobs (default 5)")
+    p.add_argument("--tls", action="store_true",
+                   help="also measure TLS: a second node with mutual TLS beside the plaintext one, gets interleaved")
+    p.add_argument("--tls-only", action="store_true", help="only the TLS vs plaintext comparison (implies --tls)")
+    p.add_argument("--tls-size", type=parse_size, default=None,
+                   help="bytes of the unquantised get compared over TLS (default 512MiB, 64MiB with --quick)")
+    p.add_argument("--image-side", type=int, default=2048,
+                   help="the TLS IMAGE hit is (1, N, N, 3) float32 (default 2048: 48 MiB)")
     args = p.parse_args(argv)
+    args.tls = args.tls or args.tls_only
 
     started = time.monotonic()
     big = 512 * MiB
@@ -395,14 +585,22 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "mesh": mesh.__version__, "grpcio": __import__("grpc").__version__},
+        "loadavg_start": os.getloadavg(),
         "throughput": [], "chunk_sweep": [], "peak_memory": {},
     }
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="mesh-bench-"))
         node = NodeProcess(Path(tmp), max_memory="3GiB")
         stack.callback(node.close)
-        raw = RawTcp()
-        stack.callback(raw.close)
+        tls_node: NodeProcess | None = None
+        client_tls: TlsConfig | None = None
+        if args.tls:  # started now, beside the plaintext node, so both live through the whole run
+            tls_dir = Path(tmp) / "tls"
+            init_tls(tls_dir, ["bench-tls"])
+            client_tls = load_tls(cert=str(tls_dir / "client.pem"), key=str(tls_dir / "client-key.pem"),
+                                  ca=str(tls_dir / "ca.pem"), env={})
+            tls_node = NodeProcess(Path(tmp), max_memory="2GiB", name="bench-tls", tls_dir=tls_dir)
+            stack.callback(tls_node.close)
         clients: dict[int, PeerClient] = {}
 
         def client_for(chunk_size: int) -> PeerClient:
@@ -411,45 +609,34 @@ def main(argv: list[str] | None = None) -> int:
                 stack.callback(clients[chunk_size].close)
             return clients[chunk_size]
 
-        results["latency"] = latency(client_for(MiB), count=300 if args.quick else 1000)
-        for quantised in (False, True):
-            kind = "f32 image, 8-bit levels" if quantised else "f32 unquantised"
-            for size in sizes:
-                data = image_like(size, quantised)
-                repeat = max(args.repeat, 20) if size <= MiB else args.repeat
-                row = throughput(client_for, raw, kind, as_bytes(data), repeat, key=f"bench/{kind}/{size}")
-                results["throughput"].append(row)
-                if size == big:
-                    key = f"bench/peak/{kind}"
-                    client_for(MiB).put(key, as_bytes(data))
-                    results["peak_memory"][kind] = peak_memory(node.address, key)
-                    client_for(MiB).delete([key])
-                del data
-        if not args.quick:
-            data = image_like(big, quantised=False)
-            for cs in SWEEP:
-                row = throughput(client_for, raw, "f32 unquantised", as_bytes(data), args.repeat, chunk_size=cs,
-                                 key=f"bench/sweep/{cs}")
-                key = f"bench/sweep-peak/{cs}"
-                client_for(cs).put(key, as_bytes(data))
-                row["peak_ratio"] = peak_memory(node.address, key)["ratio"]
-                client_for(cs).delete([key])
-                results["chunk_sweep"].append(row)
-            del data
-        results["lz4"] = lz4_table(8 * MiB if args.quick else 32 * MiB)
+        if not args.tls_only:
+            measure_plaintext(args, results, node, client_for, stack, sizes, big)
+        if tls_node is not None:
+            tls_client = PeerClient(tls_node.address, SECRET, Limits(chunk_size=MiB), timeout=120, tls=client_tls)
+            stack.callback(tls_client.close)
+            tls_size = args.tls_size or max(sizes)
+            results["tls"] = tls_comparison(client_for(MiB), tls_client, tls_size, args.image_side, args.repeat)
 
-    big_row = next(r for r in results["throughput"] if r["kind"] == "f32 unquantised" and r["bytes"] == max(sizes))
-    ratio = big_row["get_vs_raw_tcp_fresh"]
-    results["targets"] = {
-        f"get {fmt_size(max(sizes))} unquantised / raw TCP into a fresh buffer": {
-            "value": ratio, "wanted": f">= {TARGET_GET_VS_TCP}", "met": ratio >= TARGET_GET_VS_TCP},
-        "miss p50 (µs)": {"value": results["latency"]["miss"]["p50_us"], "wanted": f"< {TARGET_MISS_P50_US:.0f}",
-                          "met": results["latency"]["miss"]["p50_us"] < TARGET_MISS_P50_US},
-    }
+    results["targets"] = {}
+    if not args.tls_only:
+        big_row = next(r for r in results["throughput"]
+                       if r["kind"] == "f32 unquantised" and r["bytes"] == max(sizes))
+        ratio = big_row["get_vs_raw_tcp_fresh"]
+        results["targets"] = {
+            f"get {fmt_size(max(sizes))} unquantised / raw TCP into a fresh buffer": {
+                "value": ratio, "wanted": f">= {TARGET_GET_VS_TCP}", "met": ratio >= TARGET_GET_VS_TCP},
+            "miss p50 (µs)": {"value": results["latency"]["miss"]["p50_us"], "wanted": f"< {TARGET_MISS_P50_US:.0f}",
+                              "met": results["latency"]["miss"]["p50_us"] < TARGET_MISS_P50_US},
+        }
     if results["peak_memory"]:
         peak = max(v["ratio"] for v in results["peak_memory"].values())
         results["targets"]["receiver peak / blob"] = {"value": peak, "wanted": f"< {TARGET_PEAK_RATIO}",
                                                       "met": peak < TARGET_PEAK_RATIO}
+    for row in results.get("tls", {}).get("cases", []):
+        results["targets"][f"TLS cost, {row['case']} (%)"] = {
+            "value": row["tls_cost_pct"], "wanted": f"<= {TARGET_TLS_COST_PCT:.0f}",
+            "met": row["tls_cost_pct"] <= TARGET_TLS_COST_PCT}
+    results["loadavg_end"] = os.getloadavg()
     results["seconds"] = time.monotonic() - started
     print_report(results)
     print(f"benchmark took {results['seconds']:.0f} s")
