@@ -461,3 +461,30 @@ def test_secret_rotation_without_a_restart(serve: Callable[..., ServeProcess], t
          "the mesh stays whole under the new secret")
     with PeerClient(b.address, new) as c:
         assert c.get("mixed").data == b"during rotation"  # type: ignore[union-attr]
+
+
+def test_the_provider_speaks_tls_to_its_sidecar(serve: Callable[..., ServeProcess], tmp_path: Path) -> None:
+    from mesh.client import RemoteClient
+    from provider.config import ProviderConfig
+
+    certs = tmp_path / "tls"
+    init_tls(certs, ["side"])
+    node = serve("--node-id", "side", pre=_tls_args(certs, "side"))
+    config = ProviderConfig.load({"MESH_MODE": "sidecar", "MESH_NODE": node.address, "MESH_SECRET": SECRET.decode(),
+                                  "MESH_TLS_CERT": str(certs / "client.pem"),
+                                  "MESH_TLS_KEY": str(certs / "client-key.pem"), "MESH_TLS_CA": str(certs / "ca.pem"),
+                                  "MESH_MAX_VALUE_SIZE": "1MiB"})
+    tls = config.tls()
+    assert tls is not None
+    client = RemoteClient(config.node, config.keyring(), Limits(max_blob_size=config.max_value_size), tls=tls)
+    try:
+        assert client.put("p/k", b"over tls", {}, timeout=10) >= 1
+        assert client.get("p/k", timeout=10) == b"over tls"
+    finally:
+        client.close()
+    plain = RemoteClient(config.node, config.keyring())
+    try:
+        with pytest.raises(Unreachable):  # the provider's bridge counts it and reports a miss to ComfyUI
+            plain.get("p/k", timeout=3)
+    finally:
+        plain.close()
