@@ -117,7 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       max_message_size=parse_size(args.max_message_size), max_transfers=args.max_transfers,
                       max_inflight=parse_size(args.max_inflight), header_timeout=args.header_timeout,
                       idle_timeout=args.idle_timeout),
-        cluster=ClusterConfig(name=args.cluster, replicas=args.replicas, write_acks=args.write_acks),
+        cluster=ClusterConfig(name=args.cluster, replicas=args.replicas, write_acks=args.write_acks,
+                              repair_interval=args.repair_interval),
         seeds=[s for s in (args.seeds or "").split(",") if s.strip()],
         zeroconf=args.zeroconf,
         zeroconf_interfaces=[i for i in (args.zeroconf_interfaces or "").split(",") if i] or None,
@@ -313,13 +314,16 @@ def cmd_get(args: argparse.Namespace) -> int:
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
+    keys = list(dict.fromkeys(args.keys))  # a key named twice is one key
     with _client(args) as c:
-        deleted = c.delete(args.keys)
+        existed = c.delete_keys(keys)
+    missing = [k for k, yes in zip(keys, existed) if not yes]
     if args.json:
-        _emit_json({"deleted": deleted})
+        _emit_json({"deleted": len(keys) - len(missing), "missing": missing})
     else:
-        print(f"deleted {deleted} of {len(args.keys)} keys")
-    return 0 if deleted else EXIT_NOT_FOUND
+        print(f"deleted {len(keys) - len(missing)} of {len(keys)} keys"
+              + (f"; not found: {', '.join(safe(k) for k in missing)}" if missing else ""))
+    return EXIT_NOT_FOUND if missing else 0
 
 
 def cmd_tls_init(args: argparse.Namespace) -> int:
@@ -432,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--zeroconf-interfaces", help="comma-separated addresses for mDNS (default: all)")
     s.add_argument("--replicas", type=int, default=2, help="owners per key (default 2)")
     s.add_argument("--write-acks", type=int, default=1, help="owners a put waits for (default 1)")
+    s.add_argument("--repair-interval", type=float, default=10.0,
+                   help="seconds between anti-entropy passes; one also runs after every membership change (10)")
     s.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats (default 0.5)")
     s.add_argument("--suspect-after", type=float, default=2.0, help="silent seconds before SUSPECT (2)")
     s.add_argument("--dead-after", type=float, default=5.0, help="silent seconds before DEAD (5)")

@@ -51,6 +51,10 @@ def assemble(entry: Entry, limits: Limits) -> bytearray:
     return receiver.buffer
 
 
+class NodeStopped(Unreachable):
+    """The embedded node was stopped (drained, or shut down): nothing will answer until ComfyUI restarts."""
+
+
 class LocalClient:
     def __init__(self, node: Node) -> None:
         if node.cluster is None:
@@ -59,14 +63,21 @@ class LocalClient:
         self.cluster = node.cluster
         self.limits = node.config.limits
 
+    def _live(self) -> None:
+        if self.node.stopped.is_set() or self.node.server is None:
+            raise NodeStopped(f"the embedded mesh node {self.node.node_id} has stopped")
+
     def get(self, key: str, timeout: float) -> bytearray | None:
+        self._live()
         entry = self.cluster.get(key, timeout)
         return None if entry is None else assemble(entry, self.limits)
 
     def has(self, keys: list[str], timeout: float) -> list[bool]:
+        self._live()
         return self.cluster.has(keys, timeout)
 
     def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int:
+        self._live()
         header = make_header(key, data, self.limits.chunk_size, meta)
         chunks = tuple(iter_chunks(data, self.limits.chunk_size))
         stored = sum(len(c.data) for c in chunks)
@@ -139,14 +150,48 @@ class RemoteClient:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
-        blob = self.node.get(key, timeout=remaining)  # routed: previous owners, repair, near cache
+        try:
+            blob = self.node.get(key, timeout=remaining)  # routed: previous owners, repair, near cache
+        except Unreachable:
+            if not self.direct or not self._others():
+                raise
+            return None  # the owners, asked directly above, did not have it: a miss while the sidecar is down
         return None if blob is None else blob.data
 
+    def _others(self) -> list[str]:
+        """Addresses of the other live members learned from the sidecar: where to go while it is down."""
+        with self._lock:
+            return [a for a in self._addresses.values() if a != self.address and self.peers.usable(a)]
+
     def has(self, keys: list[str], timeout: float) -> list[bool]:
-        return self.node.has(keys, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            return self.node.has(keys, timeout=timeout)
+        except Unreachable:
+            for address in self._others():  # any member routes a Has to the owners
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    return self.peers.client(address).has(keys, timeout=remaining)
+                except Unreachable:
+                    self.peers.failed(address)
+            raise
 
     def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int:
-        return self.node.put(key, data, meta, timeout=timeout).replicas
+        deadline = time.monotonic() + timeout
+        try:
+            return self.node.put(key, data, meta, timeout=timeout).replicas
+        except Unreachable:
+            for address in self._others():  # any member routes a put to the owners
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    return self.peers.client(address).put(key, data, meta, timeout=remaining).replicas
+                except Unreachable:
+                    self.peers.failed(address)
+            raise
 
     def stats(self) -> dict[str, float]:
         return dict(self.node.stats().counters)

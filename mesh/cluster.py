@@ -3,9 +3,10 @@
 Reads try the local store, then the key's owners in ring order (each under a deadline, skipping peers whose
 circuit breaker is open), then, for a while after a membership change, the key's previous owners, so a
 scale-out does not empty the cache; what a new owner finds there it keeps. Writes go to all R owners and
-return once `write_acks` of them stored the blob; the rest finish in the background. After every change of
-the ring a rebalancer copies local blobs to owners that did not own them before (the first surviving old
-owner of a key does it, so each blob moves once), and a draining node hands all its blobs off before it stops.
+return once `write_acks` of them stored the blob; the rest finish in the background. Anti-entropy
+(mesh/repair.py) brings every key back to R copies on its current owners after any ring change, restart or
+failed write, and hands keys this node no longer owns to their owners; a draining node hands all its blobs
+off before it stops.
 
 Concurrent reads of one key on this node share one transfer (singleflight), and a node that reads a key it
 does not own keeps it in a bounded near cache, so hot keys stop crossing the network.
@@ -21,12 +22,13 @@ from concurrent import futures
 from dataclasses import dataclass
 
 from mesh.membership import Membership
+from mesh.repair import AntiEntropy
 from mesh.pb import mesh_pb2 as pb
 from mesh.peer import MeshError, Unreachable
 from mesh.peers import PeerPool
 from mesh.ring import Ring
 from mesh.singleflight import Group
-from mesh.store import BlobStore, Entry
+from mesh.store import BlobStore, Entry, StoreFull
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,7 @@ class ClusterConfig:
     read_timeout: float = 10.0    # one attempt at one owner; a dead owner costs at most this
     write_timeout: float = 30.0
     previous_owner_window: float = 600.0  # how long after a ring change previous owners are asked on a miss
+    repair_interval: float = 10.0  # seconds between anti-entropy passes (one also runs after every change)
 
 
 class Cluster:
@@ -54,16 +57,17 @@ class Cluster:
         self._ring = Ring({node_id: 1.0})
         self._previous: Ring | None = None
         self._changed_at = 0.0
-        self._generation = 0
-        self._flight: Group[Entry | None] = Group()
+        self._flight: Group[tuple[Entry | None, bool]] = Group()
         # Reads (Has, Get fan-out, deletes) and writes (replica puts, read repair) get their own threads: a burst of
         # background replication after a prompt must not queue the next prompt's lookups behind it.
         self._pool = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="mesh-route")
         self._writes = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="mesh-replicate")
-        self._rebalancer = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-rebalance")
+        self._writes_idle = threading.Condition()
+        self._pending_writes = 0
+        self.repair = AntiEntropy(self, store, interval=config.repair_interval, timeout=config.read_timeout)
         self.counters: dict[str, int] = {"remote_hits": 0, "remote_misses": 0, "previous_owner_hits": 0,
                                          "near_hits": 0, "owner_failures": 0, "replica_write_failures": 0,
-                                         "rebalanced": 0}
+                                         "uncached_reads": 0}
 
     # -- the ring ------------------------------------------------------------------------------------------------
 
@@ -79,6 +83,12 @@ class Cluster:
     def ring(self) -> Ring:
         return self._ring
 
+    def address_of(self, node_id: str) -> str | None:
+        return self.membership.address_of(node_id)
+
+    def start(self) -> None:
+        self.repair.start()
+
     def on_membership_change(self) -> None:
         weights = {k: float(v) for k, v in self.membership.ring_members().items()}
         with self._lock:
@@ -88,10 +98,13 @@ class Cluster:
             self._ring = Ring(weights)
             self._previous = old
             self._changed_at = time.monotonic()
-            self._generation += 1
-            generation = self._generation
         log.info("ring now has %d members", len(self._ring))
-        self._rebalancer.submit(self._rebalance, old, self._ring, generation)
+        self.repair.kick()
+
+    def on_member_restart(self, node_id: str) -> None:
+        """A member came back under a new incarnation, maybe empty: the ring is the same, its copies are not."""
+        log.info("member %s restarted: repairing its copies", node_id)
+        self.repair.kick()
 
     def owners(self, key: str) -> list[str]:
         return self._ring.owners(key, self.config.replicas)
@@ -123,11 +136,16 @@ class Cluster:
             return entry
         deadline = time.monotonic() + timeout
         try:
-            return self._flight.do(key, lambda: self._fetch(key, deadline), timeout)
+            entry, complete = self._flight.do(key, lambda: self._fetch(key, deadline), timeout)
         except futures.TimeoutError:
             return None
+        if entry is None and not complete and deadline - time.monotonic() > 0.01:
+            # The fetch this call joined ran out of *its* caller's deadline; ours has time left: ask again.
+            entry, _ = self._fetch(key, deadline)
+        return entry
 
-    def _fetch(self, key: str, deadline: float) -> Entry | None:
+    def _fetch(self, key: str, deadline: float) -> tuple[Entry | None, bool]:
+        """(the entry or None, whether every owner asked gave an answer before the deadline)."""
         owners = self.owners(key)
         previous = self._previous_owners(key, owners)
         for node_id in [o for o in owners if o != self.node_id] + [o for o in previous if o != self.node_id]:
@@ -136,15 +154,15 @@ class Cluster:
                 continue
             if node_id in previous:
                 self._count("previous_owner_hits")
-                self._writes.submit(self._repair, entry, [o for o in owners if o != self.node_id])
-            if self.node_id in owners:
-                self.store.put(entry)
-            else:
-                self.near.put(entry)
+                self._submit_write(self._repair, entry, [o for o in owners if o != self.node_id])
+            try:
+                (self.store if self.node_id in owners else self.near).put(entry)
+            except StoreFull:
+                self._count("uncached_reads")  # larger than the budget: served, not kept
             self._count("remote_hits")
-            return entry
+            return entry, True
         self._count("remote_misses")
-        return None
+        return None, time.monotonic() < deadline
 
     def _fetch_from(self, node_id: str, key: str, deadline: float) -> Entry | None:
         address = self.membership.address_of(node_id)
@@ -152,7 +170,10 @@ class Cluster:
         if address is None or remaining <= 0 or not self.peers.usable(address):
             return None
         try:
-            got = self.peers.client(address).get_chunks(key, timeout=min(remaining, self.config.read_timeout))
+            got = self.peers.client(address).get_chunks(
+                key, timeout=min(remaining, self.config.read_timeout),
+                first_byte=min(remaining, self.peers.attempt_budget(address)),
+                on_first_byte=lambda seconds: self.peers.observe(address, seconds))
         except Unreachable as e:
             self.peers.failed(address)
             self._count("owner_failures")
@@ -191,10 +212,13 @@ class Cluster:
         if address is None or remaining <= 0 or not self.peers.usable(address):
             return [False] * len(keys)
         try:
-            return self.peers.client(address).has(keys, timeout=remaining, local_only=True)
-        except MeshError:
+            return self.peers.client(address).has(
+                keys, timeout=min(remaining, self.peers.attempt_budget(address)), local_only=True)
+        except Unreachable:
             self.peers.failed(address)
-            return [False] * len(keys)
+        except MeshError as e:
+            log.debug("Has at %s failed: %s", node_id, e)
+        return [False] * len(keys)
 
     # -- writes ------------------------------------------------------------------------------------------------
 
@@ -205,7 +229,7 @@ class Cluster:
         if self.node_id in owners:
             self.store.put(entry)
             acks += 1
-        remote = [self._writes.submit(self._put_at, o, entry) for o in owners if o != self.node_id]
+        remote = [self._submit_write(self.put_to, o, entry) for o in owners if o != self.node_id]
         need = min(self.config.write_acks, len(owners))
         if acks < need and remote:
             try:
@@ -219,14 +243,42 @@ class Cluster:
             self.near.put(entry)  # no owner took it: keep it here rather than lose it
         return acks
 
-    def _put_at(self, node_id: str, entry: Entry) -> int:
+    def _submit_write(self, fn: Callable[..., int | None], *args: object) -> futures.Future[int | None]:
+        """A background copy; counted, so a stopping node can wait for the queue to empty (`flush`)."""
+        with self._writes_idle:
+            self._pending_writes += 1
+
+        def run() -> int | None:
+            try:
+                return fn(*args)
+            finally:
+                with self._writes_idle:
+                    self._pending_writes -= 1
+                    self._writes_idle.notify_all()
+
+        return self._writes.submit(run)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until queued replica writes are done; False if some were still pending at the timeout."""
+        deadline = time.monotonic() + timeout
+        with self._writes_idle:
+            while self._pending_writes:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.warning("%d replica writes still pending after %.0f s", self._pending_writes, timeout)
+                    return False
+                self._writes_idle.wait(remaining)
+        return True
+
+    def put_to(self, node_id: str, entry: Entry) -> int:
+        """Store a copy on one owner; 1 if it holds the key afterwards, 0 if not (counted and logged)."""
         address = self.membership.address_of(node_id)
         if address is None or not self.peers.usable(address):
             self._count("replica_write_failures")
             return 0
         try:
             self.peers.client(address).put_chunks(entry.header, entry.chunks, timeout=self.config.write_timeout,
-                                                  local_only=True)
+                                                  local_only=True, wait_for_ready=True)
             return 1
         except MeshError as e:
             if isinstance(e, Unreachable):
@@ -235,63 +287,54 @@ class Cluster:
             log.warning("replica write of %s to %s failed: %s", entry.header.key, node_id, e)
             return 0
 
-    def _repair(self, entry: Entry, owners: list[str]) -> None:
-        for node_id in owners:
-            self._put_at(node_id, entry)
+    def _repair(self, entry: Entry, owners: list[str]) -> int:
+        return sum(self.put_to(node_id, entry) for node_id in owners)
 
-    def delete(self, keys: list[str], timeout: float) -> int:
-        """Deletes every copy it can reach; returns the number of copies removed across the mesh."""
-        deleted = self.store.delete(keys) + self.near.delete(keys)
-        targets: dict[str, list[str]] = {}
-        for key in keys:
-            owners = self.owners(key)
-            for node_id in owners + self._previous_owners(key, owners):
-                if node_id != self.node_id:
-                    targets.setdefault(node_id, []).append(key)
+    def delete_local(self, keys: list[str]) -> list[bool]:
+        """Drop keys from this node's store and near cache, leaving tombstones; per key, whether it was here."""
+        return [bool(self.store.delete([k], tombstone=True) + self.near.delete([k], tombstone=True)) for k in keys]
+
+    def delete(self, keys: list[str], timeout: float) -> list[bool]:
+        """Delete every copy: on every member, since any may hold a near-cache copy. Per key, whether it existed."""
+        existed = self.delete_local(keys)
         deadline = time.monotonic() + timeout
+        members = [m for m in self.membership.ring_members() if m != self.node_id]
 
-        def delete_at(node_id: str, node_keys: list[str]) -> int:
+        def delete_at(node_id: str) -> list[bool]:
             address = self.membership.address_of(node_id)
             remaining = deadline - time.monotonic()
-            if address is None or remaining <= 0:
-                return 0
+            if address is None or remaining <= 0 or not self.peers.usable(address):
+                return []
             try:
-                return self.peers.client(address).delete(node_keys, timeout=remaining, local_only=True)
-            except MeshError:
-                return 0
+                return self.peers.client(address).delete_keys(keys, timeout=remaining, local_only=True)
+            except Unreachable:
+                self.peers.failed(address)
+            except MeshError as e:
+                log.warning("delete at %s failed: %s", node_id, e)
+            return []
 
-        jobs = [self._pool.submit(delete_at, n, k) for n, k in targets.items()]
+        jobs = [self._pool.submit(delete_at, n) for n in members]
         done, _ = futures.wait(jobs, timeout=timeout)
-        return deleted + sum(j.result() for j in done)
+        for job in done:
+            for i, yes in enumerate(job.result()):
+                existed[i] = existed[i] or yes
+        return existed
 
-    # -- rebalancing and leaving -------------------------------------------------------------------------------
+    def digest(self, requester: str, buckets: int) -> tuple[list[int], list[int]]:
+        return self.repair.digest_for(requester, buckets)
 
-    def _rebalance(self, old: Ring, new: Ring, generation: int) -> None:
-        """Copy local blobs to their new owners; stops early if the ring changes again."""
-        moved = 0
-        for entry in self.store.items():
-            if self._generation != generation:
-                return
-            key = entry.header.key
-            old_owners = [o for o in old.owners(key, self.config.replicas) if o in new]
-            if old_owners and old_owners[0] != self.node_id:
-                continue  # another surviving owner moves it
-            for node_id in new.owners(key, self.config.replicas):
-                if node_id != self.node_id and node_id not in old_owners:
-                    moved += self._put_at(node_id, entry)
-        if moved:
-            with self._lock:
-                self.counters["rebalanced"] += moved
-            log.info("rebalanced %d blob copies to new owners", moved)
+    # -- leaving -------------------------------------------------------------------------------
 
     def drain(self, on_done: Callable[[], None] | None = None) -> pb.DrainReply:
         """Leave gracefully: announce it, hand every local blob to its owners without us, then call on_done."""
+        self.repair.stop()  # no pass may drop or push keys while they are being handed off
+        self.flush(self.config.write_timeout)  # copies acknowledged to writers reach their owners first
         self.membership.leave()
         ring = Ring({k: float(v) for k, v in self.membership.ring_members().items()})
         handed, failed = 0, 0
         for entry in self.store.items():
             owners = ring.owners(entry.header.key, self.config.replicas)
-            ok = sum(self._put_at(o, entry) for o in owners)
+            ok = sum(self.put_to(o, entry) for o in owners)
             handed += ok > 0
             failed += ok == 0 and bool(owners)
         log.info("drained: handed %d blobs off, %d failed", handed, failed)
@@ -311,9 +354,15 @@ class Cluster:
         out.update({f"near_{k}": v for k, v in self.near.stats().items()
                     if k in ("entries", "bytes_used", "max_memory", "evictions")})
         out["ring_members"] = len(self._ring)
+        r = self.repair.stats
+        out.update(repair_passes=r.passes, repaired=r.repaired, handed_off=r.handed_off,
+                   under_replicated=r.under_replicated, repair_pending=r.pending,
+                   repair_last_pass_seconds=r.last_pass_seconds, repair_errors=r.errors)
         return out
 
-    def close(self) -> None:
-        self._rebalancer.shutdown(wait=False, cancel_futures=True)
+    def close(self, flush_timeout: float = 5.0) -> None:
+        """Stop; queued replica writes get `flush_timeout` seconds to finish first (a SIGTERM loses none)."""
+        self.repair.stop()
+        self.flush(flush_timeout)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._writes.shutdown(wait=False, cancel_futures=True)

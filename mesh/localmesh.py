@@ -51,6 +51,7 @@ class LocalNode:
     process: subprocess.Popen[bytes]
     log_path: Path
     args: list[str] = field(default_factory=list)
+    own_args: list[str] = field(default_factory=list)  # what start_node was given beyond the mesh's extra_args
 
     @property
     def alive(self) -> bool:
@@ -98,7 +99,7 @@ class LocalMesh:
         with open(log_path, "ab") as log:
             process = subprocess.Popen(argv + ["serve"] + node_args, stdout=log, stderr=subprocess.STDOUT)
         info = wait_until_serving(process, ready, log_path, timeout)
-        node = LocalNode(index, info["address"], info["node_id"], process, log_path, node_args)
+        node = LocalNode(index, info["address"], info["node_id"], process, log_path, node_args, list(args or []))
         self.nodes.append(node)
         return node
 
@@ -127,6 +128,17 @@ class LocalMesh:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"node {node.node_id} sees {alive} alive members, wanted {count}")
             time.sleep(0.1)
+
+    def restart(self, node: LocalNode, extra: list[str] | None = None, timeout: float = 20.0) -> LocalNode:
+        """Start a stopped node again with the same id, port and seeds (the others'), as a deploy would."""
+        if node.alive:
+            raise ValueError(f"node {node.node_id} is still running")
+        seeds = [n.address for n in self.nodes if n is not node]
+        fresh = self.start_node(node_id=node.node_id, listen=node.address, seeds=seeds,
+                                args=node.own_args + list(extra or []), timeout=timeout)
+        self.nodes.remove(fresh)
+        self.nodes[self.nodes.index(node)] = fresh
+        return fresh
 
     def kill(self, node: LocalNode, sig: int = signal.SIGKILL) -> None:
         if node.alive:

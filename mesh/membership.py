@@ -98,6 +98,7 @@ def resolve_seeds(seeds: list[str]) -> set[str]:
 class Membership:
     def __init__(self, *, me: Member, cluster: str, peers: PeerPool, seeds: list[str] | None = None,
                  timing: Timing | None = None, on_change: Callable[[], None] = lambda: None,
+                 on_restart: Callable[[str], None] = lambda node_id: None,
                  local_stats: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
         self.me = me
         self.cluster = cluster
@@ -105,6 +106,7 @@ class Membership:
         self._peers = peers
         self._seeds = list(seeds or [])
         self._on_change = on_change
+        self._on_restart = on_restart
         self._local_stats = local_stats
         self._lock = threading.RLock()
         self._members: dict[str, Member] = {}
@@ -241,10 +243,13 @@ class Membership:
                 self._members[m.node_id] = Member(m.node_id, m.address, m.capacity, m.incarnation, new_state,
                                                   now, m.keys, m.bytes)
                 changed = new_state in IN_RING
+                restarted = False
                 log.info("member %s joined at %s", m.node_id, m.address)
             else:
                 if m.incarnation < known.incarnation:
                     return  # a message from the member's previous life
+                # A new life (it restarted, possibly empty) or back from DEAD: its copies need repair.
+                restarted = new_state != LEFT and (m.incarnation > known.incarnation or known.state == DEAD)
                 changed = (known.state in IN_RING) != (new_state in IN_RING) or known.capacity != m.capacity
                 if known.state != new_state:
                     log.info("member %s is %s", m.node_id, pb.MemberState.Name(new_state))
@@ -257,6 +262,8 @@ class Membership:
         self._peers.heard(m.address)
         if changed:
             self._on_change()
+        if restarted:
+            self._on_restart(m.node_id)
 
     def _merge(self, members: list[pb.Member]) -> None:
         """Hearsay: learn addresses and graceful leaves, never liveness."""

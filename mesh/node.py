@@ -120,6 +120,7 @@ class Node:
         me = Member(self.node_id, self.address, c.max_memory, incarnation=int(time.time() * 1000))
         self.membership = Membership(me=me, cluster=c.cluster.name, peers=self.peers, seeds=c.seeds,
                                      timing=c.timing, on_change=self._on_membership_change,
+                                     on_restart=self._on_member_restart,
                                      local_stats=lambda: (len(self.store), self.store.used))
         self.cluster = Cluster(node_id=self.node_id, store=self.store, near=self.near,
                                membership=self.membership, peers=self.peers, config=c.cluster)
@@ -132,6 +133,7 @@ class Node:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.membership.start()
+        self.cluster.start()
         if c.zeroconf:
             self._start_zeroconf(host, bound)
         self._housekeeper = threading.Thread(target=self._housekeep, name="mesh-housekeeping", daemon=True)
@@ -161,6 +163,10 @@ class Node:
         if self.cluster is not None:
             self.cluster.on_membership_change()
 
+    def _on_member_restart(self, node_id: str) -> None:
+        if self.cluster is not None:
+            self.cluster.on_member_restart(node_id)
+
     def _housekeep(self) -> None:
         """RAM pressure can come from ComfyUI, not from us, so it is watched even when nothing is stored."""
         while not self._stop.wait(HOUSEKEEPING_INTERVAL):
@@ -177,6 +183,8 @@ class Node:
             if self.cluster is None or self.server is None:
                 return pb.DrainReply()
             self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+            if self.servicer is not None:
+                self.servicer.accepting = False  # first: no new puts, then the replica queue, then hand-off
             return self.cluster.drain()
 
     def _drain_rpc(self) -> pb.DrainReply:

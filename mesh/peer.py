@@ -8,6 +8,7 @@ event loop, so ComfyUI's per-prompt loops can use it from a worker thread.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ import grpc
 from mesh.auth import STALE, AuthError, ClientAuth, Secret, as_keyring
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
+from mesh.watchdog import Watchdog
 from mesh.wire import (MAX_KEY_BYTES, SERVICE, Header, Limits, Receiver, StoredChunk, TransferError, WireChunk,
                        decode_chunk_message, iter_chunks, make_header, serialize_message)
 
@@ -27,6 +29,7 @@ Progress = Callable[[int, int], None]  # called with (bytes moved so far, total 
 
 DEFAULT_TIMEOUT = 30.0
 HELLO_TIMEOUT = 5.0  # the most a handshake may take of a call's deadline
+WATCHDOG = Watchdog()  # cancels reads whose node does not answer within their first-byte budget
 
 
 class MeshError(Exception):
@@ -156,12 +159,19 @@ class PeerClient:
         assert receiver is not None and receiver.buffer is not None
         return Blob(receiver.header, receiver.buffer)
 
-    def get_chunks(self, key: str, timeout: float | None = None,
-                   local_only: bool = True) -> tuple[Header, list[StoredChunk]] | None:
-        """The verified chunks of `key` as stored (no decompression kept): for node-to-node copies."""
+    def get_chunks(self, key: str, timeout: float | None = None, local_only: bool = True,
+                   first_byte: float | None = None, on_first_byte: Callable[[float], None] | None = None,
+                   ) -> tuple[Header, list[StoredChunk]] | None:
+        """The verified chunks of `key` as stored (no decompression kept): for node-to-node copies.
+
+        `first_byte`: seconds the node may take to answer at all (header or NOT_FOUND) before the call is
+        cancelled as Unreachable, however long the transfer itself may then take: a frozen node (its port
+        still accepts) costs that budget, not the whole deadline. `on_first_byte` gets the time it took.
+        """
         receiver: Receiver | None = None
         try:
-            for receiver, _ in self._get_stream(key, timeout, local_only, into=False):
+            for receiver, _ in self._get_stream(key, timeout, local_only, into=False, first_byte=first_byte,
+                                                on_first_byte=on_first_byte):
                 pass
         except _Missing:
             return None
@@ -169,24 +179,36 @@ class PeerClient:
         return receiver.header, receiver.chunks
 
     def _get_stream(self, key: str, timeout: float | None, local_only: bool, into: bool,
-                    progress: Progress | None = None) -> Iterator[tuple[Receiver, StoredChunk | None]]:
+                    progress: Progress | None = None, first_byte: float | None = None,
+                    on_first_byte: Callable[[float], None] | None = None,
+                    ) -> Iterator[tuple[Receiver, StoredChunk | None]]:
         if len(key.encode()) > MAX_KEY_BYTES:
             raise _Missing()  # no node stores such a key
         request = pb.GetRequest(key=key, local_only=local_only)
         t = self._t(timeout)
-        call = self._get(request, timeout=t, metadata=self._md("Get", t))
+        started = time.monotonic()
+
+        def first_reply() -> pb.GetReply | WireChunk | None:
+            call = self._get(request, timeout=t, metadata=self._md("Get", t))
+            calls.append(call)
+            if first_byte is None or first_byte >= t:
+                return next(call, None)
+            with WATCHDOG.watch(call.cancel, first_byte, f"first byte of {key!r} from {self.address}"):
+                return next(call, None)
+
+        calls: list[Any] = []
         receiver: Receiver | None = None
         moved = 0
         try:
             try:
-                first = next(call)
-            except StopIteration:
-                first = None
+                first = first_reply()
             except grpc.RpcError as e:
                 if not self._stale(e):
                     raise
-                call = self._get(request, timeout=t, metadata=self._md("Get", t))
-                first = next(call, None)
+                first = first_reply()
+            if on_first_byte is not None:
+                on_first_byte(time.monotonic() - started)
+            call = calls[-1]
             for reply in itertools.chain(() if first is None else (first,), call):
                 if isinstance(reply, WireChunk):
                     if receiver is None:
@@ -209,10 +231,15 @@ class PeerClient:
             receiver.finish()
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
+                if on_first_byte is not None:
+                    on_first_byte(time.monotonic() - started)
                 raise _Missing() from None
+            if e.code() == grpc.StatusCode.CANCELLED and first_byte is not None and receiver is None:
+                raise Unreachable(f"node {self.address} did not answer within {first_byte:.2f} s",
+                                  grpc.StatusCode.DEADLINE_EXCEEDED) from None
             raise translate(e, self.address) from None
         except TransferError as e:
-            call.cancel()
+            calls[-1].cancel()
             raise Refused(f"node {self.address} sent a bad blob for {key!r}: {e}", e.code) from None
 
     def put(self, key: str, data: bytes | bytearray | memoryview, meta: Mapping[str, str] | None = None,
@@ -224,7 +251,10 @@ class PeerClient:
                                local_only, progress)
 
     def put_chunks(self, header: Header, chunks: Iterable[StoredChunk], timeout: float | None = None,
-                   local_only: bool = False, progress: Progress | None = None) -> pb.PutReply:
+                   local_only: bool = False, progress: Progress | None = None,
+                   wait_for_ready: bool = False) -> pb.PutReply:
+        """`wait_for_ready`: wait (within the deadline) for a peer that is reconnecting, rather than fail at
+        once: for background copies, which would otherwise be lost to a channel still in reconnect backoff."""
         def requests() -> Iterator[pb.PutRequest | bytes]:
             yield pb.PutRequest(header=header.to_pb(), local_only=local_only)
             moved = 0
@@ -236,29 +266,29 @@ class PeerClient:
 
         t = self._t(timeout)
         try:
-            return self._put(requests(), timeout=t, metadata=self._md("Put", t))
+            return self._put(requests(), timeout=t, metadata=self._md("Put", t), wait_for_ready=wait_for_ready)
         except grpc.RpcError as e:
             # A refused proof is answered before a chunk is read; the chunks can be sent again when they are
             # a sequence (a stored entry), not a one-shot generator.
             if self._stale(e) and isinstance(chunks, Sequence):
                 try:
-                    return self._put(requests(), timeout=t, metadata=self._md("Put", t))
+                    return self._put(requests(), timeout=t, metadata=self._md("Put", t), wait_for_ready=wait_for_ready)
                 except grpc.RpcError as e2:
                     raise translate(e2, self.address) from None
             raise translate(e, self.address) from None
 
     # -- small calls -----------------------------------------------------------------------------------------
 
-    def _unary(self, name: str, request: object, timeout: float | None) -> object:
+    def _unary(self, name: str, request: object, timeout: float | None, wait_for_ready: bool = False) -> object:
         method: Callable[..., object] = getattr(self._stub, name)
         t = self._t(timeout)
         try:
             try:
-                return method(request, timeout=t, metadata=self._md(name, t))
+                return method(request, timeout=t, metadata=self._md(name, t), wait_for_ready=wait_for_ready)
             except grpc.RpcError as e:
                 if not self._stale(e):
                     raise
-                return method(request, timeout=t, metadata=self._md(name, t))
+                return method(request, timeout=t, metadata=self._md(name, t), wait_for_ready=wait_for_ready)
         except grpc.RpcError as e:
             raise translate(e, self.address) from None
 
@@ -270,8 +300,34 @@ class PeerClient:
         return present
 
     def delete(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> int:
+        """How many of `keys` existed (anywhere in the mesh, or with local_only on this node)."""
+        return sum(self.delete_keys(keys, timeout, local_only))
+
+    def delete_keys(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> list[bool]:
+        """Per key: whether it existed. Every copy is removed and a tombstone keeps in-flight copies out."""
         reply = self._unary("Delete", pb.DeleteRequest(keys=keys, local_only=local_only), timeout)
-        return reply.deleted  # type: ignore[attr-defined]
+        existed = list(reply.existed)  # type: ignore[attr-defined]
+        if len(existed) != len(keys):
+            raise Refused(f"node {self.address} answered {len(existed)} of {len(keys)} keys")
+        return existed
+
+    def versions(self, keys: list[str], timeout: float | None = None) -> list[tuple[int, float]]:
+        """(checksum, created_unix) of each key as this node holds it; (0, 0.0) where it does not."""
+        reply = self._unary("Has", pb.HasRequest(keys=keys, local_only=True, versions=True), timeout,
+                            wait_for_ready=True)
+        checksums, created = list(reply.checksums), list(reply.created_unix)  # type: ignore[attr-defined]
+        if len(checksums) != len(keys) or len(created) != len(keys):
+            raise Refused(f"node {self.address} answered versions of {len(checksums)} of {len(keys)} keys")
+        return list(zip(checksums, created))
+
+    def digest(self, requester: str, buckets: int, timeout: float | None = None) -> tuple[list[int], list[int]]:
+        """The node's anti-entropy summary of the keys it and `requester` both own (mesh/repair.py)."""
+        reply = self._unary("Digest", pb.DigestRequest(requester=requester, buckets=buckets), timeout,
+                            wait_for_ready=True)
+        digests, counts = list(reply.digests), list(reply.counts)  # type: ignore[attr-defined]
+        if len(digests) != buckets or len(counts) != buckets:
+            raise Refused(f"node {self.address} answered a digest of {len(digests)} buckets, not {buckets}")
+        return digests, counts
 
     def stats(self, timeout: float | None = None, reporter: str = "",
               report: Mapping[str, float] | None = None) -> pb.StatsReply:

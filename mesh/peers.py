@@ -1,14 +1,20 @@
-"""The node's connections to its peers, with a circuit breaker per peer.
+"""The node's connections to its peers, and the one policy that says whether a peer is worth asking.
 
-A dead or slow owner may cost a reader one deadline, never more: after a failure the peer is skipped until
-membership hears from it again (a successful heartbeat after the failure closes the breaker).
+A dead or slow owner may cost a reader one attempt budget, never more: after a failure the peer is skipped
+until membership hears from it again (a successful heartbeat after the failure closes the breaker). Reads,
+writes, Has, deletes and the provider's sidecar client all ask this one place (`usable`, `failed`, `heard`),
+and all report failures the same way: a peer that did not answer (Unreachable) is failed; a peer that answered
+"no" (busy, refused) is alive and is not.
+
+The attempt budget is how long one read may wait for a peer's first byte before the next owner is tried:
+a few times what that peer usually takes, within [MIN_BUDGET, MAX_BUDGET]. A frozen host (SIGSTOP: its port
+still accepts, nothing answers) then costs a reader that budget instead of the whole lookup deadline.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-
 from typing import TYPE_CHECKING
 
 from mesh.auth import Secret, as_keyring
@@ -17,6 +23,11 @@ from mesh.wire import Limits
 
 if TYPE_CHECKING:
     from mesh.tls import TlsConfig
+
+MIN_BUDGET = 0.25     # seconds: a LAN round trip plus a busy host's scheduling hiccup
+MAX_BUDGET = 2.0
+BUDGET_FACTOR = 8.0   # times the peer's smoothed first-byte latency
+_ALPHA = 0.2          # weight of a new sample in the smoothed latency
 
 
 class PeerPool:
@@ -28,6 +39,7 @@ class PeerPool:
         self._clients: dict[str, PeerClient] = {}
         self._failed_at: dict[str, float] = {}
         self._heard_at: dict[str, float] = {}
+        self._latency: dict[str, float] = {}
 
     def client(self, address: str) -> PeerClient:
         with self._lock:
@@ -51,11 +63,23 @@ class PeerPool:
             failed = self._failed_at.get(address)
             return failed is None or self._heard_at.get(address, 0.0) > failed
 
+    def observe(self, address: str, seconds: float) -> None:
+        """A peer answered a read's first byte after `seconds`."""
+        with self._lock:
+            old = self._latency.get(address)
+            self._latency[address] = seconds if old is None else old + _ALPHA * (seconds - old)
+
+    def attempt_budget(self, address: str) -> float:
+        with self._lock:
+            latency = self._latency.get(address, 0.0)
+        return min(MAX_BUDGET, max(MIN_BUDGET, BUDGET_FACTOR * latency))
+
     def forget(self, address: str) -> None:
         with self._lock:
             c = self._clients.pop(address, None)
             self._failed_at.pop(address, None)
             self._heard_at.pop(address, None)
+            self._latency.pop(address, None)
         if c is not None:
             c.close()
 

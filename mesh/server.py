@@ -38,6 +38,7 @@ SLOT_WAIT = 5.0  # seconds a transfer waits for a free slot before RESOURCE_EXHA
 ROUTED_CALLS = 16        # concurrent Has/Delete that may wait on other nodes
 CONTROL_THREADS = 16     # server threads no stream or routed call can take: health, Hello, Ping, Stats, Drain
 MAX_BATCH = 10_000       # keys in one Has or Delete
+MAX_DIGEST_BUCKETS = 4096
 REPORT_TTL = 60.0        # seconds a sidecar client's reported counters count after it last reported
 MAX_REPORTERS = 256
 MAX_REPORT_ITEMS = 256
@@ -50,7 +51,9 @@ class Cluster(Protocol):
     def get(self, key: str, timeout: float) -> Entry | None: ...
     def put(self, entry: Entry) -> int: ...
     def has(self, keys: list[str], timeout: float) -> list[bool]: ...
-    def delete(self, keys: list[str], timeout: float) -> int: ...
+    def delete(self, keys: list[str], timeout: float) -> list[bool]: ...
+    def delete_local(self, keys: list[str]) -> list[bool]: ...
+    def digest(self, requester: str, buckets: int) -> tuple[list[int], list[int]]: ...
     def ping(self, request: pb.PingRequest) -> pb.PingReply: ...
     def members(self) -> list[pb.Member]: ...
     def stats(self) -> dict[str, float]: ...
@@ -82,6 +85,7 @@ class MeshServicer(pb_grpc.MeshServicer):
         self._lock = threading.Lock()
         self.transfer_errors = 0
         self.busy_refusals = 0
+        self.accepting = True  # False while draining: puts go to other nodes
 
     @staticmethod
     def threads(limits: Limits) -> int:
@@ -169,12 +173,16 @@ class MeshServicer(pb_grpc.MeshServicer):
         first = next(request_iterator, None)
         if first is None or isinstance(first, WireChunk) or not first.HasField("header"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a Put stream must start with a header")
+        if not self.accepting and not first.local_only:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this node is draining: put through another member")
         watch.touch(self.limits.idle_timeout)
         local_only = first.local_only or self.cluster is None
         taken = 0
         try:
             header = Header.from_pb(first.header)
-            if header.key in self.store:
+            if not header.created_unix:  # a new value: stamped once here, then carried by every copy
+                header = replace(header, created_unix=time.time())
+            if not self.store.would_take(header):
                 self.store.counters.duplicate_puts += 1
                 return pb.PutReply(existed=True, replicas=1)
             with self._slot(context):
@@ -228,24 +236,41 @@ class MeshServicer(pb_grpc.MeshServicer):
         except BaseException:
             self.inflight.give(taken)
             raise
-        header = replace(header, stored_size=receiver.stored_size, created_unix=header.created_unix or time.time())
+        header = replace(header, stored_size=receiver.stored_size)
         return Entry(header, tuple(receiver.chunks)), taken
 
     def Has(self, request: pb.HasRequest, context: grpc.ServicerContext) -> pb.HasReply:
         keys = list(request.keys)
         self._check_keys(keys, context)
         if request.local_only or self.cluster is None:
-            return pb.HasReply(present=[k in self.store for k in keys])
+            held = [self.store.peek(k) for k in keys]
+            reply = pb.HasReply(present=[e is not None for e in held])
+            if request.versions:
+                reply.checksums.extend(e.header.checksum if e else 0 for e in held)
+                reply.created_unix.extend(e.header.created_unix if e else 0.0 for e in held)
+            return reply
         with self._admit(context, self._routed, "too many routed calls"):
             return pb.HasReply(present=self.cluster.has(keys, self._deadline(context)))
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteReply:
         keys = list(request.keys)
         self._check_keys(keys, context)
-        if request.local_only or self.cluster is None:
-            return pb.DeleteReply(deleted=self.store.delete(keys))
-        with self._admit(context, self._routed, "too many routed calls"):
-            return pb.DeleteReply(deleted=self.cluster.delete(keys, self._deadline(context)))
+        if self.cluster is None:
+            existed = [self.store.delete([k], tombstone=True) > 0 for k in keys]
+        elif request.local_only:
+            existed = self.cluster.delete_local(keys)
+        else:
+            with self._admit(context, self._routed, "too many routed calls"):
+                existed = self.cluster.delete(keys, self._deadline(context))
+        return pb.DeleteReply(deleted=sum(existed), existed=existed)
+
+    def Digest(self, request: pb.DigestRequest, context: grpc.ServicerContext) -> pb.DigestReply:
+        if self.cluster is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node runs without a cluster")
+        if not 1 <= request.buckets <= MAX_DIGEST_BUCKETS or not request.requester:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a digest has 1 to {MAX_DIGEST_BUCKETS} buckets")
+        digests, counts = self.cluster.digest(request.requester, request.buckets)
+        return pb.DigestReply(digests=digests, counts=counts)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
         if request.reporter:
@@ -344,6 +369,8 @@ def add_to_server(servicer: MeshServicer, server: grpc.Server) -> None:
                      response_serializer=pb.HasReply.SerializeToString),
         "Delete": unary(servicer.Delete, request_deserializer=pb.DeleteRequest.FromString,
                         response_serializer=pb.DeleteReply.SerializeToString),
+        "Digest": unary(servicer.Digest, request_deserializer=pb.DigestRequest.FromString,
+                        response_serializer=pb.DigestReply.SerializeToString),
         "Stats": unary(servicer.Stats, request_deserializer=pb.StatsRequest.FromString,
                        response_serializer=pb.StatsReply.SerializeToString),
         "ListKeys": grpc.unary_stream_rpc_method_handler(servicer.ListKeys,

@@ -20,6 +20,17 @@ from mesh.wire import Header, StoredChunk, meta_size
 
 ENTRY_OVERHEAD = 512  # bytes of bookkeeping charged per blob, so many tiny blobs cannot exceed the budget
 CHUNK_OVERHEAD = 64
+TOMBSTONE_TTL = 120.0  # seconds a deleted key refuses copies made before the delete (> any write deadline)
+MAX_TOMBSTONES = 100_000
+
+
+def precedes(a: Header, b: Header) -> bool:
+    """The conflict rule: of two values stored under one key, the first written wins.
+
+    "First" is the earlier `created_unix` (set by the node that first stored the value), ties broken by the
+    lower checksum, so every replica picks the same value whatever order the copies arrive in.
+    """
+    return (a.created_unix, a.checksum) < (b.created_unix, b.checksum)
 
 
 class StoreFull(Exception):
@@ -51,6 +62,8 @@ class Counters:
     bytes_in: int = 0
     bytes_out: int = 0
     refused: int = 0
+    conflicts_resolved: int = 0
+    tombstoned: int = 0
 
 
 def available_ram() -> int:
@@ -69,6 +82,7 @@ class BlobStore:
         self._probe = ram_probe
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, tuple[Entry, int]] = OrderedDict()
+        self._tombstones: OrderedDict[str, float] = OrderedDict()  # key -> unix time of the delete
         self._used = 0
         self.counters = Counters()
 
@@ -98,18 +112,49 @@ class BlobStore:
         item = self._entries.get(key)
         return item[0] if item else None
 
+    def would_take(self, header: Header) -> bool:
+        """Whether a put of this header could change the store (a cheap check before receiving the chunks)."""
+        with self._lock:
+            if self._deleted_after(header):
+                return False
+            item = self._entries.get(header.key)
+        return item is None or (item[0].header.checksum != header.checksum and precedes(header, item[0].header))
+
+    def _deleted_after(self, header: Header) -> bool:
+        deleted_at = self._tombstones.get(header.key)
+        if deleted_at is None:
+            return False
+        if time.time() - deleted_at > TOMBSTONE_TTL:
+            del self._tombstones[header.key]
+            return False
+        return bool(header.created_unix) and header.created_unix <= deleted_at
+
     def put(self, entry: Entry) -> bool:
-        """Store a verified blob; False if the key was already there (values are immutable)."""
+        """Store a verified blob; False if nothing changed.
+
+        A key holds one value: a second put of it is a no-op unless it carries a different value that wins by
+        `precedes` (concurrent puts of one key converge on every replica). A copy made before the key was
+        deleted is refused for TOMBSTONE_TTL, so an in-flight replica write cannot undo a delete.
+        """
         size = entry.size
         if size > self.max_memory:
             with self._lock:
                 self.counters.refused += 1
             raise StoreFull(f"blob of {size} bytes exceeds the store budget of {self.max_memory} bytes")
         with self._lock:
-            if entry.header.key in self._entries:
-                self._entries.move_to_end(entry.header.key)
-                self.counters.duplicate_puts += 1
+            key = entry.header.key
+            if self._deleted_after(entry.header):
+                self.counters.tombstoned += 1
                 return False
+            held = self._entries.get(key)
+            if held is not None:
+                if held[0].header.checksum == entry.header.checksum or not precedes(entry.header, held[0].header):
+                    self._entries.move_to_end(key)
+                    self.counters.duplicate_puts += 1
+                    return False
+                del self._entries[key]
+                self._used -= held[1]
+                self.counters.conflicts_resolved += 1
             while self._used + size > self.max_memory and self._entries:
                 self._evict_oldest()
             self._entries[entry.header.key] = (entry, size)
@@ -119,14 +164,22 @@ class BlobStore:
         self.relieve_pressure()
         return True
 
-    def delete(self, keys: list[str]) -> int:
+    def delete(self, keys: list[str], tombstone: bool = False) -> int:
+        """Drop keys; with `tombstone`, also refuse copies of them made before now, for TOMBSTONE_TTL."""
         deleted = 0
+        now = time.time()
         with self._lock:
             for key in keys:
                 item = self._entries.pop(key, None)
                 if item is not None:
                     self._used -= item[1]
                     deleted += 1
+                if tombstone:
+                    self._tombstones.pop(key, None)
+                    self._tombstones[key] = now
+            while len(self._tombstones) > MAX_TOMBSTONES or (
+                    self._tombstones and now - next(iter(self._tombstones.values())) > TOMBSTONE_TTL):
+                self._tombstones.popitem(last=False)
             self.counters.deletes += deleted
         return deleted
 

@@ -7,8 +7,10 @@ over through a bounded queue before the caller's first `await`.
 Lookups are batched: at prompt start ComfyUI looks up every node of the prompt at once; the provider hands
 them over as one unit (see MeshCacheProvider._submit), the lookup thread adds whatever else arrives within a
 fraction of a millisecond, and asks the mesh about all of it in one batched Has; only keys that are present
-are fetched. A failing mesh trips a breaker for a few seconds, during
-which every lookup is an immediate miss: a dead mesh must not cost each node a deadline.
+are fetched. An unreachable mesh trips a breaker for a few seconds, during which every lookup is an
+immediate miss: a dead mesh must not cost each node a deadline. A mesh that answered "no" (busy, refused) is
+alive and trips nothing; a key it refused is just a miss. An embedded node that stopped (drained) turns the
+provider off with one warning.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 
-from mesh.client import MeshClient
-from mesh.peer import MeshError
+from mesh.client import MeshClient, NodeStopped
+from mesh.peer import MeshError, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,15 @@ class Bridge:
             self._lookups.put(batch)
 
     def _trip(self, error: Exception) -> None:
+        """Open the breaker if the mesh itself did not answer; an answer (busy, refused) is not a dead mesh."""
+        if isinstance(error, NodeStopped):
+            if self._down_until != float("inf"):
+                log.warning("%s: comfy-mesh is off until ComfyUI restarts", error)
+                self._count("breaker_trips")
+            self._down_until = float("inf")
+            return
+        if not isinstance(error, Unreachable):
+            return
         if time.monotonic() >= self._down_until:
             log.warning("mesh unavailable, lookups are misses for %.0f s: %s", BREAKER_OPEN, error)
             self._count("breaker_trips")
@@ -231,8 +242,8 @@ class Bridge:
             size = now
 
     def _push(self, item: _Store) -> None:
-        if self._closed.is_set():
-            return  # closed: the client may be closed too; what is still queued is dropped
+        if self._closed.is_set() or self._down_until == float("inf"):
+            return  # closed, or the embedded node stopped: what is still queued is dropped
         now = time.monotonic()
         if self._recent_stores.get(item.key, -1e9) > now - 60:
             return  # the same value twice in a minute (another prompt, same inputs): already there
@@ -240,7 +251,10 @@ class Bridge:
             data = self.encode(item.tree)
             self.client.put(item.key, data, item.meta, timeout=self.store_timeout)
         except MeshError as e:
-            log.warning("store of %s failed: %s", item.key, e)
+            if isinstance(e, NodeStopped):
+                self._trip(e)  # one warning, then stores are dropped like lookups are misses
+            elif time.monotonic() >= self._down_until:
+                log.warning("store of %s failed: %s", item.key, e)
             self._count("store_errors")
             return
         except Exception:

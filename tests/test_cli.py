@@ -105,7 +105,9 @@ def test_json_output(mesh: Callable[..., subprocess.CompletedProcess[str]], serv
     assert status["health"] == "SERVING" and status["entries"] == 1 and status["node_id"] == served.node_id
     assert status["members"]["ALIVE"] == 1 and status["bytes_used"] > 0
 
-    assert json.loads(mesh("delete", "k/1", "nope", "--json").stdout) == {"deleted": 1}
+    deleted = mesh("delete", "k/1", "nope", "k/1", "--json")
+    assert json.loads(deleted.stdout) == {"deleted": 1, "missing": ["nope"]}
+    assert deleted.returncode == 3  # a named key did not exist
     assert json.loads(mesh("keys", "--json").stdout) == []
 
 

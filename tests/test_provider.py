@@ -224,6 +224,27 @@ def test_silent_sidecar_costs_one_deadline_then_the_breaker_opens() -> None:
 # -- the provider's contract, in process ------------------------------------------------------------------------
 
 
+def test_a_drained_embedded_node_turns_the_provider_off_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Once every prompt logged a traceback (`cannot schedule new futures after shutdown`), every store another."""
+    rt = runtime("--lookup-timeout", "1")
+    try:
+        engine = Engine(rt.provider)
+        assert engine.run(standard_prompt(61, delay=0.0)).errors == []
+        rt.bridge.flush(10)
+        rt.node.drain()
+        rt.node.stop()
+        with caplog.at_level(logging.WARNING):
+            for seed in (62, 63, 64):
+                result = engine.run(standard_prompt(seed, delay=0.0))
+                assert result.errors == [] and result.failed == [] and result.provider_hits == []
+            rt.bridge.flush(10)
+        off = [r for r in caplog.records if "comfy-mesh is off" in r.getMessage()]
+        assert len(off) == 1, [r.getMessage() for r in caplog.records]
+        assert not any(r.exc_info for r in caplog.records)
+    finally:
+        rt.close()
+
+
 def test_one_batched_round_trip_per_prompt_for_misses(lone: Any) -> None:
     engine = Engine(lone.provider)
     prompt = chain_prompt(40, seed=7, width=4)

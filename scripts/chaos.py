@@ -1,0 +1,365 @@
+#!/usr/bin/env python3
+"""Chaos run (not a test): N `mesh serve` processes on loopback, a verifying load, and a schedule of faults.
+
+    .venv/bin/python scripts/chaos.py --scenario rolling-restart
+    .venv/bin/python scripts/chaos.py --scenario kill9 --duration 60
+    .venv/bin/python scripts/chaos.py --scenario freeze
+    .venv/bin/python scripts/chaos.py --scenario all --json bench-results/chaos.json
+
+Every value is derived from its key (a seeded PRNG), so every get is checked byte for byte (sha256) against
+what was put: a wrong byte is counted, never hidden. Scenarios:
+
+- rolling-restart: each node in turn is killed (-9), stays down 3 s, restarts with the same id and port; 10 s
+  between nodes. Then: keys lost, and how long until every key had R copies again.
+- kill9: a verifying load (writers and readers) while a random node is killed -9 and restarted every 20 s.
+  Keys lost among those put at least 10 s before the last fault.
+- freeze: one node SIGSTOPped (its port still accepts) for 6 s; gets of keys whose first owner it is, through
+  another node, against the same gets before the freeze: added latency and hits turned into misses.
+
+Everything is bounded in time; every process started is stopped at the end. Each node's peak RSS is sampled
+against its budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mesh.localmesh import LocalMesh, LocalNode  # noqa: E402
+from mesh.membership import ring_weights  # noqa: E402
+from mesh.peer import MeshError, PeerClient  # noqa: E402
+from mesh.pb import mesh_pb2 as pb  # noqa: E402
+from mesh.ring import Ring  # noqa: E402
+from mesh.units import parse_size  # noqa: E402
+
+FAST = ["--heartbeat", "0.3", "--suspect-after", "1.5", "--dead-after", "4"]
+
+
+def value_for(key: str, size: int) -> bytes:
+    """The bytes stored under `key`: reproducible, so any reader can verify a get."""
+    return random.Random(key).randbytes(size)
+
+
+def digest(data: bytes | bytearray) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Tally:
+    puts: int = 0
+    put_errors: int = 0
+    gets: int = 0
+    hits: int = 0
+    misses: int = 0
+    wrong_bytes: int = 0
+    get_errors: int = 0
+    put_at: dict[str, float] = field(default_factory=dict)  # key -> when its put was acknowledged
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Fleet:
+    """The mesh under test: fixed ports and ids, so a restarted node is the same member."""
+
+    def __init__(self, n: int, args: list[str], workdir: Path | None) -> None:
+        self.mesh = LocalMesh(workdir)
+        self.args = args
+        self.slots: list[LocalNode] = []
+        self.peak_rss: dict[str, int] = {}
+        self._stop = threading.Event()
+        seeds: list[str] = []
+        for i in range(n):
+            node = self.mesh.start_node(node_id=f"n{i}", seeds=list(seeds), args=args)
+            seeds.append(node.address)
+            self.slots.append(node)
+        self.mesh.wait_members(n, timeout=30)
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            for node in list(self.slots):
+                try:
+                    rss = psutil.Process(node.process.pid).memory_info().rss
+                except psutil.Error:
+                    continue
+                self.peak_rss[node.node_id] = max(self.peak_rss.get(node.node_id, 0), rss)
+
+    def alive(self) -> list[LocalNode]:
+        return [n for n in self.slots if n.alive]
+
+    def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
+        self.mesh.kill(self.slots[i], sig)
+
+    def restart(self, i: int) -> None:
+        self.slots[i] = self.mesh.restart(self.slots[i])
+
+    def client(self, node: LocalNode, timeout: float = 10.0) -> PeerClient:
+        return self.mesh.client(node, timeout=timeout)
+
+    def stats(self, node: LocalNode) -> pb.StatsReply | None:
+        try:
+            with self.client(node, 5) as c:
+                return c.stats()
+        except MeshError:
+            return None
+
+    def close(self) -> None:
+        self._stop.set()
+        self.mesh.close()
+
+
+def load(fleet: Fleet, tally: Tally, stop: threading.Event, keys: list[str], size: int, writers: int,
+         readers: int, timeout: float, spread: float) -> list[threading.Thread]:
+    """Writers put each key once, spread evenly over `spread` seconds; readers get keys already put and verify
+    their bytes."""
+    queue = list(keys)
+    qlock = threading.Lock()
+    started = time.monotonic()
+    pace = spread / max(1, len(keys))
+
+    def writer() -> None:
+        while not stop.is_set():
+            with qlock:
+                if not queue:
+                    return
+                key = queue.pop(0)
+                due = started + pace * (len(keys) - len(queue) - 1)
+            if stop.wait(max(0.0, due - time.monotonic())):
+                return
+            nodes = fleet.alive()
+            if not nodes:
+                time.sleep(0.1)
+                continue
+            node = random.choice(nodes)
+            try:
+                with fleet.client(node, timeout) as c:
+                    c.put(key, value_for(key, size))
+                with tally.lock:
+                    tally.puts += 1
+                    tally.put_at[key] = time.monotonic()
+            except MeshError:
+                with tally.lock:
+                    tally.put_errors += 1
+                    queue.append(key)  # try again later, through another node
+
+    def reader() -> None:
+        while not stop.is_set():
+            with tally.lock:
+                done = list(tally.put_at)
+            nodes = fleet.alive()
+            if not done or not nodes:
+                time.sleep(0.05)
+                continue
+            key = random.choice(done)
+            try:
+                with fleet.client(random.choice(nodes), timeout) as c:
+                    blob = c.get(key)
+            except MeshError:
+                with tally.lock:
+                    tally.get_errors += 1
+                continue
+            with tally.lock:
+                tally.gets += 1
+                if blob is None:
+                    tally.misses += 1
+                elif digest(blob.data) != digest(value_for(key, size)):
+                    tally.wrong_bytes += 1
+                else:
+                    tally.hits += 1
+
+    threads = [threading.Thread(target=writer, daemon=True) for _ in range(writers)]
+    threads += [threading.Thread(target=reader, daemon=True) for _ in range(readers)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def survey(fleet: Fleet, keys: list[str], size: int, replicas: int) -> dict[str, int]:
+    """Copies of each key on the live nodes (local_only Has), and whether a get returns the right bytes."""
+    copies = {k: 0 for k in keys}
+    for node in fleet.alive():
+        with fleet.client(node) as c:
+            for i in range(0, len(keys), 500):
+                batch = keys[i:i + 500]
+                for key, yes in zip(batch, c.has(batch, local_only=True)):
+                    copies[key] += yes
+    lost = [k for k, n in copies.items() if n == 0]
+    wrong = 0
+    node = fleet.alive()[0]
+    with fleet.client(node) as c:
+        for key in keys:
+            if copies[key]:
+                blob = c.get(key)
+                if blob is None or digest(blob.data) != digest(value_for(key, size)):
+                    wrong += 1
+    return {"keys": len(keys), "lost": len(lost), "under_replicated": sum(1 for n in copies.values() if n < replicas),
+            "wrong_bytes": wrong}
+
+
+def wait_repaired(fleet: Fleet, keys: list[str], size: int, replicas: int, limit: float) -> tuple[float | None, dict]:
+    """Seconds until every surviving key has R copies (None if not within `limit`), and the last survey."""
+    started = time.monotonic()
+    while True:
+        s = survey(fleet, keys, size, replicas)
+        if s["under_replicated"] == s["lost"]:
+            return time.monotonic() - started, s
+        if time.monotonic() - started > limit:
+            return None, s
+        time.sleep(0.5)
+
+
+def rolling_restart(fleet: Fleet, a: argparse.Namespace) -> dict:
+    keys = [f"rr/{i}" for i in range(a.keys)]
+    with fleet.client(fleet.slots[0], 30) as c:
+        for key in keys:
+            c.put(key, value_for(key, a.value_size))
+    _, before = wait_repaired(fleet, keys, a.value_size, a.replicas, 30)
+    fault_times = []
+    for i in range(len(fleet.slots)):
+        fleet.kill(i)
+        fault_times.append(time.monotonic())
+        time.sleep(3.0)
+        fleet.restart(i)
+        if i < len(fleet.slots) - 1:
+            time.sleep(10.0)
+    repaired_after, after = wait_repaired(fleet, keys, a.value_size, a.replicas, 60)
+    return {"scenario": "rolling-restart", "before": before, "after": after,
+            "repair_seconds_after_last_restart": None if repaired_after is None else round(repaired_after, 2)}
+
+
+def kill9(fleet: Fleet, a: argparse.Namespace) -> dict:
+    keys = [f"k9/{i}" for i in range(a.keys)]
+    tally = Tally()
+    stop = threading.Event()
+    threads = load(fleet, tally, stop, keys, a.value_size, writers=2, readers=6, timeout=5.0,
+                   spread=a.duration * 0.8)
+    end = time.monotonic() + a.duration
+    last_fault = time.monotonic()
+    rng = random.Random(7)
+    while time.monotonic() + a.fault_every < end:
+        time.sleep(a.fault_every)
+        i = rng.randrange(len(fleet.slots))
+        fleet.kill(i)
+        last_fault = time.monotonic()
+        time.sleep(3.0)
+        fleet.restart(i)
+    time.sleep(max(0.0, end - time.monotonic()))
+    stop.set()
+    for t in threads:
+        t.join(timeout=15)
+    settled = [k for k, at in tally.put_at.items() if at <= last_fault - 10.0]
+    seconds, after = wait_repaired(fleet, settled, a.value_size, a.replicas, 60)
+    return {"scenario": "kill9", "duration_s": a.duration, "fault_every_s": a.fault_every, "puts": tally.puts,
+            "put_errors": tally.put_errors, "gets": tally.gets, "hits": tally.hits, "misses": tally.misses,
+            "wrong_bytes": tally.wrong_bytes, "get_errors": tally.get_errors,
+            "settled_keys": len(settled), "after": after,
+            "repair_seconds": None if seconds is None else round(seconds, 2)}
+
+
+def _timed_gets(c: PeerClient, keys: list[str], timeout: float) -> tuple[list[float], int]:
+    times, misses = [], 0
+    for key in keys:
+        t0 = time.perf_counter()
+        try:
+            blob = c.get(key, timeout=timeout)
+        except MeshError:
+            blob = None
+        times.append(time.perf_counter() - t0)
+        misses += blob is None
+    return times, misses
+
+
+def freeze(fleet: Fleet, a: argparse.Namespace) -> dict:
+    keys = [f"fz/{i}" for i in range(a.keys)]
+    with fleet.client(fleet.slots[0], 30) as c:
+        for key in keys:
+            c.put(key, value_for(key, a.value_size))
+    wait_repaired(fleet, keys, a.value_size, a.replicas, 30)
+    frozen, reader = fleet.slots[0], fleet.slots[-1]
+    stats = fleet.stats(reader)
+    assert stats is not None
+    ring = Ring(ring_weights(stats.members))
+    # Keys whose first owner is the frozen node and which the reader does not own; half are read before the
+    # freeze (the baseline), the other half during it (a key read once stays in the reader's near cache).
+    theirs = [k for k in keys if ring.owners(k, a.replicas)[0] == frozen.node_id
+              and reader.node_id not in ring.owners(k, a.replicas)]
+    with fleet.client(reader) as c:
+        base, base_misses = _timed_gets(c, theirs[::2], a.lookup_timeout)
+    os.kill(frozen.process.pid, signal.SIGSTOP)
+    try:
+        with fleet.client(reader) as c:
+            during, during_misses = _timed_gets(c, theirs[1::2], a.lookup_timeout)
+    finally:
+        os.kill(frozen.process.pid, signal.SIGCONT)
+
+    def ms(xs: list[float]) -> dict:
+        return {"median_ms": round(statistics.median(xs) * 1000, 1), "min_ms": round(min(xs) * 1000, 1),
+                "max_ms": round(max(xs) * 1000, 1)} if xs else {}
+
+    return {"scenario": "freeze", "keys_read_before": len(base), "keys_read_frozen": len(during),
+            "before": ms(base), "during": ms(during),
+            "added_median_ms": round((statistics.median(during) - statistics.median(base)) * 1000, 1),
+            "added_max_ms": round((max(during) - statistics.median(base)) * 1000, 1),
+            "misses_before": base_misses, "misses_during": during_misses}
+
+
+SCENARIOS: dict[str, Callable[[Fleet, argparse.Namespace], dict]] = {
+    "rolling-restart": rolling_restart, "kill9": kill9, "freeze": freeze}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
+    p.add_argument("--nodes", type=int, default=3)
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--keys", type=int, default=200)
+    p.add_argument("--value-size", default="64KiB")
+    p.add_argument("--max-memory", default="256MiB")
+    p.add_argument("--duration", type=float, default=120.0, help="kill9: seconds of load")
+    p.add_argument("--fault-every", type=float, default=20.0, help="kill9: seconds between faults")
+    p.add_argument("--lookup-timeout", type=float, default=3.0, help="freeze: deadline of each get")
+    p.add_argument("--data-dir", action="store_true", help="give every node a --data-dir (the disk tier)")
+    p.add_argument("--json", help="write the results here too")
+    a = p.parse_args()
+    a.value_size = parse_size(a.value_size)
+    results = {"loadavg_start": os.getloadavg(), "nodes": a.nodes, "replicas": a.replicas, "keys": a.keys,
+               "value_size": a.value_size, "max_memory": a.max_memory, "runs": []}
+    for name in (SCENARIOS if a.scenario == "all" else [a.scenario]):
+        args = ["--replicas", str(a.replicas), "--max-memory", a.max_memory, *FAST]
+        fleet = Fleet(a.nodes, args, None)
+        if a.data_dir:
+            raise SystemExit("--data-dir: the disk tier is not built yet")
+        try:
+            run = SCENARIOS[name](fleet, a)
+        finally:
+            budget = parse_size(a.max_memory)
+            run_rss = {k: round(v / 2**20, 1) for k, v in fleet.peak_rss.items()}
+            fleet.close()
+        run["peak_rss_mib"] = run_rss
+        run["budget_mib"] = round(budget / 2**20, 1)
+        print(json.dumps(run, indent=2))
+        results["runs"].append(run)
+    results["loadavg_end"] = os.getloadavg()
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Durability and failover with real `mesh serve` processes on 127.0.0.1: restarts, frozen owners, big blobs
+through non-owners, deletes that stick, concurrent puts that converge.
+
+Every wait is a bounded poll on something observable (copies per key, a counter); no test sleeps to let
+something happen and then asserts its absence.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from mesh.localmesh import LocalMesh, LocalNode
+from mesh.membership import ring_weights
+from mesh.ring import Ring
+
+FAST = ["--heartbeat", "0.2", "--suspect-after", "1.0", "--dead-after", "2.5", "--repair-interval", "1",
+        "--replicas", "2"]
+
+
+def poll(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout} s: {what}")
+        time.sleep(0.1)
+
+
+def copies(mesh: LocalMesh, keys: list[str]) -> dict[str, int]:
+    """How many live nodes hold each key in their own store."""
+    out = dict.fromkeys(keys, 0)
+    for node in mesh.nodes:
+        if node.alive:
+            with mesh.client(node, timeout=10) as c:
+                for key, yes in zip(keys, c.has(keys, local_only=True)):
+                    out[key] += yes
+    return out
+
+
+def ring_of(mesh: LocalMesh, node: LocalNode) -> Ring:
+    with mesh.client(node) as c:
+        return Ring(ring_weights(c.stats().members))
+
+
+@pytest.fixture
+def three() -> Iterator[LocalMesh]:
+    with LocalMesh(extra_args=FAST) as mesh:
+        mesh.start(3)
+        mesh.wait_members(3)
+        yield mesh
+
+
+def _value(i: int) -> bytes:
+    return os.urandom(3000) + bytes([i % 251]) * 5000
+
+
+def test_rolling_restart_keeps_every_key(three: LocalMesh) -> None:
+    """Each node in turn killed -9 and restarted with the same id and port: once 40 of 40 keys were lost."""
+    values = {f"rr/{i}": _value(i) for i in range(40)}
+    keys = list(values)
+    with three.client(three.nodes[0]) as c:
+        for key, value in values.items():
+            c.put(key, value)
+    poll(lambda: min(copies(three, keys).values()) == 2, "every key has its 2 copies")
+    for i in range(3):
+        three.kill(three.nodes[i])
+        three.restart(three.nodes[i])
+        poll(lambda: min(copies(three, keys).values()) == 2, f"every key has 2 copies again after restart {i}")
+    with three.client(three.nodes[2]) as c:
+        for key, value in values.items():
+            got = c.get(key)
+            assert got is not None and bytes(got.data) == value
+    repaired = 0
+    for node in three.nodes:
+        with three.client(node) as c:
+            repaired += int(c.stats().counters["repaired"])
+    assert repaired > 0  # copies came back by repair (restarted nodes count theirs from their restart)
+
+
+def test_a_node_back_after_dead_gets_its_copies_back(three: LocalMesh) -> None:
+    values = {f"dead/{i}": _value(i) for i in range(30)}
+    keys = list(values)
+    with three.client(three.nodes[1]) as c:
+        for key, value in values.items():
+            c.put(key, value)
+    poll(lambda: min(copies(three, keys).values()) == 2, "every key has its 2 copies")
+    victim = three.nodes[0]
+    three.kill(victim)
+    # While it is DEAD the ring has two members: both hold every key (repair copies what the dead one had).
+    poll(lambda: min(copies(three, keys).values()) == 2 and len(ring_of(three, three.nodes[1])) == 2,
+         "the survivors hold 2 copies of every key")
+    back = three.restart(victim)
+    poll(lambda: len(ring_of(three, back)) == 3 and len(ring_of(three, three.nodes[1])) == 3, "the ring is whole")
+    ring = ring_of(three, three.nodes[1])
+    theirs = [k for k in keys if back.node_id in ring.owners(k, 2)]
+    assert theirs
+    with three.client(back) as c:
+        poll(lambda: all(c.has(theirs, local_only=True)), "the keys it owns are on it again")
+    # ...and the survivor that held them while it was away handed them back: exactly R copies of each key.
+    poll(lambda: set(copies(three, keys).values()) == {2}, "every key has exactly its 2 copies")
+
+
+def test_a_frozen_first_owner_does_not_turn_a_hit_into_a_miss(three: LocalMesh) -> None:
+    """SIGSTOP: the port still accepts, nothing answers. Once a lookup's whole 3 s deadline went to it."""
+    frozen, reader = three.nodes[0], three.nodes[2]
+    values = {f"frozen/{i}": _value(i) for i in range(120)}
+    with three.client(three.nodes[1]) as c:
+        for key, value in values.items():
+            c.put(key, value)
+    keys = list(values)
+    poll(lambda: min(copies(three, keys).values()) == 2, "every key has its 2 copies")
+    ring = ring_of(three, reader)
+    theirs = [k for k in keys if ring.owners(k, 2)[0] == frozen.node_id and reader.node_id not in ring.owners(k, 2)]
+    assert len(theirs) >= 3
+    os.kill(frozen.process.pid, signal.SIGSTOP)
+    try:
+        with three.client(reader) as c:
+            for key in theirs:
+                got = c.get(key, timeout=3.0)  # a provider lookup's deadline
+                assert got is not None and bytes(got.data) == values[key]
+            assert c.stats().counters["owner_failures"] >= 1  # it did try the frozen owner first
+    finally:
+        os.kill(frozen.process.pid, signal.SIGCONT)
+
+
+def test_a_blob_larger_than_the_near_cache_is_served_through_a_non_owner() -> None:
+    with LocalMesh(extra_args=[*FAST[:8], "--replicas", "1", "--max-memory", "32MiB"]) as mesh:
+        mesh.start(2)
+        mesh.wait_members(2)
+        a, b = mesh.nodes
+        ring = ring_of(mesh, a)
+        key = next(f"big/{i}" for i in range(100) if ring.owners(f"big/{i}", 1) == [a.node_id])
+        value = os.urandom(16 * 2**20)  # fits a's store (24 MiB), not b's near cache (8 MiB)
+        with mesh.client(a) as c:
+            c.put(key, value)
+        with mesh.client(b) as c:
+            got = c.get(key)
+            assert got is not None and bytes(got.data) == value
+            assert c.stats().counters["uncached_reads"] == 1
+
+
+def test_a_delete_sticks_and_reaches_near_copies(three: LocalMesh) -> None:
+    """No tombstones once: a delete right after a put was undone by the in-flight replica write (10 of 10)."""
+    keys = [f"del/{i}" for i in range(10)]
+    with three.client(three.nodes[0]) as c:
+        for key in keys:
+            c.put(key, b"value of " + key.encode())
+            assert c.delete([key]) == 1
+    # Near copies: read each key through every node, then delete through one.
+    near_keys = [f"near/{i}" for i in range(10)]
+    with three.client(three.nodes[1]) as c:
+        for key in near_keys:
+            c.put(key, b"near value")
+    for node in three.nodes:
+        with three.client(node) as c:
+            assert all(c.get(k) is not None for k in near_keys)
+    with three.client(three.nodes[2]) as c:
+        assert c.delete_keys(near_keys + ["never-was"]) == [True] * 10 + [False]
+    # Two full repair passes on every node after the deletes: nothing brings them back.
+    passes = {}
+    for node in three.nodes:
+        with three.client(node) as c:
+            passes[node.node_id] = c.stats().counters["repair_passes"]
+
+    def two_more_passes() -> bool:
+        for node in three.nodes:
+            with three.client(node) as c:
+                if c.stats().counters["repair_passes"] < passes[node.node_id] + 2:
+                    return False
+        return True
+
+    poll(two_more_passes, "two repair passes everywhere", timeout=60)
+    for node in three.nodes:
+        with three.client(node) as c:
+            assert not any(c.has(keys + near_keys)), node.node_id
+            assert all(c.get(k) is None for k in keys + near_keys)
+
+
+def test_concurrent_puts_of_one_key_converge_to_one_value(three: LocalMesh) -> None:
+    """Different content entering at both owners at once: once 6 of 10 keys ended with different replicas."""
+    ring = ring_of(three, three.nodes[0])
+    by_id = {n.node_id: n for n in three.nodes}
+    keys = [f"race/{i}" for i in range(10)]
+    barrier = threading.Barrier(2)
+
+    def put_through(node: LocalNode, key: str, value: bytes) -> None:
+        with three.client(node) as c:
+            barrier.wait(timeout=10)
+            c.put(key, value)
+
+    for key in keys:
+        first, second = (by_id[o] for o in ring.owners(key, 2))
+        threads = [threading.Thread(target=put_through, args=(first, key, b"A" * 5000 + key.encode())),
+                   threading.Thread(target=put_through, args=(second, key, b"B" * 5000 + key.encode()))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+
+    def converged() -> bool:
+        for key in keys:
+            versions = set()
+            for o in ring.owners(key, 2):
+                with three.client(by_id[o]) as c:
+                    versions.add(c.versions([key])[0])
+            if len(versions) != 1 or (0, 0.0) in versions:
+                return False
+        return True
+
+    poll(converged, "both owners of every key hold the same version", timeout=60)
+    for key in keys:  # and every node reads that one value
+        seen = set()
+        for node in three.nodes:
+            with three.client(node) as c:
+                got = c.get(key)
+                assert got is not None
+                seen.add(bytes(got.data))
+        assert len(seen) == 1
+
+
+def test_the_sidecar_client_keeps_working_while_its_sidecar_is_down(three: LocalMesh) -> None:
+    """Once RemoteClient errored as long as its own sidecar was down; the other members were never asked."""
+    from mesh.client import RemoteClient
+
+    sidecar = three.nodes[0]
+    client = RemoteClient(sidecar.address, three.secret)
+    values = {f"side/{i}": _value(i) for i in range(20)}
+    try:
+        for key, value in values.items():
+            assert client.put(key, value, {}, timeout=10) >= 1
+        assert client.get("side/0", timeout=10) == values["side/0"]  # learns the ring from the sidecar
+        keys = list(values)
+        poll(lambda: min(copies(three, keys).values()) == 2, "every key has its 2 copies")
+        three.kill(sidecar)
+        for key, value in values.items():
+            assert client.get(key, timeout=5) == value
+        assert client.has(keys, timeout=5) == [True] * len(keys)
+        assert client.put("side/new", b"while the sidecar is down", {}, timeout=10) >= 1
+        with three.client(three.nodes[1]) as c:
+            got = c.get("side/new")
+            assert got is not None and bytes(got.data) == b"while the sidecar is down"
+    finally:
+        client.close()
