@@ -111,6 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = NodeConfig(
         listen=args.listen, node_id=args.node_id or "", advertise=args.advertise or "",
         max_memory=parse_size(args.max_memory), min_free_ram=parse_size(args.min_free_ram),
+        data_dir=args.data_dir or "", max_disk=parse_size(args.max_disk),
         secret=load_keyring(args.secret_file), tls=_tls(args),
         limits=Limits(chunk_size=parse_size(args.chunk_size), max_blob_size=parse_size(args.max_blob_size),
                       max_chunk_size=parse_size(args.max_chunk_size),
@@ -415,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT to serve on (port 0: any)")
     s.add_argument("--node-id", help="stable id of this node (default: hostname-port-random)")
     s.add_argument("--max-memory", default="4GiB", help="byte budget of the blob store (default 4GiB)")
+    s.add_argument("--data-dir", default=os.environ.get("MESH_DATA_DIR", ""),
+                   help="keep blobs on disk here too: a restarted node serves what it had (env MESH_DATA_DIR; "
+                        "default: RAM only)")
+    s.add_argument("--max-disk", default=os.environ.get("MESH_MAX_DISK", "16GiB"),
+                   help="byte budget of --data-dir, LRU (env MESH_MAX_DISK; default 16GiB)")
     s.add_argument("--min-free-ram", default="1GiB", help="evict while the host has less RAM available (1GiB)")
     s.add_argument("--chunk-size", default="1MiB", help="raw bytes per chunk sent (default 1MiB)")
     s.add_argument("--max-blob-size", default="2GiB", help="largest value accepted (default 2GiB)")

@@ -332,8 +332,11 @@ class Cluster:
         self.membership.leave()
         ring = Ring({k: float(v) for k, v in self.membership.ring_members().items()})
         handed, failed = 0, 0
-        for entry in self.store.items():
-            owners = ring.owners(entry.header.key, self.config.replicas)
+        for header, _ in self.store.catalog():
+            entry = self.store.peek(header.key)
+            if entry is None:
+                continue
+            owners = ring.owners(header.key, self.config.replicas)
             ok = sum(self.put_to(o, entry) for o in owners)
             handed += ok > 0
             failed += ok == 0 and bool(owners)

@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -22,6 +23,7 @@ import mesh
 from mesh.address import join_hostport, split_hostport
 from mesh.auth import AuthInterceptor, Secret, ServerAuth, as_keyring
 from mesh.cluster import Cluster, ClusterConfig
+from mesh.disk import DiskStore
 from mesh.membership import Member, Membership, Timing
 from mesh.pb import mesh_pb2 as pb
 from mesh.peers import PeerPool
@@ -48,6 +50,8 @@ class NodeConfig:
     max_memory: int = 4 * GiB
     min_free_ram: int = 1 * GiB
     near_fraction: float = 0.25       # share of max_memory for copies of keys this node reads but does not own
+    data_dir: str = ""                # the disk tier: blobs survive a restart (empty: RAM only)
+    max_disk: int = 16 * GiB
     secret: Secret = None             # one secret, several (the first signs: rotation), or a shared Keyring
     tls: TlsConfig | None = None      # with it, the node serves TLS only (mTLS when it has a CA) and dials peers so
     limits: Limits = field(default_factory=Limits)
@@ -73,8 +77,9 @@ class Node:
             raise ValueError("near_fraction must be in [0, 1)")
         self.config = config
         near_budget = max(1, int(config.max_memory * config.near_fraction))
+        disk = DiskStore(Path(config.data_dir), config.max_disk, config.limits) if config.data_dir else None
         self.store = BlobStore(config.max_memory - near_budget if config.near_fraction else config.max_memory,
-                               config.min_free_ram)
+                               config.min_free_ram, disk=disk)
         self.near = BlobStore(near_budget, config.min_free_ram)
         self.server: grpc.Server | None = None
         self.servicer: MeshServicer | None = None
@@ -138,8 +143,9 @@ class Node:
             self._start_zeroconf(host, bound)
         self._housekeeper = threading.Thread(target=self._housekeep, name="mesh-housekeeping", daemon=True)
         self._housekeeper.start()
-        log.info("mesh node %s serving on %s (cluster %r, budget %s, min free RAM %s, replicas %d, auth %s, "
+        log.info("mesh node %s serving on %s (cluster %r, budget %s, disk %s, min free RAM %s, replicas %d, auth %s, "
                  "tls %s, seeds %s, zeroconf %s)", self.node_id, self.address, c.cluster.name, format_size(c.max_memory),
+                 f"{c.data_dir} ({format_size(c.max_disk)})" if c.data_dir else "off",
                  format_size(c.min_free_ram), c.cluster.replicas, "on" if self.auth else "OFF",
                  ("mutual" if c.tls.ca else "on") if c.tls else "off",
                  ",".join(c.seeds) or "none", "on" if c.zeroconf else "off")

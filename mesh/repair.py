@@ -50,15 +50,14 @@ def version_hash(header: Header) -> int:
     return xxhash.xxh3_64_intdigest(f"{header.key}\0{header.checksum}\0{header.created_unix!r}".encode())
 
 
-def digest(entries: Iterable[Entry], shared: Callable[[str], bool], buckets: int = BUCKETS
+def digest(headers: Iterable[Header], shared: Callable[[str], bool], buckets: int = BUCKETS
            ) -> tuple[list[int], list[int]]:
-    """(xor of version hashes, count) per bucket, over the entries whose key `shared` accepts."""
+    """(xor of version hashes, count) per bucket, over the keys `shared` accepts."""
     xors, counts = [0] * buckets, [0] * buckets
-    for entry in entries:
-        key = entry.header.key
-        if shared(key):
-            b = bucket_of(key, buckets)
-            xors[b] ^= version_hash(entry.header)
+    for header in headers:
+        if shared(header.key):
+            b = bucket_of(header.key, buckets)
+            xors[b] ^= version_hash(header)
             counts[b] += 1
     return xors, counts
 
@@ -113,7 +112,7 @@ class AntiEntropy:
             owners = ring.owners(key, r)
             return me in owners and requester in owners
 
-        return digest(self.store.items(), shared, buckets)
+        return digest((h for h, _ in self.store.catalog()), shared, buckets)
 
     # -- the loop -----------------------------------------------------------------------------------------
 
@@ -154,34 +153,34 @@ class AntiEntropy:
     def run_pass(self) -> RepairStats:
         started = time.monotonic()
         ring, me, r = self.placement.ring, self.placement.node_id, self.placement.replicas
-        by_peer: dict[str, list[Entry]] = {}   # peer -> our entries it should hold too
-        not_ours: list[tuple[Entry, list[str]]] = []
-        for entry in self.store.items():
-            owners = ring.owners(entry.header.key, r)
+        by_peer: dict[str, list[Header]] = {}   # peer -> our keys it should hold too
+        not_ours: list[tuple[Header, list[str]]] = []
+        for header, _ in self.store.catalog():
+            owners = ring.owners(header.key, r)
             if me in owners:
                 for peer in owners:
                     if peer != me:
-                        by_peer.setdefault(peer, []).append(entry)
+                        by_peer.setdefault(peer, []).append(header)
             else:
-                not_ours.append((entry, owners))
+                not_ours.append((header, owners))
         budget = [self.max_push_bytes]
         missing = pending = repaired = 0
-        for peer, entries in by_peer.items():
-            m, unpushed, done = self._sync_peer(peer, entries, budget)
+        for peer, headers in by_peer.items():
+            m, unpushed, done = self._sync_peer(peer, headers, budget)
             missing, pending, repaired = missing + m, pending + len(unpushed), repaired + done
-        handoff: dict[str, list[Entry]] = {}
-        for entry, owners in not_ours:
+        handoff: dict[str, list[Header]] = {}
+        for header, owners in not_ours:
             for owner in owners:
-                handoff.setdefault(owner, []).append(entry)
+                handoff.setdefault(owner, []).append(header)
         kept: set[str] = set()
-        for owner, entries in handoff.items():
-            m, unpushed, done = self._push_missing(owner, entries, budget)
+        for owner, headers in handoff.items():
+            m, unpushed, done = self._push_missing(owner, headers, budget)
             missing, pending, repaired = missing + m, pending + len(unpushed), repaired + done
             kept |= unpushed
         handed = 0
-        for entry, owners in not_ours:
-            key = entry.header.key
-            if owners and key not in kept and self.store.peek(key) is entry:
+        for header, owners in not_ours:
+            key = header.key
+            if owners and key not in kept and self.store.header(key) == header:
                 self.store.delete([key])  # every owner holds it now: it was only ours to hand on
                 handed += 1
         s = self.stats
@@ -201,50 +200,51 @@ class AntiEntropy:
             return None
         return address
 
-    def _sync_peer(self, peer: str, entries: list[Entry], budget: list[int]) -> tuple[int, set[str], int]:
+    def _sync_peer(self, peer: str, headers: list[Header], budget: list[int]) -> tuple[int, set[str], int]:
         address = self._usable(peer)
         if address is None:
-            return 0, {e.header.key for e in entries}, 0
+            return 0, {h.key for h in headers}, 0
         try:
             theirs = self.placement.peers.client(address).digest(self.placement.node_id, BUCKETS,
                                                                   timeout=self.timeout)
         except MeshError as e:
             self._failed(address, e)
-            return 0, {e.header.key for e in entries}, 0
-        mine = digest(entries, lambda _key: True)
+            return 0, {h.key for h in headers}, 0
+        mine = digest(headers, lambda _key: True)
         differ = {b for b in range(BUCKETS) if (mine[0][b], mine[1][b]) != (theirs[0][b], theirs[1][b])}
-        return self._push_missing(peer, [e for e in entries if bucket_of(e.header.key) in differ], budget)
+        return self._push_missing(peer, [h for h in headers if bucket_of(h.key) in differ], budget)
 
-    def _push_missing(self, peer: str, entries: list[Entry], budget: list[int]) -> tuple[int, set[str], int]:
-        """(copies the peer lacked, keys not confirmed at the peer, copies pushed) for `entries` at `peer`."""
-        if not entries:
+    def _push_missing(self, peer: str, headers: list[Header], budget: list[int]) -> tuple[int, set[str], int]:
+        """(copies the peer lacked, keys not confirmed at the peer, copies pushed) for our `headers` at `peer`."""
+        if not headers:
             return 0, set(), 0
-        all_keys = {e.header.key for e in entries}
+        all_keys = {h.key for h in headers}
         address = self._usable(peer)
         if address is None:
             return 0, all_keys, 0
         client = self.placement.peers.client(address)
-        lacking: list[Entry] = []
+        lacking: list[Header] = []
         try:
-            for i in range(0, len(entries), HAS_BATCH):
-                batch = entries[i:i + HAS_BATCH]
-                versions = client.versions([e.header.key for e in batch], timeout=self.timeout)
-                for entry, (checksum, created) in zip(batch, versions):
-                    h = entry.header
+            for i in range(0, len(headers), HAS_BATCH):
+                batch = headers[i:i + HAS_BATCH]
+                versions = client.versions([h.key for h in batch], timeout=self.timeout)
+                for h, (checksum, created) in zip(batch, versions):
                     if checksum == 0 or (checksum != h.checksum and precedes(
                             h, Header(h.key, 0, 1, 0, checksum, created_unix=created))):
-                        lacking.append(entry)
+                        lacking.append(h)
         except MeshError as e:
             self._failed(address, e)
             return 0, all_keys, 0
-        unpushed = {e.header.key for e in lacking}
-        for entry in lacking:
-            size = entry.size
-            if budget[0] < size:
+        unpushed = {h.key for h in lacking}
+        for h in lacking:
+            entry = self.store.peek(h.key)
+            if entry is None or entry.header != h:
+                continue  # gone or replaced since the catalog was read: the next pass sees what is there now
+            if budget[0] < entry.size:
                 break
             if self.placement.put_to(peer, entry):
-                budget[0] -= size
-                unpushed.discard(entry.header.key)
+                budget[0] -= entry.size
+                unpushed.discard(h.key)
             elif not self.placement.peers.usable(address):
                 break
         return len(lacking), unpushed, len(lacking) - len(unpushed)

@@ -191,8 +191,8 @@ class MeshServicer(pb_grpc.MeshServicer):
                 stored = self.store.put(entry)
                 return pb.PutReply(stored=stored, existed=not stored, replicas=1)
             replicas = self.cluster.put(entry)
-            held = self.store.peek(header.key)
-            if held is not None and held is not entry:  # a concurrent put of the same key stored it first
+            held = self.store.header(header.key)
+            if held is not None and held != entry.header:  # a concurrent put of the same key stored it first
                 return pb.PutReply(existed=True, replicas=replicas)
             return pb.PutReply(stored=True, replicas=replicas)
         except TransferError as e:
@@ -243,11 +243,11 @@ class MeshServicer(pb_grpc.MeshServicer):
         keys = list(request.keys)
         self._check_keys(keys, context)
         if request.local_only or self.cluster is None:
-            held = [self.store.peek(k) for k in keys]
-            reply = pb.HasReply(present=[e is not None for e in held])
+            held = [self.store.header(k) for k in keys]
+            reply = pb.HasReply(present=[h is not None for h in held])
             if request.versions:
-                reply.checksums.extend(e.header.checksum if e else 0 for e in held)
-                reply.created_unix.extend(e.header.created_unix if e else 0.0 for e in held)
+                reply.checksums.extend(h.checksum if h else 0 for h in held)
+                reply.created_unix.extend(h.created_unix if h else 0.0 for h in held)
             return reply
         with self._admit(context, self._routed, "too many routed calls"):
             return pb.HasReply(present=self.cluster.has(keys, self._deadline(context)))
@@ -322,11 +322,11 @@ class MeshServicer(pb_grpc.MeshServicer):
         now = time.time()
         with self._admit(context, self._streams, "too many streams"), \
                 self.watchdog.watch(context.cancel, self.limits.idle_timeout, f"ListKeys to {context.peer()}") as watch:
-            for entry in self.store.items(request.prefix, request.limit):
-                h = entry.header
+            listed = [(h, at) for h, at in self.store.catalog() if h.key.startswith(request.prefix)]
+            for h, stored_at in listed[:request.limit] if request.limit else listed:
                 watch.touch(self.limits.idle_timeout)
                 yield pb.KeyInfo(key=h.key, raw_size=h.raw_size, stored_size=h.stored_size,
-                                 age_seconds=now - entry.stored_at, meta=dict(h.meta))
+                                 age_seconds=now - stored_at, meta=dict(h.meta))
 
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
         if self.cluster is None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
+from mesh.disk import DiskStore
 from mesh.wire import Header, StoredChunk, meta_size
 
 ENTRY_OVERHEAD = 512  # bytes of bookkeeping charged per blob, so many tiny blobs cannot exceed the budget
@@ -74,10 +75,12 @@ class BlobStore:
     """Thread-safe LRU of verified blobs. All bookkeeping happens under one lock; data is never copied."""
 
     def __init__(self, max_memory: int, min_free_ram: int = 0,
-                 ram_probe: Callable[[], int] = available_ram) -> None:
+                 ram_probe: Callable[[], int] = available_ram, disk: DiskStore | None = None) -> None:
         if max_memory <= 0:
             raise ValueError("max_memory must be positive")
         self.max_memory = max_memory
+        self.disk = disk  # with one, every put is on disk before it returns, and a RAM miss reads it back
+        self._key_locks = [threading.Lock() for _ in range(64)]  # one put of a key at a time (RAM and disk agree)
         self.min_free_ram = min_free_ram
         self._probe = ram_probe
         self._lock = threading.Lock()
@@ -87,38 +90,76 @@ class BlobStore:
         self.counters = Counters()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        if self.disk is None:
+            return len(self._entries)
+        return len(self._entries.keys() | set(self.disk))
 
     @property
     def used(self) -> int:
         return self._used
 
     def __contains__(self, key: str) -> bool:
-        return key in self._entries
+        return key in self._entries or (self.disk is not None and key in self.disk)
 
     def get(self, key: str) -> Entry | None:
         with self._lock:
             item = self._entries.get(key)
-            if item is None:
+            if item is not None:
+                self._entries.move_to_end(key)
+                self.counters.hits += 1
+                self.counters.bytes_out += item[1]
+                return item[0]
+        entry = self._from_disk(key)
+        with self._lock:
+            if entry is None:
                 self.counters.misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self.counters.hits += 1
-            self.counters.bytes_out += item[1]
-            return item[0]
+            else:
+                self.counters.hits += 1
+                self.counters.bytes_out += entry.size
+        return entry
+
+    def _from_disk(self, key: str) -> Entry | None:
+        """A blob only the disk tier holds, read back (verified) and kept in RAM as the hot set."""
+        if self.disk is None or key not in self.disk:
+            return None
+        found = self.disk.get(key)
+        if found is None:
+            return None
+        entry = Entry(*found)
+        if entry.size <= self.max_memory:
+            with self._lock:
+                if key not in self._entries:
+                    self._insert(entry, entry.size)
+        return entry
 
     def peek(self, key: str) -> Entry | None:
-        """Read without counting a hit or touching recency (hand-off, listings)."""
+        """Read without counting a hit (hand-off, repair); reads the disk tier if RAM does not hold it."""
         item = self._entries.get(key)
-        return item[0] if item else None
+        return item[0] if item else self._from_disk(key)
+
+    def header(self, key: str) -> Header | None:
+        """The stored version of `key` (cheap: never reads a blob)."""
+        item = self._entries.get(key)
+        if item is not None:
+            return item[0].header
+        return self.disk.header(key) if self.disk is not None else None
+
+    def catalog(self) -> list[tuple[Header, float]]:
+        """(header, stored_at) of every key held, in RAM or on disk, least recently used first."""
+        with self._lock:
+            ram = {k: (e.header, e.stored_at) for k, (e, _) in self._entries.items()}
+        if self.disk is None:
+            return list(ram.values())
+        out = [(i.header, i.stored_at) for i in self.disk.catalog() if i.header.key not in ram]
+        return out + list(ram.values())
 
     def would_take(self, header: Header) -> bool:
         """Whether a put of this header could change the store (a cheap check before receiving the chunks)."""
         with self._lock:
             if self._deleted_after(header):
                 return False
-            item = self._entries.get(header.key)
-        return item is None or (item[0].header.checksum != header.checksum and precedes(header, item[0].header))
+        held = self.header(header.key)
+        return held is None or (held.checksum != header.checksum and precedes(header, held))
 
     def _deleted_after(self, header: Header) -> bool:
         deleted_at = self._tombstones.get(header.key)
@@ -141,39 +182,53 @@ class BlobStore:
             with self._lock:
                 self.counters.refused += 1
             raise StoreFull(f"blob of {size} bytes exceeds the store budget of {self.max_memory} bytes")
-        with self._lock:
-            key = entry.header.key
-            if self._deleted_after(entry.header):
-                self.counters.tombstoned += 1
-                return False
-            held = self._entries.get(key)
-            if held is not None:
-                if held[0].header.checksum == entry.header.checksum or not precedes(entry.header, held[0].header):
-                    self._entries.move_to_end(key)
-                    self.counters.duplicate_puts += 1
+        key = entry.header.key
+        with self._key_locks[hash(key) % len(self._key_locks)]:
+            with self._lock:
+                if self._deleted_after(entry.header):
+                    self.counters.tombstoned += 1
                     return False
-                del self._entries[key]
-                self._used -= held[1]
-                self.counters.conflicts_resolved += 1
-            while self._used + size > self.max_memory and self._entries:
-                self._evict_oldest()
-            self._entries[entry.header.key] = (entry, size)
-            self._used += size
-            self.counters.puts += 1
-            self.counters.bytes_in += size
+            held = self.header(key)
+            if held is not None and (held.checksum == entry.header.checksum or not precedes(entry.header, held)):
+                with self._lock:
+                    if key in self._entries:
+                        self._entries.move_to_end(key)
+                    self.counters.duplicate_puts += 1
+                return False
+            if self.disk is not None:
+                self.disk.put(entry.header, entry.chunks)  # on disk before the put returns
+            with self._lock:
+                old = self._entries.pop(key, None)
+                if old is not None:
+                    self._used -= old[1]
+                if held is not None:
+                    self.counters.conflicts_resolved += 1
+                self._insert(entry, size)
+                self.counters.puts += 1
+                self.counters.bytes_in += size
         self.relieve_pressure()
         return True
+
+    def _insert(self, entry: Entry, size: int) -> None:
+        """Under the lock: make room (LRU) and keep the entry in RAM."""
+        while self._used + size > self.max_memory and self._entries:
+            self._evict_oldest()
+        self._entries[entry.header.key] = (entry, size)
+        self._used += size
 
     def delete(self, keys: list[str], tombstone: bool = False) -> int:
         """Drop keys; with `tombstone`, also refuse copies of them made before now, for TOMBSTONE_TTL."""
         deleted = 0
         now = time.time()
+        on_disk = {k for k in keys if self.disk is not None and self.disk.delete(k)}
         with self._lock:
             for key in keys:
                 item = self._entries.pop(key, None)
                 if item is not None:
                     self._used -= item[1]
+                if item is not None or key in on_disk:
                     deleted += 1
+                    on_disk.discard(key)
                 if tombstone:
                     self._tombstones.pop(key, None)
                     self._tombstones[key] = now
@@ -217,4 +272,6 @@ class BlobStore:
             out: dict[str, float] = dict(vars(self.counters))
             out.update(entries=len(self._entries), bytes_used=self._used, max_memory=self.max_memory,
                        min_free_ram=self.min_free_ram)
+        if self.disk is not None:
+            out.update(self.disk.stats())
         return out

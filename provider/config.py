@@ -37,6 +37,8 @@ class ProviderConfig:
     tls_ca: str = ""
     tls_server_name: str = "comfy-mesh"
     max_memory: int = parse_size("4GiB")
+    data_dir: str = ""                # embedded node's disk tier (empty: RAM only)
+    max_disk: int = parse_size("16GiB")
     min_free_ram: int = parse_size("2GiB")
     namespace: str = ""               # operator's part of the key namespace (model set, fleet name...)
     allow: tuple[str, ...] = ()       # class types to cache; empty: all that pass the other rules

@@ -75,7 +75,7 @@ class Tally:
 class Fleet:
     """The mesh under test: fixed ports and ids, so a restarted node is the same member."""
 
-    def __init__(self, n: int, args: list[str], workdir: Path | None) -> None:
+    def __init__(self, n: int, args: list[str], workdir: Path | None, data_dir: bool = False) -> None:
         self.mesh = LocalMesh(workdir)
         self.args = args
         self.slots: list[LocalNode] = []
@@ -83,7 +83,8 @@ class Fleet:
         self._stop = threading.Event()
         seeds: list[str] = []
         for i in range(n):
-            node = self.mesh.start_node(node_id=f"n{i}", seeds=list(seeds), args=args)
+            own = ["--data-dir", str(self.mesh.workdir / f"data-n{i}")] if data_dir else []
+            node = self.mesh.start_node(node_id=f"n{i}", seeds=list(seeds), args=args + own)
             seeds.append(node.address)
             self.slots.append(node)
         self.mesh.wait_members(n, timeout=30)
@@ -337,19 +338,18 @@ def main() -> int:
     p.add_argument("--json", help="write the results here too")
     a = p.parse_args()
     a.value_size = parse_size(a.value_size)
-    results = {"loadavg_start": os.getloadavg(), "nodes": a.nodes, "replicas": a.replicas, "keys": a.keys,
+    results = {"loadavg_start": os.getloadavg(), "data_dir": a.data_dir, "nodes": a.nodes, "replicas": a.replicas, "keys": a.keys,
                "value_size": a.value_size, "max_memory": a.max_memory, "runs": []}
     for name in (SCENARIOS if a.scenario == "all" else [a.scenario]):
         args = ["--replicas", str(a.replicas), "--max-memory", a.max_memory, *FAST]
-        fleet = Fleet(a.nodes, args, None)
-        if a.data_dir:
-            raise SystemExit("--data-dir: the disk tier is not built yet")
+        fleet = Fleet(a.nodes, args, None, data_dir=a.data_dir)
         try:
             run = SCENARIOS[name](fleet, a)
         finally:
             budget = parse_size(a.max_memory)
             run_rss = {k: round(v / 2**20, 1) for k, v in fleet.peak_rss.items()}
             fleet.close()
+        run["data_dir"] = a.data_dir
         run["peak_rss_mib"] = run_rss
         run["budget_mib"] = round(budget / 2**20, 1)
         print(json.dumps(run, indent=2))

@@ -1,0 +1,161 @@
+"""The disk tier (mesh/disk.py): crash-safe files, verified reads, LRU within the disk budget, and a `mesh serve`
+that comes back from kill -9 with what it had."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mesh.disk import TMP_SUFFIX, DiskStore, file_name
+from mesh.peer import PeerClient
+from mesh.store import BlobStore, Entry
+from mesh.wire import KiB, Limits, iter_chunks, make_header
+from tests.conftest import SECRET, ServeProcess, free_port
+
+
+def entry(key: str, data: bytes, created: float = 1.0) -> Entry:
+    header = make_header(key, data, 64 * KiB)
+    chunks = tuple(iter_chunks(data, 64 * KiB))
+    from dataclasses import replace
+
+    return Entry(replace(header, created_unix=created, stored_size=sum(len(c.data) for c in chunks)), chunks)
+
+
+def value(n: int, seed: int = 0) -> bytes:
+    return os.urandom(n // 2) + bytes([seed % 251]) * (n - n // 2)
+
+
+def test_a_blob_survives_a_new_process(tmp_path: Path) -> None:
+    data = value(300 * KiB)
+    DiskStore(tmp_path, 10 << 20).put(entry("k", data).header, entry("k", data).chunks)
+    again = DiskStore(tmp_path, 10 << 20)  # what a restarted node does at start
+    assert "k" in again and len(again) == 1
+    header, chunks = again.get("k")  # type: ignore[misc]
+    assert header.key == "k" and b"".join(_raw(c) for c in chunks) == data
+
+
+def _raw(chunk: object) -> bytes:
+    import lz4.block
+
+    from mesh.wire import LZ4
+
+    data = bytes(chunk.data)  # type: ignore[attr-defined]
+    return lz4.block.decompress(data, uncompressed_size=chunk.raw_size) if chunk.codec == LZ4 else data  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty"])
+def test_a_torn_or_corrupt_file_is_a_miss_and_is_removed(tmp_path: Path, damage: str) -> None:
+    data = value(200 * KiB)
+    store = DiskStore(tmp_path, 10 << 20)
+    e = entry("k", data)
+    store.put(e.header, e.chunks)
+    path = tmp_path / file_name("k")
+    blob = bytearray(path.read_bytes())
+    if damage == "truncate":
+        blob = blob[:len(blob) - 1000]
+    elif damage == "flip":
+        blob[len(blob) - 5000] ^= 0xFF
+    elif damage == "garbage":
+        blob = bytearray(os.urandom(len(blob)))
+    else:
+        blob = bytearray()
+    path.write_bytes(bytes(blob))
+    fresh = DiskStore(tmp_path, 10 << 20)
+    assert fresh.get("k") is None  # never wrong bytes
+    assert not path.exists() and "k" not in fresh
+
+
+def test_strays_are_removed_and_names_are_checked(tmp_path: Path) -> None:
+    data = value(10 * KiB)
+    store = DiskStore(tmp_path, 10 << 20)
+    e = entry("real", data)
+    store.put(e.header, e.chunks)
+    (tmp_path / ("x" + TMP_SUFFIX)).write_bytes(b"half a write")
+    (tmp_path / file_name("real")).rename(tmp_path / file_name("other"))  # a file under another key's name
+    fresh = DiskStore(tmp_path, 10 << 20)
+    assert len(fresh) == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_disk_budget_is_lru(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 700 * KiB)
+    for i in range(5):
+        e = entry(f"k{i}", os.urandom(200 * KiB))
+        store.put(e.header, e.chunks)
+        if i == 2:
+            assert store.get("k0") is not None  # touched: k1 is now the oldest
+    assert store.used <= 700 * KiB
+    assert "k0" in store and "k1" not in store and "k4" in store
+    assert len(list(tmp_path.iterdir())) == len(store)
+
+
+def test_the_store_reads_back_what_ram_evicted_and_deletes_files(tmp_path: Path) -> None:
+    store = BlobStore(400 * KiB, disk=DiskStore(tmp_path, 10 << 20))
+    values = {f"k{i}": value(150 * KiB, i) for i in range(6)}
+    for key, data in values.items():
+        assert store.put(entry(key, data))
+    assert store.used <= 400 * KiB and len(store) == 6  # RAM holds two; the disk all six
+    for key, data in values.items():
+        got = store.get(key)
+        assert got is not None and b"".join(_raw(c) for c in got.chunks) == data
+    assert {h.key for h, _ in store.catalog()} == set(values)
+    assert store.delete(["k0", "k5", "nope"]) == 2
+    assert not (tmp_path / file_name("k0")).exists() and "k0" not in store and len(store) == 4
+
+
+def test_conflict_rule_holds_across_ram_and_disk(tmp_path: Path) -> None:
+    store = BlobStore(200 * KiB, disk=DiskStore(tmp_path, 10 << 20))
+    late, early = entry("k", b"late" * 1000, created=20.0), entry("k", b"early" * 1000, created=10.0)
+    assert store.put(late)
+    for i in range(3):  # push k out of RAM: only the disk holds it
+        store.put(entry(f"filler{i}", os.urandom(90 * KiB)))
+    assert store.put(early)  # the first written wins, wherever the other copy lives
+    assert not store.put(late)
+    fresh = BlobStore(200 * KiB, disk=DiskStore(tmp_path, 10 << 20))
+    assert fresh.header("k") == early.header
+
+
+# -- a real `mesh serve` ----------------------------------------------------------------------------------------
+
+def test_a_killed_node_with_a_data_dir_serves_what_it_had_at_once(serve: Callable[..., ServeProcess],
+                                                                 tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    args = ["--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir), "--node-id", "solo"]
+    node = serve(*args)
+    values = {f"d/{i}": value(100 * KiB, i) for i in range(20)}
+    with PeerClient(node.address, SECRET) as c:
+        for key, data in values.items():
+            assert c.put(key, data).stored  # acknowledged: on disk, fsynced
+    node.stop(signal.SIGKILL)
+    again = serve(*args)
+    with PeerClient(again.address, SECRET) as c:
+        assert c.stats().counters["disk_entries"] == 20
+        for key, data in values.items():
+            got = c.get(key)
+            assert got is not None and bytes(got.data) == data
+        assert sorted(k.key for k in c.list_keys()) == sorted(values)
+
+
+def test_a_node_without_a_data_dir_comes_back_empty(serve: Callable[..., ServeProcess]) -> None:
+    """The default (RAM only), stated as a test: the README says so."""
+    port = free_port()
+    node = serve("--listen", f"127.0.0.1:{port}")
+    with PeerClient(node.address, SECRET) as c:
+        c.put("k", b"v")
+    node.stop(signal.SIGKILL)
+    again = serve("--listen", f"127.0.0.1:{port}")
+    with PeerClient(again.address, SECRET) as c:
+        assert c.get("k") is None and "disk_entries" not in c.stats().counters
+
+
+def test_limits_are_used_to_verify(tmp_path: Path) -> None:
+    """A file claiming a value larger than the node accepts is refused at read, like on the wire."""
+    store = DiskStore(tmp_path, 10 << 20)
+    e = entry("big", os.urandom(300 * KiB))
+    store.put(e.header, e.chunks)
+    small = DiskStore(tmp_path, 10 << 20, Limits(max_blob_size=100 * KiB))
+    assert small.get("big") is None
