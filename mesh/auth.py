@@ -145,8 +145,21 @@ def _mac(secret: bytes, *parts: bytes) -> bytes:
     return hmac.digest(secret, b"\0".join(parts), "sha256")
 
 
-def hello_proof(secret: bytes, client_nonce: bytes, session: str, node_id: str) -> bytes:
-    return _mac(secret, b"comfy-mesh/2/hello", client_nonce, session.encode(), node_id.encode())
+def hello_proof(secret: bytes, client_nonce: bytes, session: str, node_id: str, address: str) -> bytes:
+    return _mac(secret, b"comfy-mesh/2/hello", client_nonce, session.encode(), node_id.encode(), address.encode())
+
+
+def reply_tag(secret: bytes, method: str, session: str, counter: int, payload: bytes) -> bytes:
+    """Binds a reply to the call it answers (its session and counter): a relay can neither alter nor reuse it."""
+    return _mac(secret, b"comfy-mesh/2/reply", method.encode(), session.encode(), b"%d" % counter, payload)
+
+
+def parse_proof(value: str) -> tuple[str, str, int] | None:
+    """(key id, session, counter) of a call proof as sent in METADATA_KEY, or None if it is not one."""
+    parts = value.split(".")
+    if len(value) > _MAX_HEADER or len(parts) != 4 or not parts[2].isdigit() or len(parts[2]) > 18:
+        return None
+    return parts[0], parts[1], int(parts[2])
 
 
 def call_tag(secret: bytes, method: str, session: str, counter: int) -> str:
@@ -161,6 +174,7 @@ class _Session:
     kid: str
     secret: bytes
     node_id: str
+    address: str
     renew_at: float
     counter: Iterable[int] = field(default_factory=lambda: itertools.count(1))
 
@@ -181,6 +195,20 @@ class ClientAuth:
         """The node id the node proved, once a Hello succeeded."""
         s = self._session
         return s.node_id if s else None
+
+    @property
+    def address(self) -> str | None:
+        """The address the node proved it advertises, once a Hello succeeded."""
+        s = self._session
+        return s.address if s else None
+
+    def check_reply(self, proof_value: str, method: str, payload: bytes, tag: bytes) -> bool:
+        """Whether `tag` proves that the node of this session answered the call sent with `proof_value`."""
+        s = self._session
+        parsed = parse_proof(proof_value)
+        if s is None or parsed is None or parsed[1] != s.token:
+            return False
+        return hmac.compare_digest(tag, reply_tag(s.secret, method, s.token, parsed[2], payload))
 
     def metadata(self, method: str, hello: Hello) -> tuple[tuple[str, str], ...]:
         if self.keyring is None:
@@ -206,11 +234,12 @@ class ClientAuth:
             if secret is None:
                 raise AuthError(f"we do not share a cluster secret (the node proves key {reply.key_id or '(none)'}, "
                                 f"we hold {', '.join(self.keyring.ids())})")
-            expected = hello_proof(secret, nonce, reply.session, reply.node_id)
+            expected = hello_proof(secret, nonce, reply.session, reply.node_id, reply.address)
             if not reply.session or not hmac.compare_digest(expected, reply.proof):
                 raise AuthError("the node did not prove the cluster secret")
             ttl = min(RENEW_AFTER, max(1.0, reply.session_ttl - 10.0)) if reply.session_ttl else RENEW_AFTER
-            self._session = _Session(reply.session, reply.key_id, secret, reply.node_id, started + ttl)
+            self._session = _Session(reply.session, reply.key_id, secret, reply.node_id, reply.address,
+                                     started + ttl)
             return self._session
 
     def reset(self) -> None:
@@ -231,7 +260,9 @@ class _Window:
 
     def accept(self, n: int) -> bool:
         if n > self.top:
-            self.bits = ((self.bits << (n - self.top)) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            shift = n - self.top
+            # A jump past the whole window forgets it at once (never a shift by billions of bits).
+            self.bits = 1 if shift >= REPLAY_WINDOW else ((self.bits << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
             self.top = n
             return True
         offset = self.top - n
@@ -248,6 +279,7 @@ class ServerAuth:
                  max_sessions: int = MAX_SESSIONS, clock: Callable[[], float] = time.monotonic) -> None:
         self.keyring = keyring
         self.node_id = node_id  # set by the node once it knows its port
+        self.address = ""       # the address it advertises, likewise
         self.ttl = ttl
         self.max_sessions = max_sessions
         self._clock = clock
@@ -283,20 +315,27 @@ class ServerAuth:
             kid = request.key_id
         session = self._mint()
         return pb.HelloReply(session=session, node_id=self.node_id, key_id=kid, session_ttl=self.ttl,
-                             proof=hello_proof(secret, request.client_nonce, session, self.node_id))
+                             address=self.address,
+                             proof=hello_proof(secret, request.client_nonce, session, self.node_id, self.address))
+
+    def reply_tag(self, proof_value: str, method: str, payload: bytes) -> bytes:
+        """The tag of a reply to a call that came with `proof_value` (already checked by the interceptor)."""
+        parsed = parse_proof(proof_value)
+        secret = self.keyring.lookup(parsed[0]) if parsed else None
+        if parsed is None or secret is None:
+            return b""
+        return reply_tag(secret, method, parsed[1], parsed[2], payload)
 
     def check(self, method: str, value: str) -> str | None:
         """None if `value` is a fresh, valid proof for `method`; else why not (never echoing the value)."""
-        if len(value) > _MAX_HEADER:
+        parsed = parse_proof(value)
+        if parsed is None:
             return "malformed proof"
-        parts = value.split(".")
-        if len(parts) != 4 or not parts[2].isdigit() or len(parts[2]) > 18:
-            return "malformed proof"
-        kid, session, counter_text, tag = parts
+        kid, session, counter = parsed
+        tag = value.rsplit(".", 1)[1]
         secret = self.keyring.lookup(kid)
         if secret is None:
             return "unknown cluster secret"
-        counter = int(counter_text)
         if counter < 1 or not hmac.compare_digest(tag, call_tag(secret, method, session, counter)):
             return "wrong cluster secret"
         try:
@@ -352,21 +391,21 @@ class RateLimitedLog:
 
 def _deny_like(handler: grpc.RpcMethodHandler, reason: str, on_deny: Callable[[str, str], None]
                ) -> grpc.RpcMethodHandler:
-    """A handler of the same streaming shape as `handler` that refuses the call without reading it."""
+    """A handler that refuses the call at once, before its request is read.
 
-    def deny(_request: Any, context: grpc.ServicerContext) -> Any:
+    Always request-streaming, whatever the method's shape: for a unary request, gRPC's synchronous server reads
+    the message on a pool thread before the handler runs, so a refused caller that never sends it would hold
+    that thread. A stream handler starts at once, and never reads.
+    """
+
+    def deny(_requests: Any, context: grpc.ServicerContext) -> Any:
         on_deny(context.peer(), reason)
         context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
-    # The request is never parsed: a refused caller costs no deserialisation.
     kwargs = dict(request_deserializer=None, response_serializer=handler.response_serializer)
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(deny, **kwargs)
+    return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

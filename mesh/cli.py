@@ -8,11 +8,15 @@ Errors are one line on stderr and a non-zero exit: 1 for a failed operation, 2 f
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import os
-import signal
+
+# gRPC's C core prints its own line for errors this command already reports in one line of its own.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import signal  # noqa: E402
 import sys
 import threading
 import time
@@ -179,15 +183,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     data = {"node_id": s.node_id, "address": s.address, "version": s.version, "health": health,
             "cluster": s.cluster, "replicas": s.replicas, "members": states,
             "uptime_seconds": round(s.uptime_seconds, 1), "entries": int(counters.get("entries", 0)),
-            "bytes_used": int(counters.get("bytes_used", 0)), "max_memory": int(counters.get("max_memory", 0))}
+            "bytes_used": int(counters.get("bytes_used", 0)), "max_memory": int(counters.get("max_memory", 0)),
+            "repair": {"passes": int(counters.get("repair_passes", 0)), "repaired": int(counters.get("repaired", 0)),
+                       "under_replicated": int(counters.get("under_replicated", 0)),
+                       "pending": int(counters.get("repair_pending", 0))},
+            "warnings": list(s.warnings)}
     if args.json:
         _emit_json(data)
     else:
+        for warning in s.warnings:
+            print(safe(f"warning: {warning}"), file=sys.stderr)
         _table(f"mesh node {s.node_id}", ["field", "value"], [
             ("address", s.address), ("health", health), ("version", s.version),
             ("cluster", f"{s.cluster} ({s.replicas} replicas)"),
             ("members", ", ".join(f"{v} {k.lower()}" for k, v in states.items() if v)),
             ("uptime", f"{s.uptime_seconds:.0f} s"), ("entries", data["entries"]),
+            ("repair", f"{data['repair']['passes']} passes, {data['repair']['repaired']} copies repaired, "
+                       f"{data['repair']['under_replicated']} missing at the last pass, "
+                       f"{data['repair']['pending']} pending"),
             ("memory", f"{format_size(data['bytes_used'])} of {format_size(data['max_memory'])}"),
         ])
     return 0

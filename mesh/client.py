@@ -81,7 +81,8 @@ class LocalClient:
         header = make_header(key, data, self.limits.chunk_size, meta)
         chunks = tuple(iter_chunks(data, self.limits.chunk_size))
         stored = sum(len(c.data) for c in chunks)
-        return self.cluster.put(Entry(replace(header, stored_size=stored, created_unix=time.time()), chunks))
+        entry = Entry(replace(header, stored_size=stored, created_unix=time.time()), chunks)
+        return self.cluster.put(entry, timeout=timeout)
 
     def stats(self) -> dict[str, float]:
         out = self.node.store.stats()

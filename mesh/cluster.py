@@ -152,6 +152,8 @@ class Cluster:
             entry = self._fetch_from(node_id, key, deadline)
             if entry is None:
                 continue
+            if self.store.deleted_since(entry.header):
+                continue  # a copy from before a delete this node saw (its owner missed the delete)
             if node_id in previous:
                 self._count("previous_owner_hits")
                 self._submit_write(self._repair, entry, [o for o in owners if o != self.node_id])
@@ -222,8 +224,12 @@ class Cluster:
 
     # -- writes ------------------------------------------------------------------------------------------------
 
-    def put(self, entry: Entry) -> int:
-        """Store on the owners; returns how many hold it when the call returns (at least write_acks if able)."""
+    def put(self, entry: Entry, timeout: float | None = None) -> int:
+        """Store on the owners; returns how many hold it when the call returns (at least write_acks if able).
+
+        Waits at most `timeout` (default: the write timeout) for the acknowledgements; copies still under way
+        then finish in the background."""
+        wait = self.config.write_timeout + 1 if timeout is None else timeout
         owners = self.owners(entry.header.key)
         acks = 0
         if self.node_id in owners:
@@ -233,7 +239,7 @@ class Cluster:
         need = min(self.config.write_acks, len(owners))
         if acks < need and remote:
             try:
-                for job in futures.as_completed(remote, timeout=self.config.write_timeout + 1):
+                for job in futures.as_completed(remote, timeout=wait):
                     acks += job.result()
                     if acks >= need:
                         break
@@ -351,6 +357,12 @@ class Cluster:
     def members(self) -> list[pb.Member]:
         return self.membership.members_pb()
 
+    def warnings(self) -> list[str]:
+        out = [f"seed {seed}: {why}" for seed, why in sorted(self.membership.seed_problems().items())]
+        if self.membership.has_seeds and len(self._ring) <= 1:
+            out.append("this node has seeds but no peers: it is a mesh of one")
+        return out
+
     def stats(self) -> dict[str, float]:
         with self._lock:
             out: dict[str, float] = {k: float(v) for k, v in self.counters.items()}
@@ -360,7 +372,8 @@ class Cluster:
         r = self.repair.stats
         out.update(repair_passes=r.passes, repaired=r.repaired, handed_off=r.handed_off,
                    under_replicated=r.under_replicated, repair_pending=r.pending,
-                   repair_last_pass_seconds=r.last_pass_seconds, repair_errors=r.errors)
+                   repair_last_pass_seconds=r.last_pass_seconds, repair_errors=r.errors,
+                   repair_deletes_applied=r.deletes_applied)
         return out
 
     def close(self, flush_timeout: float = 5.0) -> None:

@@ -74,25 +74,45 @@ def ring_weights(members: Iterable[pb.Member]) -> dict[str, float]:
     return {m.node_id: float(m.capacity or 1) for m in members if m.state in IN_RING}
 
 
-def resolve_seeds(seeds: list[str]) -> set[str]:
-    """Seed addresses; `dns:NAME:PORT` expands to every A/AAAA record (a Kubernetes headless service)."""
-    out: set[str] = set()
+def resolve_seeds(seeds: list[str], unresolved: dict[str, str] | None = None) -> dict[str, str]:
+    """address -> the seed it came from; `dns:NAME:PORT` expands to every A/AAAA record (a Kubernetes
+    headless service). Seeds that do not resolve go into `unresolved` (seed -> why)."""
+    out: dict[str, str] = {}
     for seed in seeds:
         seed = seed.strip()
         if not seed:
             continue
         if not seed.startswith("dns:"):
-            out.add(seed)
+            out[seed] = seed
             continue
         name, _, port = seed[4:].rpartition(":")
         try:
             infos = socket.getaddrinfo(name, int(port), type=socket.SOCK_STREAM)
         except (OSError, ValueError) as e:
-            log.debug("seed %s does not resolve: %s", seed, e)
+            if unresolved is not None:
+                unresolved[seed] = str(e)
             continue
         for _, _, _, _, sockaddr in infos:
-            out.add(join_hostport(sockaddr[0], port))
+            out[join_hostport(sockaddr[0], port)] = seed
     return out
+
+
+def plausible(incarnation: int) -> bool:
+    """Incarnations start at a node's start time in ms and grow by one per refutation: one more than a day
+    ahead of our clock is a forgery (and near 2**64 it would not even encode)."""
+    return 0 <= incarnation <= int(time.time() * 1000) + 86_400_000
+
+
+@dataclass
+class _Backoff:
+    """When to try a candidate that did not answer again: 1 s, doubling, at most 30 s."""
+
+    failures: int = 0
+    next_try: float = 0.0
+
+    def failed(self, now: float) -> None:
+        self.failures += 1
+        self.next_try = now + min(30.0, 2.0 ** (self.failures - 1))
 
 
 class Membership:
@@ -113,6 +133,10 @@ class Membership:
         self._candidates: set[str] = set()
         self._self_addresses: set[str] = {me.address}
         self._refused: set[str] = set()
+        self._backoff: dict[str, _Backoff] = {}        # candidate address -> when to try it again
+        self._seed_of: dict[str, str] = {}             # candidate address -> the seed it came from
+        self._seed_problems: dict[str, str] = {}       # seed -> why it gave no member (for status and the log)
+        self._warned: dict[str, float] = {}            # seed -> when its problem was last logged
         self._last_dead_retry = 0.0
         self._last_seed_refresh = -1e9
         self._stop = threading.Event()
@@ -182,7 +206,15 @@ class Membership:
             raise ClusterMismatch(f"ping from cluster {request.cluster!r}, this node is in {self.cluster!r}")
         if request.protocol != mesh.PROTOCOL_VERSION:
             raise ClusterMismatch(f"protocol {request.protocol} unsupported (this node speaks {mesh.PROTOCOL_VERSION})")
-        self._observe(request.sender)
+        sender = request.sender
+        with self._lock:
+            known = self._members.get(sender.node_id)
+        if known is not None and known.address == sender.address:
+            self._observe(sender)
+        elif sender.node_id and sender.node_id != self.me.node_id and sender.state in IN_RING:
+            # A member we have not proven ourselves (new, or claiming a new address): only a candidate, admitted
+            # once it proves the secret, its id and that address to our own Hello.
+            self.add_candidate(sender.address)
         self._merge(request.members)
         return pb.PingReply(responder=self._me_pb(), members=self.members_pb())
 
@@ -213,11 +245,24 @@ class Membership:
         except MeshError as e:
             log.debug("ping %s failed: %s", address, e)
             self._peers.failed(address)
+            with self._lock:
+                if address in self._candidates:
+                    self._backoff.setdefault(address, _Backoff()).failed(time.monotonic())
+                seed = self._seed_of.get(address)
+            if seed is not None:
+                self._seed_problem(seed, f"{address} does not answer: {e}")
             return False
-        proven = self._peers.client(address).proven_node_id
-        if proven is not None and reply.responder.node_id != proven:
-            log.warning("not admitting %s: it proved the secret as %r but answers as %r", address, proven,
-                        reply.responder.node_id)
+        with self._lock:
+            self._backoff.pop(address, None)
+            seed = self._seed_of.get(address)
+            if seed is not None:
+                self._seed_problems.pop(seed, None)
+        client = self._peers.client(address)
+        proven = client.proven_node_id
+        if proven is not None and (reply.responder.node_id != proven
+                                   or reply.responder.address != client.proven_address):
+            log.warning("not admitting %s: it proved the secret as %r at %s but answers as %r at %s", address,
+                        proven, client.proven_address, reply.responder.node_id, reply.responder.address)
             self._peers.failed(address)
             return False
         if reply.responder.node_id == self.me.node_id:
@@ -233,7 +278,7 @@ class Membership:
 
     def _observe(self, m: pb.Member) -> None:
         """Direct, authenticated contact with `m`: the one source of liveness."""
-        if m.node_id == self.me.node_id or not m.node_id:
+        if m.node_id == self.me.node_id or not m.node_id or m.capacity < 1 or not plausible(m.incarnation):
             return
         now = time.monotonic()
         with self._lock:
@@ -270,6 +315,8 @@ class Membership:
         changed = False
         with self._lock:
             for m in members:
+                if not plausible(m.incarnation):
+                    continue  # an incarnation from the far future is a forgery: it would pin a member forever
                 if m.node_id == self.me.node_id:
                     if m.state == LEFT and m.incarnation >= self.me.incarnation and self.me.state != LEFT:
                         self.me.incarnation = m.incarnation + 1  # refute a stale leave from our previous life
@@ -304,11 +351,39 @@ class Membership:
         if changed:
             self._on_change()
 
+    def _seed_problem(self, seed: str, why: str) -> None:
+        """A seed that gives no member is a warning naming it (once a minute), not silence: a fleet that quietly
+        splits into one-node meshes is worse than a noisy log."""
+        now = time.monotonic()
+        with self._lock:
+            self._seed_problems[seed] = why
+            if now - self._warned.get(seed, -1e9) < 60.0:
+                return
+            self._warned[seed] = now
+        log.warning("seed %s: %s", seed, why)
+
+    @property
+    def has_seeds(self) -> bool:
+        return any(s.strip() for s in self._seeds)
+
+    def seed_problems(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._seed_problems)
+
     def _targets(self, now: float) -> set[str]:
         t = self.timing
         if now - self._last_seed_refresh >= t.seed_refresh:
             self._last_seed_refresh = now
-            for address in resolve_seeds(self._seeds):
+            unresolved: dict[str, str] = {}
+            resolved = resolve_seeds(self._seeds, unresolved)
+            for seed, why in unresolved.items():
+                self._seed_problem(seed, f"does not resolve: {why}")
+            with self._lock:
+                self._seed_of.update(resolved)
+                for seed in list(self._seed_problems):
+                    if seed.startswith("dns:") and seed not in unresolved and seed in resolved.values():
+                        self._seed_problems.pop(seed, None)
+            for address in resolved:
                 self.add_candidate(address)
         retry_dead = now - self._last_dead_retry >= t.retry_dead_every
         if retry_dead:
@@ -316,7 +391,7 @@ class Membership:
         with self._lock:
             targets = {m.address for m in self._members.values()
                        if m.state in IN_RING or (retry_dead and m.state == DEAD)}
-            targets |= self._candidates
+            targets |= {a for a in self._candidates if a not in self._backoff or self._backoff[a].next_try <= now}
             return targets - self._self_addresses
 
     def _round(self) -> None:

@@ -17,17 +17,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 import mesh
-from mesh.address import join_hostport, split_hostport
+from mesh.address import WILDCARDS, join_hostport, routable_host, split_hostport
 from mesh.auth import AuthInterceptor, Secret, ServerAuth, as_keyring
 from mesh.cluster import Cluster, ClusterConfig
 from mesh.disk import DiskStore
 from mesh.membership import Member, Membership, Timing
 from mesh.pb import mesh_pb2 as pb
 from mesh.peers import PeerPool
-from mesh.server import MeshServicer, add_to_server
+from mesh.server import MeshServicer, add_health_to_server, add_to_server
 from mesh.store import BlobStore
 from mesh.units import format_size
 from mesh.wire import SERVICE, GiB, Limits
@@ -62,13 +62,16 @@ class NodeConfig:
     timing: Timing = field(default_factory=Timing)
 
 
-def _routable_host(host: str) -> str:
-    if host not in ("0.0.0.0", "::", ""):
+def advertised_host(host: str, advertise: str) -> str:
+    """What peers dial. A wildcard listen address is no address: take a routable interface address, never
+    loopback (peers on other hosts would dial themselves), or refuse and say what to set."""
+    if advertise or host not in WILDCARDS:
         return host
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
+    routable = routable_host()
+    if routable is None:
+        raise ValueError(f"listening on {host or '*'} but this host has no routable interface address: "
+                         "set --advertise HOST:PORT (MESH_ADVERTISE) to the address peers should dial")
+    return routable
 
 
 class Node:
@@ -100,6 +103,7 @@ class Node:
     def start(self) -> Node:
         c = self.config
         host, port = split_hostport(c.listen)
+        ad_host = advertised_host(host, c.advertise)  # refuse before binding anything
         interceptors = [AuthInterceptor(self.auth)] if self.auth is not None else []
         if self.auth is None:
             log.warning("no cluster secret set: this node accepts any caller (set --secret-file or MESH_SECRET)")
@@ -112,16 +116,19 @@ class Node:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        if c.tls is not None:
-            bound = server.add_secure_port(join_hostport(host, port), c.tls.server_credentials())
-        else:
-            bound = server.add_insecure_port(join_hostport(host, port))
+        try:
+            if c.tls is not None:
+                bound = server.add_secure_port(join_hostport(host, port), c.tls.server_credentials())
+            else:
+                bound = server.add_insecure_port(join_hostport(host, port))
+        except RuntimeError:
+            bound = 0
         if bound == 0:
-            raise OSError(f"cannot listen on {c.listen}")
-        self.address = c.advertise or join_hostport(_routable_host(host), bound)
+            raise OSError(f"cannot listen on {c.listen}: the port is taken or the address is not one of this host's")
+        self.address = c.advertise or join_hostport(ad_host, bound)
         self.node_id = c.node_id or f"{socket.gethostname()}-{bound}"
         if self.auth is not None:
-            self.auth.node_id = self.node_id
+            self.auth.node_id, self.auth.address = self.node_id, self.address
         me = Member(self.node_id, self.address, c.max_memory, incarnation=int(time.time() * 1000))
         self.membership = Membership(me=me, cluster=c.cluster.name, peers=self.peers, seeds=c.seeds,
                                      timing=c.timing, on_change=self._on_membership_change,
@@ -132,7 +139,7 @@ class Node:
         self.servicer = MeshServicer(self.node_id, self.address, self.store, c.limits, self.cluster, self.auth)
         self.servicer.on_drain = self._drain_rpc
         add_to_server(self.servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        add_health_to_server(self.servicer, self.health, server)
         server.start()
         self.server = server
         for name in ("", SERVICE_NAME):

@@ -119,6 +119,11 @@ class PeerClient:
         """The node id the node proved in the handshake (None before one, or without a secret)."""
         return self._auth.node_id
 
+    @property
+    def proven_address(self) -> str | None:
+        """The address the node proved it advertises (None before a handshake, or without a secret)."""
+        return self._auth.address
+
     def _hello(self, request: pb.HelloRequest, timeout: float) -> pb.HelloReply:
         try:
             return self._stub.Hello(request, timeout=min(timeout, HELLO_TIMEOUT))
@@ -311,14 +316,16 @@ class PeerClient:
             raise Refused(f"node {self.address} answered {len(existed)} of {len(keys)} keys")
         return existed
 
-    def versions(self, keys: list[str], timeout: float | None = None) -> list[tuple[int, float]]:
-        """(checksum, created_unix) of each key as this node holds it; (0, 0.0) where it does not."""
+    def versions(self, keys: list[str], timeout: float | None = None) -> list[tuple[int, float, float]]:
+        """(checksum, created_unix, deleted_unix) of each key on this node: (0, 0.0, _) where it holds none,
+        deleted_unix > 0 where it deleted the key recently (a tombstone)."""
         reply = self._unary("Has", pb.HasRequest(keys=keys, local_only=True, versions=True), timeout,
                             wait_for_ready=True)
         checksums, created = list(reply.checksums), list(reply.created_unix)  # type: ignore[attr-defined]
-        if len(checksums) != len(keys) or len(created) != len(keys):
+        deleted = list(reply.deleted_unix)  # type: ignore[attr-defined]
+        if not len(checksums) == len(created) == len(deleted) == len(keys):
             raise Refused(f"node {self.address} answered versions of {len(checksums)} of {len(keys)} keys")
-        return list(zip(checksums, created))
+        return list(zip(checksums, created, deleted))
 
     def digest(self, requester: str, buckets: int, timeout: float | None = None) -> tuple[list[int], list[int]]:
         """The node's anti-entropy summary of the keys it and `requester` both own (mesh/repair.py)."""
@@ -336,7 +343,27 @@ class PeerClient:
         return self._unary("Stats", request, timeout)  # type: ignore[return-value]
 
     def ping(self, request: pb.PingRequest, timeout: float | None = None) -> pb.PingReply:
-        return self._unary("Ping", request, timeout)  # type: ignore[return-value]
+        """A heartbeat; with a secret, the reply must carry the node's tag for this very call (see auth.py):
+        membership learns who is alive from it, so no host that merely relays the traffic may alter it."""
+        t = self._t(timeout)
+        method = f"/{SERVICE}/Ping"
+        for attempt in (0, 1):
+            md = self._md("Ping", t)
+            try:
+                reply: pb.PingReply = self._stub.Ping(request, timeout=t, metadata=md)
+            except grpc.RpcError as e:
+                if attempt == 0 and self._stale(e):
+                    continue
+                raise translate(e, self.address) from None
+            if not md:
+                return reply
+            tag = reply.proof
+            reply.ClearField("proof")
+            if not self._auth.check_reply(md[0][1], method, reply.SerializeToString(deterministic=True), tag):
+                raise Unauthenticated(f"node {self.address} sent a heartbeat reply that its session does not prove",
+                                      grpc.StatusCode.UNAUTHENTICATED)
+            return reply
+        raise AssertionError("unreachable")
 
     def drain(self, timeout: float | None = None) -> pb.DrainReply:
         return self._unary("Drain", pb.DrainRequest(), timeout)  # type: ignore[return-value]

@@ -47,7 +47,8 @@ def bucket_of(key: str, buckets: int = BUCKETS) -> int:
 
 
 def version_hash(header: Header) -> int:
-    return xxhash.xxh3_64_intdigest(f"{header.key}\0{header.checksum}\0{header.created_unix!r}".encode())
+    """Key and content only: two owners holding the same bytes agree, whenever each stored them."""
+    return xxhash.xxh3_64_intdigest(f"{header.key}\0{header.checksum}".encode())
 
 
 def digest(headers: Iterable[Header], shared: Callable[[str], bool], buckets: int = BUCKETS
@@ -83,6 +84,7 @@ class RepairStats:
     handed_off: int = 0          # keys this node no longer owns, dropped once their owners held them
     under_replicated: int = 0    # copies found missing in the last pass (before it pushed them)
     pending: int = 0             # copies the last pass could not push (peer unusable, budget spent)
+    deletes_applied: int = 0     # copies dropped because a co-owner had deleted the key since they were made
     last_pass_seconds: float = 0.0
     errors: int = 0
 
@@ -178,9 +180,10 @@ class AntiEntropy:
             missing, pending, repaired = missing + m, pending + len(unpushed), repaired + done
             kept |= unpushed
         handed = 0
+        ring = self.placement.ring  # read again: drop nothing that the ring now says is ours after all
         for header, owners in not_ours:
             key = header.key
-            if owners and key not in kept and self.store.header(key) == header:
+            if owners and key not in kept and self.store.header(key) == header and me not in ring.owners(key, r):
                 self.store.delete([key])  # every owner holds it now: it was only ours to hand on
                 handed += 1
         s = self.stats
@@ -224,17 +227,24 @@ class AntiEntropy:
             return 0, all_keys, 0
         client = self.placement.peers.client(address)
         lacking: list[Header] = []
+        tombstoned: list[Header] = []
         try:
             for i in range(0, len(headers), HAS_BATCH):
                 batch = headers[i:i + HAS_BATCH]
                 versions = client.versions([h.key for h in batch], timeout=self.timeout)
-                for h, (checksum, created) in zip(batch, versions):
-                    if checksum == 0 or (checksum != h.checksum and precedes(
+                for h, (checksum, created, deleted) in zip(batch, versions):
+                    if deleted and h.created_unix <= deleted:
+                        tombstoned.append(h)  # the peer deleted it after this copy was made: it goes here too
+                    elif checksum == 0 or (checksum != h.checksum and precedes(
                             h, Header(h.key, 0, 1, 0, checksum, created_unix=created))):
                         lacking.append(h)
         except MeshError as e:
             self._failed(address, e)
             return 0, all_keys, 0
+        for h in tombstoned:
+            if self.store.header(h.key) == h:
+                self.store.delete([h.key], tombstone=True)
+                self.stats.deletes_applied += 1
         unpushed = {h.key for h in lacking}
         for h in lacking:
             entry = self.store.peek(h.key)

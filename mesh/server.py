@@ -21,9 +21,12 @@ from dataclasses import replace
 from typing import Protocol
 
 import grpc
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
+from grpc_health.v1.health import HealthServicer
 
 import mesh
-from mesh.auth import AuthError, ServerAuth
+from mesh.auth import METADATA_KEY, AuthError, ServerAuth
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.budget import ByteBudget
@@ -36,7 +39,9 @@ log = logging.getLogger(__name__)
 
 SLOT_WAIT = 5.0  # seconds a transfer waits for a free slot before RESOURCE_EXHAUSTED
 ROUTED_CALLS = 16        # concurrent Has/Delete that may wait on other nodes
-CONTROL_THREADS = 16     # server threads no stream or routed call can take: health, Hello, Ping, Stats, Drain
+CONTROL_THREADS = 16     # server threads no stream or routed call can take: Ping, Stats, Drain, Digest
+OPEN_CALLS = 8           # concurrent calls of each open method (Hello, health) that anyone may make
+FIRST_MESSAGE = 2.0      # seconds an open call may take to send its one message
 MAX_BATCH = 10_000       # keys in one Has or Delete
 MAX_DIGEST_BUCKETS = 4096
 REPORT_TTL = 60.0        # seconds a sidecar client's reported counters count after it last reported
@@ -49,7 +54,7 @@ class Cluster(Protocol):
     """What the servicer needs from the cluster layer (mesh/cluster.py)."""
 
     def get(self, key: str, timeout: float) -> Entry | None: ...
-    def put(self, entry: Entry) -> int: ...
+    def put(self, entry: Entry, timeout: float | None = None) -> int: ...
     def has(self, keys: list[str], timeout: float) -> list[bool]: ...
     def delete(self, keys: list[str], timeout: float) -> list[bool]: ...
     def delete_local(self, keys: list[str]) -> list[bool]: ...
@@ -61,6 +66,7 @@ class Cluster(Protocol):
     def replicas(self) -> int: ...
     @property
     def cluster_name(self) -> str: ...
+    def warnings(self) -> list[str]: ...
 
 
 class MeshServicer(pb_grpc.MeshServicer):
@@ -80,6 +86,8 @@ class MeshServicer(pb_grpc.MeshServicer):
         # Streams admitted at all (transferring, or waiting for a slot or a header): never more threads than this.
         self._streams = threading.BoundedSemaphore(2 * limits.max_transfers)
         self._routed = threading.BoundedSemaphore(ROUTED_CALLS)
+        self._hellos = threading.BoundedSemaphore(OPEN_CALLS)
+        self._health_calls = threading.BoundedSemaphore(OPEN_CALLS)
         self.inflight = ByteBudget(limits.max_inflight or store.max_memory)
         self.watchdog = Watchdog()
         self._lock = threading.Lock()
@@ -90,7 +98,7 @@ class MeshServicer(pb_grpc.MeshServicer):
     @staticmethod
     def threads(limits: Limits) -> int:
         """Server threads: every admitted stream and routed call, plus a reserve they can never take."""
-        return 2 * limits.max_transfers + ROUTED_CALLS + CONTROL_THREADS
+        return 2 * limits.max_transfers + ROUTED_CALLS + CONTROL_THREADS + 2 * OPEN_CALLS
 
     def _busy(self, context: grpc.ServicerContext, what: str) -> None:
         with self._lock:
@@ -130,6 +138,25 @@ class MeshServicer(pb_grpc.MeshServicer):
     def _deadline(self, context: grpc.ServicerContext) -> float:
         remaining = context.time_remaining()
         return 30.0 if remaining is None else max(0.0, remaining - 0.05)
+
+    def first_message(self, requests: Iterator[object], context: grpc.ServicerContext,
+                      gate: threading.BoundedSemaphore, what: str) -> Iterator[object]:
+        """The one message of an open call, read under a gate and a watchdog. gRPC's synchronous server would
+        otherwise wait on a pool thread for a unary request that never comes: anyone could hold every thread."""
+        with self._admit(context, gate, f"too many {what} calls"), \
+                self.watchdog.watch(context.cancel, FIRST_MESSAGE, f"{what} from {context.peer()}"):
+            try:
+                request = next(requests, None)
+            except grpc.RpcError:
+                return
+            if request is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a {what} call carries one message")
+            yield request
+
+    def HelloStream(self, requests: Iterator[pb.HelloRequest], context: grpc.ServicerContext) -> pb.HelloReply:
+        for request in self.first_message(requests, context, self._hellos, "Hello"):
+            return self.Hello(request, context)  # type: ignore[arg-type]
+        return pb.HelloReply()  # cancelled: nobody reads it
 
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
         if self.auth is None:
@@ -180,7 +207,9 @@ class MeshServicer(pb_grpc.MeshServicer):
         taken = 0
         try:
             header = Header.from_pb(first.header)
-            if not header.created_unix:  # a new value: stamped once here, then carried by every copy
+            if not local_only or not header.created_unix:
+                # A new value: stamped here, once, then carried by every copy. A caller's own stamp is ignored:
+                # it decides which value of a key wins (store.precedes), so no client may claim "first".
                 header = replace(header, created_unix=time.time())
             if not self.store.would_take(header):
                 self.store.counters.duplicate_puts += 1
@@ -190,7 +219,7 @@ class MeshServicer(pb_grpc.MeshServicer):
             if local_only:
                 stored = self.store.put(entry)
                 return pb.PutReply(stored=stored, existed=not stored, replicas=1)
-            replicas = self.cluster.put(entry)
+            replicas = self.cluster.put(entry, timeout=self._deadline(context))
             held = self.store.header(header.key)
             if held is not None and held != entry.header:  # a concurrent put of the same key stored it first
                 return pb.PutReply(existed=True, replicas=replicas)
@@ -248,6 +277,7 @@ class MeshServicer(pb_grpc.MeshServicer):
             if request.versions:
                 reply.checksums.extend(h.checksum if h else 0 for h in held)
                 reply.created_unix.extend(h.created_unix if h else 0.0 for h in held)
+                reply.deleted_unix.extend(self.store.deleted_at(k) for k in keys)
             return reply
         with self._admit(context, self._routed, "too many routed calls"):
             return pb.HasReply(present=self.cluster.has(keys, self._deadline(context)))
@@ -290,6 +320,7 @@ class MeshServicer(pb_grpc.MeshServicer):
             reply.members.extend(self.cluster.members())
             reply.replicas = self.cluster.replicas
             reply.cluster = self.cluster.cluster_name
+            reply.warnings.extend(self.cluster.warnings())
         return reply
 
     def _take_report(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> None:
@@ -332,10 +363,13 @@ class MeshServicer(pb_grpc.MeshServicer):
         if self.cluster is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node runs without a cluster")
         try:
-            return self.cluster.ping(request)
+            reply = self.cluster.ping(request)
         except ValueError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        raise AssertionError("unreachable")
+        if self.auth is not None:
+            proof = next((v for k, v in context.invocation_metadata() if k == METADATA_KEY), "")
+            reply.proof = self.auth.reply_tag(proof, f"/{SERVICE}/Ping", reply.SerializeToString(deterministic=True))
+        return reply
 
     def Drain(self, request: pb.DrainRequest, context: grpc.ServicerContext) -> pb.DrainReply:
         if self.on_drain is None:
@@ -359,8 +393,10 @@ def add_to_server(servicer: MeshServicer, server: grpc.Server) -> None:
     """
     unary = grpc.unary_unary_rpc_method_handler
     handlers = {
-        "Hello": unary(servicer.Hello, request_deserializer=pb.HelloRequest.FromString,
-                       response_serializer=pb.HelloReply.SerializeToString),
+        # Open to anyone: read as a stream, so a caller that never sends its message holds no thread for long.
+        "Hello": grpc.stream_unary_rpc_method_handler(servicer.HelloStream,
+                                                      request_deserializer=pb.HelloRequest.FromString,
+                                                      response_serializer=pb.HelloReply.SerializeToString),
         "Get": grpc.unary_stream_rpc_method_handler(servicer.Get, request_deserializer=pb.GetRequest.FromString,
                                                     response_serializer=serialize_message),
         "Put": grpc.stream_unary_rpc_method_handler(servicer.Put, request_deserializer=_parse_put_request,
@@ -383,3 +419,28 @@ def add_to_server(servicer: MeshServicer, server: grpc.Server) -> None:
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def add_health_to_server(servicer: MeshServicer, health: HealthServicer, server: grpc.Server) -> None:
+    """grpc.health.v1, open to anyone like Hello, so read the same way (gate, first-message watchdog)."""
+
+    def check(requests: Iterator[health_pb2.HealthCheckRequest], context: grpc.ServicerContext
+              ) -> health_pb2.HealthCheckResponse:
+        for request in servicer.first_message(requests, context, servicer._health_calls, "health"):
+            return health.Check(request, context)
+        return health_pb2.HealthCheckResponse()
+
+    def watch(requests: Iterator[health_pb2.HealthCheckRequest], context: grpc.ServicerContext
+              ) -> Iterator[health_pb2.HealthCheckResponse]:
+        for request in servicer.first_message(requests, context, servicer._health_calls, "health"):
+            yield from health.Watch(request, context)
+
+    handlers = {
+        "Check": grpc.stream_unary_rpc_method_handler(
+            check, request_deserializer=health_pb2.HealthCheckRequest.FromString,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString),
+        "Watch": grpc.stream_stream_rpc_method_handler(
+            watch, request_deserializer=health_pb2.HealthCheckRequest.FromString,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(HEALTH_SERVICE, handlers),))

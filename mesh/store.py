@@ -161,6 +161,17 @@ class BlobStore:
         held = self.header(header.key)
         return held is None or (held.checksum != header.checksum and precedes(header, held))
 
+    def deleted_at(self, key: str) -> float:
+        """When `key` was deleted here, if its tombstone is still alive; else 0."""
+        with self._lock:
+            at = self._tombstones.get(key, 0.0)
+        return at if at and time.time() - at <= TOMBSTONE_TTL else 0.0
+
+    def deleted_since(self, header: Header) -> bool:
+        """Whether this copy was made before a delete of its key that this node still remembers."""
+        with self._lock:
+            return self._deleted_after(header)
+
     def _deleted_after(self, header: Header) -> bool:
         deleted_at = self._tombstones.get(header.key)
         if deleted_at is None:

@@ -21,6 +21,7 @@ is valid protobuf, and anything the fast path does not recognise goes to the pro
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -289,6 +290,8 @@ def validate_header(h: Header, limits: Limits) -> None:
         raise TransferError(bad, "empty key")
     if len(h.key.encode()) > MAX_KEY_BYTES:
         raise TransferError(bad, f"key longer than {MAX_KEY_BYTES} bytes")
+    if not (math.isfinite(h.created_unix) and 0 <= h.created_unix <= time.time() + 86_400):
+        raise TransferError(bad, "created_unix must be a time between 1970 and tomorrow")
     if len(h.meta) > MAX_META_ITEMS or meta_size(h.meta) > MAX_META_BYTES:
         raise TransferError(bad, f"meta larger than {MAX_META_ITEMS} items or {MAX_META_BYTES} bytes")
     if h.codec != CODEC:

@@ -94,6 +94,72 @@ class Rogue:
         return {"hellos": self.hellos, "puts": self.puts, "gets": self.gets, "proofs": len(self.proofs)}
 
 
+
+
+@dataclass
+class Relay:
+    """A host without the secret that relays every call to a real node `target` (so its Hello proofs are real),
+    rewrites the target's address to its own in heartbeat replies, and answers gets with its own bytes: the
+    attack that once had a node admit it as the target and cache its forged values."""
+
+    target: str
+    address: str = ""
+    server: grpc.Server | None = None
+    hellos: int = 0
+    gets: int = 0
+    puts: int = 0
+
+    def start(self) -> Relay:
+        up = grpc.insecure_channel(self.target)
+
+        def forward(name: str) -> grpc.RpcMethodHandler:
+            call = up.unary_unary(f"/{SERVICE}/{name}", request_serializer=None, response_deserializer=None)
+
+            def handler(request: bytes, context: grpc.ServicerContext) -> bytes:
+                if name == "Hello":
+                    self.hellos += 1
+                md = [(k, v) for k, v in context.invocation_metadata() if k == METADATA_KEY]
+                try:
+                    reply = call(request, metadata=md, timeout=5)
+                except grpc.RpcError as e:
+                    context.abort(e.code(), e.details())
+                if name == "Ping":
+                    p = pb.PingReply.FromString(reply)
+                    for m in [p.responder, *p.members]:
+                        if m.address == self.target:
+                            m.address = self.address
+                    reply = p.SerializeToString()
+                return reply
+
+            return grpc.unary_unary_rpc_method_handler(handler)
+
+        def get(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            self.gets += 1
+            key = pb.GetRequest.FromString(request).key
+            data = b"FORGED BY A HOST WITHOUT THE SECRET"
+            yield pb.GetReply(header=make_header(key, data, 1 * MiB).to_pb()).SerializeToString()
+            yield encode_chunk_message(0, pb.CHUNK_RAW, len(data), data)
+
+        def put(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+            self.puts += 1
+            for _ in requests:
+                pass
+            return pb.PutReply(stored=True, replicas=1).SerializeToString()
+
+        handlers = {n: forward(n) for n in ("Hello", "Ping", "Has", "Stats", "Digest", "Delete")}
+        handlers["Get"] = grpc.unary_stream_rpc_method_handler(get)
+        handlers["Put"] = grpc.stream_unary_rpc_method_handler(put)
+        self.server = grpc.server(futures.ThreadPoolExecutor(16))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(0).wait()
+
+
 def main() -> None:
     from mesh.discovery import ZeroconfDiscovery
 

@@ -26,7 +26,7 @@ from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.peer import PeerClient, Refused, Unauthenticated, Unreachable
 from mesh.tls import init_tls, load_tls
 from mesh.wire import SERVICE, KiB, Limits, MiB, make_header
-from tests.rogue import Rogue
+from tests.rogue import Relay, Rogue
 from tests.conftest import SECRET, ServeProcess, free_port, mesh_command, token_metadata
 
 DEADLINE = 20.0
@@ -488,3 +488,106 @@ def test_the_provider_speaks_tls_to_its_sidecar(serve: Callable[..., ServeProces
             plain.get("p/k", timeout=3)
     finally:
         plain.close()
+
+
+@pytest.mark.parametrize("method", ["/comfymesh.v1.Mesh/Hello", "/comfymesh.v1.Mesh/Has",
+                                    "/grpc.health.v1.Health/Check"])
+def test_calls_that_never_send_their_message_hold_no_thread(serve: Callable[..., ServeProcess], method: str) -> None:
+    """Found by attack: 64 unary calls without a message (no secret needed) once held every server thread."""
+    node = serve()
+    channel = grpc.insecure_channel(node.address)
+    release = threading.Event()
+
+    def never() -> Iterator[bytes]:
+        release.wait(30)
+        return
+        yield b""
+
+    call = channel.stream_unary(method, request_serializer=None, response_deserializer=None)
+    peer = PeerClient(node.address, SECRET, timeout=3)
+    assert peer.stats().node_id == node.node_id  # a member's session, made before the flood
+    held = [call.future(never(), timeout=30) for _ in range(120)]
+    try:
+        for _ in range(5):
+            assert peer.stats(timeout=3).node_id == node.node_id  # a peer's view: the node is alive
+        poll(lambda: all(f.done() for f in held), "every silent call ended")
+        assert {f.code() for f in held} <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
+                                            grpc.StatusCode.UNAUTHENTICATED}
+        with PeerClient(node.address, SECRET, timeout=3) as c:
+            assert c.health(timeout=3) == "SERVING" and c.stats().node_id == node.node_id  # new sessions too
+    finally:
+        release.set()
+        channel.close()
+        peer.close()
+
+
+def test_a_relay_without_the_secret_is_never_admitted_nor_trusted(serve: Callable[..., ServeProcess]) -> None:
+    """Found by attack: a host relaying Hello and Ping to a real node B, with B's address rewritten to its own,
+    was admitted as B; its forged bytes were cached and served, and puts to 'B' vanished."""
+    b = serve("--node-id", "b")
+    relay = Relay(b.address).start()
+    try:
+        a = serve("--node-id", "a", "--seeds", relay.address)
+        poll(lambda: relay.hellos >= 1 and f"not admitting {relay.address}" in a.log(),
+             "a tried the relay and refused it")
+        with PeerClient(a.address, SECRET) as c:
+            for i in range(20):
+                c.put(f"relay/{i}", b"real value %d" % i)
+            for i in range(20):
+                got = c.get(f"relay/{i}")
+                assert got is not None and bytes(got.data) == b"real value %d" % i
+            assert c.get("never-stored") is None
+            assert all(m.address != relay.address for m in c.stats().members)
+        assert relay.gets == 0 and relay.puts == 0
+    finally:
+        relay.stop()
+
+
+def test_forged_gossip_incarnations_break_nothing(serve: Callable[..., ServeProcess]) -> None:
+    """Found by attack: a LEFT with incarnation 2**64-1 made its victim refute with 2**64 (not encodable), and
+    every Ping and Stats on it failed until restart; 2**63 pinned it DEAD for good at others."""
+    import mesh
+
+    a = serve("--node-id", "a", "--heartbeat", "0.2")
+    c_node = serve("--node-id", "c", "--seeds", a.address, "--heartbeat", "0.2")
+    poll(lambda: alive_ids(a.address) == {"a", "c"}, "a and c see each other")
+    forged = pb.PingRequest(cluster="default", protocol=mesh.PROTOCOL_VERSION, members=[
+        pb.Member(node_id="c", address=c_node.address, state=pb.LEFT, incarnation=2**64 - 1, capacity=1),
+        pb.Member(node_id="a", address=a.address, state=pb.LEFT, incarnation=2**63, capacity=1)])
+    for target in (a, c_node):
+        with PeerClient(target.address, SECRET) as client:
+            client.ping(forged)
+    with PeerClient(c_node.address, SECRET) as client:
+        assert client.stats().node_id == "c"
+    poll(lambda: alive_ids(a.address) == {"a", "c"} and alive_ids(c_node.address) == {"a", "c"},
+         "both still see each other alive")
+    assert "Traceback" not in c_node.log() + a.log()
+
+
+def test_a_client_cannot_claim_to_be_first(serve: Callable[..., ServeProcess]) -> None:
+    """The conflict rule picks the earliest creation time: a put's own stamp is ignored, the node stamps it."""
+    node = serve()
+    from dataclasses import replace as dc_replace
+
+    from mesh.wire import iter_chunks
+
+    with PeerClient(node.address, SECRET) as c:
+        c.put("k", b"GOOD" * 100)
+        evil = b"EVIL" * 100
+        header = dc_replace(make_header("k", evil, Limits().chunk_size), created_unix=1.0)
+        assert c.put_chunks(header, tuple(iter_chunks(evil, Limits().chunk_size))).existed
+        assert bytes(c.get("k").data) == b"GOOD" * 100  # type: ignore[union-attr]
+        nan = dc_replace(make_header("n", evil, Limits().chunk_size), created_unix=float("nan"))
+        with pytest.raises(Refused) as e:
+            c.put_chunks(nan, tuple(iter_chunks(evil, Limits().chunk_size)), local_only=True)
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_counter_far_ahead_costs_nothing() -> None:
+    """Found by attack: a counter 4e9 ahead made the replay window shift a 4-Gbit integer under a lock."""
+    from mesh.auth import _Window
+
+    w = _Window()
+    assert w.accept(5) and w.accept(10**17) and w.accept(10**17 - 3)
+    assert not w.accept(10**17) and not w.accept(5)
+    assert w.bits.bit_length() <= 4096
