@@ -24,10 +24,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import mesh  # noqa: E402
+from mesh.address import with_port
 from mesh.auth import SECRET_FILE_ENV, load_keyring, load_secrets
 from mesh.cluster import ClusterConfig
 from mesh.membership import Timing, ring_weights
-from mesh.node import DEFAULT_PORT, Node, NodeConfig
+from mesh.node import DEFAULT_PORT, ConfigError, Node, NodeConfig
 from mesh.pb.mesh_pb2 import MemberState
 from mesh.peer import MeshError, PeerClient
 from mesh.tls import TlsConfig, init_tls, load_tls
@@ -106,16 +108,26 @@ def _tls(args: argparse.Namespace) -> TlsConfig | None:
 
 
 def _client(args: argparse.Namespace) -> PeerClient:
-    return PeerClient(args.node, load_keyring(args.secret_file), timeout=args.timeout, tls=_tls(args))
+    node = with_port(args.node, DEFAULT_PORT)  # `--node host` means the default port, not gRPC's 443
+    return PeerClient(node, load_keyring(args.secret_file), timeout=args.timeout, tls=_tls(args))
 
 
 # -- commands ----------------------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = NodeConfig(
+    try:
+        config = _serve_config(args)
+    except ValueError as e:  # a size that does not parse, limits that contradict each other
+        raise ConfigError(str(e)) from None
+    node = Node(config).start()
+    return _run_node(node, args)
+
+
+def _serve_config(args: argparse.Namespace) -> NodeConfig:
+    return NodeConfig(
         listen=args.listen, node_id=args.node_id or "", advertise=args.advertise or "",
         max_memory=parse_size(args.max_memory), min_free_ram=parse_size(args.min_free_ram),
-        data_dir=args.data_dir or "", max_disk=parse_size(args.max_disk),
+        data_dir=args.data_dir or "", max_disk=parse_size(args.max_disk), metrics_listen=args.metrics_listen or "",
         secret=load_keyring(args.secret_file), tls=_tls(args),
         limits=Limits(chunk_size=parse_size(args.chunk_size), max_blob_size=parse_size(args.max_blob_size),
                       max_chunk_size=parse_size(args.max_chunk_size),
@@ -129,7 +141,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         zeroconf_interfaces=[i for i in (args.zeroconf_interfaces or "").split(",") if i] or None,
         timing=Timing(interval=args.heartbeat, suspect_after=args.suspect_after, dead_after=args.dead_after),
     )
-    node = Node(config).start()
+
+
+def _run_node(node: Node, args: argparse.Namespace) -> int:
+    """Serve until SIGINT or SIGTERM (draining first with --drain-on-term); SIGHUP reloads the secrets."""
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -157,7 +172,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Written whole, then renamed, so a watcher never reads a half-written file.
         ready = Path(args.ready_file)
         partial = ready.with_name(ready.name + ".partial")
-        partial.write_text(json.dumps({"address": node.address, "node_id": node.node_id}))
+        partial.write_text(json.dumps({"address": node.address, "node_id": node.node_id,
+                                       "metrics": node.metrics.address}))
         os.replace(partial, ready)
     while not stopping.wait(0.5) and not node.stopped.is_set():
         pass
@@ -399,6 +415,17 @@ def cmd_install_comfyui(args: argparse.Namespace) -> int:
     return 0
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers (journald, Loki, CloudWatch)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"time": round(record.created, 3), "level": record.levelname, "logger": record.name,
+               "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
 # -- parser --------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,6 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "env MESH_TLS_SERVER_NAME)")
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds (default 60)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("MESH_LOG_FORMAT", "text"),
+                   help="log lines as text or as one JSON object each (env MESH_LOG_FORMAT)")
+    p.add_argument("--version", action="version",
+                   version=f"comfy-mesh {mesh.__version__} (protocol {mesh.PROTOCOL_VERSION})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
@@ -434,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: RAM only)")
     s.add_argument("--max-disk", default=os.environ.get("MESH_MAX_DISK", "16GiB"),
                    help="byte budget of --data-dir, LRU (env MESH_MAX_DISK; default 16GiB)")
+    s.add_argument("--metrics-listen", default=os.environ.get("MESH_METRICS_LISTEN", ""),
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (env MESH_METRICS_LISTEN)")
     s.add_argument("--min-free-ram", default="1GiB", help="evict while the host has less RAM available (1GiB)")
     s.add_argument("--chunk-size", default="1MiB", help="raw bytes per chunk sent (default 1MiB)")
     s.add_argument("--max-blob-size", default="2GiB", help="largest value accepted (default 2GiB)")
@@ -503,8 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if args.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     for noisy in ("grpc", "zeroconf", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -512,6 +547,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as e:
         print(f"mesh: {e}", file=sys.stderr)
         return e.exit_code
+    except ConfigError as e:
+        print(f"mesh: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except MeshError as e:
         print(f"mesh: {e}", file=sys.stderr)
         return EXIT_FAILED

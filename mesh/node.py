@@ -24,6 +24,7 @@ from mesh.address import WILDCARDS, join_hostport, routable_host, split_hostport
 from mesh.auth import AuthInterceptor, Secret, ServerAuth, as_keyring
 from mesh.cluster import Cluster, ClusterConfig
 from mesh.disk import DiskStore
+from mesh.metrics import Metrics
 from mesh.membership import Member, Membership, Timing
 from mesh.pb import mesh_pb2 as pb
 from mesh.peers import PeerPool
@@ -51,6 +52,7 @@ class NodeConfig:
     min_free_ram: int = 1 * GiB
     near_fraction: float = 0.25       # share of max_memory for copies of keys this node reads but does not own
     data_dir: str = ""                # the disk tier: blobs survive a restart (empty: RAM only)
+    metrics_listen: str = ""          # HOST:PORT of the Prometheus endpoint (empty: none)
     max_disk: int = 16 * GiB
     secret: Secret = None             # one secret, several (the first signs: rotation), or a shared Keyring
     tls: TlsConfig | None = None      # with it, the node serves TLS only (mTLS when it has a CA) and dials peers so
@@ -62,6 +64,36 @@ class NodeConfig:
     timing: Timing = field(default_factory=Timing)
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work, named as the operator wrote it (a usage error: exit code 2)."""
+
+
+def validate(config: NodeConfig) -> None:
+    """Refuse settings that cannot work, one line naming the setting, before anything starts."""
+    c, t, cl, lim = config, config.timing, config.cluster, config.limits
+    checks = [
+        (c.max_memory > 0, "--max-memory must be positive"),
+        (c.min_free_ram >= 0, "--min-free-ram must not be negative"),
+        (not c.data_dir or c.max_disk > 0, "--max-disk must be positive"),
+        (t.interval > 0, "--heartbeat must be positive"),
+        (t.suspect_after > t.interval, "--suspect-after must be longer than --heartbeat"),
+        (t.dead_after > t.suspect_after, "--dead-after must be longer than --suspect-after"),
+        (cl.replicas >= 1, "--replicas must be at least 1"),
+        (1 <= cl.write_acks <= cl.replicas, f"--write-acks must be between 1 and --replicas ({cl.replicas})"),
+        (cl.repair_interval > 0, "--repair-interval must be positive"),
+        (lim.max_transfers >= 1, "--max-transfers must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    for name, address in (("--listen", c.listen), ("--advertise", c.advertise)):
+        if address:
+            try:
+                split_hostport(address)
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from None
+
+
 def advertised_host(host: str, advertise: str) -> str:
     """What peers dial. A wildcard listen address is no address: take a routable interface address, never
     loopback (peers on other hosts would dial themselves), or refuse and say what to set."""
@@ -69,7 +101,7 @@ def advertised_host(host: str, advertise: str) -> str:
         return host
     routable = routable_host()
     if routable is None:
-        raise ValueError(f"listening on {host or '*'} but this host has no routable interface address: "
+        raise ConfigError(f"listening on {host or '*'} but this host has no routable interface address: "
                          "set --advertise HOST:PORT (MESH_ADVERTISE) to the address peers should dial")
     return routable
 
@@ -90,6 +122,7 @@ class Node:
         self.membership: Membership | None = None
         self.discovery: object | None = None
         self.health = health.HealthServicer()
+        self.metrics = Metrics()
         self.keyring = as_keyring(config.secret)
         self.auth = ServerAuth(self.keyring) if self.keyring is not None else None
         self.peers = PeerPool(self.keyring, config.limits, tls=config.tls)
@@ -102,11 +135,10 @@ class Node:
 
     def start(self) -> Node:
         c = self.config
+        validate(c)
         host, port = split_hostport(c.listen)
         ad_host = advertised_host(host, c.advertise)  # refuse before binding anything
         interceptors = [AuthInterceptor(self.auth)] if self.auth is not None else []
-        if self.auth is None:
-            log.warning("no cluster secret set: this node accepts any caller (set --secret-file or MESH_SECRET)")
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MeshServicer.threads(c.limits), thread_name_prefix="mesh-rpc"),
             interceptors=interceptors,
@@ -138,14 +170,21 @@ class Node:
                                membership=self.membership, peers=self.peers, config=c.cluster)
         self.servicer = MeshServicer(self.node_id, self.address, self.store, c.limits, self.cluster, self.auth)
         self.servicer.on_drain = self._drain_rpc
+        self.metrics.watch(self.servicer.counters, self.cluster.members)
+        self.servicer.rpc_seconds = self.metrics.rpc_seconds
         add_to_server(self.servicer, server)
         add_health_to_server(self.servicer, self.health, server)
         server.start()
         self.server = server
+        if self.auth is None:
+            log.warning("no cluster secret set: this node accepts any caller (set MESH_SECRET_FILE or MESH_SECRET; "
+                        "for mesh serve also --secret-file)")
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.membership.start()
         self.cluster.start()
+        if c.metrics_listen:
+            self.metrics.serve(c.metrics_listen)
         if c.zeroconf:
             self._start_zeroconf(host, bound)
         self._housekeeper = threading.Thread(target=self._housekeep, name="mesh-housekeeping", daemon=True)
@@ -216,6 +255,7 @@ class Node:
         if self.membership is not None:
             self.membership.stop()
         server.stop(grace).wait()
+        self.metrics.stop()
         if self.servicer is not None:
             self.servicer.watchdog.stop()
         if self.cluster is not None:

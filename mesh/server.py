@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -94,6 +94,16 @@ class MeshServicer(pb_grpc.MeshServicer):
         self.transfer_errors = 0
         self.busy_refusals = 0
         self.accepting = True  # False while draining: puts go to other nodes
+        self.rpc_seconds: Any = None  # a labelled prometheus Histogram (mesh/metrics.py), when the node has one
+
+    @contextmanager
+    def _timed(self, method: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.rpc_seconds is not None:
+                self.rpc_seconds.labels(method).observe(time.perf_counter() - started)
 
     @staticmethod
     def threads(limits: Limits) -> int:
@@ -170,7 +180,7 @@ class MeshServicer(pb_grpc.MeshServicer):
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[pb.GetReply]:
         self._check_key(request.key, context)
-        with self._admit(context, self._streams, "too many streams"):
+        with self._timed("Get"), self._admit(context, self._streams, "too many streams"):
             if request.local_only or self.cluster is None:
                 entry = self.store.get(request.key)
             else:
@@ -186,7 +196,7 @@ class MeshServicer(pb_grpc.MeshServicer):
 
     def Put(self, request_iterator: Iterator[pb.PutRequest | WireChunk],
             context: grpc.ServicerContext) -> pb.PutReply:
-        with self._admit(context, self._streams, "too many streams"), \
+        with self._timed("Put"), self._admit(context, self._streams, "too many streams"), \
                 self.watchdog.watch(context.cancel, self.limits.header_timeout, f"Put from {context.peer()}") as watch:
             try:
                 return self._put(request_iterator, context, watch)
@@ -269,6 +279,10 @@ class MeshServicer(pb_grpc.MeshServicer):
         return Entry(header, tuple(receiver.chunks)), taken
 
     def Has(self, request: pb.HasRequest, context: grpc.ServicerContext) -> pb.HasReply:
+        with self._timed("Has"):
+            return self._has(request, context)
+
+    def _has(self, request: pb.HasRequest, context: grpc.ServicerContext) -> pb.HasReply:
         keys = list(request.keys)
         self._check_keys(keys, context)
         if request.local_only or self.cluster is None:
@@ -305,6 +319,18 @@ class MeshServicer(pb_grpc.MeshServicer):
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsReply:
         if request.reporter:
             self._take_report(request, context)
+        reply = pb.StatsReply(node_id=self.node_id, address=self.address, version=mesh.__version__,
+                              uptime_seconds=time.time() - self.started, counters=self.counters(), replicas=1)
+        if self.cluster is not None:
+            reply.members.extend(self.cluster.members())
+            reply.replicas = self.cluster.replicas
+            reply.cluster = self.cluster.cluster_name
+            reply.warnings.extend(self.cluster.warnings())
+        return reply
+
+    def counters(self) -> dict[str, float]:
+        """Every counter of this node: store, transfers, cluster, an embedded provider's and its sidecar
+        clients'. What `mesh stats` and the Prometheus endpoint (mesh/metrics.py) show."""
         counters = self.store.stats()
         counters.update(transfer_errors=self.transfer_errors, busy_refusals=self.busy_refusals,
                         inflight_bytes=self.inflight.used, inflight_refusals=self.inflight.refusals,
@@ -313,15 +339,9 @@ class MeshServicer(pb_grpc.MeshServicer):
             counters.update(source())
         for name, value in self._reported().items():
             counters[name] = counters.get(name, 0.0) + value
-        reply = pb.StatsReply(node_id=self.node_id, address=self.address, version=mesh.__version__,
-                              uptime_seconds=time.time() - self.started, counters=counters, replicas=1)
         if self.cluster is not None:
-            reply.counters.update(self.cluster.stats())
-            reply.members.extend(self.cluster.members())
-            reply.replicas = self.cluster.replicas
-            reply.cluster = self.cluster.cluster_name
-            reply.warnings.extend(self.cluster.warnings())
-        return reply
+            counters.update(self.cluster.stats())
+        return counters
 
     def _take_report(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> None:
         """Keep a sidecar client's counters; bounded, since any holder of the secret may send them."""

@@ -63,11 +63,12 @@ class Limits:
 
     def __post_init__(self) -> None:
         if not 0 < self.chunk_size <= self.max_chunk_size:
-            raise ValueError("chunk_size must be positive and at most max_chunk_size")
+            raise ValueError("--chunk-size must be positive and at most --max-chunk-size")
         if self.header_timeout <= 0 or self.idle_timeout <= 0 or self.max_transfers <= 0 or self.max_inflight < 0:
-            raise ValueError("timeouts and max_transfers must be positive, max_inflight not negative")
+            raise ValueError("--max-transfers, --header-timeout and --idle-timeout must be positive, "
+                             "--max-inflight not negative")
         if self.max_message_size < self.max_chunk_size + 64 * KiB:
-            raise ValueError("max_message_size must exceed max_chunk_size by the framing (64 KiB)")
+            raise ValueError("--max-message-size must exceed --max-chunk-size by the framing (64 KiB)")
 
 
 class TransferError(Exception):

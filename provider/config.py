@@ -38,6 +38,7 @@ class ProviderConfig:
     tls_server_name: str = "comfy-mesh"
     max_memory: int = parse_size("4GiB")
     data_dir: str = ""                # embedded node's disk tier (empty: RAM only)
+    metrics_listen: str = ""          # embedded node's Prometheus endpoint, HOST:PORT
     max_disk: int = parse_size("16GiB")
     min_free_ram: int = parse_size("2GiB")
     namespace: str = ""               # operator's part of the key namespace (model set, fleet name...)

@@ -156,6 +156,7 @@ class ServeProcess:
     address: str
     node_id: str
     log_path: Path
+    metrics: str = ""  # HOST:PORT of its /metrics, when started with --metrics-listen
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
@@ -184,7 +185,7 @@ def start_serve(workdir: Path, secret_file: Path | None, *args: str, pre: Sequen
     with open(log_path, "wb") as log:
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
     info = wait_until_serving(process, ready, log_path, READY_TIMEOUT)
-    return ServeProcess(process, info["address"], info["node_id"], log_path)
+    return ServeProcess(process, info["address"], info["node_id"], log_path, info.get("metrics", ""))
 
 
 @pytest.fixture

@@ -1,0 +1,91 @@
+"""Prometheus metrics of a node, on their own HTTP port (`--metrics-listen`, MESH_METRICS_LISTEN).
+
+Why prometheus-client: it is the exposition format every fleet scrapes, and its text parser lets tests read
+what a scraper would. Counters are read from the node at scrape time (one source of truth with `mesh stats`,
+nothing to keep in step); only latencies are recorded as they happen, in histograms. Every series is named
+`comfy_mesh_*`; the endpoint carries no secret data (counts, sizes, times, member states).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from mesh.address import split_hostport
+from mesh.pb import mesh_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+PREFIX = "comfy_mesh_"
+# Monotonic counts among the node's counters (mesh stats); everything else is a gauge.
+COUNTERS = {
+    "hits", "misses", "puts", "duplicate_puts", "evictions", "pressure_evictions", "deletes", "bytes_in",
+    "bytes_out", "refused", "conflicts_resolved", "tombstoned", "transfer_errors", "busy_refusals",
+    "inflight_refusals", "stalled_streams", "remote_hits", "remote_misses", "previous_owner_hits", "near_hits",
+    "owner_failures", "replica_write_failures", "uncached_reads", "repair_passes", "repaired", "handed_off",
+    "repair_errors", "repair_deletes_applied", "disk_errors", "disk_corrupt", "disk_evictions",
+    "provider_lookups", "provider_hits", "provider_misses", "provider_errors", "provider_stores",
+    "provider_stores_dropped", "provider_store_errors", "provider_bytes_in", "provider_bytes_out",
+    "provider_breaker_trips",
+}
+GET_SOURCES = {"hits": "local", "remote_hits": "owner", "near_hits": "near_cache",
+               "previous_owner_hits": "previous_owner"}
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _NodeCollector:
+    def __init__(self, counters: Callable[[], dict[str, float]], members: Callable[[], list[pb.Member]]) -> None:
+        self._counters = counters
+        self._members = members
+
+    def collect(self) -> Iterator[Metric]:
+        counters = self._counters()
+        sources = CounterMetricFamily(PREFIX + "gets_served", "Gets answered with a value, by where it came from",
+                                      labels=["source"])
+        for name, source in GET_SOURCES.items():
+            sources.add_metric([source], counters.get(name, 0.0))
+        yield sources
+        for name, value in sorted(counters.items()):
+            metric = PREFIX + name.replace(".", "_")
+            if name in COUNTERS:
+                yield CounterMetricFamily(metric, f"mesh stats counter {name}", value=value)
+            else:
+                yield GaugeMetricFamily(metric, f"mesh stats value {name}", value=value)
+        states = GaugeMetricFamily(PREFIX + "members", "Members this node knows, by state", labels=["state"])
+        members = self._members()
+        for state in ("ALIVE", "SUSPECT", "DEAD", "LEFT"):
+            states.add_metric([state], sum(1 for m in members if pb.MemberState.Name(m.state) == state))
+        yield states
+
+
+class Metrics:
+    """The registry of one node (a process may embed several in tests) and its HTTP endpoint."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.rpc_seconds = Histogram(PREFIX + "rpc_seconds", "Time to serve an RPC, by method",
+                                     labelnames=["method"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self._server: Any = None
+        self.address = ""
+
+    def watch(self, counters: Callable[[], dict[str, float]], members: Callable[[], list[pb.Member]]) -> None:
+        self.registry.register(_NodeCollector(counters, members))  # type: ignore[arg-type]
+
+    def serve(self, listen: str) -> str:
+        """Serve /metrics on HOST:PORT (port 0: any free port); returns the address it listens on."""
+        host, port = split_hostport(listen)
+        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        bound = self._server.server_address[1]
+        self.address = f"{host}:{bound}"
+        log.info("metrics at http://%s/metrics", self.address)
+        return self.address
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

@@ -1,0 +1,129 @@
+"""What an operator meets on real hosts: addresses, seeds, settings and their errors, metrics, logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mesh import node as node_module
+from mesh.node import ConfigError, advertised_host
+from mesh.peer import PeerClient
+from tests.conftest import SECRET, ServeProcess, free_port, mesh_command
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    return subprocess.run(mesh_command() + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mesh: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def poll(check: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout} s: {what}")
+        time.sleep(0.1)
+
+
+def test_version() -> None:
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("comfy-mesh ") and "protocol" in r.stdout
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--heartbeat", "0"], "--heartbeat"),
+    (["--replicas", "0"], "--replicas"),
+    (["--replicas", "2", "--write-acks", "5"], "--write-acks"),
+    (["--suspect-after", "3", "--dead-after", "2"], "--dead-after"),
+    (["--listen", "localhost:99999"], "--listen"),
+    (["--max-transfers", "0"], "--max-transfers"),
+])
+def test_settings_that_cannot_work_are_usage_errors(args: list[str], names: str) -> None:
+    r = run("serve", *args)
+    assert r.returncode == 2 and names in one_line(r)
+
+
+def test_usage_errors_exit_2_and_options_are_never_guessed(tmp_path: Path) -> None:
+    r = run("--secret", "x", "stats")  # once taken as --secret-file x
+    assert r.returncode == 2 and "No such file" not in r.stderr and "usage:" in r.stderr
+    assert run("get", "k").returncode == 2  # neither -o nor --describe
+
+
+def test_errors_are_one_line_naming_the_cause(serve: Callable[..., ServeProcess], tmp_path: Path) -> None:
+    taken = serve()
+    r = run("serve", "--listen", taken.address)
+    assert r.returncode == 1 and "cannot listen on" in one_line(r)
+    r = run("--secret-file", str(tmp_path / "missing"), "stats")
+    assert r.returncode == 1 and "secret file" in one_line(r)
+    port = free_port()
+    r = run("--node", "127.0.0.1", "--timeout", "2", "stats")  # no port: the default 8288, not gRPC's 443
+    assert r.returncode == 1 and "127.0.0.1:8288" in one_line(r)
+    assert port  # (a free port exists; 8288 is not ours in tests)
+
+
+def test_a_wildcard_listen_advertises_a_routable_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(node_module, "routable_host", lambda: "10.1.2.3")
+    assert advertised_host("0.0.0.0", "") == "10.1.2.3"
+    assert advertised_host("127.0.0.1", "") == "127.0.0.1"
+    monkeypatch.setattr(node_module, "routable_host", lambda: None)
+    with pytest.raises(ConfigError, match="--advertise"):
+        advertised_host("0.0.0.0", "")
+
+
+def test_a_wildcard_node_never_advertises_loopback(serve: Callable[..., ServeProcess]) -> None:
+    node = serve("--listen", "0.0.0.0:0")
+    assert not node.address.startswith(("127.", "0.0.0.0", "[::"))
+    with PeerClient(f"127.0.0.1:{node.address.rsplit(':', 1)[1]}", SECRET) as c:
+        assert c.stats().address == node.address
+
+
+def test_dead_and_misspelled_seeds_are_warnings_and_show_in_status(serve: Callable[..., ServeProcess],
+                                                                  secret_file: Path) -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    node = serve("--seeds", f"{dead},dns:nohost.invalid:8288")
+    poll(lambda: f"seed {dead}" in node.log() and "seed dns:nohost.invalid:8288: does not resolve" in node.log(),
+         "both seeds are named in a warning")
+    r = run("--node", node.address, "--secret-file", str(secret_file), "status", "--json")
+    warnings = json.loads(r.stdout)["warnings"]
+    assert any(dead in w for w in warnings) and any("nohost.invalid" in w for w in warnings)
+    assert any("mesh of one" in w for w in warnings)
+    r = run("--node", node.address, "--secret-file", str(secret_file), "status")
+    assert r.returncode == 0 and "warning: seed" in r.stderr
+
+
+def test_metrics_after_real_traffic(serve: Callable[..., ServeProcess]) -> None:
+    node = serve("--metrics-listen", "127.0.0.1:0")
+    with PeerClient(node.address, SECRET) as c:
+        c.put("m/1", os.urandom(5000))
+        assert c.get("m/1") is not None and c.get("m/1") is not None
+        assert c.get("m/missing") is None
+    text = urllib.request.urlopen(f"http://{node.metrics}/metrics", timeout=5).read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("comfy_mesh_gets_served_total", (("source", "local"),))] >= 2
+    assert samples[("comfy_mesh_misses_total", ())] >= 1
+    assert samples[("comfy_mesh_puts_total", ())] == 1
+    assert samples[("comfy_mesh_members", (("state", "ALIVE"),))] == 1
+    assert samples[("comfy_mesh_rpc_seconds_count", (("method", "Get"),))] >= 3
+    assert samples[("comfy_mesh_max_memory", ())] > 0
+
+
+def test_json_logs(serve: Callable[..., ServeProcess]) -> None:
+    node = serve(pre=["--log-format", "json"])
+    lines = [line for line in node.log().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]
+    assert any("serving on" in r["message"] for r in records) and all("level" in r for r in records)
