@@ -382,10 +382,17 @@ def cmd_install_comfyui(args: argparse.Namespace) -> int:
     import shutil
     import subprocess
 
+    import importlib.util
+
     repo = Path(__file__).resolve().parent.parent
-    source = repo / "provider"
-    if not (source / "__init__.py").exists():
-        raise CliError(f"no provider/ folder next to the mesh package ({repo}); install from a checkout (pip -e)")
+    checkout = (repo / "provider" / "__init__.py").exists() and (repo / "pyproject.toml").exists()
+    if checkout:
+        source = repo / "provider"
+    else:  # installed from a wheel: the provider ships as the package comfy_mesh_provider
+        spec = importlib.util.find_spec("comfy_mesh_provider")
+        if spec is None or spec.origin is None:
+            raise CliError("the comfy-mesh provider is not installed with this mesh package")
+        source = Path(spec.origin).parent
     comfy = Path(args.comfyui_dir).expanduser().resolve()
     custom = comfy / "custom_nodes"
     if not (comfy / "main.py").exists() or not custom.is_dir():
@@ -404,13 +411,15 @@ def cmd_install_comfyui(args: argparse.Namespace) -> int:
         else:
             target.symlink_to(source, target_is_directory=True)
         print(f"{'copied' if args.copy else 'linked'} {source} -> {target}")
-    if args.python:
-        cmd = [args.python, "-m", "pip", "install", "-e", str(repo)]
+    what = ["-e", str(repo)] if checkout else ["comfy-mesh==" + mesh.__version__]
+    if args.python and checkout:
+        cmd = [args.python, "-m", "pip", "install", *what]
         print("running:", " ".join(cmd))
         if subprocess.run(cmd).returncode != 0:
             raise CliError("installing comfy-mesh into ComfyUI's Python failed")
     else:
-        print(f"make sure ComfyUI's Python has the mesh package: <comfyui python> -m pip install -e {repo}")
+        print("make sure ComfyUI's Python has the mesh package: <comfyui python> -m pip install "
+              + (" ".join(what) if checkout else "<the comfy-mesh wheel you installed here>"))
     print("configure with MESH_* environment variables (see README.md), then restart ComfyUI")
     return 0
 

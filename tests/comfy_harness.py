@@ -927,8 +927,9 @@ class HarnessProcess:
     """A `python -m tests.comfy_harness --serve` subprocess; every wait is bounded; kill() in a finally."""
 
     def __init__(self, args: Sequence[str], *, ready_timeout: float = 30.0, log_path: Path | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
-        argv = [sys.executable, "-m", "tests.comfy_harness", "--serve", *args]
+                 env: Mapping[str, str] | None = None, wrap: Sequence[str] = ()) -> None:
+        """`wrap` prefixes the command, e.g. `ip netns exec NS` to run it on another (namespace) host."""
+        argv = [*wrap, sys.executable, "-m", "tests.comfy_harness", "--serve", *args]
         self.log_path = log_path
         stderr = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:

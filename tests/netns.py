@@ -139,6 +139,7 @@ class NetLab:
                            index=i) for i in range(n_hosts)]
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
+        self._etc: list[str] = []  # /etc/netns/NS folders we made
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -184,6 +185,9 @@ class NetLab:
         procs, self._procs = self._procs, []
         for p in procs:
             _terminate(p)
+        for d in self._etc:
+            shutil.rmtree(d, ignore_errors=True)
+        self._etc = []
         errors = []
         for ns in reversed(self._namespaces):
             proc = _ip("netns", "del", ns, check=False)
@@ -194,6 +198,16 @@ class NetLab:
             raise RuntimeError(f"could not delete namespaces: {'; '.join(errors)}")
 
     # -- running things on hosts --------------------------------------------------------------------------------
+
+    def hosts_file(self, names: dict[str, str]) -> None:
+        """Name resolution for every host: /etc/netns/NS/hosts, which `ip netns exec` puts over /etc/hosts."""
+        text = "127.0.0.1 localhost\n" + "".join(f"{addr} {name}\n" for name, addr in names.items())
+        for h in self.hosts:
+            d = f"/etc/netns/{h.ns}"
+            os.makedirs(d, exist_ok=True)
+            with open(f"{d}/hosts", "w") as f:
+                f.write(text)
+            self._etc.append(d)
 
     def argv(self, host: Host, argv: list[str]) -> list[str]:
         """argv wrapped to run inside host's namespace."""

@@ -1,0 +1,78 @@
+"""A fleet on three hosts (network namespaces with their own addresses and name resolution): nodes listening on
+the wildcard address with DNS-name seeds, two ComfyUI-like processes sharing through them, and a dead seed
+that an operator sees as a warning and in `mesh status`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from tests.comfy_harness import STANDARD_SHARED, HarnessProcess
+from tests.netns import NetLab, netlab_or_skip
+
+PORT = 7421
+REPO = Path(__file__).resolve().parent.parent
+FAST = ["--heartbeat", "0.2", "--suspect-after", "1.0", "--dead-after", "2.0"]
+
+
+def _serve(lab: NetLab, i: int, secret: Path, tmp: Path) -> None:
+    ready = tmp / f"gpu{i}.ready"
+    log = open(tmp / f"gpu{i}.log", "wb")
+    seeds = ",".join(f"dns:gpu{j}:{PORT}" for j in range(3) if j != i) + f",dns:gone:{PORT}"
+    argv = [sys.executable, "-m", "mesh.cli", "--secret-file", str(secret), "serve", "--listen", f"0.0.0.0:{PORT}",
+            "--node-id", f"gpu{i}", "--seeds", seeds, "--min-free-ram", "0", "--ready-file", str(ready), *FAST]
+    p = lab.popen(lab.hosts[i], argv, stdout=log, stderr=log, cwd=REPO)
+    deadline = time.monotonic() + 20
+    while not ready.exists():
+        assert p.poll() is None and time.monotonic() < deadline, (tmp / f"gpu{i}.log").read_text()
+        time.sleep(0.05)
+    assert json.loads(ready.read_text())["address"] == f"{lab.hosts[i].addr}:{PORT}"  # never loopback
+
+
+def _status(lab: NetLab, i: int, secret: Path) -> dict:
+    out = lab.run(lab.hosts[i], [sys.executable, "-m", "mesh.cli", "--node", f"gpu{i}:{PORT}", "--secret-file",
+                                 str(secret), "--timeout", "5", "status", "--json"], capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def test_three_hosts_with_dns_seeds_and_wildcard_listen_share_outputs(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("three-hosts-secret\n")
+    with netlab_or_skip(3) as lab:
+        names = {f"gpu{i}": h.addr for i, h in enumerate(lab.hosts)}
+        names["gone"] = lab.subnet.replace("0/24", "200")  # resolves, but no host answers there
+        lab.hosts_file(names)
+        for i in range(3):
+            _serve(lab, i, secret, tmp_path)
+        deadline = time.monotonic() + 30
+        while True:
+            views = [_status(lab, i, secret) for i in range(3)]
+            if all(v["members"]["ALIVE"] == 3 for v in views) or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert all(v["members"]["ALIVE"] == 3 for v in views), views
+        # The dead seed is a warning in the log and in `mesh status`, naming it.
+        deadline = time.monotonic() + 20
+        while not all(any("dns:gone" in w for w in _status(lab, i, secret)["warnings"]) for i in range(3)):
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+        assert f"seed dns:gone:{PORT}" in (tmp_path / "gpu0.log").read_text()
+
+        args = ["--secret", "three-hosts-secret", "--mode", "sidecar"]
+        a = HarnessProcess([*args, "--node", f"gpu0:{PORT}", "--node-id", "comfy-a"], log_path=tmp_path / "a.log",
+                           wrap=lab.argv(lab.hosts[0], []))
+        b = None
+        try:
+            b = HarnessProcess([*args, "--node", f"gpu2:{PORT}", "--node-id", "comfy-b"],
+                               log_path=tmp_path / "b.log", wrap=lab.argv(lab.hosts[2], []))
+            ra = a.run(workflow="standard", seed=33)
+            assert ra["errors"] == [] and a.flush(30)
+            rb = b.run(workflow="standard", seed=33)
+            assert rb["errors"] == [] and set(rb["provider_hits"]) == set(STANDARD_SHARED)
+            assert {n: rb["outputs"][n] for n in STANDARD_SHARED} == {n: ra["outputs"][n] for n in STANDARD_SHARED}
+        finally:
+            if b is not None:
+                b.quit()
+            a.quit()

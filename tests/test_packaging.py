@@ -1,0 +1,70 @@
+"""The wheel, as an operator installs it: built from this checkout without the Makefile, installed into a fresh
+venv without torch and with protobuf 5.x (what ComfyUI environments often carry), then used for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+OLD_PROTOBUF = "protobuf==5.29.6"
+
+
+def sh(*argv: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "PYTHON"))}
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+    assert r.returncode == 0, f"{argv}: {r.stdout[-2000:]} {r.stderr[-2000:]}"
+    return r
+
+
+@pytest.mark.slow
+def test_the_wheel_installs_and_works_without_the_makefile_or_torch(tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    sh(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(REPO))
+    wheel = next(dist.glob("comfy_mesh-*.whl"))
+    venv = tmp_path / "venv"
+    sh(sys.executable, "-m", "venv", str(venv))
+    py, mesh = venv / "bin" / "python", venv / "bin" / "mesh"
+    sh(str(py), "-m", "pip", "install", "-q", str(wheel), OLD_PROTOBUF)
+    listed = sh(str(py), "-m", "pip", "list", "--format", "json").stdout
+    names = {p["name"].lower(): p["version"] for p in json.loads(listed)}
+    assert "torch" not in names and names["protobuf"] == OLD_PROTOBUF.split("==")[1]
+    assert sh(str(mesh), "--version").stdout.startswith("comfy-mesh ")
+
+    secret = tmp_path / "secret"
+    secret.write_text("wheel-test-secret\n")
+    ready = tmp_path / "ready.json"
+    log = open(tmp_path / "serve.log", "wb")
+    node = subprocess.Popen([str(mesh), "--secret-file", str(secret), "serve", "--listen", "127.0.0.1:0",
+                             "--ready-file", str(ready), "--min-free-ram", "0"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert node.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.05)
+        address = json.loads(ready.read_text())["address"]
+        value = tmp_path / "value.bin"
+        value.write_bytes(os.urandom(3 << 20))
+        cli = [str(mesh), "--node", address, "--secret-file", str(secret)]
+        sh(*cli, "put", "wheel/k", str(value))
+        sh(*cli, "get", "wheel/k", "-o", str(tmp_path / "back.bin"))
+        assert (tmp_path / "back.bin").read_bytes() == value.read_bytes()
+    finally:
+        node.terminate()
+        node.wait(timeout=15)
+        log.close()
+
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "custom_nodes").mkdir(parents=True)
+    (comfy / "main.py").write_text("# a fake ComfyUI\n")
+    sh(str(mesh), "install-comfyui", str(comfy))
+    linked = comfy / "custom_nodes" / "comfy_mesh"
+    assert linked.is_symlink() and (linked / "__init__.py").exists() and (linked / "bridge.py").exists()
+    # Imported outside ComfyUI the provider does nothing, and needs no torch to be imported.
+    sh(str(py), "-c", "import comfy_mesh_provider, sys; assert 'torch' not in sys.modules")
