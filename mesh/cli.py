@@ -32,6 +32,7 @@ from mesh.membership import Timing, ring_weights
 from mesh.node import DEFAULT_PORT, ConfigError, Node, NodeConfig
 from mesh.pb.mesh_pb2 import MemberState
 from mesh.peer import MeshError, PeerClient
+from mesh.settings import CONFIG_ENV, SettingError, check_table, read_file, resolve, serve_table_keys, settings_of
 from mesh.tls import TlsConfig, init_tls, load_tls
 from mesh.units import format_size, parse_size
 from mesh.wire import Limits
@@ -86,11 +87,16 @@ class _ProgressBar:
         if not self.enabled or total < 8 * 1024 * 1024:
             return
         if self._bar is None:
-            from rich.progress import (BarColumn, DownloadColumn, Progress, TimeRemainingColumn,
-                                       TransferSpeedColumn)
+            from rich.progress import BarColumn, DownloadColumn, Progress, ProgressColumn, TimeRemainingColumn
+            from rich.text import Text
 
-            self._bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                                 TransferSpeedColumn(), TimeRemainingColumn(), transient=True)
+            class Speed(ProgressColumn):  # rich's TransferSpeedColumn counts in GB; everything here is GiB
+                def render(self, task: Any) -> Text:
+                    speed = task.finished_speed or task.speed
+                    return Text("?" if speed is None else f"{format_size(int(speed))}/s", style="progress.data.speed")
+
+            self._bar = Progress("[progress.description]{task.description}", BarColumn(),
+                                 DownloadColumn(binary_units=True), Speed(), TimeRemainingColumn(), transient=True)
             self._task = self._bar.add_task(self.label, total=total)
             self._bar.start()
         self._bar.update(self._task, completed=done)
@@ -200,6 +206,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             "cluster": s.cluster, "replicas": s.replicas, "members": states,
             "uptime_seconds": round(s.uptime_seconds, 1), "entries": int(counters.get("entries", 0)),
             "bytes_used": int(counters.get("bytes_used", 0)), "max_memory": int(counters.get("max_memory", 0)),
+            "near_bytes_used": int(counters.get("near_bytes_used", 0)),
+            "near_max_memory": int(counters.get("near_max_memory", 0)),
             "repair": {"passes": int(counters.get("repair_passes", 0)), "repaired": int(counters.get("repaired", 0)),
                        "under_replicated": int(counters.get("under_replicated", 0)),
                        "pending": int(counters.get("repair_pending", 0))},
@@ -217,7 +225,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             ("repair", f"{data['repair']['passes']} passes, {data['repair']['repaired']} copies repaired, "
                        f"{data['repair']['under_replicated']} missing at the last pass, "
                        f"{data['repair']['pending']} pending"),
-            ("memory", f"{format_size(data['bytes_used'])} of {format_size(data['max_memory'])}"),
+            ("memory", f"{format_size(data['bytes_used'])} of {format_size(data['max_memory'])} owned, "
+                       f"{format_size(data['near_bytes_used'])} of {format_size(data['near_max_memory'])} near "
+                       f"cache ({format_size(data['max_memory'] + data['near_max_memory'])} budget)"),
         ])
     return 0
 
@@ -268,8 +278,29 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"node_id": s.node_id, "address": s.address, "counters": counters})
     else:
-        _table(f"stats of {s.node_id} ({s.address})", ["counter", "value"], list(counters.items()))
+        _table(f"stats of {s.node_id} ({s.address}), up {_duration(s.uptime_seconds)}", ["counter", "value"],
+               [(name, _human(name, value)) for name, value in counters.items()])
     return 0
+
+
+_SIZE_WORDS = ("bytes", "memory", "ram", "disk")
+
+
+def _human(name: str, value: float) -> str:
+    """A counter as a person reads it: sizes in KiB/MiB/GiB, times in ms or s, counts with separators."""
+    if any(word in name for word in _SIZE_WORDS) and "evictions" not in name and "errors" not in name:
+        return format_size(int(value))
+    if name.endswith("seconds"):
+        return _duration(float(value))
+    return f"{value:,}" if isinstance(value, int) else f"{value:,.3f}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.1f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -289,22 +320,25 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_put(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
-        data = path.read_bytes()
+        size = path.stat().st_size
+        path.open("rb").close()
     except OSError as e:
         raise CliError(f"cannot read {path}: {e.strerror}") from None
+    if any("=" not in m for m in args.meta):
+        raise CliError("--meta takes NAME=VALUE", EXIT_USAGE)
     meta = dict(m.split("=", 1) for m in args.meta)
     meta.setdefault("content", "bytes")
     started = time.perf_counter()
     with _client(args) as c, _ProgressBar(f"put {args.key}", not args.json) as bar:
-        reply = c.put(args.key, data, meta, progress=bar)
+        reply = c.put_file(args.key, path, meta, progress=bar)  # streamed: constant memory, whatever the size
     seconds = time.perf_counter() - started
-    result = {"key": args.key, "bytes": len(data), "stored": reply.stored, "existed": reply.existed,
+    result = {"key": args.key, "bytes": size, "stored": reply.stored, "existed": reply.existed,
               "replicas": reply.replicas, "seconds": round(seconds, 4)}
     if args.json:
         _emit_json(result)
     else:
         verb = "already stored" if reply.existed else "stored"
-        print(f"{verb} {args.key}: {format_size(len(data))} in {seconds:.3f} s")
+        print(safe(f"{verb} {args.key}: {format_size(size)} in {seconds:.3f} s"))
     return 0
 
 
@@ -312,6 +346,18 @@ def cmd_get(args: argparse.Namespace) -> int:
     if not args.output and not args.describe:
         raise CliError("give -o FILE to write the value, or --describe to show its structure", EXIT_USAGE)
     started = time.perf_counter()
+    if args.output and args.output != "-" and not args.describe:
+        # Streamed to a file beside the target, renamed once verified: constant memory, never a partial file.
+        with _client(args) as c, _ProgressBar(f"get {args.key}", not args.json) as bar:
+            header = c.get_to_file(args.key, args.output, progress=bar)
+        if header is None:
+            raise CliError(f"key not found: {safe(args.key)}", EXIT_NOT_FOUND)
+        seconds = time.perf_counter() - started
+        if args.json:
+            _emit_json({"key": args.key, "bytes": header.raw_size, "file": args.output, "seconds": round(seconds, 4)})
+        else:
+            print(f"wrote {format_size(header.raw_size)} to {args.output} in {seconds:.3f} s")
+        return 0
     with _client(args) as c, _ProgressBar(f"get {args.key}", not args.json) as bar:
         blob = c.get(args.key, progress=bar)
     if blob is None:
@@ -354,6 +400,36 @@ def cmd_delete(args: argparse.Namespace) -> int:
         print(f"deleted {len(keys) - len(missing)} of {len(keys)} keys"
               + (f"; not found: {', '.join(safe(k) for k in missing)}" if missing else ""))
     return EXIT_NOT_FOUND if missing else 0
+
+
+_FILE_GLOBALS = {"secret_file": SECRET_FILE_ENV, "tls_cert": "MESH_TLS_CERT", "tls_key": "MESH_TLS_KEY",
+                 "tls_ca": "MESH_TLS_CA", "tls_server_name": "MESH_TLS_SERVER_NAME"}
+
+
+def _resolve_settings(args: argparse.Namespace) -> dict[str, str]:
+    """Serve settings from flags, MESH_* variables, the TOML file, defaults (mesh/settings.py)."""
+    file, path = read_file(args.config, os.environ)
+    settings = args.serve_settings
+    check_table(path, serve_table_keys(path), settings)
+    sources = resolve(args, settings, os.environ, file, path)
+    for dest, env_name in _FILE_GLOBALS.items():  # the secret and TLS files may come from the file too
+        if getattr(args, dest) is None and env_name not in os.environ and dest in file:
+            setattr(args, dest, str(file[dest]))
+    return sources
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    rows = [{"setting": dest, "flag": setting.flag, "env": setting.env, "value": getattr(args, dest),
+             "from": args.settings_sources[dest]} for dest, setting in sorted(args.serve_settings.items())]
+    secret = args.secret_file or os.environ.get(SECRET_FILE_ENV) or ("(MESH_SECRET)" if os.environ.get("MESH_SECRET")
+                                                                     else "none: an open node")
+    if args.json:
+        _emit_json({"settings": rows, "secret_file": secret, "tls_cert": args.tls_cert or os.environ.get("MESH_TLS_CERT")})
+    else:
+        _table("mesh serve settings (flag > env > file > default)", ["setting", "value", "from", "env"],
+               [(r["flag"], r["value"], r["from"], r["env"]) for r in rows])
+        print(f"secret: {secret}")
+    return 0
 
 
 def cmd_tls_init(args: argparse.Namespace) -> int:
@@ -450,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-server-name", default=None,
                    help="name verified in node certificates (default comfy-mesh; '' = the host dialled; "
                         "env MESH_TLS_SERVER_NAME)")
+    p.add_argument("--config", default=None,
+                   help=f"TOML settings file (env {CONFIG_ENV}); flags, then MESH_* variables, then it, win")
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds (default 60)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("MESH_LOG_FORMAT", "text"),
@@ -459,8 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         sp.set_defaults(fn=fn)
+        # The global options work after the command too (`mesh serve --secret-file F`), as people write them.
+        for flags, dest in (("--secret-file", "secret_file"), ("--tls-cert", "tls_cert"), ("--tls-key", "tls_key"),
+                            ("--tls-ca", "tls_ca"), ("--tls-server-name", "tls_server_name"),
+                            ("--config", "config")):
+            sp.add_argument(flags, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         if name != "serve":
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
@@ -469,12 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT to serve on (port 0: any)")
     s.add_argument("--node-id", help="stable id of this node (default: hostname-port-random)")
     s.add_argument("--max-memory", default="4GiB", help="byte budget of the blob store (default 4GiB)")
-    s.add_argument("--data-dir", default=os.environ.get("MESH_DATA_DIR", ""),
+    s.add_argument("--data-dir", default="",
                    help="keep blobs on disk here too: a restarted node serves what it had (env MESH_DATA_DIR; "
                         "default: RAM only)")
-    s.add_argument("--max-disk", default=os.environ.get("MESH_MAX_DISK", "16GiB"),
+    s.add_argument("--max-disk", default="16GiB",
                    help="byte budget of --data-dir, LRU (env MESH_MAX_DISK; default 16GiB)")
-    s.add_argument("--metrics-listen", default=os.environ.get("MESH_METRICS_LISTEN", ""),
+    s.add_argument("--metrics-listen", default="",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (env MESH_METRICS_LISTEN)")
     s.add_argument("--min-free-ram", default="1GiB", help="evict while the host has less RAM available (1GiB)")
     s.add_argument("--chunk-size", default="1MiB", help="raw bytes per chunk sent (default 1MiB)")
@@ -491,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-file", help="write {address, node_id} as JSON here once serving (for scripts)")
     s.add_argument("--advertise", help="HOST:PORT peers should dial (default: the listen address)")
     s.add_argument("--cluster", default="default", help="cluster name; nodes of other clusters are ignored")
-    s.add_argument("--seeds", default=os.environ.get("MESH_SEEDS", ""),
+    s.add_argument("--seeds", default="",
                    help="comma-separated HOST:PORT or dns:NAME:PORT of nodes to join (env MESH_SEEDS)")
     s.add_argument("--zeroconf", action="store_true", help="advertise and discover peers with mDNS")
     s.add_argument("--zeroconf-interfaces", help="comma-separated addresses for mDNS (default: all)")
@@ -505,6 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-on-term", action="store_true",
                    help="on SIGTERM, hand keys to their new owners before stopping")
 
+    p.set_defaults(serve_settings=settings_of(s, skip=("ready_file", "secret_file", "tls_cert", "tls_key", "tls_ca",
+                                                       "tls_server_name", "config")))
+    command("config", cmd_config, "the settings `mesh serve` would run with here, and where each comes from")
     command("status", cmd_status, "health and summary of a node")
     command("stats", cmd_stats, "counters of a node")
     k = command("keys", cmd_keys, "list the keys a node stores, with sizes and ages")
@@ -552,7 +638,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("grpc", "zeroconf", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if args.command in ("serve", "config"):
+            args.settings_sources = _resolve_settings(args)
         return args.fn(args)
+    except SettingError as e:
+        print(f"mesh: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except CliError as e:
         print(f"mesh: {e}", file=sys.stderr)
         return e.exit_code

@@ -8,7 +8,9 @@ event loop, so ComfyUI's per-prompt loops can use it from a worker thread.
 from __future__ import annotations
 
 import itertools
+import os
 import time
+from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -20,7 +22,8 @@ from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.watchdog import Watchdog
 from mesh.wire import (MAX_KEY_BYTES, SERVICE, Header, Limits, Receiver, StoredChunk, TransferError, WireChunk,
-                       decode_chunk_message, iter_chunks, make_header, serialize_message)
+                       decode_chunk_message, file_header, iter_chunks, iter_file_chunks, make_header,
+                       serialize_message)
 
 if TYPE_CHECKING:
     from mesh.tls import TlsConfig
@@ -183,9 +186,37 @@ class PeerClient:
         assert receiver is not None
         return receiver.header, receiver.chunks
 
+    def get_to_file(self, key: str, path: str | os.PathLike[str], timeout: float | None = None,
+                    progress: Progress | None = None) -> Header | None:
+        """Write the verified bytes of `key` to `path` in constant memory; None (and no file) if it is missing.
+
+        Chunks go to a temporary file beside `path`, renamed over it only once the checksum matched: a failed
+        or corrupt transfer never leaves a partial file under the name asked for."""
+        target = Path(path)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        receiver: Receiver | None = None
+        try:
+            with open(tmp, "wb") as f:
+                for receiver, _ in self._get_stream(key, timeout, False, into=False, progress=progress, sink=f.write):
+                    pass
+            os.replace(tmp, target)
+        except _Missing:
+            return None
+        finally:
+            tmp.unlink(missing_ok=True)
+        assert receiver is not None
+        return receiver.header
+
+    def put_file(self, key: str, path: str | os.PathLike[str], meta: Mapping[str, str] | None = None,
+                 timeout: float | None = None, progress: Progress | None = None) -> pb.PutReply:
+        """Store a file's bytes in constant memory: read once for the checksum, once more as it is sent."""
+        header = file_header(key, path, self.limits.chunk_size, meta)
+        return self.put_chunks(header, iter_file_chunks(path, self.limits.chunk_size), timeout, progress=progress)
+
     def _get_stream(self, key: str, timeout: float | None, local_only: bool, into: bool,
                     progress: Progress | None = None, first_byte: float | None = None,
                     on_first_byte: Callable[[float], None] | None = None,
+                    sink: Callable[[bytes | memoryview], object] | None = None,
                     ) -> Iterator[tuple[Receiver, StoredChunk | None]]:
         if len(key.encode()) > MAX_KEY_BYTES:
             raise _Missing()  # no node stores such a key
@@ -229,7 +260,7 @@ class PeerClient:
                     header = Header.from_pb(reply.header)
                     if header.key != key:
                         raise TransferError(grpc.StatusCode.DATA_LOSS, f"asked for {key!r}, got {header.key!r}")
-                    receiver = Receiver(header, self.limits, into=into)  # refuses raw_size > max_blob_size
+                    receiver = Receiver(header, self.limits, into=into, sink=sink)  # refuses raw_size > max_blob_size
                     yield receiver, None
             if receiver is None:
                 raise TransferError(grpc.StatusCode.DATA_LOSS, "stream ended without a header")

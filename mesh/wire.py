@@ -21,8 +21,9 @@ is valid protobuf, and anything the fast path does not recognise goes to the pro
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import grpc
@@ -273,6 +274,26 @@ def make_header(key: str, data: bytes | bytearray | memoryview, chunk_size: int,
                   checksum=checksum(data), meta=dict(meta or {}))
 
 
+def file_header(key: str, path: str | os.PathLike[str], chunk_size: int,
+                meta: Mapping[str, str] | None = None) -> Header:
+    """The header of a file's bytes, read once in pieces (never the whole file in memory)."""
+    h = xxhash.xxh3_64()
+    size = 0
+    with open(path, "rb") as f:
+        while piece := f.read(8 * MiB):
+            h.update(piece)
+            size += len(piece)
+    return Header(key=key, raw_size=size, chunk_size=chunk_size, chunk_count=chunk_count(size, chunk_size),
+                  checksum=h.intdigest(), meta=dict(meta or {}))
+
+
+def iter_file_chunks(path: str | os.PathLike[str], chunk_size: int, compress: bool = True) -> Iterator[StoredChunk]:
+    """A file's chunks, read one at a time as they are sent."""
+    with open(path, "rb") as f:
+        while piece := f.read(chunk_size):
+            yield pack_chunk(memoryview(piece), compress)
+
+
 def iter_chunks(data: bytes | bytearray | memoryview, chunk_size: int, compress: bool = True) -> Iterator[StoredChunk]:
     """Chunks produced lazily, so the first is on the wire while later ones are still being compressed."""
     view = memoryview(data).cast("B")
@@ -314,9 +335,13 @@ class Receiver:
     checksum. A reading client decodes into `buffer`, whose bytes are the value once `finish()` returns.
     """
 
-    def __init__(self, header: Header, limits: Limits, into: bool = False) -> None:
+    def __init__(self, header: Header, limits: Limits, into: bool = False,
+                 sink: Callable[[bytes | memoryview], object] | None = None) -> None:
+        """`into`: decode into `buffer`; `sink`: hand each decoded chunk to it instead (a file: constant memory;
+        the caller must discard what it wrote unless `finish()` returns); neither: keep the chunks as stored."""
         validate_header(header, limits)
         self.header = header
+        self._sink = sink
         # Grown chunk by chunk rather than preallocated: bytearray(n) zero-fills (page-faults) the whole buffer
         # before the first chunk is read, ~0.1 s for 512 MiB on the critical path; appending touches each page
         # once, in step with the stream, and growing a large buffer remaps its pages rather than copying them.
@@ -326,7 +351,7 @@ class Receiver:
         self._hash = xxhash.xxh3_64()
         self._next = 0
         self._offset = 0
-        self._keep = not into
+        self._keep = not into and sink is None
 
     def add(self, chunk: WireChunk | pb.Chunk) -> StoredChunk:
         h = self.header
@@ -359,6 +384,8 @@ class Receiver:
         self._hash.update(raw)
         if self.buffer is not None:
             self.buffer += raw
+        elif self._sink is not None:
+            self._sink(raw)
         frame = getattr(chunk, "frame", None)  # a pb.Chunk (built in process) has none
         stored = StoredChunk(chunk.codec, expect, data, frame, chunk.index if frame is not None else -1)
         if self._keep:

@@ -17,6 +17,8 @@ from mesh.tls import TlsConfig, load_tls
 from mesh.units import parse_size
 
 ENV_PREFIX = "MESH_"
+# Keys of the shared TOML file that are for `mesh serve` (mesh/settings.py), not for the provider.
+SHARED_WITH_SERVE = {"serve", "tls_server_name", "metrics_listen"}
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class ProviderConfig:
             if raw is None:
                 continue
             values[f.name] = _convert(f.name, f.type, raw)
-        unknown = set(file_values) - {f.name for f in fields(cls)}
+        unknown = set(file_values) - {f.name for f in fields(cls)} - SHARED_WITH_SERVE
         if unknown:
             raise ValueError(f"unknown settings in {env['MESH_CONFIG']}: {', '.join(sorted(unknown))}")
         config = cls(**values)  # type: ignore[arg-type]

@@ -45,19 +45,23 @@ class Runtime:
     node: Node | None
     config: ProviderConfig
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
+    _reporting: bool = field(default=False, repr=False)
+    _reporter: str = field(default_factory=lambda: f"comfyui@{socket.gethostname()}:{os.getpid()}", repr=False)
 
     def start_reporting(self) -> None:
         """Sidecar mode: the sidecar's `mesh stats` shows this provider's counters, as an embedded node's does."""
-        reporter = f"comfyui@{socket.gethostname()}:{os.getpid()}"
+        self._reporting = True
+        threading.Thread(target=self._report_loop, name="mesh-provider-report", daemon=True).start()
 
-        def loop() -> None:
-            while not self._stop.wait(REPORT_EVERY):
-                try:
-                    self.client.report(reporter, self.provider.stats(), timeout=2.0)
-                except Exception as e:  # the sidecar may be down: the lookups notice that on their own
-                    log.debug("cannot report counters to the sidecar: %r", e)
+    def _report(self) -> None:
+        try:
+            self.client.report(self._reporter, self.provider.stats(), timeout=2.0)
+        except Exception as e:  # the sidecar may be down: the lookups notice that on their own
+            log.debug("cannot report counters to the sidecar: %r", e)
 
-        threading.Thread(target=loop, name="mesh-provider-report", daemon=True).start()
+    def _report_loop(self) -> None:
+        while not self._stop.wait(REPORT_EVERY):
+            self._report()
 
     def describe(self) -> str:
         where = (f"embedded node {self.node.node_id} on {self.node.address}" if self.node
@@ -68,6 +72,9 @@ class Runtime:
 
     def close(self) -> None:
         self._stop.set()
+        if self._reporting:
+            self.bridge.flush(5.0)
+            self._report()  # the last counters too, not those of up to REPORT_EVERY seconds ago
         self.bridge.close()
         self.client.close()
         if self.node is not None:

@@ -127,3 +127,81 @@ def test_json_logs(serve: Callable[..., ServeProcess]) -> None:
     lines = [line for line in node.log().splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]
     assert any("serving on" in r["message"] for r in records) and all("level" in r for r in records)
+
+
+def test_cli_streams_files_bit_exactly_and_leaves_no_partial_file(serve: Callable[..., ServeProcess],
+                                                                  secret_file: Path, tmp_path: Path) -> None:
+    node = serve("--max-memory", "512MiB")
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        for i in range(40):
+            f.write(os.urandom(512 * 1024) + bytes([i]) * (512 * 1024))
+    cli = ["--node", node.address, "--secret-file", str(secret_file)]
+    assert run(*cli, "put", "big", str(src), "--meta", "class_type=Test").returncode == 0
+    out = tmp_path / "out" / "back.bin"
+    out.parent.mkdir()
+    r = run(*cli, "get", "big", "-o", str(out))
+    assert r.returncode == 0 and out.read_bytes() == src.read_bytes()
+    r = run(*cli, "get", "missing", "-o", str(tmp_path / "out" / "none.bin"))
+    assert r.returncode == 3 and sorted(p.name for p in out.parent.iterdir()) == ["back.bin"]
+    assert run(*cli, "put", "k", str(src), "--meta", "novalue").returncode == 2
+
+
+def _config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    return subprocess.run(mesh_command() + list(args), capture_output=True, text=True, timeout=30,
+                          env={**base, **(env or {})})
+
+
+def test_settings_precedence_flag_env_file_default(tmp_path: Path) -> None:
+    toml = tmp_path / "mesh.toml"
+    toml.write_text('max_memory = "2GiB"\nseeds = ["10.0.0.5:8288", "10.0.0.6:8288"]\nnamespace = "for-comfyui"\n'
+                    '[serve]\nheartbeat = 0.25\nreplicas = 3\nzeroconf = true\n')
+
+    def settings(*args: str, env: dict[str, str] | None = None) -> dict[str, dict[str, object]]:
+        r = _config(*args, "config", "--json", env={"MESH_CONFIG": str(toml), **(env or {})})
+        assert r.returncode == 0, r.stderr
+        return {row["setting"]: row for row in json.loads(r.stdout)["settings"]}
+
+    s = settings()
+    assert (s["max_memory"]["value"], s["max_memory"]["from"]) == ("2GiB", f"file {toml}")
+    assert s["seeds"]["value"] == "10.0.0.5:8288,10.0.0.6:8288"
+    assert (s["heartbeat"]["value"], s["replicas"]["value"], s["zeroconf"]["value"]) == (0.25, 3, True)
+    assert (s["cluster"]["value"], s["cluster"]["from"]) == ("default", "default")
+    s = settings(env={"MESH_MAX_MEMORY": "1GiB", "MESH_ZEROCONF": "0"})
+    assert (s["max_memory"]["value"], s["max_memory"]["from"]) == ("1GiB", "env MESH_MAX_MEMORY")
+    assert s["zeroconf"]["value"] is False
+    r = _config("serve", "--max-memory", "3GiB", "--heartbeat", "0", env={"MESH_CONFIG": str(toml),
+                                                                          "MESH_MAX_MEMORY": "1GiB"})
+    assert r.returncode == 2 and "--heartbeat" in r.stderr  # the flag won over the file's 0.25 (and is refused)
+
+
+@pytest.mark.parametrize("env, text, message", [
+    ({"MESH_HEARTBEAT": "fast"}, "", "MESH_HEARTBEAT must be a float"),
+    ({"MESH_ZEROCONF": "maybe"}, "", "MESH_ZEROCONF must be a boolean"),
+    ({}, "[serve]\nheartbeats = 1\n", "unknown settings in [serve]: heartbeats"),
+    ({}, "max_memory = \n", "not valid TOML"),
+])
+def test_bad_settings_are_one_line_usage_errors(tmp_path: Path, env: dict[str, str], text: str,
+                                                message: str) -> None:
+    toml = tmp_path / "mesh.toml"
+    toml.write_text(text)
+    r = _config("serve", env={"MESH_CONFIG": str(toml), **env})
+    assert r.returncode == 2 and message in one_line(r)
+
+
+def test_the_provider_reads_the_same_file(tmp_path: Path) -> None:
+    from provider.config import ProviderConfig
+
+    toml = tmp_path / "mesh.toml"
+    toml.write_text('max_memory = "2GiB"\nnamespace = "n"\n[serve]\nheartbeat = 0.25\n')
+    config = ProviderConfig.load({"MESH_CONFIG": str(toml)})
+    assert config.max_memory == 2 << 30 and config.namespace == "n"
+
+
+def test_options_work_where_the_readme_puts_them(serve: Callable[..., ServeProcess], secret_file: Path) -> None:
+    """`mesh serve --secret-file F` once exited 2: --secret-file was only a global option."""
+    node = serve("--secret-file", str(secret_file), secret=None)
+    assert "auth on" in node.log()
+    with PeerClient(node.address, SECRET) as c:
+        assert c.stats().node_id == node.node_id
