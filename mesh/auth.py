@@ -53,7 +53,8 @@ REPLAY_WINDOW = 4096         # counters tracked per session: calls may arrive ou
 MAX_SESSIONS = 16384         # sessions with replay state one node keeps (only callers with the secret add any)
 STALE = "stale session"      # status detail that tells a caller to say Hello again (node restarted, TTL passed)
 HELLO_METHOD = "/comfymesh.v1.Mesh/Hello"
-_OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", HELLO_METHOD)
+# Open to anyone: health, the handshake itself, and reflection (it describes only the public proto/ contract).
+_OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", HELLO_METHOD, "/grpc.reflection.")
 _NONCE_BYTES = (16, 64)
 _MAX_HEADER = 256
 

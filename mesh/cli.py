@@ -303,17 +303,32 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
+def _short_key(key: str, keep: int = 12) -> str:
+    """A provider key `cm1/comfyui-V/NS/<64 hex>` shortened to fit a terminal: the hash's first characters."""
+    head, _, tail = key.rpartition("/")
+    return f"{head}/{tail[:keep]}…" if len(tail) > keep + 4 else key
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
+    prefix = args.prefix
     with _client(args) as c:
-        keys = c.list_keys(prefix=args.prefix, limit=args.limit)
+        keys = c.list_keys(prefix=prefix, limit=0 if (args.namespace or args.class_type) else args.limit)
+    if args.namespace:  # provider keys are cm1/comfyui-<version>/<namespace>/<hash>
+        keys = [k for k in keys if k.key.count("/") == 3 and k.key.split("/")[2] == args.namespace]
+    if args.class_type:
+        keys = [k for k in keys if k.meta.get("class_type") == args.class_type]
+    if args.limit:
+        keys = keys[:args.limit]
     rows = [{"key": k.key, "raw_size": k.raw_size, "stored_size": k.stored_size,
              "age_seconds": round(k.age_seconds, 1), "meta": dict(k.meta)} for k in keys]
     if args.json:
         _emit_json(rows)
     else:
-        _table(f"{len(rows)} keys", ["key", "size", "stored", "age", "meta"], [
-            (r["key"], format_size(r["raw_size"]), format_size(r["stored_size"]), f"{r['age_seconds']:.0f} s",
-             ", ".join(f"{k}={v}" for k, v in r["meta"].items())) for r in rows])
+        _table(f"{len(rows)} keys" + ("" if args.full else " (hashes shortened: --full shows them whole)"),
+               ["key", "class", "size", "stored", "age"], [
+                   (r["key"] if args.full else _short_key(r["key"]), r["meta"].get("class_type", ""),
+                    format_size(r["raw_size"]), format_size(r["stored_size"]), _duration(r["age_seconds"]))
+                   for r in rows])
     return 0
 
 
@@ -596,6 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     k = command("keys", cmd_keys, "list the keys a node stores, with sizes and ages")
     k.add_argument("--prefix", default="", help="only keys starting with this")
     k.add_argument("--limit", type=int, default=0, help="at most this many (0: all)")
+    k.add_argument("--namespace", default="", help="only provider keys of this MESH_NAMESPACE")
+    k.add_argument("--class-type", default="", help="only values of this ComfyUI class type (e.g. VAEDecode)")
+    k.add_argument("--full", action="store_true", help="whole keys, even where they wrap")
     pt = command("put", cmd_put, "store a file's bytes under KEY")
     pt.add_argument("key")
     pt.add_argument("file")

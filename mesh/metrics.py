@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
 from mesh.address import split_hostport
 from mesh.pb import mesh_pb2 as pb
@@ -62,6 +62,27 @@ class _NodeCollector:
         yield states
 
 
+class _ClassCollector:
+    """An embedded provider's lookups by ComfyUI class type (which nodes the mesh pays off for)."""
+
+    def __init__(self, class_stats: Callable[[], dict[str, dict[str, float]]]) -> None:
+        self._stats = class_stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        families = {name: CounterMetricFamily(PREFIX + f"provider_class_{name}", f"Provider {name} by class type",
+                                              labels=["class_type"]) for name in ("lookups", "hits", "misses",
+                                                                                  "errors")}
+        seconds = SummaryMetricFamily(PREFIX + "provider_class_lookup_seconds",
+                                      "Time lookups cost prompts, by class type", labels=["class_type"])
+        for class_type, row in sorted(stats.items()):
+            for name, family in families.items():
+                family.add_metric([class_type], row[name])
+            seconds.add_metric([class_type], count_value=row["lookups"], sum_value=row["lookup_seconds"])
+        yield from families.values()
+        yield seconds
+
+
 class Metrics:
     """The registry of one node (a process may embed several in tests) and its HTTP endpoint."""
 
@@ -74,6 +95,9 @@ class Metrics:
 
     def watch(self, counters: Callable[[], dict[str, float]], members: Callable[[], list[pb.Member]]) -> None:
         self.registry.register(_NodeCollector(counters, members))  # type: ignore[arg-type]
+
+    def watch_classes(self, class_stats: Callable[[], dict[str, dict[str, float]]]) -> None:
+        self.registry.register(_ClassCollector(class_stats))  # type: ignore[arg-type]
 
     def serve(self, listen: str) -> str:
         """Serve /metrics on HOST:PORT (port 0: any free port); returns the address it listens on."""

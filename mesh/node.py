@@ -28,7 +28,7 @@ from mesh.metrics import Metrics
 from mesh.membership import Member, Membership, Timing
 from mesh.pb import mesh_pb2 as pb
 from mesh.peers import PeerPool
-from mesh.server import MeshServicer, add_health_to_server, add_to_server
+from mesh.server import HEALTH_SERVICE, MeshServicer, add_health_to_server, add_reflection_to_server, add_to_server
 from mesh.store import BlobStore
 from mesh.units import format_size
 from mesh.wire import SERVICE, GiB, Limits
@@ -174,6 +174,7 @@ class Node:
         self.servicer.rpc_seconds = self.metrics.rpc_seconds
         add_to_server(self.servicer, server)
         add_health_to_server(self.servicer, self.health, server)
+        add_reflection_to_server(self.servicer, server, (SERVICE_NAME, HEALTH_SERVICE))
         server.start()
         self.server = server
         if self.auth is None:

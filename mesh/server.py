@@ -88,6 +88,7 @@ class MeshServicer(pb_grpc.MeshServicer):
         self._routed = threading.BoundedSemaphore(ROUTED_CALLS)
         self._hellos = threading.BoundedSemaphore(OPEN_CALLS)
         self._health_calls = threading.BoundedSemaphore(OPEN_CALLS)
+        self._reflections = threading.BoundedSemaphore(OPEN_CALLS)
         self.inflight = ByteBudget(limits.max_inflight or store.max_memory)
         self.watchdog = Watchdog()
         self._lock = threading.Lock()
@@ -108,7 +109,7 @@ class MeshServicer(pb_grpc.MeshServicer):
     @staticmethod
     def threads(limits: Limits) -> int:
         """Server threads: every admitted stream and routed call, plus a reserve they can never take."""
-        return 2 * limits.max_transfers + ROUTED_CALLS + CONTROL_THREADS + 2 * OPEN_CALLS
+        return 2 * limits.max_transfers + ROUTED_CALLS + CONTROL_THREADS + 3 * OPEN_CALLS
 
     def _busy(self, context: grpc.ServicerContext, what: str) -> None:
         with self._lock:
@@ -439,6 +440,39 @@ def add_to_server(servicer: MeshServicer, server: grpc.Server) -> None:
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
+
+
+REFLECTION_SERVICES = ("grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+
+
+def add_reflection_to_server(servicer: MeshServicer, server: grpc.Server, services: tuple[str, ...]) -> None:
+    """gRPC server reflection (`grpcurl -plaintext HOST:PORT list`), open like health: it describes only the
+    public contract (proto/mesh.proto). A reflection stream is admitted OPEN_CALLS at a time and cancelled when
+    its client stays silent, so it holds no thread for long."""
+    from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+    inner = reflection.ReflectionServicer((*services, *REFLECTION_SERVICES))
+
+    def info(requests: Iterator[reflection_pb2.ServerReflectionRequest], context: grpc.ServicerContext
+             ) -> Iterator[reflection_pb2.ServerReflectionResponse]:
+        with servicer._admit(context, servicer._reflections, "too many reflection calls"), \
+                servicer.watchdog.watch(context.cancel, FIRST_MESSAGE * 5, f"reflection from {context.peer()}") as w:
+
+            def watched() -> Iterator[reflection_pb2.ServerReflectionRequest]:
+                try:
+                    for request in requests:
+                        w.touch(FIRST_MESSAGE * 5)
+                        yield request
+                except grpc.RpcError:
+                    return
+
+            yield from inner.ServerReflectionInfo(watched(), context)
+
+    handler = grpc.stream_stream_rpc_method_handler(
+        info, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers(tuple(grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler})
+                                          for name in REFLECTION_SERVICES))
 
 
 def add_health_to_server(servicer: MeshServicer, health: HealthServicer, server: grpc.Server) -> None:

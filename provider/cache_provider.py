@@ -25,6 +25,7 @@ from mesh.units import format_size
 from .bridge import Bridge
 from .policy import Policy, value_tree
 
+MAX_CLASS_TYPES = 512
 log = logging.getLogger("comfy_mesh")
 
 CONTENT = "comfy-value/1"
@@ -62,6 +63,8 @@ class MeshCacheProvider:
         self.totals: dict[str, float] = {"prompts": 0, "lookups": 0, "hits": 0, "misses": 0, "errors": 0,
                                          "bytes": 0, "stores": 0, "stores_dropped": 0, "lookup_seconds": 0.0}
         self._lock = threading.Lock()
+        # class type -> [lookups, hits, misses, errors, lookup seconds], for per-class metrics (bounded)
+        self.by_class: dict[str, list[float]] = {}
         # Lookups made in one turn of the event loop, sent to the bridge as one batch when the turn ends.
         self._pending: list[tuple[str, futures.Future[Any]]] = []
         self._flush_loop: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
@@ -85,20 +88,25 @@ class MeshCacheProvider:
         prompt = self.prompt
         prompt.lookups += 1
         key = None
+        outcome = 3  # index into by_class: 1 hit, 2 miss, 3 error
         try:
             key = self.key(context)
+            log.debug("lookup of node %s (%s): %s", getattr(context, "node_id", "?"), context.class_type, key)
             if key in prompt.known_misses:
                 prompt.misses += 1
+                outcome = 2
                 return None
             future = self._submit(key)
             found = await asyncio.wait_for(asyncio.wrap_future(future), self.lookup_timeout)
             if found is None:
                 prompt.known_misses.add(key)
                 prompt.misses += 1
+                outcome = 2
                 return None
             value = self._to_cache_value(found.value)
             prompt.hits += 1
             prompt.bytes += found.size
+            outcome = 1
             return value
         except Exception as e:  # timeouts included: a miss, never an error in the prompt
             prompt.errors += 1
@@ -107,7 +115,26 @@ class MeshCacheProvider:
             log.debug("lookup of %s failed: %r", getattr(context, "class_type", "?"), e)
             return None
         finally:
-            prompt.lookup_seconds += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            prompt.lookup_seconds += seconds
+            self._count_class(str(getattr(context, "class_type", "?")), outcome, seconds)
+
+    def _count_class(self, class_type: str, outcome: int, seconds: float) -> None:
+        row = self.by_class.get(class_type)
+        if row is None:
+            if len(self.by_class) >= MAX_CLASS_TYPES:
+                class_type = "(other)"  # a workflow with thousands of custom classes must not grow this forever
+                row = self.by_class.get(class_type)
+            if row is None:
+                row = self.by_class[class_type] = [0.0, 0.0, 0.0, 0.0, 0.0]
+        row[0] += 1
+        row[outcome] += 1
+        row[4] += seconds
+
+    def class_stats(self) -> dict[str, dict[str, float]]:
+        """Per ComfyUI class type: lookups, hits, misses, errors and lookup seconds (for Prometheus labels)."""
+        return {c: dict(zip(("lookups", "hits", "misses", "errors", "lookup_seconds"), row))
+                for c, row in list(self.by_class.items())}
 
     def _submit(self, key: str) -> futures.Future[Any]:
         """Queue a lookup until the current turn of the event loop ends.

@@ -111,6 +111,7 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
     runtime = Runtime(provider, bridge, client, node, config)
     if node is not None and node.servicer is not None:
         node.servicer.stats_sources.append(provider.stats)
+        node.metrics.watch_classes(provider.class_stats)
     else:
         runtime.start_reporting()
     return runtime

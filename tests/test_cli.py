@@ -62,7 +62,10 @@ def test_put_get_keys_stats_status_delete(mesh: Callable[..., subprocess.Complet
     assert "wrote" in r.stdout
 
     r = mesh("keys")
-    assert r.returncode == 0 and "img/1" in r.stdout and "class_type=LoadImage" in r.stdout
+    assert r.returncode == 0 and "img/1" in r.stdout and "LoadImage" in r.stdout
+    r = mesh("keys", "--class-type", "LoadImage", "--json")
+    assert [k["key"] for k in json.loads(r.stdout)] == ["img/1"]
+    assert json.loads(mesh("keys", "--class-type", "VAEDecode", "--json").stdout) == []
     r = mesh("stats")
     assert r.returncode == 0 and "puts" in r.stdout and served.node_id in r.stdout
     r = mesh("status")

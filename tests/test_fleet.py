@@ -205,3 +205,37 @@ def test_options_work_where_the_readme_puts_them(serve: Callable[..., ServeProce
     assert "auth on" in node.log()
     with PeerClient(node.address, SECRET) as c:
         assert c.stats().node_id == node.node_id
+
+
+def test_reflection_lists_the_services_without_a_secret(serve: Callable[..., ServeProcess]) -> None:
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    node = serve()
+    with grpc.insecure_channel(node.address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                 timeout=5))
+        names = {s.name for s in replies[0].list_services_response.service}
+        assert {"comfymesh.v1.Mesh", "grpc.health.v1.Health"} <= names
+        replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="comfymesh.v1.Mesh")]), timeout=5))
+        assert replies[0].file_descriptor_response.file_descriptor_proto  # enough for grpcurl to call it
+
+
+def test_metrics_by_class_type_for_an_embedded_provider() -> None:
+    from prometheus_client import generate_latest
+
+    from tests.comfy_harness import Engine, parser, standard_prompt, start_runtime
+
+    rt = start_runtime(parser().parse_args(["--secret", "s"]))
+    try:
+        Engine(rt.provider).run(standard_prompt(71, delay=0.0))
+        text = generate_latest(rt.node.metrics.registry).decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        lookups = {labels: v for (name, labels), v in samples.items() if name == "comfy_mesh_provider_class_lookups_total"}
+        assert lookups and all(v >= 1 for v in lookups.values())
+        assert any(name == "comfy_mesh_provider_class_lookup_seconds_count" for name, _ in samples)
+    finally:
+        rt.close()
