@@ -271,6 +271,52 @@ def cmd_drain(args: argparse.Namespace) -> int:
     return 0 if reply.failed == 0 else EXIT_FAILED
 
 
+def cmd_top(args: argparse.Namespace) -> int:
+    """A live view of one node: rates since the last refresh, and the members as it sees them."""
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.markup import escape
+    from rich.table import Table
+
+    def view(s: Any, rates: dict[str, float]) -> Group:
+        head = Table(title=escape(safe(f"{s.node_id} ({s.address}), up {_duration(s.uptime_seconds)}")),
+                     title_justify="left")
+        for col in ("gets/s", "hits/s", "misses/s", "puts/s", "in", "out", "memory", "missing copies"):
+            head.add_column(col)
+        c = s.counters
+        head.add_row(*(f"{rates.get(n, 0.0):.1f}" for n in ("gets", "hits", "misses", "puts")),
+                     f"{format_size(int(rates.get('bytes_in', 0)))}/s", f"{format_size(int(rates.get('bytes_out', 0)))}/s",
+                     f"{format_size(int(c.get('bytes_used', 0)))} of {format_size(int(c.get('max_memory', 0)))}",
+                     str(int(c.get("under_replicated", 0))))
+        members = Table()
+        for col in ("id", "address", "state", "heard", "keys", "bytes"):
+            members.add_column(col)
+        for m in _member_rows(s.members):
+            members.add_row(*(escape(safe(v)) for v in (m["node_id"], m["address"], m["state"],
+                                                          f"{m['last_heard_seconds']:.1f} s", m["keys"],
+                                                          format_size(m["bytes"]))))
+        return Group(head, members, *(f"warning: {escape(safe(w))}" for w in s.warnings))
+
+    names = ("hits", "misses", "puts", "bytes_in", "bytes_out", "remote_hits", "near_hits")
+    done = 0
+    with _client(args) as client, Live(console=Console(), auto_refresh=False) as live:
+        before, then = None, time.monotonic()
+        while True:
+            s = client.stats()
+            now = time.monotonic()
+            rates: dict[str, float] = {}
+            if before is not None:
+                dt = max(now - then, 1e-6)
+                rates = {n: (s.counters.get(n, 0.0) - before.get(n, 0.0)) / dt for n in names}
+                rates["gets"] = rates["hits"] + rates["misses"]
+            before, then = dict(s.counters), now
+            live.update(view(s, rates), refresh=True)
+            done += 1
+            if args.iterations and done >= args.iterations:
+                return 0
+            time.sleep(args.interval)
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     with _client(args) as c:
         s = c.stats()
@@ -608,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     command("config", cmd_config, "the settings `mesh serve` would run with here, and where each comes from")
     command("status", cmd_status, "health and summary of a node")
     command("stats", cmd_stats, "counters of a node")
+    t = command("top", cmd_top, "a live view of a node: rates, memory, members (Ctrl-C to leave)")
+    t.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
+    t.add_argument("--iterations", type=int, default=0, help="stop after this many refreshes (0: never)")
     k = command("keys", cmd_keys, "list the keys a node stores, with sizes and ages")
     k.add_argument("--prefix", default="", help="only keys starting with this")
     k.add_argument("--limit", type=int, default=0, help="at most this many (0: all)")

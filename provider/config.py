@@ -17,15 +17,18 @@ from mesh.tls import TlsConfig, load_tls
 from mesh.units import parse_size
 
 ENV_PREFIX = "MESH_"
+# The embedded node's default: a fixed port, so `mesh --node 127.0.0.1:8289 status` finds the node of a host's
+# one ComfyUI (a second ComfyUI on the host gets a free port, logged on its `comfy-mesh:` line).
+DEFAULT_LISTEN = "127.0.0.1:8289"
 # Keys of the shared TOML file that are for `mesh serve` (mesh/settings.py), not for the provider.
-SHARED_WITH_SERVE = {"serve", "tls_server_name", "metrics_listen"}
+SHARED_WITH_SERVE = {"serve"}
 
 
 @dataclass(frozen=True)
 class ProviderConfig:
     mode: str = "embedded"            # embedded: a node in ComfyUI's process; sidecar: attach to `mesh serve`
     node: str = "127.0.0.1:8288"      # sidecar address
-    listen: str = "127.0.0.1:0"       # embedded node's listen address (port 0: any free port)
+    listen: str = DEFAULT_LISTEN      # embedded node's listen address; a taken default port falls back to any
     node_id: str = ""
     advertise: str = ""
     seeds: tuple[str, ...] = ()

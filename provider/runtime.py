@@ -5,6 +5,7 @@ Kept apart from ComfyUI's imports (see comfy.py) so the test harness runs exactl
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -22,7 +23,7 @@ from mesh.wire import Limits
 
 from .bridge import Bridge
 from .cache_provider import MeshCacheProvider
-from .config import ProviderConfig
+from .config import DEFAULT_LISTEN, ProviderConfig
 from .policy import Policy, TraitsLookup
 
 log = logging.getLogger("comfy_mesh")
@@ -90,13 +91,22 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
     node: Node | None = None
     client: MeshClient
     if config.mode == "embedded":
-        node = Node(NodeConfig(
+        node_config = NodeConfig(
             listen=config.listen, node_id=config.node_id, advertise=config.advertise,
             max_memory=config.max_memory, min_free_ram=config.min_free_ram, secret=secret, tls=tls, limits=limits,
             data_dir=config.data_dir, max_disk=config.max_disk, metrics_listen=config.metrics_listen,
             cluster=ClusterConfig(name=config.cluster, replicas=config.replicas),
             seeds=list(config.seeds), zeroconf=config.zeroconf,
-        )).start()
+        )
+        try:
+            node = Node(node_config).start()
+        except OSError:
+            if config.listen != DEFAULT_LISTEN:
+                raise  # a port the operator chose: taken is an error, not a guess
+            fallback = DEFAULT_LISTEN.rsplit(":", 1)[0] + ":0"
+            log.warning("comfy-mesh: %s is taken (another ComfyUI on this host?); the embedded node takes a free "
+                        "port instead (set MESH_LISTEN to choose one)", DEFAULT_LISTEN)
+            node = Node(dataclasses.replace(node_config, listen=fallback)).start()
         client = LocalClient(node)
     else:
         client = RemoteClient(config.node, secret, limits, direct=config.direct, tls=tls)

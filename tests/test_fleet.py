@@ -239,3 +239,36 @@ def test_metrics_by_class_type_for_an_embedded_provider() -> None:
         assert any(name == "comfy_mesh_provider_class_lookup_seconds_count" for name, _ in samples)
     finally:
         rt.close()
+
+
+def test_the_grafana_dashboard_only_uses_series_a_node_exports() -> None:
+    """Every comfy_mesh_* series a panel queries exists in a real node's exposition (with an embedded provider)."""
+    import re
+
+    from prometheus_client import generate_latest
+
+    from tests.comfy_harness import Engine, parser, standard_prompt, start_runtime
+
+    dashboard = json.loads((Path(__file__).resolve().parent.parent / "scripts/deploy/grafana-dashboard.json")
+                           .read_text())
+    used = {name for p in dashboard["panels"] for t in p["targets"]
+            for name in re.findall(r"comfy_mesh_[a-z_]+", t["expr"])}
+    rt = start_runtime(parser().parse_args(["--secret", "s"]))
+    try:
+        Engine(rt.provider).run(standard_prompt(72, delay=0.0))
+        with PeerClient(rt.node.address, b"s") as c:  # and a peer's read: RPC latencies
+            assert c.get("nothing") is None
+        text = generate_latest(rt.node.metrics.registry).decode()
+    finally:
+        rt.close()
+    exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert used and used <= exported, used - exported
+
+
+def test_mesh_top_shows_rates_and_members(serve: Callable[..., ServeProcess], secret_file: Path) -> None:
+    node = serve()
+    with PeerClient(node.address, SECRET) as c:
+        c.put("t", b"v")
+    r = run("--node", node.address, "--secret-file", str(secret_file), "top", "--iterations", "2",
+            "--interval", "0.2")
+    assert r.returncode == 0 and node.node_id in r.stdout and "ALIVE" in r.stdout and "gets/s" in r.stdout

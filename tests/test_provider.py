@@ -449,3 +449,25 @@ def test_loads_inside_comfyui(api: str, tmp_path: Path) -> None:
     else:
         assert "NOTHING" in done.stdout
         assert "has no CacheProvider API" in done.stderr
+
+
+def test_the_embedded_node_listens_on_a_fixed_port_or_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+    """Operators find a host's embedded node at 127.0.0.1:8289; a second ComfyUI there takes a free port."""
+    from provider import runtime as provider_runtime
+    from tests.comfy_harness import COMFY_VERSION, CacheValue, traits_lookup
+
+    config = ProviderConfig.load({"MESH_SECRET": SECRET})
+    assert config.listen == "127.0.0.1:8289"
+    first = provider_runtime.start(config, cache_value=CacheValue, traits=traits_lookup(), comfy_version=COMFY_VERSION)
+    try:
+        with caplog.at_level(logging.WARNING):
+            second = provider_runtime.start(config, cache_value=CacheValue, traits=traits_lookup(),
+                                            comfy_version=COMFY_VERSION)
+        try:
+            addresses = {first.node.address, second.node.address}
+            assert len(addresses) == 2  # the first took 8289 (unless something else on this host holds it)
+            assert any("is taken" in r.getMessage() for r in caplog.records)
+        finally:
+            second.close()
+    finally:
+        first.close()
