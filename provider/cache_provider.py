@@ -63,6 +63,7 @@ class MeshCacheProvider:
         self.totals: dict[str, float] = {"prompts": 0, "lookups": 0, "hits": 0, "misses": 0, "errors": 0,
                                          "bytes": 0, "stores": 0, "stores_dropped": 0, "lookup_seconds": 0.0}
         self._lock = threading.Lock()
+        self.fast_keys: Any = None  # provider/fastkeys.py, when installed into ComfyUI
         # class type -> [lookups, hits, misses, errors, lookup seconds], for per-class metrics (bounded)
         self.by_class: dict[str, list[float]] = {}
         # Lookups made in one turn of the event loop, sent to the bridge as one batch when the turn ends.
@@ -179,6 +180,8 @@ class MeshCacheProvider:
         self.prompt = PromptStats(prompt_id=str(prompt_id))
 
     def on_prompt_end(self, prompt_id: str) -> None:
+        if self.fast_keys is not None:
+            self.fast_keys.on_prompt_end()  # remembered digests live for one prompt
         try:
             prompt = self.prompt
             if prompt.lookups:
@@ -196,4 +199,6 @@ class MeshCacheProvider:
         with self._lock:
             out = {f"provider_{k}": float(v) for k, v in self.totals.items()}
         out.update({f"provider_bridge_{k}": float(v) for k, v in asdict(self.bridge.counters).items()})
+        if self.fast_keys is not None:
+            out.update(self.fast_keys.stats())
         return out

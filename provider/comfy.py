@@ -46,7 +46,7 @@ def install() -> Any:
     from .runtime import start
 
     runtime = start(config, cache_value=api.CacheValue, traits=_traits(nodes), comfy_version=str(version),
-                    base=api.CacheProvider)
+                    base=api.CacheProvider, api=api)
     api.register_cache_provider(runtime.provider)
 
     def shutdown() -> None:

@@ -55,6 +55,7 @@ class ProviderConfig:
     store_timeout: float = 60.0
     store_queue: int = 64             # values waiting to be pushed; a full queue drops the store (counted)
     shuffle: bool = False             # byte-shuffle float tensors: ~23% smaller unquantised float32, slower
+    fast_keys: bool = True            # provider/fastkeys.py: ComfyUI's key digest once per key per prompt, faster
     direct: bool = True               # sidecar mode: read straight from owners with the ring the sidecar shares
     enabled: bool = True
 

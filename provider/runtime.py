@@ -24,6 +24,7 @@ from mesh.wire import Limits
 from .bridge import Bridge
 from .cache_provider import MeshCacheProvider
 from .config import DEFAULT_LISTEN, ProviderConfig
+from .fastkeys import FastKeys
 from .policy import Policy, TraitsLookup
 
 log = logging.getLogger("comfy_mesh")
@@ -47,6 +48,7 @@ class Runtime:
     config: ProviderConfig
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _reporting: bool = field(default=False, repr=False)
+    fast_keys: FastKeys | None = field(default=None, repr=False)
     _reporter: str = field(default_factory=lambda: f"comfyui@{socket.gethostname()}:{os.getpid()}", repr=False)
 
     def start_reporting(self) -> None:
@@ -73,6 +75,8 @@ class Runtime:
 
     def close(self) -> None:
         self._stop.set()
+        if self.fast_keys is not None:
+            self.fast_keys.uninstall()
         if self._reporting:
             self.bridge.flush(5.0)
             self._report()  # the last counters too, not those of up to REPORT_EVERY seconds ago
@@ -83,7 +87,8 @@ class Runtime:
 
 
 def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: TraitsLookup, comfy_version: str,
-          base: type | None = None) -> Runtime:
+          base: type | None = None, api: Any = None) -> Runtime:
+    """`api`: ComfyUI's comfy_execution.cache_provider module, where the fast cache keys install (if enabled)."""
     secret = config.keyring()
     tls = config.tls()
     # No value larger than MESH_MAX_VALUE_SIZE is ever stored, so none larger is ever accepted off the wire.
@@ -119,6 +124,11 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
     provider = cls(bridge, policy, namespace=namespace_for(comfy_version, config.namespace),
                    cache_value=cache_value, lookup_timeout=config.lookup_timeout)
     runtime = Runtime(provider, bridge, client, node, config)
+    if api is not None and config.fast_keys:
+        fast = FastKeys(api)
+        if fast.install():
+            provider.fast_keys = fast
+            runtime.fast_keys = fast
     if node is not None and node.servicer is not None:
         node.servicer.stats_sources.append(provider.stats)
         node.metrics.watch_classes(provider.class_stats)

@@ -170,6 +170,12 @@ def contains_self_unequal(obj: Any) -> bool:
     return False
 
 
+# What ComfyUI's caching layer calls through comfy_execution.cache_provider (it imports the two functions from
+# that module at every call, so a provider may replace them there: provider/fastkeys.py does, with --fast-keys).
+API = types.SimpleNamespace(_serialize_cache_key=serialize_cache_key, _contains_self_unequal=contains_self_unequal,
+                            _canonicalize=_canonicalize)
+
+
 def is_link(obj: Any) -> bool:
     return (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], str)
             and isinstance(obj[1], (int, float)) and not isinstance(obj[1], bool))
@@ -569,7 +575,7 @@ class Engine:
         """The CacheContext ComfyUI would give a provider for each node (None: never asked)."""
         out: dict[str, Optional[CacheContext]] = {}
         for node_id, key in self.signatures(prompt).items():
-            out[node_id] = None if contains_self_unequal(key) else self._context(prompt, node_id, key)
+            out[node_id] = None if API._contains_self_unequal(key) else self._context(prompt, node_id, key)
         return out
 
     @staticmethod
@@ -577,7 +583,7 @@ class Engine:
                  result: Optional[PromptResult] = None) -> Optional[CacheContext]:
         """caching._build_context: ComfyUI canonicalises and hashes the key again for every provider call."""
         t0 = time.perf_counter()
-        digest = serialize_cache_key(key)
+        digest = API._serialize_cache_key(key)
         if result is not None:
             result.context_s += time.perf_counter() - t0
         if digest is None:
@@ -684,7 +690,7 @@ class Engine:
         """caches.outputs.get: the local cache, then the providers on a local miss."""
         if key in self.cache:
             return self.cache[key]
-        if self.provider is None or contains_self_unequal(key):
+        if self.provider is None or API._contains_self_unequal(key):
             return None
         context = self._context(prompt, node_id, key, result)
         if context is None:
@@ -721,7 +727,7 @@ class Engine:
     async def _notify_store(self, prompt: Mapping[str, Any], node_id: str, key: Any, entry: CacheEntry,
                             result: PromptResult, tasks: list[asyncio.Task[None]],
                             deferred: list[tuple[CacheContext, CacheValue, str]]) -> None:
-        if self.provider is None or contains_self_unequal(key):
+        if self.provider is None or API._contains_self_unequal(key):
             return
         context = self._context(prompt, node_id, key, result)
         if context is None:
@@ -765,7 +771,7 @@ def provider_config(args: argparse.Namespace) -> Any:
         allow=tuple(s for s in args.allow.split(",") if s), deny=tuple(s for s in args.deny.split(",") if s),
         cache_output_nodes=args.cache_output_nodes, max_value_size=args.max_value_size,
         lookup_timeout=args.lookup_timeout, store_timeout=args.store_timeout, store_queue=args.store_queue,
-        direct=not args.no_direct,
+        direct=not args.no_direct, fast_keys=args.fast_keys,
     )
 
 
@@ -773,7 +779,7 @@ def start_runtime(args: argparse.Namespace, base: type | None = None) -> Any:
     from provider import runtime
 
     return runtime.start(provider_config(args), cache_value=CacheValue, traits=traits_lookup(),
-                         comfy_version=COMFY_VERSION, base=base)
+                         comfy_version=COMFY_VERSION, base=base, api=API if args.fast_keys else None)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -797,6 +803,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--store-timeout", type=float, default=60.0)
     p.add_argument("--store-queue", type=int, default=64)
     p.add_argument("--no-direct", action="store_true")
+    p.add_argument("--fast-keys", action="store_true", help="install provider/fastkeys.py, as in a real ComfyUI")
     p.add_argument("--no-provider", action="store_true", help="a ComfyUI without any provider")
     p.add_argument("--store-tasks", choices=("deferred", "immediate"), default="deferred")
     p.add_argument("--serve", action="store_true", help="JSON commands on stdin, JSON replies on stdout")
