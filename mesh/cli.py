@@ -26,7 +26,7 @@ from typing import Any
 
 import mesh  # noqa: E402
 from mesh.address import with_port
-from mesh.auth import SECRET_FILE_ENV, load_keyring, load_secrets
+from mesh.auth import SECRET_FILE_ENV, Keyring, load_keyring, load_secrets
 from mesh.cluster import ClusterConfig
 from mesh.membership import Timing, ring_weights
 from mesh.node import DEFAULT_PORT, ConfigError, Node, NodeConfig
@@ -134,7 +134,8 @@ def _serve_config(args: argparse.Namespace) -> NodeConfig:
         listen=args.listen, node_id=args.node_id or "", advertise=args.advertise or "",
         max_memory=parse_size(args.max_memory), min_free_ram=parse_size(args.min_free_ram),
         data_dir=args.data_dir or "", max_disk=parse_size(args.max_disk), metrics_listen=args.metrics_listen or "",
-        secret=load_keyring(args.secret_file), tls=_tls(args),
+        secret=load_keyring(args.secret_file) or (Keyring([args.file_secret.encode()]) if args.file_secret else None),
+        tls=_tls(args),
         limits=Limits(chunk_size=parse_size(args.chunk_size), max_blob_size=parse_size(args.max_blob_size),
                       max_chunk_size=parse_size(args.max_chunk_size),
                       max_message_size=parse_size(args.max_message_size), max_transfers=args.max_transfers,
@@ -306,8 +307,8 @@ def cmd_top(args: argparse.Namespace) -> int:
             now = time.monotonic()
             rates: dict[str, float] = {}
             if before is not None:
-                dt = max(now - then, 1e-6)
-                rates = {n: (s.counters.get(n, 0.0) - before.get(n, 0.0)) / dt for n in names}
+                dt = max(now - then, 1e-6)  # a counter that went down: the node restarted, no rate this time
+                rates = {n: max(0.0, s.counters.get(n, 0.0) - before.get(n, 0.0)) / dt for n in names}
                 rates["gets"] = rates["hits"] + rates["misses"]
             before, then = dict(s.counters), now
             live.update(view(s, rates), refresh=True)
@@ -473,17 +474,23 @@ def _resolve_settings(args: argparse.Namespace) -> dict[str, str]:
     settings = args.serve_settings
     check_table(path, serve_table_keys(path), settings)
     sources = resolve(args, settings, os.environ, file, path)
+    secret_from_env = SECRET_FILE_ENV in os.environ or "MESH_SECRET" in os.environ
     for dest, env_name in _FILE_GLOBALS.items():  # the secret and TLS files may come from the file too
-        if getattr(args, dest) is None and env_name not in os.environ and dest in file:
+        from_env = secret_from_env if dest == "secret_file" else env_name in os.environ
+        if getattr(args, dest) is None and not from_env and dest in file:
             setattr(args, dest, str(file[dest]))
+    # The provider reads a top-level `secret` from the same file: serve does too, below a flag or the env.
+    args.file_secret = (str(file["secret"]) if "secret" in file and args.secret_file is None and not secret_from_env
+                        else "")
     return sources
 
 
 def cmd_config(args: argparse.Namespace) -> int:
     rows = [{"setting": dest, "flag": setting.flag, "env": setting.env, "value": getattr(args, dest),
              "from": args.settings_sources[dest]} for dest, setting in sorted(args.serve_settings.items())]
-    secret = args.secret_file or os.environ.get(SECRET_FILE_ENV) or ("(MESH_SECRET)" if os.environ.get("MESH_SECRET")
-                                                                     else "none: an open node")
+    secret = (args.secret_file or os.environ.get(SECRET_FILE_ENV)
+              or ("(MESH_SECRET)" if os.environ.get("MESH_SECRET") else "")
+              or ("(secret in the config file)" if args.file_secret else "none: an open node"))
     if args.json:
         _emit_json({"settings": rows, "secret_file": secret, "tls_cert": args.tls_cert or os.environ.get("MESH_TLS_CERT")})
     else:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -37,6 +38,7 @@ _LEN = struct.Struct("<I")
 _CHUNK = struct.Struct("<BII")
 SUFFIX = ".blob"
 TMP_SUFFIX = ".tmp"
+_OURS = re.compile(r"^[0-9a-f]{64}\.blob(\.\d+\.tmp)?$")
 
 
 @dataclass(frozen=True)
@@ -126,11 +128,11 @@ class DiskStore:
         """Index what a previous life left: every whole blob file, oldest first; strays are removed."""
         found: list[DiskItem] = []
         for path in self.directory.iterdir():
-            if path.name.endswith(TMP_SUFFIX):
+            if _OURS.match(path.name) and path.name.endswith(TMP_SUFFIX):
                 path.unlink(missing_ok=True)  # a write a crash interrupted
                 continue
-            if not path.name.endswith(SUFFIX):
-                continue
+            if not _OURS.match(path.name) or not path.name.endswith(SUFFIX):
+                continue  # not a file of ours: left alone
             try:
                 with open(path, "rb") as f:
                     head = f.read(64 * 1024)
@@ -194,6 +196,12 @@ class DiskStore:
 
     def put(self, header: Header, chunks: tuple[StoredChunk, ...]) -> bool:
         """Write a blob crash-safely; False if it could not be written (counted, logged: RAM still has it)."""
+        size = sum(len(c.data) + _CHUNK.size for c in chunks) + 1024
+        if size > self.max_disk:  # it would evict everything, then itself
+            self.errors += 1
+            log.warning("disk tier: %s does not fit the disk budget of %d bytes; kept in RAM only",
+                        file_name(header.key), self.max_disk)
+            return False
         path = self.directory / file_name(header.key)
         tmp = path.with_name(f"{path.name}.{threading.get_ident()}{TMP_SUFFIX}")
         try:
@@ -218,6 +226,12 @@ class DiskStore:
             log.warning("disk tier: cannot write %s: %s", path.name, e)
             tmp.unlink(missing_ok=True)
             return False
+
+    def touch(self, key: str) -> None:
+        """`key` was just used: the last to be evicted."""
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
 
     def delete(self, key: str) -> bool:
         with self._lock:

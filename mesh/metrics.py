@@ -15,7 +15,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
-from mesh.address import split_hostport
+from mesh.address import join_hostport, split_hostport
 from mesh.pb import mesh_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class Metrics:
         host, port = split_hostport(listen)
         self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
         bound = self._server.server_address[1]
-        self.address = f"{host}:{bound}"
+        self.address = join_hostport(host, bound)
         log.info("metrics at http://%s/metrics", self.address)
         return self.address
 

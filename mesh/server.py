@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,6 +49,7 @@ REPORT_TTL = 60.0        # seconds a sidecar client's reported counters count af
 MAX_REPORTERS = 256
 MAX_REPORT_ITEMS = 256
 MAX_REPORTER = 200       # characters in a reporter or counter name
+_REPORTED_NAME = re.compile(r"^provider_[a-z0-9_]+$")  # a client's counters never shadow the node's own
 
 
 class Cluster(Protocol):
@@ -347,10 +349,11 @@ class MeshServicer(pb_grpc.MeshServicer):
     def _take_report(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> None:
         """Keep a sidecar client's counters; bounded, since any holder of the secret may send them."""
         if len(request.reporter) > MAX_REPORTER or len(request.report) > MAX_REPORT_ITEMS or any(
-                len(name) > MAX_REPORTER or not math.isfinite(v) for name, v in request.report.items()):
+                len(name) > MAX_REPORTER or not math.isfinite(v) or not _REPORTED_NAME.match(name)
+                for name, v in request.report.items()):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"a stats report has at most {MAX_REPORT_ITEMS} finite counters with names of at most "
-                          f"{MAX_REPORTER} characters")
+                          f"a stats report has at most {MAX_REPORT_ITEMS} finite counters named provider_[a-z0-9_]+ "
+                          f"of at most {MAX_REPORTER} characters")
         with self._lock:
             if request.reporter not in self._reports and len(self._reports) >= MAX_REPORTERS:
                 oldest = min(self._reports, key=lambda r: self._reports[r][0])

@@ -108,7 +108,10 @@ class BlobStore:
                 self._entries.move_to_end(key)
                 self.counters.hits += 1
                 self.counters.bytes_out += item[1]
-                return item[0]
+        if item is not None:
+            if self.disk is not None:
+                self.disk.touch(key)  # the disk's LRU follows use, not only RAM misses
+            return item[0]
         entry = self._from_disk(key)
         with self._lock:
             if entry is None:
@@ -122,13 +125,15 @@ class BlobStore:
         """A blob only the disk tier holds, read back (verified) and kept in RAM as the hot set."""
         if self.disk is None or key not in self.disk:
             return None
-        found = self.disk.get(key)
-        if found is None:
-            return None
-        entry = Entry(*found)
-        if entry.size <= self.max_memory:
+        with self._key_locks[hash(key) % len(self._key_locks)]:  # no put or delete of the key meanwhile
+            found = self.disk.get(key)
+            if found is None or self.disk.header(key) != found[0]:
+                return None
+            entry = Entry(*found)
             with self._lock:
-                if key not in self._entries:
+                if self._deleted_after(entry.header):
+                    return None
+                if entry.size <= self.max_memory and key not in self._entries:
                     self._insert(entry, entry.size)
         return entry
 
@@ -229,9 +234,20 @@ class BlobStore:
 
     def delete(self, keys: list[str], tombstone: bool = False) -> int:
         """Drop keys; with `tombstone`, also refuse copies of them made before now, for TOMBSTONE_TTL."""
-        deleted = 0
         now = time.time()
-        on_disk = {k for k in keys if self.disk is not None and self.disk.delete(k)}
+        on_disk: set[str] = set()
+        locks = sorted({hash(k) % len(self._key_locks) for k in keys})
+        for i in locks:  # in order, so two deletes never deadlock; a put of a key in flight finishes first
+            self._key_locks[i].acquire()
+        try:
+            return self._delete(keys, tombstone, now, on_disk)
+        finally:
+            for i in locks:
+                self._key_locks[i].release()
+
+    def _delete(self, keys: list[str], tombstone: bool, now: float, on_disk: set[str]) -> int:
+        deleted = 0
+        on_disk |= {k for k in keys if self.disk is not None and self.disk.delete(k)}
         with self._lock:
             for key in keys:
                 item = self._entries.pop(key, None)

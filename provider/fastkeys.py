@@ -137,6 +137,10 @@ class _Memo:
     def put(self, key: Any, value: Any) -> None:
         if type(key) not in (frozenset, tuple):
             return  # only immutable keys: a list or dict could change between calls
+        try:
+            hash(key)  # a tuple holding a list is not immutable either
+        except TypeError:
+            return
         if len(self._items) >= MAX_MEMO:
             self._items.clear()
         self._items[id(key)] = (key, value)

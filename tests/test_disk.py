@@ -74,10 +74,54 @@ def test_strays_are_removed_and_names_are_checked(tmp_path: Path) -> None:
     store = DiskStore(tmp_path, 10 << 20)
     e = entry("real", data)
     store.put(e.header, e.chunks)
-    (tmp_path / ("x" + TMP_SUFFIX)).write_bytes(b"half a write")
+    (tmp_path / (file_name("x") + ".1234" + TMP_SUFFIX)).write_bytes(b"half a write")
     (tmp_path / file_name("real")).rename(tmp_path / file_name("other"))  # a file under another key's name
+    (tmp_path / "notes.txt").write_text("not ours")
+    (tmp_path / ("x" + TMP_SUFFIX)).write_text("not ours either")
     fresh = DiskStore(tmp_path, 10 << 20)
-    assert len(fresh) == 0 and list(tmp_path.iterdir()) == []
+    assert len(fresh) == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "x" + TMP_SUFFIX]
+
+
+def test_a_blob_larger_than_the_disk_budget_is_refused_and_wipes_nothing(tmp_path: Path) -> None:
+    """Found in review: one oversized blob evicted every file, then itself, and the put still said stored."""
+    store = BlobStore(8 << 20, disk=DiskStore(tmp_path, 1 << 20))
+    for i in range(5):
+        assert store.put(entry(f"k{i}", os.urandom(100 * KiB)))
+    assert store.put(entry("big", os.urandom(2 << 20)))  # kept in RAM, refused by the disk
+    assert len(store.disk) == 5 and store.disk.errors == 1  # type: ignore[arg-type,union-attr]
+
+
+def test_a_read_or_a_put_in_flight_cannot_undo_a_delete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found in review: a disk read, or a put's disk write, running across a delete brought the key back."""
+    import threading
+
+    store = BlobStore(2 << 20, disk=DiskStore(tmp_path, 10 << 20))
+    e = entry("k", os.urandom(50 * KiB), created=1.0)
+    store.put(e)
+    for i in range(40):  # push k out of RAM: the next read comes from disk
+        store.put(entry(f"f{i}", os.urandom(100 * KiB)))
+    assert "k" in store.disk and store.peek("f39") is not None  # type: ignore[operator]
+    assert "k" not in store._entries
+    reading, go_on = threading.Event(), threading.Event()
+    real_get = store.disk.get  # type: ignore[union-attr]
+
+    def slow_get(key: str):  # type: ignore[no-untyped-def]
+        found = real_get(key)
+        reading.set()
+        go_on.wait(5)
+        return found
+
+    monkeypatch.setattr(store.disk, "get", slow_get)
+    reader = threading.Thread(target=store.get, args=("k",))
+    reader.start()
+    assert reading.wait(5)
+    deleter = threading.Thread(target=store.delete, args=(["k"], True))
+    deleter.start()
+    go_on.set()
+    reader.join(5)
+    deleter.join(5)
+    assert "k" not in store and store.get("k") is None
+    assert not store.put(e)  # a replica copy made before the delete is refused (the tombstone)
 
 
 def test_disk_budget_is_lru(tmp_path: Path) -> None:

@@ -272,3 +272,15 @@ def test_mesh_top_shows_rates_and_members(serve: Callable[..., ServeProcess], se
     r = run("--node", node.address, "--secret-file", str(secret_file), "top", "--iterations", "2",
             "--interval", "0.2")
     assert r.returncode == 0 and node.node_id in r.stdout and "ALIVE" in r.stdout and "gets/s" in r.stdout
+
+
+def test_a_secret_in_the_shared_file_protects_serve_too(tmp_path: Path, secret_file: Path) -> None:
+    """Found in review: the provider read `secret` from the shared TOML file, mesh serve ignored it (an open
+    node), and the file's secret_file beat MESH_SECRET."""
+    toml = tmp_path / "mesh.toml"
+    toml.write_text('secret = "from-the-file"\n')
+    r = _config("config", "--json", env={"MESH_CONFIG": str(toml)})
+    assert json.loads(r.stdout)["secret_file"] == "(secret in the config file)"
+    toml.write_text(f'secret_file = "{secret_file}"\n')
+    r = _config("config", "--json", env={"MESH_CONFIG": str(toml), "MESH_SECRET": "from-env"})
+    assert json.loads(r.stdout)["secret_file"] == "(MESH_SECRET)"  # the environment wins over the file

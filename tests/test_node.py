@@ -343,7 +343,8 @@ def test_sidecar_clients_report_counters(node: Node, client: PeerClient, monkeyp
     counters = client.stats().counters
     assert counters["provider_hits"] == 9 and counters["provider_lookups"] == 12
     assert counters["entries"] == 0  # the node's own counters are untouched
-    for bad in ({"x" * 300: 1.0}, {"nan": float("nan")}, {f"c{i}": 1.0 for i in range(300)}):
+    for bad in ({"x" * 300: 1.0}, {"provider_nan": float("nan")}, {f"provider_c{i}": 1.0 for i in range(300)},
+                {"entries": 5.0}, {"members": 1.0}):  # a client never shadows the node's own counters
         with pytest.raises(Refused, match="stats report"):
             client.stats(reporter="comfyui@c:3", report=bad)
     assert client.stats().counters["provider_hits"] == 9  # a refused report changed nothing
