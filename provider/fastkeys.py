@@ -11,6 +11,8 @@ What this does, and why it is safe:
 - The same digest, faster. Each element's canonical JSON is built once, bottom up, and sorted by; ComfyUI
   serialises every element again for every comparison key, at every level (see `_canon` for why the order is
   the same although ComfyUI sorts by the spaced form). The bytes hashed are the same bytes.
+- `_contains_self_unequal` likewise walks a key once, skipping the self-comparisons whose answer is known
+  for builtin types, and hands anything else to ComfyUI's function (see `contains_self_unequal`).
 - Once per key per prompt. Both functions remember their answer for a key object (by identity, holding the
   object so its id cannot be reused) until the prompt ends; only immutable top-level keys (frozenset, tuple)
   are remembered. The memory is bounded.
@@ -42,7 +44,7 @@ log = logging.getLogger("comfy_mesh")
 _encode_str: Callable[[str], str] = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 _SCALARS = (int, float, str, bool, type(None))
 MAX_MEMO = 16384
-FIRST_CHECKED = 3          # keys of every prompt hashed both ways
+FIRST_CHECKED = 1          # keys of every prompt hashed both ways
 CHECK_FRACTION = 0.02      # and this share of the rest
 
 
@@ -103,6 +105,36 @@ def _canon_general(obj: Any) -> str:
     if isinstance(obj, bytes):
         return '["__bytes__","' + obj.hex() + '"]'
     raise ValueError(f"Cannot canonicalize type: {type(obj).__name__}")
+
+
+_PLAIN = (str, int, bool, bytes, type(None))
+
+
+def contains_self_unequal(obj: Any, original: Callable[[Any], bool]) -> bool:
+    """ComfyUI's `_contains_self_unequal(obj)`, without its cost on the builtin types keys are made of.
+
+    ComfyUI compares every level with itself (`obj == obj`) before walking into it: for a frozenset that is a
+    pass over all its elements, at every level of the key. For the exact builtin types the answer is known:
+    a str, int, bool, bytes or None equals itself and has no `value`; a float does unless it is NaN; a tuple,
+    list, set, frozenset or dict equals itself (CPython compares their elements by identity first), so only
+    its elements matter. Any other object (a subclass, ComfyUI's Unhashable) goes to ComfyUI's own function.
+    """
+    t = type(obj)
+    if t in _PLAIN:
+        return False
+    if t is float:
+        return obj != obj
+    if t is tuple or t is frozenset or t is list or t is set:
+        for item in obj:
+            if contains_self_unequal(item, original):
+                return True
+        return False
+    if t is dict:
+        for k, v in obj.items():
+            if contains_self_unequal(k, original) or contains_self_unequal(v, original):
+                return True
+        return False
+    return original(obj)
 
 
 def digest(cache_key: Any) -> str:
@@ -193,9 +225,15 @@ class FastKeys:
             if len(params) != 1:
                 return f"{name} takes {params}, not one key"
         original = self.api._serialize_cache_key
+        unequal = self.api._contains_self_unequal
         for key in reference_keys():
             if original(key) != digest(key):
                 return "its digest differs from ComfyUI's on a reference key"
+            if unequal(key) != contains_self_unequal(key, unequal):
+                return "its self-unequal check differs from ComfyUI's on a reference key"
+        nan_key = (("v", 1.0), ("w", (1, [2.0, {3: float("nan")}])))
+        if unequal(nan_key) is not True or contains_self_unequal(nan_key, unequal) is not True:
+            return "ComfyUI does not refuse a key holding NaN"
         if original(frozenset({("bad", object())})) is not None:
             return "ComfyUI hashes keys this cannot"
         return ""
@@ -240,11 +278,16 @@ class FastKeys:
     def contains_self_unequal(self, obj: Any) -> bool:
         original = self.original_unequal
         assert original is not None
+        if not self.installed:
+            return original(obj)
         with self._lock:
             known, value = self._unequal.get(obj)
         if known:
             return bool(value)
-        value = original(obj)
+        try:
+            value = contains_self_unequal(obj, original)
+        except RecursionError:
+            value = original(obj)
         with self._lock:
             self._unequal.put(obj, value)
         return value

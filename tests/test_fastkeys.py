@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from provider.fastkeys import FastKeys, digest, reference_keys
+from provider.fastkeys import FastKeys, contains_self_unequal, digest, reference_keys
 from tests import comfy_harness
 from tests.comfy_harness import STANDARD_SHARED, HarnessProcess
 
@@ -80,6 +80,44 @@ def fast(key: Any) -> str | None:
 @given(keys)
 def test_same_digest_as_comfyui_for_any_key(key: Any) -> None:
     assert fast(key) == reference(key)
+
+
+class Weird:
+    """Objects ComfyUI's check handles in its own way: a `value` attribute, an __eq__ that is not reflexive."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class NeverEqual:
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    __hash__ = object.__hash__
+
+
+class RaisingEq:
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("no")
+
+    __hash__ = object.__hash__
+
+
+odd = st.sampled_from([Weird(float("nan")), Weird(1), Weird((2, float("nan"))), NeverEqual(), RaisingEq(),
+                       comfy_harness.Unhashable(), float("nan"), MyFloat(float("nan"))])
+unequal_keys = st.recursive(st.one_of(scalars, odd), lambda inner: st.one_of(
+    st.tuples(inner, inner), st.lists(inner, max_size=3), st.frozensets(st.one_of(scalars, st.just(float("nan"))),
+                                                                         max_size=3),
+    st.dictionaries(st.text(max_size=3), inner, max_size=3)), max_leaves=30)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(unequal_keys)
+def test_same_self_unequal_answer_as_comfyui(key: Any) -> None:
+    original = comfy_harness.contains_self_unequal
+    assert contains_self_unequal(key, original) == original(key)
+    if REAL is not None:
+        assert contains_self_unequal(key, REAL._contains_self_unequal) == REAL._contains_self_unequal(key)
 
 
 @pytest.mark.parametrize("key", [
