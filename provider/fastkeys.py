@@ -72,6 +72,8 @@ def _canon(obj: Any) -> str:
     if t is str:
         return '["str",' + _encode_str(obj) + "]"
     if t is tuple:
+        if len(obj) == 2:  # what to_hashable makes most: (index or name, value) pairs
+            return '["__tuple__",[' + _canon(obj[0]) + "," + _canon(obj[1]) + "]]"
         return '["__tuple__",[' + ",".join([_canon(i) for i in obj]) + "]]"
     if t is int:
         return '["int",' + int.__repr__(obj) + "]"
