@@ -15,7 +15,8 @@ import threading
 import time
 from dataclasses import replace
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from mesh.auth import Secret, as_keyring
 from mesh.membership import ring_weights
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from mesh.tls import TlsConfig
 
 Bytes = bytes | bytearray | memoryview
+T = TypeVar("T")
 
 
 class MeshClient(Protocol):
@@ -164,35 +166,28 @@ class RemoteClient:
         with self._lock:
             return [a for a in self._addresses.values() if a != self.address and self.peers.usable(a)]
 
-    def has(self, keys: list[str], timeout: float) -> list[bool]:
+    def _routed(self, call: Callable[[PeerClient, float], T], timeout: float) -> T:
+        """`call` on the sidecar; while it is unreachable, on the other members (any member routes a call to
+        the key's owners), each under what is left of the one deadline."""
         deadline = time.monotonic() + timeout
         try:
-            return self.node.has(keys, timeout=timeout)
+            return call(self.node, timeout)
         except Unreachable:
-            for address in self._others():  # any member routes a Has to the owners
+            for address in self._others():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 try:
-                    return self.peers.client(address).has(keys, timeout=remaining)
+                    return call(self.peers.client(address), remaining)
                 except Unreachable:
                     self.peers.failed(address)
             raise
 
+    def has(self, keys: list[str], timeout: float) -> list[bool]:
+        return self._routed(lambda client, t: client.has(keys, timeout=t), timeout)
+
     def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int:
-        deadline = time.monotonic() + timeout
-        try:
-            return self.node.put(key, data, meta, timeout=timeout).replicas
-        except Unreachable:
-            for address in self._others():  # any member routes a put to the owners
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                try:
-                    return self.peers.client(address).put(key, data, meta, timeout=remaining).replicas
-                except Unreachable:
-                    self.peers.failed(address)
-            raise
+        return self._routed(lambda client, t: client.put(key, data, meta, timeout=t).replicas, timeout)
 
     def stats(self) -> dict[str, float]:
         return dict(self.node.stats().counters)
