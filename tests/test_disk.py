@@ -203,3 +203,13 @@ def test_limits_are_used_to_verify(tmp_path: Path) -> None:
     store.put(e.header, e.chunks)
     small = DiskStore(tmp_path, 10 << 20, Limits(max_blob_size=100 * KiB))
     assert small.get("big") is None
+
+
+def test_the_disk_lru_follows_reads_served_from_ram(tmp_path: Path) -> None:
+    """Found in review: RAM hits never touched the disk's order, so the hottest key was evicted first."""
+    store = BlobStore(8 << 20, disk=DiskStore(tmp_path, 700 * KiB))
+    for key in ("a", "b", "c"):
+        store.put(entry(key, os.urandom(200 * KiB)))
+    assert store.get("a") is not None  # a RAM hit
+    store.put(entry("d", os.urandom(200 * KiB)))
+    assert "a" in store.disk and "b" not in store.disk  # type: ignore[operator]

@@ -265,3 +265,19 @@ def test_an_accelerated_and_a_plain_instance_share(tmp_path: Path) -> None:
         if b is not None:
             b.quit()
         a.quit()
+
+
+def test_a_tuple_holding_a_list_is_never_remembered() -> None:
+    """Found in review: a tuple is not immutable when it holds a list; its digest must follow a change."""
+    api = _api()
+    fk = FastKeys(api)
+    assert fk.install()
+    try:
+        inner = [1, 2]
+        key = ("k", inner)
+        first = api._serialize_cache_key(key)
+        inner.append(3)
+        assert api._serialize_cache_key(key) != first
+        assert api._serialize_cache_key(key) == reference(("k", [1, 2, 3]))
+    finally:
+        fk.uninstall()

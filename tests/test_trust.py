@@ -591,3 +591,18 @@ def test_a_counter_far_ahead_costs_nothing() -> None:
     assert w.accept(5) and w.accept(10**17) and w.accept(10**17 - 3)
     assert not w.accept(10**17) and not w.accept(5)
     assert w.bits.bit_length() <= 4096
+
+
+def test_a_member_claiming_zero_capacity_changes_nothing(serve: Callable[..., ServeProcess]) -> None:
+    """Found by attack: a Ping whose sender declared capacity 0 was taken as it was (a weightless member)."""
+    import mesh
+
+    a = serve("--node-id", "a", "--heartbeat", "0.2")
+    b = serve("--node-id", "b", "--seeds", a.address, "--heartbeat", "0.2")
+    poll(lambda: alive_ids(b.address) == {"a", "b"}, "b sees a")
+    with PeerClient(b.address, SECRET) as c:
+        known = next(m for m in c.stats().members if m.node_id == "a")
+        forged = pb.Member(node_id="a", address=a.address, capacity=0, incarnation=known.incarnation + 1)
+        c.ping(pb.PingRequest(cluster="default", protocol=mesh.PROTOCOL_VERSION, sender=forged))
+        after = next(m for m in c.stats().members if m.node_id == "a")
+        assert after.capacity == known.capacity > 0 and after.incarnation == known.incarnation
