@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from mesh.tls import TlsConfig
 
 Progress = Callable[[int, int], None]  # called with (bytes moved so far, total bytes)
+Metadata = tuple[tuple[str, str], ...]
+R = TypeVar("R")
 
 DEFAULT_TIMEOUT = 30.0
 HELLO_TIMEOUT = 5.0  # the most a handshake may take of a call's deadline
@@ -94,6 +96,7 @@ class PeerClient:
         self.limits = limits or Limits()
         self.timeout = timeout
         self._auth = ClientAuth(as_keyring(secret))
+        self._closed = False
         options: list[tuple[str, Any]] = list(channel_options(self.limits))
         if tls is None:
             self._channel = grpc.insecure_channel(address, options=options)
@@ -109,6 +112,7 @@ class PeerClient:
                                                response_deserializer=pb.PutReply.FromString, _registered_method=True)
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> PeerClient:
@@ -136,7 +140,7 @@ class PeerClient:
                                       grpc.StatusCode.UNAUTHENTICATED) from None
             raise translate(e, self.address) from None
 
-    def _md(self, method: str, timeout: float) -> tuple[tuple[str, str], ...]:
+    def _md(self, method: str, timeout: float) -> Metadata:
         """This call's proof; says Hello first when there is no session yet (the node proves the secret then)."""
         try:
             return self._auth.metadata(f"/{SERVICE}/{method}", lambda r: self._hello(r, timeout))
@@ -149,6 +153,25 @@ class PeerClient:
             self._auth.reset()
             return True
         return False
+
+    def _in_session(self, name: str, timeout: float, call: Callable[[Metadata], R], retry: bool = True) -> R:
+        """`call(proof metadata)` for method `name`; once more with a fresh session if the node restarted.
+
+        gRPC errors are left to the caller (a missing key is an answer to some). `retry` is False where the
+        request cannot be sent twice (a one-shot stream of chunks). A call racing `close()` is Unreachable, not
+        grpc's ValueError, so that callers which contain MeshError (the provider's store thread) contain it too.
+        """
+        try:
+            try:
+                return call(self._md(name, timeout))
+            except grpc.RpcError as e:
+                if not (self._stale(e) and retry):
+                    raise
+                return call(self._md(name, timeout))
+        except ValueError:
+            if self._closed:  # grpc's "Cannot invoke RPC on closed channel": a call racing close()
+                raise Unreachable(f"the client of node {self.address} was closed") from None
+            raise
 
     def _t(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
@@ -224,8 +247,8 @@ class PeerClient:
         t = self._t(timeout)
         started = time.monotonic()
 
-        def first_reply() -> pb.GetReply | WireChunk | None:
-            call = self._get(request, timeout=t, metadata=self._md("Get", t))
+        def first_reply(metadata: Metadata) -> pb.GetReply | WireChunk | None:
+            call = self._get(request, timeout=t, metadata=metadata)
             calls.append(call)
             if first_byte is None or first_byte >= t:
                 return next(call, None)
@@ -236,12 +259,7 @@ class PeerClient:
         receiver: Receiver | None = None
         moved = 0
         try:
-            try:
-                first = first_reply()
-            except grpc.RpcError as e:
-                if not self._stale(e):
-                    raise
-                first = first_reply()
+            first = self._in_session("Get", t, first_reply)
             if on_first_byte is not None:
                 on_first_byte(time.monotonic() - started)
             call = calls[-1]
@@ -302,15 +320,12 @@ class PeerClient:
 
         t = self._t(timeout)
         try:
-            return self._put(requests(), timeout=t, metadata=self._md("Put", t), wait_for_ready=wait_for_ready)
-        except grpc.RpcError as e:
             # A refused proof is answered before a chunk is read; the chunks can be sent again when they are
             # a sequence (a stored entry), not a one-shot generator.
-            if self._stale(e) and isinstance(chunks, Sequence):
-                try:
-                    return self._put(requests(), timeout=t, metadata=self._md("Put", t), wait_for_ready=wait_for_ready)
-                except grpc.RpcError as e2:
-                    raise translate(e2, self.address) from None
+            return self._in_session("Put", t, lambda md: self._put(requests(), timeout=t, metadata=md,
+                                                                   wait_for_ready=wait_for_ready),
+                                    retry=isinstance(chunks, Sequence))
+        except grpc.RpcError as e:
             raise translate(e, self.address) from None
 
     # -- small calls -----------------------------------------------------------------------------------------
@@ -319,12 +334,8 @@ class PeerClient:
         method: Callable[..., object] = getattr(self._stub, name)
         t = self._t(timeout)
         try:
-            try:
-                return method(request, timeout=t, metadata=self._md(name, t), wait_for_ready=wait_for_ready)
-            except grpc.RpcError as e:
-                if not self._stale(e):
-                    raise
-                return method(request, timeout=t, metadata=self._md(name, t), wait_for_ready=wait_for_ready)
+            return self._in_session(name, t, lambda md: method(request, timeout=t, metadata=md,
+                                                               wait_for_ready=wait_for_ready))
         except grpc.RpcError as e:
             raise translate(e, self.address) from None
 
@@ -377,24 +388,22 @@ class PeerClient:
         """A heartbeat; with a secret, the reply must carry the node's tag for this very call (see auth.py):
         membership learns who is alive from it, so no host that merely relays the traffic may alter it."""
         t = self._t(timeout)
-        method = f"/{SERVICE}/Ping"
-        for attempt in (0, 1):
-            md = self._md("Ping", t)
-            try:
-                reply: pb.PingReply = self._stub.Ping(request, timeout=t, metadata=md)
-            except grpc.RpcError as e:
-                if attempt == 0 and self._stale(e):
-                    continue
-                raise translate(e, self.address) from None
-            if not md:
-                return reply
+
+        def ping(md: Metadata) -> tuple[Metadata, pb.PingReply]:
+            return md, self._stub.Ping(request, timeout=t, metadata=md)
+
+        try:
+            md, reply = self._in_session("Ping", t, ping)
+        except grpc.RpcError as e:
+            raise translate(e, self.address) from None
+        if md:
             tag = reply.proof
             reply.ClearField("proof")
-            if not self._auth.check_reply(md[0][1], method, reply.SerializeToString(deterministic=True), tag):
+            if not self._auth.check_reply(md[0][1], f"/{SERVICE}/Ping", reply.SerializeToString(deterministic=True),
+                                          tag):
                 raise Unauthenticated(f"node {self.address} sent a heartbeat reply that its session does not prove",
                                       grpc.StatusCode.UNAUTHENTICATED)
-            return reply
-        raise AssertionError("unreachable")
+        return reply
 
     def drain(self, timeout: float | None = None) -> pb.DrainReply:
         return self._unary("Drain", pb.DrainRequest(), timeout)  # type: ignore[return-value]
@@ -403,12 +412,8 @@ class PeerClient:
         request = pb.ListKeysRequest(prefix=prefix, limit=limit)
         t = self._t(timeout)
         try:
-            try:
-                return list(self._stub.ListKeys(request, timeout=t, metadata=self._md("ListKeys", t)))
-            except grpc.RpcError as e:
-                if not self._stale(e):
-                    raise
-                return list(self._stub.ListKeys(request, timeout=t, metadata=self._md("ListKeys", t)))
+            return self._in_session("ListKeys", t,
+                                    lambda md: list(self._stub.ListKeys(request, timeout=t, metadata=md)))
         except grpc.RpcError as e:
             raise translate(e, self.address) from None
 

@@ -90,9 +90,11 @@ class BlobStore:
         self.counters = Counters()
 
     def __len__(self) -> int:
+        """Keys held: on disk (every put is written through), plus any whose disk write failed."""
         if self.disk is None:
             return len(self._entries)
-        return len(self._entries.keys() | set(self.disk))
+        disk = self.disk
+        return len(disk) + sum(1 for k in list(self._entries) if k not in disk)
 
     @property
     def used(self) -> int:

@@ -53,6 +53,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from scripts.comfyui_e2e import comfyui_argv  # noqa: E402
+
 CASES = ("none", "null", "mesh", "mesh-fast")
 DEFAULT_SIZES = (5, 30)
 PROMPT_TIMEOUT = 60.0     # seconds one prompt may take, all of it
@@ -211,11 +215,8 @@ class Instance:
         self.log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.client_id = str(uuid.uuid4())
         self.ws: WebSocket | None = None
-        self.process = subprocess.Popen(
-            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-auto-launch", "--base-directory", str(self.base),
-             "--database-url", f"sqlite:///{self.base / 'comfyui.db'}"],  # one database (and lock) each
-            cwd=comfy, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(comfyui_argv(python, self.port, self.base), cwd=comfy, env=env,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
 
     @property
     def url(self) -> str:

@@ -24,6 +24,12 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def comfyui_argv(python: str, port: int, base: Path) -> list[str]:
+    """ComfyUI on the CPU on 127.0.0.1:PORT, with its own base directory and database (and database lock)."""
+    return [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+            "--base-directory", str(base), "--database-url", f"sqlite:///{base / 'comfyui.db'}"]
 SLOW_SECONDS = 3.0
 
 SLOW_NODE = '''
@@ -84,11 +90,8 @@ class Instance:
         self.exec_log.touch()
         self.log = open(self.base / "comfy.log", "wb")
         full_env = {**os.environ, **env, "MESH_E2E_LOG": str(self.exec_log)}
-        self.process = subprocess.Popen(
-            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-auto-launch", "--base-directory", str(self.base),
-             "--database-url", f"sqlite:///{self.base / 'comfyui.db'}"],  # one database (and lock) each
-            cwd=comfy, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(comfyui_argv(python, self.port, self.base), cwd=comfy, env=full_env,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
 
     @property
     def url(self) -> str:

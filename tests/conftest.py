@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -31,6 +32,15 @@ from mesh.wire import GiB, MiB, Limits
 SECRET = b"test-cluster-secret"
 READY_TIMEOUT = 20.0  # seconds a `mesh serve` may take to write its ready file
 STOP_TIMEOUT = 10.0
+
+
+def poll(check: Callable[[], bool], what: str, timeout: float = 30.0, interval: float = 0.05) -> None:
+    """Wait until `check()` holds, at most `timeout` seconds: the one way tests wait for something to happen."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout} s: {what}")
+        time.sleep(interval)
 
 
 def token_metadata(address: str, method: str, secret: bytes = SECRET) -> tuple[tuple[str, str], ...]:

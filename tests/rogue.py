@@ -24,6 +24,12 @@ from mesh.pb import mesh_pb2 as pb
 from mesh.wire import SERVICE, MiB, encode_chunk_message, make_header
 
 
+def forged_value(key: str, data: bytes) -> Iterator[bytes]:
+    """A Get reply stream for `key` that any verifier accepts (a valid checksum): bytes its sender made up."""
+    yield pb.GetReply(header=make_header(key, data, 1 * MiB).to_pb()).SerializeToString()
+    yield encode_chunk_message(0, pb.CHUNK_RAW, len(data), data)
+
+
 @dataclass
 class Rogue:
     """A gRPC server that plays a mesh node without the secret: it advertises a huge capacity, accepts every
@@ -62,9 +68,7 @@ class Rogue:
         def get(request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
             record(context)
             self.gets += 1
-            data = b"rogue bytes for " + request.key.encode()
-            yield pb.GetReply(header=make_header(request.key, data, 1 * MiB).to_pb()).SerializeToString()
-            yield encode_chunk_message(0, pb.CHUNK_RAW, len(data), data)
+            yield from forged_value(request.key, b"rogue bytes for " + request.key.encode())
 
         def has(request: pb.HasRequest, context: grpc.ServicerContext) -> pb.HasReply:
             record(context)
@@ -136,9 +140,7 @@ class Relay:
         def get(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
             self.gets += 1
             key = pb.GetRequest.FromString(request).key
-            data = b"FORGED BY A HOST WITHOUT THE SECRET"
-            yield pb.GetReply(header=make_header(key, data, 1 * MiB).to_pb()).SerializeToString()
-            yield encode_chunk_message(0, pb.CHUNK_RAW, len(data), data)
+            yield from forged_value(key, b"FORGED BY A HOST WITHOUT THE SECRET")
 
         def put(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
             self.puts += 1

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.conftest import poll
 from tests.netns import Host, NetLab, netlab_or_skip
 
 PORT = 7411
@@ -72,12 +73,10 @@ def test_zeroconf_nodes_find_each_other_and_refuse_strangers(tmp_path: Path) -> 
         assert all(v == want for v in views.values()), views
         # The adverts reached everyone (same LAN): every good node tried both strangers and refused them.
         logs = [tmp_path / f"zc{i}.log" for i in range(3)]
-        deadline = time.monotonic() + 20
-        while not (all(f"not admitting {lab.hosts[3].addr}" in p.read_text()
-                       and f"not admitting {lab.hosts[4].addr}" in p.read_text() for p in logs)
-                   and _rogue_status(rogue_status).get("hellos", 0) >= 3):
-            assert time.monotonic() < deadline, ([p.read_text()[-2000:] for p in logs], _rogue_status(rogue_status))
-            time.sleep(0.2)
+        poll(lambda: all(f"not admitting {lab.hosts[3].addr}" in p.read_text()
+                         and f"not admitting {lab.hosts[4].addr}" in p.read_text() for p in logs)
+             and _rogue_status(rogue_status).get("hellos", 0) >= 3, "every good node refused both strangers",
+             timeout=20, interval=0.2)
         value = tmp_path / "value"
         value.write_bytes(os.urandom(50_000))
         for i in range(6):

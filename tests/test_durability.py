@@ -10,25 +10,19 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from mesh.localmesh import LocalMesh, LocalNode
 from mesh.membership import ring_weights
 from mesh.ring import Ring
+from tests.conftest import poll
 
 FAST = ["--heartbeat", "0.2", "--suspect-after", "1.0", "--dead-after", "2.5", "--repair-interval", "1",
         "--replicas", "2"]
 
 
-def poll(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout} s: {what}")
-        time.sleep(0.1)
 
 
 def copies(mesh: LocalMesh, keys: list[str]) -> dict[str, int]:

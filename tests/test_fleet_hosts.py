@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 from tests.comfy_harness import STANDARD_SHARED, HarnessProcess
+from tests.conftest import poll
 from tests.netns import NetLab, netlab_or_skip
 
 PORT = 7421
@@ -24,10 +24,12 @@ def _serve(lab: NetLab, i: int, secret: Path, tmp: Path) -> None:
     argv = [sys.executable, "-m", "mesh.cli", "--secret-file", str(secret), "serve", "--listen", f"0.0.0.0:{PORT}",
             "--node-id", f"gpu{i}", "--seeds", seeds, "--min-free-ram", "0", "--ready-file", str(ready), *FAST]
     p = lab.popen(lab.hosts[i], argv, stdout=log, stderr=log, cwd=REPO)
-    deadline = time.monotonic() + 20
-    while not ready.exists():
-        assert p.poll() is None and time.monotonic() < deadline, (tmp / f"gpu{i}.log").read_text()
-        time.sleep(0.05)
+
+    def serving() -> bool:
+        assert p.poll() is None, (tmp / f"gpu{i}.log").read_text()
+        return ready.exists()
+
+    poll(serving, f"gpu{i} serves", timeout=20)
     assert json.loads(ready.read_text())["address"] == f"{lab.hosts[i].addr}:{PORT}"  # never loopback
 
 
@@ -46,18 +48,11 @@ def test_three_hosts_with_dns_seeds_and_wildcard_listen_share_outputs(tmp_path: 
         lab.hosts_file(names)
         for i in range(3):
             _serve(lab, i, secret, tmp_path)
-        deadline = time.monotonic() + 30
-        while True:
-            views = [_status(lab, i, secret) for i in range(3)]
-            if all(v["members"]["ALIVE"] == 3 for v in views) or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
-        assert all(v["members"]["ALIVE"] == 3 for v in views), views
+        poll(lambda: all(_status(lab, i, secret)["members"]["ALIVE"] == 3 for i in range(3)),
+             "every host sees 3 alive members", interval=0.3)
         # The dead seed is a warning in the log and in `mesh status`, naming it.
-        deadline = time.monotonic() + 20
-        while not all(any("dns:gone" in w for w in _status(lab, i, secret)["warnings"]) for i in range(3)):
-            assert time.monotonic() < deadline
-            time.sleep(0.3)
+        poll(lambda: all(any("dns:gone" in w for w in _status(lab, i, secret)["warnings"]) for i in range(3)),
+             "every host warns about the dead seed", timeout=20, interval=0.3)
         assert f"seed dns:gone:{PORT}" in (tmp_path / "gpu0.log").read_text()
 
         args = ["--secret", "three-hosts-secret", "--mode", "sidecar"]

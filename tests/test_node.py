@@ -494,3 +494,15 @@ def test_hand_framing_registration_covers_every_rpc() -> None:
     service = pb.DESCRIPTOR.services_by_name["Mesh"]
     assert set(registered) == {service.full_name}
     assert set(registered[service.full_name]) == {m.name for m in service.methods}
+
+
+def test_a_call_racing_close_is_unreachable_not_a_value_error(node: Node) -> None:
+    """Found in a run: a provider store in flight while its client closed raised grpc's ValueError (a traceback)."""
+    from mesh.peer import Unreachable
+
+    c = PeerClient(node.address, SECRET)
+    c.close()
+    with pytest.raises(Unreachable, match="closed"):
+        c.put("k", b"v")
+    with pytest.raises(Unreachable, match="closed"):
+        c.stats()

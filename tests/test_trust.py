@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,17 +26,10 @@ from mesh.peer import PeerClient, Refused, Unauthenticated, Unreachable
 from mesh.tls import init_tls, load_tls
 from mesh.wire import SERVICE, KiB, Limits, MiB, make_header
 from tests.rogue import Relay, Rogue
-from tests.conftest import SECRET, ServeProcess, free_port, mesh_command, token_metadata
-
-DEADLINE = 20.0
+from tests.conftest import SECRET, ServeProcess, free_port, mesh_command, poll, token_metadata
 
 
-def poll(check: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout} s: {what}")
-        time.sleep(0.05)
+
 
 
 def alive_ids(address: str, secret: bytes = SECRET) -> set[str]:
@@ -226,10 +218,12 @@ def test_meta_bomb_is_refused_and_meta_counts_against_the_budget(serve: Callable
 
 
 def _rss_sampler(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    """Sample a process's RSS every 10 ms until `stop` is set: the peak a put burst reaches."""
     proc = psutil.Process(pid)
-    while not stop.is_set():
+    while True:
         peak[0] = max(peak[0], proc.memory_info().rss)
-        time.sleep(0.01)
+        if stop.wait(0.01):
+            return
 
 
 def test_concurrent_puts_cannot_overrun_the_node(serve: Callable[..., ServeProcess]) -> None:
