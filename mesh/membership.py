@@ -240,6 +240,9 @@ class Membership:
                 self._refused.add(address)
             with self._lock:
                 self._candidates.discard(address)
+                seed = self._seed_of.get(address)
+                if seed is not None:
+                    self._seed_problems[seed] = f"{address} is not a member: {e}"  # logged just above
             self._peers.failed(address)
             return False
         except MeshError as e:

@@ -277,3 +277,18 @@ def test_a_secret_in_the_shared_file_protects_serve_too(tmp_path: Path, secret_f
     toml.write_text(f'secret_file = "{secret_file}"\n')
     r = _config("config", "--json", env={"MESH_CONFIG": str(toml), "MESH_SECRET": "from-env"})
     assert json.loads(r.stdout)["secret_file"] == "(MESH_SECRET)"  # the environment wins over the file
+
+
+def test_a_seed_that_cannot_prove_the_secret_shows_in_status(serve: Callable[..., ServeProcess],
+                                                             secret_file: Path, tmp_path: Path) -> None:
+    """Seen on this machine: a seed address that answered, but was no member, showed nothing in `mesh status`."""
+    other = tmp_path / "other-secret"
+    other.write_text("another cluster's secret\n")
+    stranger = serve(secret=other)
+    node = serve("--seeds", stranger.address)
+
+    def warned() -> bool:
+        r = run("--node", node.address, "--secret-file", str(secret_file), "status", "--json")
+        return any(stranger.address in w and "not a member" in w for w in json.loads(r.stdout)["warnings"])
+
+    poll(warned, "status names the seed that is not a member", timeout=20)
