@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ MAX_BATCH = 1024
 BREAKER_OPEN = 3.0     # seconds the provider stops asking a mesh that just failed
 STORE_SETTLE = 0.005   # a burst of stores is pushed once no hand-off came for this long...
 STORE_SETTLE_MAX = 0.05  # ...or after this long at most
+RECENT_STORES = 4096     # keys remembered as just stored, so the same value is not sent twice...
+RECENT_STORE_SECONDS = 60.0  # ...within this long
 
 
 @dataclass
@@ -83,7 +86,8 @@ class Bridge:
         self._stores: queue.Queue[_Store | None] = queue.Queue(maxsize=store_queue)
         self._pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="mesh-provider-get")
         self._down_until = 0.0
-        self._recent_stores: dict[str, float] = {}
+        # key -> when it was last pushed, oldest first: a bounded "already there" hint, never a correctness need
+        self._recent_stores: OrderedDict[str, float] = OrderedDict()
         self._closed = threading.Event()
         self._threads = [threading.Thread(target=self._lookup_loop, name="mesh-provider-lookup", daemon=True),
                          threading.Thread(target=self._store_loop, name="mesh-provider-store", daemon=True)]
@@ -245,7 +249,7 @@ class Bridge:
         if self._closed.is_set() or self._down_until == float("inf"):
             return  # closed, or the embedded node stopped: what is still queued is dropped
         now = time.monotonic()
-        if self._recent_stores.get(item.key, -1e9) > now - 60:
+        if self._recent_stores.get(item.key, -1e9) > now - RECENT_STORE_SECONDS:
             return  # the same value twice in a minute (another prompt, same inputs): already there
         try:
             data = self.encode(item.tree)
@@ -261,11 +265,17 @@ class Bridge:
             log.exception("store of %s failed", item.key)
             self._count("store_errors")
             return
-        self._recent_stores[item.key] = now
-        if len(self._recent_stores) > 4096:
-            self._recent_stores = {k: t for k, t in self._recent_stores.items() if t > now - 60}
+        self._remember_store(item.key, now)
         self._count("stores")
         self._count("bytes_out", len(data))
+
+    def _remember_store(self, key: str, now: float) -> None:
+        """O(1) per store: expire from the old end only (a rebuild per store was quadratic in a busy minute)."""
+        recent = self._recent_stores
+        recent[key] = now
+        recent.move_to_end(key)
+        while recent and (len(recent) > RECENT_STORES or next(iter(recent.values())) <= now - RECENT_STORE_SECONDS):
+            recent.popitem(last=False)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until queued stores are pushed (tests, shutdown); False if they did not finish in time."""

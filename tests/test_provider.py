@@ -354,6 +354,31 @@ def test_full_store_queue_drops_and_counts(lone: Any) -> None:
         bridge.close()
 
 
+def test_recently_stored_keys_are_skipped_and_the_memory_of_them_is_bounded(lone: Any, monkeypatch: Any) -> None:
+    from provider import bridge as bridge_module
+    monkeypatch.setattr(bridge_module, "RECENT_STORES", 50)
+    puts: list[str] = []
+
+    class Counting(LocalClient):
+        def put(self, key: str, *args: Any, **kwargs: Any) -> int:
+            puts.append(key)
+            return super().put(key, *args, **kwargs)
+
+    bridge = Bridge(Counting(lone.node), encode=blob.encode, decode=blob.decode, lookup_timeout=1,
+                    store_timeout=5, store_queue=1000)
+    try:
+        for i in range(200):
+            assert bridge.store(f"k{i}", [i], {})
+        assert bridge.flush(10)
+        assert len(puts) == 200 and len(bridge._recent_stores) == 50
+        bridge.store("k199", [199], {})  # remembered: not sent again
+        bridge.store("k0", [0], {})      # forgotten (bounded): sent again
+        assert bridge.flush(10)
+        assert puts[200:] == ["k0"]
+    finally:
+        bridge.close()
+
+
 def test_should_cache_policy() -> None:
     nodes = {"MakeImage", "SaveImage", "RandomNoise", "LoadModel", "Opaque", "BigTensor"}
     policy = Policy(traits_lookup(), deny=("BigTensor",), max_value_size=1 << 20)
