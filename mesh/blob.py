@@ -26,24 +26,32 @@ The manifest is one node; a node is one of::
     {"t": "str", "v": "a prompt"}          {"t": "bytes", "off": 0, "len": 5}
     {"t": "list", "items": [node, ...]}    {"t": "tuple", "items": [...]}
     {"t": "dict", "keys": ["samples", ...], "items": [node, ...]}               str keys, insertion order
-    {"t": "tensor", "dtype": "float32", "shape": [1, 64, 64, 3], "off": 0, "len": 49152}  (+ "shuffle": true)
+    {"t": "tensor", "dtype": "float32", "shape": [1, 64, 64, 3], "off": 0, "len": 49152}  (+ "shuffle": true,
+                                                                                   or "levels": 255)
     {"t": "ndarray", "dtype": "int16", "shape": [3], "off": 64, "len": 6}                 (+ "bigendian": true)
 
 Array bytes are C-order in the host's byte order, which is assumed little-endian (every machine ComfyUI runs
 on); numpy arrays keep their declared byte order. "shuffle" stores a tensor as byte planes (all first bytes,
 then all second bytes, ...): the exponent bytes of neighbouring floats are alike, so lz4 finds runs it would
-otherwise miss. Python float NaNs decode as the canonical NaN (float.hex drops payloads); tensor and ndarray
+otherwise miss. "levels": 255 stores a float32 tensor whose every element is exactly float32(k / 255) for an integer
+k in 0..255 (a decoded 8-bit image, as ComfyUI's image loaders make it) as one uint8 k per element: 4x smaller in
+memory, on disk and on the wire, and bit-exact back, because the encoder keeps the form only after converting
+every element back the way the decoder will and comparing bits. Python float NaNs decode as the canonical NaN (float.hex drops payloads); tensor and ndarray
 NaNs keep every bit. Shared references are not preserved: an object reachable twice is stored twice.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
+import mmap
 import re
 import struct
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -51,7 +59,7 @@ from mesh.units import format_size
 
 __all__ = [
     "ALIGN", "MAGIC", "MAX_DEPTH", "MAX_MANIFEST", "SHUFFLE_MIN_ELEMENTS", "TENSOR_DTYPES",
-    "BlobFormatError", "NotCacheable",
+    "LEVELS_MIN_ELEMENTS", "BlobFormatError", "NotCacheable",
     "byte_shuffle", "byte_unshuffle", "check", "decode", "describe", "encode", "format_description",
 ]
 
@@ -62,6 +70,10 @@ MAX_MANIFEST = 64 * 1024**2
 MAX_NDIM = 64                  # numpy's limit; torch has none worth reaching
 MAX_ELEMENTS = 2**48           # bound on the product of a shape (zero dims counted as 1), far beyond any real array
 SHUFFLE_MIN_ELEMENTS = 4096    # below this the planes are too short for shuffling to pay
+LEVELS_MIN_ELEMENTS = 4096     # below this the uint8 form saves too little to be worth the check
+LEVELS = 255                   # the only "levels" value: 8-bit images
+_LEVELS_BLOCK = 1 << 22        # elements checked at a time (bounded temporaries; an early block fails fast)
+FRESH_HUGE_MIN = 2 * 1024**2   # outputs this large get memory that asks for huge pages (fewer page faults)
 _HEADER = struct.Struct("<4sI")
 
 # Element sizes by dtype name: the decoder's allowlist, and what describe() needs without torch.
@@ -90,7 +102,7 @@ _NODE_KEYS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "list": (frozenset({"t", "items"}), frozenset()),
     "tuple": (frozenset({"t", "items"}), frozenset()),
     "dict": (frozenset({"t", "keys", "items"}), frozenset()),
-    "tensor": (_ARRAY_KEYS, frozenset({"shuffle"})),
+    "tensor": (_ARRAY_KEYS, frozenset({"shuffle", "levels"})),
     "ndarray": (_ARRAY_KEYS, frozenset({"bigendian"})),
 }
 _HEX_INT = re.compile(r"-?0x[0-9a-f]+")
@@ -117,6 +129,7 @@ class _Section:
     dtype: str = ""
     shape: tuple[int, ...] = ()
     shuffle: bool = False
+    levels: bool = False
     bigendian: bool = False
     source: Any = None  # encode only: the object the bytes are copied from
 
@@ -165,8 +178,9 @@ def _shape_elements(shape: tuple[int, ...]) -> int | None:
 class _Planner:
     """Walks a value once: validates every leaf, builds the manifest, assigns data offsets. Copies nothing."""
 
-    def __init__(self, shuffle: bool, max_bytes: int | None) -> None:
+    def __init__(self, shuffle: bool, max_bytes: int | None, levels: bool = False) -> None:
         self.shuffle = shuffle
+        self.levels = levels
         self.max_bytes = max_bytes
         self.sections: list[_Section] = []
         self.end = 0  # end of the data region so far
@@ -248,6 +262,12 @@ class _Planner:
         if count is None:
             raise NotCacheable(f"not cacheable: tensor of shape {list(shape)} at {where}")
         itemsize = TENSOR_DTYPES[dtype]
+        if self.levels and dtype == "float32" and count >= LEVELS_MIN_ELEMENTS:
+            codes = _levels_of(torch, t)  # reads the data: only encode() asks, check() stays a plan
+            if codes is not None:
+                s = self.section("tensor", count, dtype=dtype, shape=shape, levels=True, source=codes)
+                return {"t": "tensor", "dtype": dtype, "shape": list(shape), "off": s.off, "len": s.nbytes,
+                        "levels": LEVELS}
         shuffle = self.shuffle and t.is_floating_point() and itemsize > 1 and count >= SHUFFLE_MIN_ELEMENTS
         s = self.section("tensor", count * itemsize, dtype=dtype, shape=shape, shuffle=shuffle, source=t)
         node = {"t": "tensor", "dtype": dtype, "shape": list(shape), "off": s.off, "len": s.nbytes}
@@ -272,6 +292,72 @@ class _Planner:
         if bigendian:
             node["bigendian"] = True
         return node
+
+
+def _level_table() -> bytes:
+    """float32(k / 255) for k in 0..255, correctly rounded, as little-endian bytes: what "levels" means,
+    independent of any library (rounding k/255 from a double to float32 is exact-safe: 53 >= 2*24 + 2 bits)."""
+    return struct.pack("<256f", *(k / LEVELS for k in range(256)))
+
+
+_LEVELS_OK: bool | None = None
+
+
+def _levels_exact(torch: Any) -> bool:
+    """Whether widening uint8 to float32 and dividing by 255 in place gives exactly the table on this host, for every k,
+    in vector bodies and scalar tails alike. Checked once; without it, no "levels" form is written and
+    decoding falls back to a table lookup."""
+    global _LEVELS_OK
+    if _LEVELS_OK is None:
+        table = torch.frombuffer(bytearray(_level_table()), dtype=torch.float32)
+        ok = True
+        for n in (256, 263, 256 * 17 + 5, 4099):
+            k = torch.arange(n, dtype=torch.int64).remainder_(256).to(torch.uint8)
+            out = torch.empty(n, dtype=torch.float32).copy_(k).div_(LEVELS)
+            ok = ok and torch.equal(out.view(torch.int32), table[k.long()].view(torch.int32))
+        _LEVELS_OK = ok
+    return _LEVELS_OK
+
+
+def _levels_of(torch: Any, t: Any) -> Any:
+    """The uint8 codes of a float32 tensor on 8-bit levels (on the CPU), or None if any element is not one.
+
+    Every element is converted back exactly as the decoder will and compared as bits, so -0.0, NaN, values
+    outside [0, 1] and anything between levels all refuse the form; a non-image fails in the first block."""
+    if not _levels_exact(torch):
+        return None
+    flat = t.detach().resolve_conj().resolve_neg().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()  # checked with the very division the decoder runs (CPU), not the device's
+    codes = torch.empty(flat.numel(), dtype=torch.uint8)
+    back = torch.empty(min(flat.numel(), _LEVELS_BLOCK), dtype=torch.float32)
+    start, block = 0, 1 << 16
+    while start < flat.numel():
+        x = flat[start: start + block]
+        k = codes[start: start + x.numel()]
+        k.copy_((x * LEVELS).round_())  # out-of-range values wrap; the comparison below catches them
+        b = back[: x.numel()].copy_(k).div_(LEVELS)  # exactly the decoder's two steps
+        if not torch.equal(b.view(torch.int32), x.view(torch.int32)):
+            return None
+        start += x.numel()
+        block = _LEVELS_BLOCK
+    return codes
+
+
+def _fresh(nbytes: int) -> Any:
+    """Fresh writable memory for a decoded value, as a buffer torch and numpy can wrap.
+
+    Large outputs are anonymous mappings advised to use huge pages: a fresh 48 MiB buffer then costs 24 page
+    faults instead of 12,288, which halved the time to write it here. The mapping lives as long as the tensor
+    or array made from it (they hold the buffer)."""
+    if nbytes >= FRESH_HUGE_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
+        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass  # a kernel without transparent huge pages: ordinary pages
+        return m
+    return bytearray(nbytes)
 
 
 def _shuffle_into(dst: Any, src: Any, itemsize: int) -> None:
@@ -305,15 +391,20 @@ def _write(out: bytearray, at: int, s: _Section) -> None:
         torch = sys.modules["torch"]
         t = s.source.detach().resolve_conj().resolve_neg()  # no-ops unless the lazy bits are set
         dst = torch.frombuffer(out, dtype=torch.uint8, count=s.nbytes, offset=at)
-        if s.shuffle:  # the transpose runs where the tensor lives; copy_ then moves it (GPU -> CPU included)
+        if s.levels:  # the uint8 codes, already made (and checked) on the CPU by the planner
+            dst.copy_(s.source)
+        elif s.shuffle:  # the transpose runs where the tensor lives; copy_ then moves it (GPU -> CPU included)
             _shuffle_into(dst, t.contiguous().reshape(-1).view(torch.uint8), t.element_size())
         else:  # copy_ handles strides and devices, so a non-contiguous or CUDA tensor is still one pass
             dst.view(t.dtype).view(t.shape).copy_(t)
 
 
-def encode(value: object, *, shuffle: bool = False) -> bytearray:
-    """Encode a value tree. Raises NotCacheable (before copying anything) if a leaf cannot be represented."""
-    plan = _Planner(shuffle, None).plan(value)
+def encode(value: object, *, shuffle: bool = False, levels: bool = False) -> bytearray:
+    """Encode a value tree. Raises NotCacheable (before copying anything) if a leaf cannot be represented.
+
+    `shuffle`: byte planes for float tensors (pays only when the blob is then compressed); `levels`: the uint8
+    form for float32 tensors on 8-bit levels (pays everywhere; costs a few passes over such tensors here)."""
+    plan = _Planner(shuffle, None, levels).plan(value)
     out = bytearray(plan.size)
     _HEADER.pack_into(out, 0, MAGIC, len(plan.manifest))
     out[_HEADER.size: _HEADER.size + len(plan.manifest)] = plan.manifest
@@ -323,7 +414,8 @@ def encode(value: object, *, shuffle: bool = False) -> bytearray:
 
 
 def check(value: object, max_bytes: int | None = None) -> int:
-    """The exact encoded size of value, found without copying any array data (cheap enough for an event loop).
+    """The exact encoded size of value without "levels" (an upper bound with it), found without reading any
+    array data (cheap enough for an event loop).
 
     Raises NotCacheable if a leaf cannot be represented, or as soon as the size is known to exceed max_bytes.
     """
@@ -337,30 +429,70 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not JSON")
 
 
-def _open(buf: bytes | bytearray | memoryview) -> tuple[memoryview, Any, int]:
-    """Check the header and parse the manifest: (byte view, manifest, start of the data region)."""
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+Pieces = Sequence[Buffer]
+
+
+class _Bytes:
+    """The blob's bytes: one buffer, or pieces in order (chunks as they came off the wire, never joined)."""
+
+    def __init__(self, buf: Buffer | Pieces) -> None:
+        if isinstance(buf, (list, tuple)):
+            parts = [_byte_view(p) for p in buf]
+        else:
+            parts = [_byte_view(buf)]
+        self.parts = [p for p in parts if len(p)] or [memoryview(b"")]
+        self.starts = list(itertools.accumulate((len(p) for p in self.parts[:-1]), initial=0))
+        self.size = self.starts[-1] + len(self.parts[-1])
+
+    @property
+    def whole(self) -> memoryview | None:
+        """The one buffer, when the bytes are one and writable: decode then hands out views of it."""
+        return self.parts[0] if len(self.parts) == 1 and not self.parts[0].readonly else None
+
+    def ranges(self, at: int, n: int) -> Iterator[tuple[int, memoryview]]:
+        """(offset within the range, bytes) for the pieces covering at..at+n, in order."""
+        i = bisect.bisect_right(self.starts, at) - 1
+        done = 0
+        while done < n:
+            part, off = self.parts[i], at + done - self.starts[i]
+            piece = part[off: off + n - done]
+            yield done, piece
+            done += len(piece)
+            i += 1
+
+    def read(self, at: int, n: int) -> bytes:
+        return b"".join(bytes(piece) for _, piece in self.ranges(at, n))
+
+
+def _byte_view(buf: Buffer) -> memoryview:
     mv = memoryview(buf)
     if not mv.c_contiguous:
         mv = memoryview(bytearray(mv))
-    mv = mv.cast("B")
-    if len(mv) < _HEADER.size:
-        raise BlobFormatError(f"blob of {len(mv)} bytes is shorter than its {_HEADER.size}-byte header")
-    magic, length = _HEADER.unpack_from(mv)
+    return mv.cast("B")
+
+
+def _open(buf: Buffer | Pieces) -> tuple[_Bytes, Any, int]:
+    """Check the header and parse the manifest: (the bytes, manifest, start of the data region)."""
+    data = _Bytes(buf)
+    if data.size < _HEADER.size:
+        raise BlobFormatError(f"blob of {data.size} bytes is shorter than its {_HEADER.size}-byte header")
+    magic, length = _HEADER.unpack(data.read(0, _HEADER.size))
     if magic != MAGIC:
         raise BlobFormatError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if length > MAX_MANIFEST:
         raise BlobFormatError(f"manifest length {length} exceeds the limit of {MAX_MANIFEST}")
-    if _HEADER.size + length > len(mv):
-        raise BlobFormatError(f"truncated: manifest of {length} bytes but the blob has {len(mv)} bytes")
+    if _HEADER.size + length > data.size:
+        raise BlobFormatError(f"truncated: manifest of {length} bytes but the blob has {data.size} bytes")
     try:
-        text = str(mv[_HEADER.size: _HEADER.size + length], "utf-8")
+        text = str(data.read(_HEADER.size, length), "utf-8")
         manifest = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise BlobFormatError(f"manifest is not valid JSON: {type(e).__name__}: {_short(str(e), 120)}") from None
     data_start = _align(_HEADER.size + length)
-    if data_start > len(mv):
-        raise BlobFormatError(f"truncated: the data region starts at {data_start} but the blob has {len(mv)} bytes")
-    return mv, manifest, data_start
+    if data_start > data.size:
+        raise BlobFormatError(f"truncated: the data region starts at {data_start} but the blob has {data.size} bytes")
+    return data, manifest, data_start
 
 
 class _Reader:
@@ -430,12 +562,18 @@ class _Reader:
         count = _shape_elements(s.shape)
         if count is None:
             raise _bad(path, f"shape {_short(list(s.shape))} is too large")
-        if count * TENSOR_DTYPES[s.dtype] != nbytes:
-            raise _bad(path, f"len {nbytes} does not match shape {list(s.shape)} of {s.dtype}")
         flag = "shuffle" if kind == "tensor" else "bigendian"
         if type(n.get(flag, False)) is not bool:
             raise _bad(path, f"{flag} is not a bool")
         s.shuffle, s.bigendian = bool(n.get("shuffle")), bool(n.get("bigendian"))
+        if "levels" in n:
+            if n["levels"] != LEVELS or type(n["levels"]) is not int or s.dtype != "float32" or s.shuffle:
+                raise _bad(path, f"levels {_short(n['levels'])} on a {s.dtype} tensor (only 255, float32, unshuffled)")
+            if count != nbytes:
+                raise _bad(path, f"len {nbytes} does not match shape {list(s.shape)} at one byte per level")
+            s.levels = True
+        elif count * TENSOR_DTYPES[s.dtype] != nbytes:
+            raise _bad(path, f"len {nbytes} does not match shape {list(s.shape)} of {s.dtype}")
         return s
 
 
@@ -459,22 +597,29 @@ def _scalar(t: str, v: Any, path: _Path) -> object:
 
 
 class _Materializer:
-    """Turns sections into tensors, arrays and bytes: views of the buffer where it is writable."""
+    """Turns sections into tensors, arrays and bytes.
 
-    def __init__(self, mv: memoryview, data_start: int) -> None:
-        self.mv = mv
+    From one writable buffer, plain tensors and arrays are views of it (zero-copy). From pieces or read-only
+    bytes, each leaf is written once into fresh memory of its own, straight from the pieces: the pieces are
+    never joined first, so a value costs one pass over its bytes, not two."""
+
+    def __init__(self, data: _Bytes, data_start: int) -> None:
+        self.data = data
+        self.whole = data.whole
         self.data_start = data_start
-
-    def writable(self) -> memoryview:
-        if self.mv.readonly:  # torch.frombuffer on read-only memory warns and hands out unsafe tensors
-            self.mv = memoryview(bytearray(self.mv))
-        return self.mv
 
     def __call__(self, s: _Section, path: _Path) -> object:
         at = self.data_start + s.off
         if s.kind == "bytes":
-            return bytes(self.mv[at: at + s.nbytes])
+            return self.data.read(at, s.nbytes)
         return (self.tensor if s.kind == "tensor" else self.ndarray)(s, at, path)
+
+    def _fresh_copy(self, at: int, n: int) -> Buffer:
+        out = _fresh(n)
+        dst = memoryview(out)
+        for off, piece in self.data.ranges(at, n):
+            dst[off: off + len(piece)] = piece
+        return out
 
     def tensor(self, s: _Section, at: int, path: _Path) -> object:
         import torch
@@ -484,14 +629,34 @@ class _Materializer:
             raise _bad(path, f"dtype {s.dtype} is not supported by torch {torch.__version__}")
         if s.nbytes == 0:
             return torch.empty(s.shape, dtype=dtype)
-        raw = torch.frombuffer(self.writable(), dtype=torch.uint8, count=s.nbytes, offset=at)
+        if s.levels:
+            return self.levels(torch, s, at)
+        if self.whole is not None:
+            raw = torch.frombuffer(self.whole, dtype=torch.uint8, count=s.nbytes, offset=at)
+        else:
+            raw = torch.frombuffer(self._fresh_copy(at, s.nbytes), dtype=torch.uint8)
         if dtype is torch.bool and bool(raw.max() > 1):
             raise _bad(path, "bool tensor holds bytes other than 0 and 1")
         if s.shuffle:
-            out = torch.empty(s.shape, dtype=dtype)
-            _unshuffle_into(out.reshape(-1).view(torch.uint8), raw, TENSOR_DTYPES[s.dtype])
-            return out
+            out = torch.frombuffer(_fresh(s.nbytes), dtype=torch.uint8)
+            _unshuffle_into(out, raw, TENSOR_DTYPES[s.dtype])
+            return out.view(dtype).view(s.shape)
         return raw.view(dtype).view(s.shape)
+
+    def levels(self, torch: Any, s: _Section, at: int) -> object:
+        """uint8 codes -> float32, written once into fresh memory, piece by piece."""
+        out = torch.frombuffer(_fresh(4 * s.nbytes), dtype=torch.float32)
+        exact = _levels_exact(torch)
+        table = None if exact else torch.frombuffer(bytearray(_level_table()), dtype=torch.float32)
+        for off, piece in self.data.ranges(at, s.nbytes):
+            codes = _u8(torch, piece)
+            if exact:  # widen here, divide once below: faster than a dividing copy (torch.div with out=)
+                out[off: off + len(piece)].copy_(codes)
+            else:
+                torch.index_select(table, 0, codes.long(), out=out[off: off + len(piece)])
+        if exact:
+            out.div_(LEVELS)
+        return out.view(s.shape)
 
     def ndarray(self, s: _Section, at: int, path: _Path) -> object:
         import numpy as np
@@ -499,29 +664,49 @@ class _Materializer:
         dtype = np.dtype((">" if s.bigendian else "<") + _NUMPY_CODES[s.dtype])
         if s.nbytes == 0:
             return np.empty(s.shape, dtype=dtype)
-        a = np.frombuffer(self.writable(), dtype=dtype, count=s.nbytes // dtype.itemsize, offset=at)
+        source = self.whole if self.whole is not None else self._fresh_copy(at, s.nbytes)
+        offset = at if self.whole is not None else 0
+        a = np.frombuffer(source, dtype=dtype, count=s.nbytes // dtype.itemsize, offset=offset)
         if s.dtype == "bool" and a.view(np.uint8).max() > 1:
             raise _bad(path, "bool array holds bytes other than 0 and 1")
         return a.reshape(s.shape)
 
 
-def decode(buf: bytes | bytearray | memoryview) -> object:
-    """Decode a blob; raises BlobFormatError for anything invalid.
+_READONLY_QUIET = False
 
-    Tensors and arrays are views of buf when it is writable (zero-copy: they share its memory, so do not
-    reuse the buffer while they live); read-only input is copied once first.
+
+def _u8(torch: Any, piece: memoryview) -> Any:
+    """A uint8 tensor reading `piece`, which may be read-only (a message as gRPC handed it over).
+
+    torch warns once per process about tensors over read-only memory; these are only ever read, here, so that
+    one warning is taken (and silenced) on the first call instead of reaching ComfyUI's log."""
+    global _READONLY_QUIET
+    if piece.readonly and not _READONLY_QUIET:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            torch.frombuffer(b"\0", dtype=torch.uint8)
+        _READONLY_QUIET = True
+    return torch.frombuffer(piece, dtype=torch.uint8)
+
+
+def decode(buf: Buffer | Pieces) -> object:
+    """Decode a blob, given as one buffer or as its pieces in order; raises BlobFormatError for anything invalid.
+
+    Plain tensors and arrays are views of buf when it is one writable buffer (zero-copy: they share its memory,
+    so do not reuse the buffer while they live). From pieces or read-only bytes every leaf is copied once, into
+    fresh memory of its own; "levels" tensors are always fresh float32.
     """
-    mv, manifest, data_start = _open(buf)
-    return _Reader(len(mv) - data_start, _Materializer(mv, data_start)).read(manifest)
+    data, manifest, data_start = _open(buf)
+    return _Reader(data.size - data_start, _Materializer(data, data_start)).read(manifest)
 
 
 # ---------------------------------------------------------------------------------------------------- describe
 
 
-def describe(buf: bytes | bytearray | memoryview) -> list[dict[str, Any]]:
+def describe(buf: Buffer | Pieces) -> list[dict[str, Any]]:
     """One row per leaf (and per empty container), read from the manifest alone: works without torch or numpy."""
-    mv, manifest, data_start = _open(buf)
-    tree = _Reader(len(mv) - data_start, lambda s, path: s).read(manifest)
+    data, manifest, data_start = _open(buf)
+    tree = _Reader(data.size - data_start, lambda s, path: s).read(manifest)
     rows: list[dict[str, Any]] = []
     _rows(tree, None, rows)
     return rows
@@ -541,6 +726,8 @@ def _rows(v: object, path: _Path, rows: list[dict[str, Any]]) -> None:
         row["bytes"] = v.nbytes
         if v.shuffle:
             row["shuffle"] = True
+        if v.levels:
+            row["levels"] = LEVELS
         if v.bigendian:
             row["byteorder"] = "big"
     elif isinstance(v, (list, tuple, dict)):
@@ -559,6 +746,7 @@ def format_description(rows: list[dict[str, Any]]) -> str:
         if "dtype" in r:
             detail = f"{r['dtype']}{r['shape']}  {format_size(r['bytes'])}"
             detail += "  shuffled" if r.get("shuffle") else ""
+            detail += "  as 8-bit levels" if r.get("levels") else ""
             detail += "  big-endian" if r.get("byteorder") == "big" else ""
         elif r["type"] == "bytes":
             detail = format_size(r["bytes"])

@@ -25,17 +25,22 @@ from mesh.peer import MeshError, PeerClient, Unreachable
 from mesh.peers import PeerPool
 from mesh.ring import Ring
 from mesh.store import Entry
-from mesh.wire import Limits, Receiver, iter_chunks, make_header
+from mesh.wire import Limits, Receiver, iter_chunks, make_header, raw_parts
 
 if TYPE_CHECKING:
     from mesh.tls import TlsConfig
 
 Bytes = bytes | bytearray | memoryview
 T = TypeVar("T")
+R = TypeVar("R")
+
+
+Parts = list[bytes | memoryview]
 
 
 class MeshClient(Protocol):
     def get(self, key: str, timeout: float) -> bytearray | None: ...
+    def get_parts(self, key: str, timeout: float) -> Parts | None: ...
     def has(self, keys: list[str], timeout: float) -> list[bool]: ...
     def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int: ...
     def stats(self) -> dict[str, float]: ...
@@ -73,6 +78,13 @@ class LocalClient:
         self._live()
         entry = self.cluster.get(key, timeout)
         return None if entry is None else assemble(entry, self.limits)
+
+    def get_parts(self, key: str, timeout: float) -> Parts | None:
+        """The value's bytes as its chunks, unjoined and not hashed again: every entry in this process's store
+        was verified when it got there (a put, a copy from a peer, a file read back from disk)."""
+        self._live()
+        entry = self.cluster.get(key, timeout)
+        return None if entry is None else raw_parts(entry.chunks)
 
     def has(self, keys: list[str], timeout: float) -> list[bool]:
         self._live()
@@ -132,6 +144,15 @@ class RemoteClient:
             self.peers.heard(m.address, age=m.last_heard_age)
 
     def get(self, key: str, timeout: float) -> bytearray | None:
+        got = self._read(key, timeout, lambda client, t, local_only: client.get(key, t, local_only))
+        return None if got is None else got.data
+
+    def get_parts(self, key: str, timeout: float) -> Parts | None:
+        got = self._read(key, timeout, lambda client, t, local_only: client.get_parts(key, t, local_only))
+        return None if got is None else got[1]
+
+    def _read(self, key: str, timeout: float, fetch: Callable[[PeerClient, float, bool], R | None]) -> R | None:
+        """Straight from the key's owners when `direct`, else (or when they do not have it) routed by the sidecar."""
         deadline = time.monotonic() + timeout
         if self.direct:
             try:
@@ -144,22 +165,21 @@ class RemoteClient:
                 if address is None or remaining <= 0 or not self.peers.usable(address):
                     continue
                 try:
-                    blob = self.peers.client(address).get(key, timeout=remaining, local_only=True)
+                    got = fetch(self.peers.client(address), remaining, True)
                 except Unreachable:
                     self.peers.failed(address)
                     continue
-                if blob is not None:
-                    return blob.data
+                if got is not None:
+                    return got
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
         try:
-            blob = self.node.get(key, timeout=remaining)  # routed: previous owners, repair, near cache
+            return fetch(self.node, remaining, False)  # routed: previous owners, repair, near cache
         except Unreachable:
             if not self.direct or not self._others():
                 raise
             return None  # the owners, asked directly above, did not have it: a miss while the sidecar is down
-        return None if blob is None else blob.data
 
     def _others(self) -> list[str]:
         """Addresses of the other live members learned from the sidecar: where to go while it is down."""

@@ -190,6 +190,19 @@ class PeerClient:
         assert receiver is not None and receiver.buffer is not None
         return Blob(receiver.header, receiver.buffer)
 
+    def get_parts(self, key: str, timeout: float | None = None, local_only: bool = False,
+                  ) -> tuple[Header, list[bytes | memoryview]] | None:
+        """The verified bytes of `key` as the decoded chunks in order, never joined: for a reader that copies
+        them once into their final place anyway (mesh.blob.decode takes pieces)."""
+        receiver: Receiver | None = None
+        try:
+            for receiver, _ in self._get_stream(key, timeout, local_only, into=False, parts=True):
+                pass
+        except _Missing:
+            return None
+        assert receiver is not None and receiver.parts is not None
+        return receiver.header, receiver.parts
+
     def get_chunks(self, key: str, timeout: float | None = None, local_only: bool = True,
                    first_byte: float | None = None, on_first_byte: Callable[[float], None] | None = None,
                    ) -> tuple[Header, list[StoredChunk]] | None:
@@ -237,7 +250,7 @@ class PeerClient:
         return self.put_chunks(header, iter_file_chunks(path, self.limits.chunk_size), timeout, progress=progress)
 
     def _get_stream(self, key: str, timeout: float | None, local_only: bool, into: bool,
-                    progress: Progress | None = None, first_byte: float | None = None,
+                    progress: Progress | None = None, parts: bool = False, first_byte: float | None = None,
                     on_first_byte: Callable[[float], None] | None = None,
                     sink: Callable[[bytes | memoryview], object] | None = None,
                     ) -> Iterator[tuple[Receiver, StoredChunk | None]]:
@@ -278,7 +291,8 @@ class PeerClient:
                     header = Header.from_pb(reply.header)
                     if header.key != key:
                         raise TransferError(grpc.StatusCode.DATA_LOSS, f"asked for {key!r}, got {header.key!r}")
-                    receiver = Receiver(header, self.limits, into=into, sink=sink)  # refuses raw_size > max_blob_size
+                    # refuses raw_size > max_blob_size
+                    receiver = Receiver(header, self.limits, into=into, sink=sink, parts=parts)
                     yield receiver, None
             if receiver is None:
                 raise TransferError(grpc.StatusCode.DATA_LOSS, "stream ended without a header")

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
 
-from mesh.client import MeshClient, NodeStopped
+from mesh.client import MeshClient, NodeStopped, Parts
 from mesh.peer import MeshError, Unreachable
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,9 @@ class _Store:
 
 class Bridge:
     def __init__(self, client: MeshClient, *, encode: Callable[[object], bytes | bytearray],
-                 decode: Callable[[bytearray], object], lookup_timeout: float, store_timeout: float,
-                 store_queue: int) -> None:
+                 decode: Callable[[Parts], object], lookup_timeout: float, store_timeout: float,
+                 store_queue: int, thread_init: Callable[[], None] = lambda: None) -> None:
+        """`thread_init` runs first on each of the bridge's own threads (they encode and decode values)."""
         self.client = client
         self.encode = encode
         self.decode = decode
@@ -84,7 +85,9 @@ class Bridge:
         self._lookups: queue.SimpleQueue[list[tuple[str, futures.Future[Found | None]]] | None] = \
             queue.SimpleQueue()
         self._stores: queue.Queue[_Store | None] = queue.Queue(maxsize=store_queue)
-        self._pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="mesh-provider-get")
+        self._thread_init = thread_init
+        self._pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="mesh-provider-get",
+                                                initializer=thread_init)
         self._down_until = 0.0
         # key -> when it was last pushed, oldest first: a bounded "already there" hint, never a correctness need
         self._recent_stores: OrderedDict[str, float] = OrderedDict()
@@ -182,11 +185,12 @@ class Bridge:
 
     def _fetch(self, key: str, waiting: list[futures.Future[Found | None]], deadline: float) -> None:
         try:
-            data = self.client.get(key, timeout=max(0.01, deadline - time.monotonic()))
-            if data is None:
+            parts = self.client.get_parts(key, timeout=max(0.01, deadline - time.monotonic()))
+            if parts is None:
                 self._finish(waiting, None, "misses")
                 return
-            value = self.decode(data)
+            size = sum(len(p) for p in parts)
+            value = self.decode(parts)  # the chunks go once, straight into the value's fresh tensors
         except MeshError as e:
             self._trip(e)
             self._finish(waiting, None, "errors")
@@ -195,8 +199,8 @@ class Bridge:
             log.warning("cannot decode %s from the mesh: %s", key, e)
             self._finish(waiting, None, "errors")
             return
-        self._count("bytes_in", len(data))
-        self._finish(waiting, Found(value, len(data)), "hits")
+        self._count("bytes_in", size)
+        self._finish(waiting, Found(value, size), "hits")
 
     def _finish(self, waiting: list[futures.Future[Found | None]], value: Found | None, counter: str) -> None:
         self._count(counter, len(waiting))
@@ -220,6 +224,7 @@ class Bridge:
         return True
 
     def _store_loop(self) -> None:
+        self._thread_init()
         while True:
             try:
                 item = self._stores.get_nowait()

@@ -189,12 +189,13 @@ def _gen(seed: int) -> torch.Generator:
 
 
 class MakeImage:
-    """IMAGE float32 [B,H,W,C] in [0, 1]."""
+    """IMAGE float32 [B,H,W,C] in [0, 1] on 8-bit levels, as ComfyUI's LoadImage decodes a PNG (uint8 / 255)."""
     RETURN_TYPES = ("IMAGE",)
     FUNCTION = "run"
 
     def run(self, seed: int, batch: int = 1, height: int = 64, width: int = 64) -> tuple:
-        return (torch.rand((batch, height, width, 3), generator=_gen(seed), dtype=torch.float32),)
+        pixels = torch.randint(0, 256, (batch, height, width, 3), generator=_gen(seed), dtype=torch.uint8)
+        return (pixels.to(torch.float32) / 255.0,)
 
 
 class SlowBlur:

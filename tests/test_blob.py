@@ -65,13 +65,27 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
         assert a == b, path
 
 
-def roundtrip(value: Any, *, shuffle: bool = False) -> Any:
-    buf = blob.encode(value, shuffle=shuffle)
-    assert blob.check(value) == len(buf)
+def roundtrip(value: Any, *, shuffle: bool = False, levels: bool = False) -> Any:
+    buf = blob.encode(value, shuffle=shuffle, levels=levels)
+    if levels:
+        assert len(buf) <= blob.check(value)  # check() is the size without the uint8 form: an upper bound
+    else:
+        assert blob.check(value) == len(buf)
     assert buf[:4] == blob.MAGIC
     out = blob.decode(buf)
     assert_same(value, out)
     assert_same(value, blob.decode(bytes(buf)))  # read-only input takes the copying path
+    assert_same(value, blob.decode(pieces(bytes(buf))))  # chunks as they came off the wire, never joined
+    return out
+
+
+def pieces(buf: bytes, sizes: tuple[int, ...] = (1, 3, 61, 4099)) -> list[bytes]:
+    """buf cut into read-only pieces of awkward sizes, so sections and the manifest straddle them."""
+    out, at, i = [], 0, 0
+    while at < len(buf):
+        out.append(buf[at: at + sizes[i % len(sizes)]])
+        at += len(out[-1])
+        i += 1
     return out
 
 
@@ -138,9 +152,94 @@ trees = st.recursive(
 
 
 @FAST
-@given(trees, st.booleans())
-def test_roundtrip_random_trees(value: Any, shuffle: bool) -> None:
-    roundtrip(value, shuffle=shuffle)
+@given(trees, st.booleans(), st.booleans())
+def test_roundtrip_random_trees(value: Any, shuffle: bool, levels: bool) -> None:
+    roundtrip(value, shuffle=shuffle, levels=levels)
+
+
+# ------------------------------------------------------------------------------------------------ 8-bit levels
+
+
+def image_levels(shape: tuple[int, ...] = (1, 64, 64, 3), seed: int = 0) -> torch.Tensor:
+    """A decoded 8-bit image exactly as ComfyUI's LoadImage makes it: numpy float32 division by 255.0."""
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, 256, size=shape, dtype=np.uint8).astype(np.float32) / 255.0)
+
+
+def test_levels_image_is_4x_smaller_and_bit_exact() -> None:
+    for img in (image_levels(), torch.randint(0, 256, (2, 32, 48, 3)).float() / 255,
+                torch.arange(256).float().div(255).repeat(20)):
+        buf = blob.encode([img], levels=True)
+        assert blob.describe(buf)[0]["levels"] == 255
+        assert len(buf) < img.numel() + 200
+        roundtrip([img], levels=True)
+        roundtrip([img], levels=True, shuffle=True)  # levels wins over shuffle for such a tensor
+
+
+@pytest.mark.parametrize("poison", ["ulp", "-0.0", "nan", "above", "256/255", "float64-then-down"])
+def test_levels_refused_for_anything_not_exactly_a_level(poison: str) -> None:
+    img = image_levels((1, 40, 40, 3), seed=1)
+    flat = img.view(-1)
+    at = flat.numel() - 7  # late in the tensor: past the first block check
+    if poison == "ulp":
+        flat[at] = float(np.nextafter(np.float32(flat[at]), np.float32(2)))
+    elif poison == "-0.0":
+        flat[at] = -0.0
+    elif poison == "nan":
+        flat[at] = float("nan")
+    elif poison == "above":
+        flat[at] = 1.5
+    elif poison == "256/255":
+        flat[at] = 256 / 255
+    else:  # a value that rounds to a level code but is not that level's float32
+        flat[at] = float(np.float32(100 / 255)) + 2e-8
+    buf = blob.encode([img], levels=True)
+    assert "levels" not in blob.describe(buf)[0]
+    roundtrip([img], levels=True)
+
+
+def test_levels_only_for_large_float32() -> None:
+    for t in (image_levels((1, 8, 8, 3)), image_levels().double(), image_levels().half()):
+        assert "levels" not in blob.describe(blob.encode([t], levels=True))[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(4096, 70_000), st.none() | st.floats(width=32),
+       st.integers(0, 69_999))
+def test_levels_roundtrip_property(seed: int, n: int, stray: float | None, where: int) -> None:
+    codes = np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8)
+    t = torch.from_numpy(codes).float() / 255
+    if stray is not None:
+        t[where % n] = stray
+    roundtrip({"image": t}, levels=True)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"levels": 254}, "levels 254"),
+    ({"levels": True}, "levels True"),
+    ({"levels": 255, "shuffle": True}, "unshuffled"),
+])
+def test_levels_manifest_refusals(extra: dict[str, Any], message: str) -> None:
+    node = {"t": "tensor", "dtype": "float32", "shape": [4], "off": 0, "len": 4, **extra}
+    with pytest.raises(BlobFormatError, match=message):
+        blob.decode(forge(node, bytes(4)))
+    node = {"t": "tensor", "dtype": "float16", "shape": [4], "off": 0, "len": 4, "levels": 255}
+    with pytest.raises(BlobFormatError, match="float16"):
+        blob.decode(forge(node, bytes(4)))
+    node = {"t": "tensor", "dtype": "float32", "shape": [4], "off": 0, "len": 16, "levels": 255}
+    with pytest.raises(BlobFormatError, match="one byte per level"):
+        blob.decode(forge(node, bytes(16)))
+
+
+def test_decode_from_pieces_writes_fresh_memory() -> None:
+    value = {"img": image_levels(), "latent": torch.randn(1, 4, 16, 16), "arr": np.arange(10), "b": b"xyz"}
+    parts = [bytearray(p) for p in pieces(bytes(blob.encode(value, levels=True)))]
+    before = [bytes(p) for p in parts]
+    out = blob.decode(parts)
+    assert_same(value, out)
+    out["latent"].fill_(7)
+    out["img"].fill_(7)
+    assert [bytes(p) for p in parts] == before  # nothing handed out aliases the pieces
 
 
 @settings(max_examples=80, deadline=None)

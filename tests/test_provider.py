@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from mesh import blob
-from mesh.client import LocalClient
+from mesh.client import LocalClient, RemoteClient
 from mesh.peer import PeerClient
 from provider.bridge import Bridge
 from provider.cache_provider import MeshCacheProvider
@@ -377,6 +377,20 @@ def test_recently_stored_keys_are_skipped_and_the_memory_of_them_is_bounded(lone
         assert puts[200:] == ["k0"]
     finally:
         bridge.close()
+
+
+def test_get_parts_are_the_value_unjoined_from_either_client(lone: Any) -> None:
+    data = bytes(range(256)) * 20_000 + b"tail"  # five chunks of 1 MiB, the last one short
+    local = LocalClient(lone.node)
+    assert local.put("parts/k", data, {}, timeout=10) >= 1
+    remote = RemoteClient(lone.node.address, SECRET.encode())
+    try:
+        for client in (local, remote):
+            parts = client.get_parts("parts/k", timeout=10)
+            assert parts is not None and len(parts) == 5 and b"".join(parts) == data
+            assert client.get_parts("parts/none", timeout=10) is None
+    finally:
+        remote.close()
 
 
 def test_should_cache_policy() -> None:
