@@ -28,6 +28,7 @@ import mesh  # noqa: E402
 from mesh.address import with_port
 from mesh.auth import SECRET_FILE_ENV, Keyring, load_keyring, load_secrets
 from mesh.cluster import ClusterConfig
+from mesh.link import AUTO, MODES
 from mesh.membership import Timing, ring_weights
 from mesh.node import DEFAULT_PORT, ConfigError, Node, NodeConfig
 from mesh.pb.mesh_pb2 import MemberState
@@ -147,6 +148,7 @@ def _serve_config(args: argparse.Namespace) -> NodeConfig:
         zeroconf=args.zeroconf,
         zeroconf_interfaces=[i for i in (args.zeroconf_interfaces or "").split(",") if i] or None,
         timing=Timing(interval=args.heartbeat, suspect_after=args.suspect_after, dead_after=args.dead_after),
+        compress=args.compress,
     )
 
 
@@ -633,6 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-chunk-size", default="16MiB", help="largest raw chunk accepted (default 16MiB)")
     s.add_argument("--max-message-size", default="20MiB", help="gRPC message cap (default 20MiB)")
     s.add_argument("--max-transfers", type=int, default=16, help="concurrent Get/Put streams (default 16)")
+    s.add_argument("--compress", choices=MODES, default=AUTO,
+                   help="lz4 per transfer: auto (only where the measured link is slower than lz4), off, or lz4 "
+                        "(always; values put through this node are stored compressed) (env MESH_COMPRESS)"),
     s.add_argument("--max-inflight", default="0",
                    help="bytes all concurrent puts may hold before they are stored (default 0: --max-memory)")
     s.add_argument("--header-timeout", type=float, default=10.0,

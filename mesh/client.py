@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from mesh.auth import Secret, as_keyring
+from mesh.link import AUTO, LZ4, Links
 from mesh.membership import ring_weights
 from mesh.node import Node
 from mesh.peer import MeshError, PeerClient, Unreachable
@@ -93,7 +94,8 @@ class LocalClient:
     def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int:
         self._live()
         header = make_header(key, data, self.limits.chunk_size, meta)
-        chunks = tuple(iter_chunks(data, self.limits.chunk_size))
+        # Stored raw unless the operator asked for lz4 everywhere: each transfer to a slow link compresses on the way.
+        chunks = tuple(iter_chunks(data, self.limits.chunk_size, self.node.config.compress == LZ4))
         stored = sum(len(c.data) for c in chunks)
         entry = Entry(replace(header, stored_size=stored, created_unix=time.time()), chunks)
         return self.cluster.put(entry, timeout=timeout)
@@ -116,13 +118,14 @@ class RemoteClient:
     MEMBERS_TTL = 5.0
 
     def __init__(self, address: str, secret: Secret = None, limits: Limits | None = None,
-                 direct: bool = True, tls: TlsConfig | None = None) -> None:
+                 direct: bool = True, tls: TlsConfig | None = None, compress: str = AUTO) -> None:
         self.address = address
         self.limits = limits or Limits()
         self.direct = direct
         keyring = as_keyring(secret)
-        self.node = PeerClient(address, keyring, self.limits, tls=tls)
-        self.peers = PeerPool(keyring, self.limits, tls=tls)
+        links = Links(compress)
+        self.node = PeerClient(address, keyring, self.limits, tls=tls, links=links)
+        self.peers = PeerPool(keyring, self.limits, tls=tls, links=links)
         self._lock = threading.Lock()
         self._ring = Ring({})
         self._addresses: dict[str, str] = {}

@@ -24,6 +24,7 @@ from mesh.address import WILDCARDS, join_hostport, routable_host, split_hostport
 from mesh.auth import AuthInterceptor, Secret, ServerAuth, as_keyring
 from mesh.cluster import Cluster, ClusterConfig
 from mesh.disk import DiskStore
+from mesh.link import AUTO, MODES, Links
 from mesh.metrics import Metrics
 from mesh.membership import Member, Membership, Timing
 from mesh.pb import mesh_pb2 as pb
@@ -62,6 +63,8 @@ class NodeConfig:
     zeroconf: bool = False
     zeroconf_interfaces: list[str] | None = None
     timing: Timing = field(default_factory=Timing)
+    compress: str = AUTO              # lz4 per transfer: auto (where a measured link is slow), off, or lz4 (always,
+                                      # and values written through this node are stored compressed)
 
 
 class ConfigError(ValueError):
@@ -73,6 +76,7 @@ def validate(config: NodeConfig) -> None:
     c, t, cl, lim = config, config.timing, config.cluster, config.limits
     checks = [
         (c.max_memory > 0, "--max-memory must be positive"),
+        (c.compress in MODES, f"--compress must be one of {', '.join(MODES)}"),
         (c.min_free_ram >= 0, "--min-free-ram must not be negative"),
         (not c.data_dir or c.max_disk > 0, "--max-disk must be positive"),
         (t.interval > 0, "--heartbeat must be positive"),
@@ -125,7 +129,7 @@ class Node:
         self.metrics = Metrics()
         self.keyring = as_keyring(config.secret)
         self.auth = ServerAuth(self.keyring) if self.keyring is not None else None
-        self.peers = PeerPool(self.keyring, config.limits, tls=config.tls)
+        self.peers = PeerPool(self.keyring, config.limits, tls=config.tls, links=Links(config.compress))
         self.address = ""
         self.node_id = config.node_id
         self.stopped = threading.Event()

@@ -12,18 +12,19 @@ import os
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from mesh.auth import STALE, AuthError, ClientAuth, Secret, as_keyring
+from mesh.link import Links
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.watchdog import Watchdog
 from mesh.wire import (MAX_KEY_BYTES, SERVICE, Header, Limits, Receiver, StoredChunk, TransferError, WireChunk,
                        decode_chunk_message, file_header, iter_chunks, iter_file_chunks, make_header,
-                       serialize_message)
+                       serialize_message, repack)
 
 if TYPE_CHECKING:
     from mesh.tls import TlsConfig
@@ -91,9 +92,12 @@ def _parse_get_reply(data: bytes) -> pb.GetReply | WireChunk:
 
 class PeerClient:
     def __init__(self, address: str, secret: Secret = None, limits: Limits | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, tls: TlsConfig | None = None) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, tls: TlsConfig | None = None, links: Links | None = None) -> None:
+        """`links`: the measured links that decide compression (shared by a pool's clients); default: this
+        client's own, deciding automatically."""
         self.address = address
         self.limits = limits or Limits()
+        self.links = links if links is not None else Links()
         self.timeout = timeout
         self._auth = ClientAuth(as_keyring(secret))
         self._closed = False
@@ -247,7 +251,9 @@ class PeerClient:
                  timeout: float | None = None, progress: Progress | None = None) -> pb.PutReply:
         """Store a file's bytes in constant memory: read once for the checksum, once more as it is sent."""
         header = file_header(key, path, self.limits.chunk_size, meta)
-        return self.put_chunks(header, iter_file_chunks(path, self.limits.chunk_size), timeout, progress=progress)
+        compress = self.links.compress(self.address)
+        return self.put_chunks(header, iter_file_chunks(path, self.limits.chunk_size, compress), timeout,
+                               progress=progress, compress=False, packed=compress)
 
     def _get_stream(self, key: str, timeout: float | None, local_only: bool, into: bool,
                     progress: Progress | None = None, parts: bool = False, first_byte: float | None = None,
@@ -256,7 +262,8 @@ class PeerClient:
                     ) -> Iterator[tuple[Receiver, StoredChunk | None]]:
         if len(key.encode()) > MAX_KEY_BYTES:
             raise _Missing()  # no node stores such a key
-        request = pb.GetRequest(key=key, local_only=local_only)
+        compress = self.links.compress(self.address)
+        request = pb.GetRequest(key=key, local_only=local_only, compress=compress)
         t = self._t(timeout)
         started = time.monotonic()
 
@@ -297,6 +304,8 @@ class PeerClient:
             if receiver is None:
                 raise TransferError(grpc.StatusCode.DATA_LOSS, "stream ended without a header")
             receiver.finish()
+            self.links.observe(self.address, receiver.header.raw_size, time.monotonic() - started,
+                               compressed=receiver.stored_size != receiver.header.raw_size or compress)
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 if on_first_byte is not None:
@@ -311,22 +320,34 @@ class PeerClient:
             raise Refused(f"node {self.address} sent a bad blob for {key!r}: {e}", e.code) from None
 
     def put(self, key: str, data: bytes | bytearray | memoryview, meta: Mapping[str, str] | None = None,
-            timeout: float | None = None, compress: bool = True, local_only: bool = False,
+            timeout: float | None = None, compress: bool | None = None, local_only: bool = False,
             progress: Progress | None = None) -> pb.PutReply:
-        """Store bytes under `key`; chunks are compressed lazily while earlier ones are already on the wire."""
+        """Store bytes under `key`. Raw chunks are framed straight from `data`; compressed ones (`compress`,
+        by default: whether the link to this node is slow) are packed ahead while earlier ones are on the wire."""
         header = make_header(key, data, self.limits.chunk_size, meta)
-        return self.put_chunks(header, iter_chunks(data, self.limits.chunk_size, compress), timeout,
-                               local_only, progress)
+        if compress is None:
+            compress = self.links.compress(self.address)
+        return self.put_chunks(header, iter_chunks(data, self.limits.chunk_size, compress, copy=False), timeout,
+                               local_only, progress, compress=False, packed=compress)
 
     def put_chunks(self, header: Header, chunks: Iterable[StoredChunk], timeout: float | None = None,
                    local_only: bool = False, progress: Progress | None = None,
-                   wait_for_ready: bool = False) -> pb.PutReply:
+                   wait_for_ready: bool = False, compress: bool | None = None, packed: bool = False) -> pb.PutReply:
         """`wait_for_ready`: wait (within the deadline) for a peer that is reconnecting, rather than fail at
-        once: for background copies, which would otherwise be lost to a channel still in reconnect backoff."""
+        once: for background copies, which would otherwise be lost to a channel still in reconnect backoff.
+
+        `compress`: pack raw chunks on the way (default: whether the link to this node is slow); `packed`: the
+        chunks were already packed for this link (for the measurement only)."""
+        if compress is None:
+            compress = self.links.compress(self.address)
+        if compress:
+            header = replace(header, stored_size=0)  # known only once packed
+        started = time.monotonic()
+
         def requests() -> Iterator[pb.PutRequest | bytes]:
             yield pb.PutRequest(header=header.to_pb(), local_only=local_only)
             moved = 0
-            for i, chunk in enumerate(chunks):
+            for i, chunk in enumerate(repack(chunks, compress)):
                 yield chunk.message(i)  # a serialized PutRequest carrying the chunk
                 moved += chunk.raw_size
                 if progress:
@@ -336,11 +357,15 @@ class PeerClient:
         try:
             # A refused proof is answered before a chunk is read; the chunks can be sent again when they are
             # a sequence (a stored entry), not a one-shot generator.
-            return self._in_session("Put", t, lambda md: self._put(requests(), timeout=t, metadata=md,
-                                                                   wait_for_ready=wait_for_ready),
-                                    retry=isinstance(chunks, Sequence))
+            reply = self._in_session("Put", t, lambda md: self._put(requests(), timeout=t, metadata=md,
+                                                                    wait_for_ready=wait_for_ready),
+                                     retry=isinstance(chunks, Sequence))
         except grpc.RpcError as e:
             raise translate(e, self.address) from None
+        if not reply.existed:
+            self.links.observe(self.address, header.raw_size, time.monotonic() - started,
+                               compressed=compress or packed or header.stored_size not in (0, header.raw_size))
+        return reply
 
     # -- small calls -----------------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING
 
 from mesh.auth import Secret, as_keyring
+from mesh.link import Links
 from mesh.peer import PeerClient
 from mesh.wire import Limits
 
@@ -31,10 +32,12 @@ _ALPHA = 0.2          # weight of a new sample in the smoothed latency
 
 
 class PeerPool:
-    def __init__(self, secret: Secret, limits: Limits, tls: TlsConfig | None = None) -> None:
+    def __init__(self, secret: Secret, limits: Limits, tls: TlsConfig | None = None,
+                 links: Links | None = None) -> None:
         self._secret = as_keyring(secret)  # shared by every client: a reloaded secret file reaches them all
         self._limits = limits
         self._tls = tls
+        self.links = links if links is not None else Links()  # measured per address, shared by every client
         self._lock = threading.Lock()
         self._clients: dict[str, PeerClient] = {}
         self._failed_at: dict[str, float] = {}
@@ -45,7 +48,8 @@ class PeerPool:
         with self._lock:
             c = self._clients.get(address)
             if c is None:
-                c = self._clients[address] = PeerClient(address, self._secret, self._limits, tls=self._tls)
+                c = self._clients[address] = PeerClient(address, self._secret, self._limits, tls=self._tls,
+                                                                 links=self.links)
             return c
 
     def failed(self, address: str) -> None:

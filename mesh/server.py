@@ -33,8 +33,8 @@ from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.budget import ByteBudget
 from mesh.store import BlobStore, Entry, StoreFull
 from mesh.watchdog import Watch, Watchdog
-from mesh.wire import (MAX_KEY_BYTES, SERVICE, Header, Limits, Receiver, TransferError, WireChunk,
-                       decode_chunk_message, serialize_message)
+from mesh.wire import (MAX_KEY_BYTES, SERVICE, Header, Limits, RAW, Receiver, TransferError, WireChunk,
+                       decode_chunk_message, serialize_message, repack)
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +190,14 @@ class MeshServicer(pb_grpc.MeshServicer):
                 entry = self.cluster.get(request.key, self._deadline(context))
             if entry is None:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no blob under key {_short(request.key)}")
+            header, chunks = entry.header, entry.chunks
+            if request.compress and any(c.codec == RAW for c in chunks):
+                # The reader's link from here is slow (mesh/link.py): pack raw chunks on the way, ahead of the wire.
+                header, chunks = replace(header, stored_size=0), repack(chunks, True)  # type: ignore[assignment]
             with self._slot(context), self.watchdog.watch(context.cancel, self.limits.idle_timeout,
                                                           f"Get to {context.peer()}") as watch:
-                yield pb.GetReply(header=entry.header.to_pb())
-                for i, chunk in enumerate(entry.chunks):
+                yield pb.GetReply(header=header.to_pb())
+                for i, chunk in enumerate(chunks):
                     watch.touch(self.limits.idle_timeout)
                     yield chunk.message(i)  # type: ignore[misc]  # already serialized: see add_to_server
 

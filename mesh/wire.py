@@ -20,10 +20,13 @@ is valid protobuf, and anything the fast path does not recognise goes to the pro
 
 from __future__ import annotations
 
+import collections
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
@@ -35,6 +38,7 @@ from mesh.pb import mesh_pb2 as pb
 CODEC = "lz4-chunks/1"
 RAW = pb.CHUNK_RAW
 LZ4 = pb.CHUNK_LZ4
+LZ4_PLANES4 = pb.CHUNK_LZ4_PLANES4
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -43,6 +47,7 @@ _PROBE = 64 * KiB      # bytes compressed to decide whether a whole chunk is wor
 _PROBE_KEEP = 0.90     # a probe must shrink below this ratio...
 _CHUNK_KEEP = 0.95     # ...and the whole chunk below this one, or it goes raw
 _MIN_COMPRESS = 4 * KiB
+_PACK_AHEAD = 4        # chunks compressed ahead of the one on the wire, on the packing threads
 
 MAX_KEY_BYTES = 1024     # UTF-8 bytes of a key, for every RPC (ComfyUI provider keys are ~100)
 MAX_META_BYTES = 16 * KiB  # all names and values of a blob's meta together; counted against the store budget
@@ -255,16 +260,84 @@ def chunk_count(raw_size: int, chunk_size: int) -> int:
     return math.ceil(raw_size / chunk_size)
 
 
-def pack_chunk(raw: memoryview, compress: bool = True) -> StoredChunk:
-    """One chunk, lz4-compressed only where that shrinks it enough to pay for the decompression."""
+def planes4(data: bytes | memoryview) -> bytes:
+    """4-byte items -> 4 byte planes. The exponent bytes of neighbouring float32 values are alike, so lz4 finds
+    runs in the planes that it misses in the items. Extended slices are C loops: ~1.6 GB/s, no numpy needed."""
+    whole = data if type(data) is bytes else bytes(data)  # strided slices of bytes are C loops; of a view, not
+    return b"".join(whole[i::4] for i in range(4))
+
+
+def unplanes4(data: bytes | memoryview) -> bytearray:
+    q = len(data) // 4
+    out = bytearray(len(data))
+    for i in range(4):
+        out[i::4] = data[i * q: (i + 1) * q]
+    return out
+
+
+def pack_chunk(raw: memoryview, compress: bool = True, copy: bool = True) -> StoredChunk:
+    """One chunk, compressed only where that shrinks it enough to pay for the decompression: lz4 of the bytes
+    or of their 4-byte planes, whichever did better on a probe of the chunk's start.
+
+    `copy=False` keeps a raw chunk as a view of the caller's memory (sent at once, never stored)."""
     n = len(raw)
     if compress and n >= _MIN_COMPRESS:
-        probe_ok = n <= 2 * _PROBE or len(lz4.block.compress(raw[:_PROBE], store_size=False)) < _PROBE * _PROBE_KEEP
-        if probe_ok:
-            packed = lz4.block.compress(raw, store_size=False)
+        probe = raw[:_PROBE]
+        plain = len(lz4.block.compress(probe, store_size=False))
+        planar = len(lz4.block.compress(planes4(probe), store_size=False)) if n % 4 == 0 else len(probe)
+        if min(plain, planar) < len(probe) * _PROBE_KEEP:
+            codec = LZ4_PLANES4 if planar < plain else LZ4
+            packed = lz4.block.compress(planes4(raw) if codec == LZ4_PLANES4 else raw, store_size=False)
             if len(packed) < n * _CHUNK_KEEP:
-                return StoredChunk(LZ4, n, packed)
-    return StoredChunk(RAW, n, bytes(raw))
+                return StoredChunk(codec, n, packed)
+    return StoredChunk(RAW, n, bytes(raw) if copy else raw)
+
+
+_packers: futures.ThreadPoolExecutor | None = None
+_packers_lock = threading.Lock()
+
+
+def _pool() -> futures.ThreadPoolExecutor:
+    """Threads that compress chunks ahead of the sender (lz4 releases the GIL while it works)."""
+    global _packers
+    with _packers_lock:
+        if _packers is None:
+            _packers = futures.ThreadPoolExecutor(max_workers=max(2, min(4, os.cpu_count() or 2)),
+                                                  thread_name_prefix="mesh-pack")
+        return _packers
+
+
+def packed_ahead(raws: Iterable[memoryview], compress: bool, copy: bool) -> Iterator[StoredChunk]:
+    """pack_chunk over `raws`, in order; when compressing, up to _PACK_AHEAD chunks are packed on the packing
+    threads while earlier ones are on the wire, so lz4 runs at several cores' pace, in step with the link."""
+    if not compress:
+        for raw in raws:
+            yield pack_chunk(raw, False, copy)
+        return
+    pending: collections.deque[futures.Future[StoredChunk]] = collections.deque()
+    pool = _pool()
+    try:
+        for raw in raws:
+            pending.append(pool.submit(pack_chunk, raw, True, copy))
+            if len(pending) > _PACK_AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for f in pending:
+            f.cancel()
+
+
+def repack(chunks: Iterable[StoredChunk], compress: bool) -> Iterator[StoredChunk]:
+    """Stored chunks as they should travel: raw ones compressed (ahead, in order) when the link is slow, the
+    others as they are."""
+    if not compress:
+        yield from chunks
+        return
+    stored = list(chunks)
+    packed = packed_ahead((memoryview(c.data) for c in stored if c.codec == RAW), True, False)
+    for c in stored:
+        yield next(packed) if c.codec == RAW else c
 
 
 def make_header(key: str, data: bytes | bytearray | memoryview, chunk_size: int,
@@ -289,23 +362,45 @@ def file_header(key: str, path: str | os.PathLike[str], chunk_size: int,
 
 def iter_file_chunks(path: str | os.PathLike[str], chunk_size: int, compress: bool = True) -> Iterator[StoredChunk]:
     """A file's chunks, read one at a time as they are sent."""
-    with open(path, "rb") as f:
-        while piece := f.read(chunk_size):
-            yield pack_chunk(memoryview(piece), compress)
+    def pieces() -> Iterator[memoryview]:
+        with open(path, "rb") as f:
+            while piece := f.read(chunk_size):
+                yield memoryview(piece)
+    return packed_ahead(pieces(), compress, copy=False)
 
 
-def iter_chunks(data: bytes | bytearray | memoryview, chunk_size: int, compress: bool = True) -> Iterator[StoredChunk]:
-    """Chunks produced lazily, so the first is on the wire while later ones are still being compressed."""
+def iter_chunks(data: bytes | bytearray | memoryview, chunk_size: int, compress: bool = True,
+                copy: bool = True) -> Iterator[StoredChunk]:
+    """Chunks produced lazily, so the first is on the wire while later ones are still being compressed.
+
+    `copy=False`: raw chunks are views of `data` (framed straight from it when sent): only for chunks that are
+    sent and dropped while the caller holds `data` unchanged, never for chunks that are stored."""
     view = memoryview(data).cast("B")
-    for offset in range(0, len(view), chunk_size):
-        yield pack_chunk(view[offset:offset + chunk_size], compress)
+    return packed_ahead((view[offset:offset + chunk_size] for offset in range(0, len(view), chunk_size)),
+                        compress, copy)
 
 
-def raw_parts(chunks: Iterable[StoredChunk]) -> list[bytes | memoryview]:
-    """The raw bytes of chunks already verified when they were stored: raw ones as they are (no copy), lz4
-    ones decompressed. For a reader in the storing process, which need not hash them a second time."""
-    return [c.data if c.codec == RAW else lz4.block.decompress(c.data, uncompressed_size=c.raw_size)
-            for c in chunks]
+def unpack_chunk(index: int, codec: int, expect: int, data: bytes | memoryview) -> bytes | bytearray:
+    """The raw bytes of a compressed chunk, or TransferError: never more than `expect` bytes are made."""
+    if len(data) >= expect + expect // 255 + 16:  # more than lz4's worst-case expansion
+        raise TransferError(grpc.StatusCode.DATA_LOSS, f"lz4 chunk {index} is larger than possible")
+    if codec == LZ4_PLANES4 and expect % 4:
+        raise TransferError(grpc.StatusCode.DATA_LOSS, f"chunk {index} of {expect} bytes cannot be 4-byte planes")
+    try:
+        raw = lz4.block.decompress(data, uncompressed_size=expect)
+    except lz4.block.LZ4BlockError as e:
+        raise TransferError(grpc.StatusCode.DATA_LOSS, f"chunk {index} does not decompress: {e}") from e
+    if len(raw) != expect:
+        raise TransferError(grpc.StatusCode.DATA_LOSS,
+                            f"chunk {index} decompressed to {len(raw)} bytes, {expect} expected")
+    return unplanes4(raw) if codec == LZ4_PLANES4 else raw
+
+
+def raw_parts(chunks: Iterable[StoredChunk]) -> list[bytes | bytearray | memoryview]:
+    """The raw bytes of chunks already verified when they were stored: raw ones as they are (no copy),
+    compressed ones unpacked. For a reader in the storing process, which need not hash them a second time."""
+    return [c.data if c.codec == RAW else unpack_chunk(i, c.codec, c.raw_size, c.data)
+            for i, c in enumerate(chunks)]
 
 
 def meta_size(meta: Mapping[str, str]) -> int:
@@ -379,16 +474,8 @@ class Receiver:
                 raise TransferError(grpc.StatusCode.DATA_LOSS,
                                     f"raw chunk {chunk.index} has {len(data)} bytes, {expect} expected")
             raw: bytes | memoryview = data
-        elif chunk.codec == LZ4:
-            if len(data) >= expect + expect // 255 + 16:  # more than lz4's worst-case expansion
-                raise TransferError(grpc.StatusCode.DATA_LOSS, f"lz4 chunk {chunk.index} is larger than possible")
-            try:
-                raw = lz4.block.decompress(data, uncompressed_size=expect)
-            except lz4.block.LZ4BlockError as e:
-                raise TransferError(grpc.StatusCode.DATA_LOSS, f"chunk {chunk.index} does not decompress: {e}") from e
-            if len(raw) != expect:
-                raise TransferError(grpc.StatusCode.DATA_LOSS,
-                                    f"chunk {chunk.index} decompressed to {len(raw)} bytes, {expect} expected")
+        elif chunk.codec == LZ4 or chunk.codec == LZ4_PLANES4:
+            raw = unpack_chunk(chunk.index, chunk.codec, expect, data)
         else:
             raise TransferError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown chunk codec {chunk.codec}")
         self._hash.update(raw)

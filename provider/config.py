@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from mesh.auth import SECRET_ENV, SECRET_FILE_ENV, Keyring, load_keyring
+from mesh.link import MODES
 from mesh.tls import TlsConfig, load_tls
 from mesh.units import parse_size
 
@@ -54,7 +55,9 @@ class ProviderConfig:
     lookup_timeout: float = 3.0       # seconds one lookup may cost a prompt, at most
     store_timeout: float = 60.0
     store_queue: int = 64             # values waiting to be pushed; a full queue drops the store (counted)
-    shuffle: bool = False             # byte-shuffle float tensors: ~23% smaller unquantised float32, slower
+    shuffle: bool = False             # byte-shuffle float tensors in the value itself (the transport already
+                                      # compresses float32 as byte planes where a link is slow: see compress)
+    compress: str = "auto"            # auto: lz4 per transfer where the measured link is slow; off; lz4: always
     fast_keys: bool = True            # provider/fastkeys.py: ComfyUI's key digest once per key per prompt, faster
     direct: bool = True               # sidecar mode: read straight from owners with the ring the sidecar shares
     enabled: bool = True
@@ -79,6 +82,8 @@ class ProviderConfig:
         config = cls(**values)  # type: ignore[arg-type]
         if config.mode not in ("embedded", "sidecar"):
             raise ValueError(f"MESH_MODE must be embedded or sidecar, not {config.mode!r}")
+        if config.compress not in MODES:
+            raise ValueError(f"MESH_COMPRESS must be one of {', '.join(MODES)}, not {config.compress!r}")
         return config
 
     def keyring(self) -> Keyring | None:

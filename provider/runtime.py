@@ -113,7 +113,7 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
             max_memory=config.max_memory, min_free_ram=config.min_free_ram, secret=secret, tls=tls, limits=limits,
             data_dir=config.data_dir, max_disk=config.max_disk, metrics_listen=config.metrics_listen,
             cluster=ClusterConfig(name=config.cluster, replicas=config.replicas),
-            seeds=list(config.seeds), zeroconf=config.zeroconf,
+            seeds=list(config.seeds), zeroconf=config.zeroconf, compress=config.compress,
         )
         try:
             node = Node(node_config).start()
@@ -126,7 +126,7 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
             node = Node(dataclasses.replace(node_config, listen=fallback)).start()
         client = LocalClient(node)
     else:
-        client = RemoteClient(config.node, secret, limits, direct=config.direct, tls=tls)
+        client = RemoteClient(config.node, secret, limits, direct=config.direct, tls=tls, compress=config.compress)
     bridge = Bridge(client, encode=functools.partial(blob.encode, shuffle=config.shuffle, levels=True),
                     decode=blob.decode, lookup_timeout=config.lookup_timeout, store_timeout=config.store_timeout,
                     store_queue=config.store_queue, thread_init=torch_on_one_core)

@@ -24,7 +24,8 @@ from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.peer import PeerClient, Refused, Unauthenticated
 from mesh.store import BlobStore
-from mesh.wire import LZ4, RAW, KiB, MiB, Limits, checksum, iter_chunks, make_header
+from mesh.link import Links
+from mesh.wire import LZ4, LZ4_PLANES4, RAW, KiB, MiB, Limits, checksum, iter_chunks, make_header
 from tests.conftest import SECRET, token_metadata
 
 Target = tuple[str, BlobStore]
@@ -126,13 +127,30 @@ def test_wire_compatible_with_plain_protobuf(target: Target) -> None:
 def test_round_trip_256MiB(node: Node, client: PeerClient) -> None:
     half = 128 * MiB
     data = np.random.default_rng(256).bytes(half) + bytes(half)
-    assert client.put("big/256", data).stored
+    assert client.put("big/256", data, compress=True).stored
     blob = client.get("big/256")
     assert blob is not None and len(blob.data) == len(data)
     assert blob.data == data
     entry = node.store.peek("big/256")
     assert entry is not None and entry.header.stored_size < len(data)  # the zero half went lz4
     del blob, data
+
+
+def test_a_raw_entry_is_packed_on_the_way_only_for_a_reader_that_asks(node: Node, client: PeerClient) -> None:
+    rng = np.random.default_rng(5)
+    data = np.cumsum(rng.standard_normal(MiB // 2, dtype=np.float32) * np.float32(0.01)).tobytes()  # 2 MiB
+    client.put("float/raw", data)  # loopback: sent, and so stored, raw
+    entry = node.store.peek("float/raw")
+    assert entry is not None and {c.codec for c in entry.chunks} == {RAW}
+    got = client.get_chunks("float/raw")
+    assert got is not None and {c.codec for c in got[1]} == {RAW}
+    with PeerClient(node.address, SECRET, links=Links("lz4")) as slow:
+        got = slow.get_chunks("float/raw")
+        assert got is not None and {c.codec for c in got[1]} == {LZ4_PLANES4} and got[0].stored_size == 0
+        assert slow.get("float/raw").data == data  # type: ignore[union-attr]
+        slow.put("float/packed", data)  # and a writer on a slow link packs before sending
+    entry = node.store.peek("float/packed")
+    assert entry is not None and {c.codec for c in entry.chunks} == {LZ4_PLANES4}
 
 
 # -- malformed streams: a clear status, nothing stored, and the node keeps serving ----------------------------
@@ -311,7 +329,7 @@ def _corrupt_chunk_for(key: str, data: bytes) -> list[pb.PutRequest]:
 
 def test_has_delete_list_keys_and_stats(node: Node, client: PeerClient) -> None:
     for key, size in [("a/1", 10), ("a/2", 300 * KiB), ("b/1", 0)]:
-        client.put(key, bytes(size), meta={"class_type": key.split("/")[0]})
+        client.put(key, bytes(size), meta={"class_type": key.split("/")[0]}, compress=True)
     assert client.has(["a/1", "nope", "b/1", "a/2"]) == [True, False, True, True]
     listed = {k.key: k for k in client.list_keys()}
     assert set(listed) == {"a/1", "a/2", "b/1"}
@@ -441,8 +459,8 @@ def test_blob_bigger_than_the_budget_is_refused_not_half_stored(small_node: Node
         assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert c.has(["huge", "keep"]) == [False, True]  # nothing stored, nothing evicted for it
         assert store.used == used
-        # The budget counts bytes held: the same size of zeros compresses and fits.
-        assert c.put("zeros", bytes(8 * MiB)).stored
+        # The budget counts bytes held: the same size of zeros, sent compressed, fits.
+        assert c.put("zeros", bytes(8 * MiB), compress=True).stored
         assert c.get("zeros").data == bytes(8 * MiB)
     assert_serves(small_node.address)
 

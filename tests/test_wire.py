@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 
 from mesh.pb import mesh_pb2 as pb
 from mesh.units import format_size, parse_size
-from mesh.wire import (CODEC, LZ4, RAW, KiB, MiB, Header, Limits, Receiver, StoredChunk, TransferError, WireChunk,
-                       checksum, chunk_count, decode_chunk_message, encode_chunk_message, iter_chunks, make_header,
-                       pack_chunk, validate_header)
+from mesh.wire import (CODEC, LZ4, LZ4_PLANES4, RAW, KiB, MiB, Header, Limits, Receiver, StoredChunk, TransferError,
+                       WireChunk, checksum, chunk_count, decode_chunk_message, encode_chunk_message, iter_chunks,
+                       make_header, pack_chunk, planes4, raw_parts, repack, unplanes4, validate_header)
 
 LIMITS = Limits()
 
@@ -65,6 +65,61 @@ def test_probe_skips_chunk_whose_start_is_incompressible() -> None:
     # A compressible start passes the probe, but the whole chunk must still shrink enough (below 95 %).
     assert pack_chunk(memoryview(bytes(64 * KiB) + os.urandom(2 * MiB - 64 * KiB))).codec == RAW
     assert pack_chunk(memoryview(bytes(256 * KiB) + os.urandom(MiB - 256 * KiB))).codec == LZ4
+
+
+def smooth_floats(n: int, seed: int = 0) -> bytes:
+    """float32 like a VAE decode: a slow random walk plus a little noise, full mantissas."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    x = np.cumsum(rng.standard_normal(n // 4).astype(np.float32) * np.float32(0.01))
+    return (np.abs(np.mod(x, 2) - 1) + rng.standard_normal(n // 4).astype(np.float32) * 0.003).astype(np.float32).tobytes()
+
+
+def test_float32_chunks_go_as_byte_planes_and_round_trip() -> None:
+    data = smooth_floats(4 * MiB)
+    chunks = list(iter_chunks(data, MiB))
+    assert {c.codec for c in chunks} == {LZ4_PLANES4}
+    assert sum(len(c.data) for c in chunks) < 0.9 * len(data)  # plain lz4 barely shrinks such floats
+    assert len(lz4.block.compress(data[:MiB], store_size=False)) > 0.95 * MiB
+    r = receive(make_header("k", data, MiB), [c.to_pb(i) for i, c in enumerate(chunks)])
+    assert r.buffer == data
+    assert b"".join(raw_parts(chunks)) == data
+
+
+@given(st.binary(max_size=4096).map(lambda b: b[: len(b) - len(b) % 4]))
+def test_planes_round_trip(data: bytes) -> None:
+    assert bytes(unplanes4(planes4(data))) == data and bytes(unplanes4(planes4(memoryview(data)))) == data
+
+
+def test_planes_chunk_of_odd_size_is_refused() -> None:
+    h = make_header("k", bytes(6), MiB)
+    packed = lz4.block.compress(bytes(6), store_size=False)
+    with pytest.raises(TransferError, match="4-byte planes") as e:
+        receive(h, [pb.Chunk(index=0, codec=LZ4_PLANES4, raw_size=6, data=packed)])
+    assert e.value.code == grpc.StatusCode.DATA_LOSS
+
+
+def test_repack_compresses_raw_chunks_in_order_and_keeps_packed_ones() -> None:
+    data = smooth_floats(3 * MiB, seed=1) + bytes(MiB) + os.urandom(MiB)
+    stored = list(iter_chunks(data, MiB, compress=False))
+    assert {c.codec for c in stored} == {RAW}
+    assert list(repack(stored, False)) == stored
+    sent = list(repack(stored, True))
+    assert [c.codec for c in sent] == [LZ4_PLANES4] * 3 + [LZ4, RAW]
+    assert b"".join(raw_parts(sent)) == data
+    mixed_in = [sent[0], stored[1], sent[3]]
+    again = list(repack(mixed_in, True))
+    assert again[0] is sent[0] and again[2] is sent[3] and again[1].codec == LZ4_PLANES4
+
+
+def test_raw_chunks_can_view_the_callers_buffer() -> None:
+    data = bytearray(os.urandom(3 * MiB))
+    views = list(iter_chunks(data, MiB, compress=False, copy=False))
+    data[0] ^= 0xFF
+    assert bytes(views[0].data)[0] == data[0]  # a view, framed straight from the buffer: no copy
+    copies = list(iter_chunks(data, MiB, compress=False))
+    data[0] ^= 0xFF
+    assert bytes(copies[0].data)[0] != data[0]  # stored chunks own their bytes
 
 
 def test_mixed_blob_uses_both_codecs_and_round_trips() -> None:
