@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from mesh.memory import fresh
 from mesh.units import format_size
 
 __all__ = [
@@ -73,7 +74,6 @@ SHUFFLE_MIN_ELEMENTS = 4096    # below this the planes are too short for shuffli
 LEVELS_MIN_ELEMENTS = 4096     # below this the uint8 form saves too little to be worth the check
 LEVELS = 255                   # the only "levels" value: 8-bit images
 _LEVELS_BLOCK = 1 << 22        # elements checked at a time (bounded temporaries; an early block fails fast)
-FRESH_HUGE_MIN = 2 * 1024**2   # outputs this large get memory that asks for huge pages (fewer page faults)
 _HEADER = struct.Struct("<4sI")
 
 # Element sizes by dtype name: the decoder's allowlist, and what describe() needs without torch.
@@ -344,22 +344,6 @@ def _levels_of(torch: Any, t: Any) -> Any:
     return codes
 
 
-def _fresh(nbytes: int) -> Any:
-    """Fresh writable memory for a decoded value, as a buffer torch and numpy can wrap.
-
-    Large outputs are anonymous mappings advised to use huge pages: a fresh 48 MiB buffer then costs 24 page
-    faults instead of 12,288, which halved the time to write it here. The mapping lives as long as the tensor
-    or array made from it (they hold the buffer)."""
-    if nbytes >= FRESH_HUGE_MIN and hasattr(mmap, "MADV_HUGEPAGE"):
-        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        try:
-            m.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass  # a kernel without transparent huge pages: ordinary pages
-        return m
-    return bytearray(nbytes)
-
-
 def _shuffle_into(dst: Any, src: Any, itemsize: int) -> None:
     """Byte planes: plane i of dst (uint8) <- byte i of every item of src (uint8).
 
@@ -615,7 +599,7 @@ class _Materializer:
         return (self.tensor if s.kind == "tensor" else self.ndarray)(s, at, path)
 
     def _fresh_copy(self, at: int, n: int) -> Buffer:
-        out = _fresh(n)
+        out = fresh(n)
         dst = memoryview(out)
         for off, piece in self.data.ranges(at, n):
             dst[off: off + len(piece)] = piece
@@ -638,14 +622,14 @@ class _Materializer:
         if dtype is torch.bool and bool(raw.max() > 1):
             raise _bad(path, "bool tensor holds bytes other than 0 and 1")
         if s.shuffle:
-            out = torch.frombuffer(_fresh(s.nbytes), dtype=torch.uint8)
+            out = torch.frombuffer(fresh(s.nbytes), dtype=torch.uint8)
             _unshuffle_into(out, raw, TENSOR_DTYPES[s.dtype])
             return out.view(dtype).view(s.shape)
         return raw.view(dtype).view(s.shape)
 
     def levels(self, torch: Any, s: _Section, at: int) -> object:
         """uint8 codes -> float32, written once into fresh memory, piece by piece."""
-        out = torch.frombuffer(_fresh(4 * s.nbytes), dtype=torch.float32)
+        out = torch.frombuffer(fresh(4 * s.nbytes), dtype=torch.float32)
         exact = _levels_exact(torch)
         table = None if exact else torch.frombuffer(bytearray(_level_table()), dtype=torch.float32)
         for off, piece in self.data.ranges(at, s.nbytes):

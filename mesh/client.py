@@ -40,7 +40,7 @@ Parts = list[bytes | memoryview]
 
 
 class MeshClient(Protocol):
-    def get(self, key: str, timeout: float) -> bytearray | None: ...
+    def get(self, key: str, timeout: float) -> memoryview | None: ...
     def get_parts(self, key: str, timeout: float) -> Parts | None: ...
     def has(self, keys: list[str], timeout: float) -> list[bool]: ...
     def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int: ...
@@ -49,7 +49,7 @@ class MeshClient(Protocol):
     def close(self) -> None: ...
 
 
-def assemble(entry: Entry, limits: Limits) -> bytearray:
+def assemble(entry: Entry, limits: Limits) -> memoryview:
     """Decode stored chunks into one buffer, verifying the checksum again on the way out."""
     receiver = Receiver(entry.header, limits, into=True)
     for i, chunk in enumerate(entry.chunks):
@@ -75,7 +75,7 @@ class LocalClient:
         if self.node.stopped.is_set() or self.node.server is None:
             raise NodeStopped(f"the embedded mesh node {self.node.node_id} has stopped")
 
-    def get(self, key: str, timeout: float) -> bytearray | None:
+    def get(self, key: str, timeout: float) -> memoryview | None:
         self._live()
         entry = self.cluster.get(key, timeout)
         return None if entry is None else assemble(entry, self.limits)
@@ -146,7 +146,7 @@ class RemoteClient:
         for m in live:
             self.peers.heard(m.address, age=m.last_heard_age)
 
-    def get(self, key: str, timeout: float) -> bytearray | None:
+    def get(self, key: str, timeout: float) -> memoryview | None:
         got = self._read(key, timeout, lambda client, t, local_only: client.get(key, t, local_only))
         return None if got is None else got.data
 

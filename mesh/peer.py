@@ -83,7 +83,7 @@ def translate(err: grpc.RpcError, address: str) -> MeshError:
 @dataclass(frozen=True)
 class Blob:
     header: Header
-    data: bytearray
+    data: memoryview  # writable, fresh: mesh.blob.decode hands out tensors that view it
 
 
 def _parse_get_reply(data: bytes) -> pb.GetReply | WireChunk:

@@ -61,6 +61,7 @@ def test_modes_override_and_the_table_is_bounded() -> None:
 
 CLIENT = r'''
 import json, sys, time
+import numpy as np
 from mesh.peer import PeerClient
 from mesh.wire import RAW
 address, secret = sys.argv[1], sys.argv[2].encode()
