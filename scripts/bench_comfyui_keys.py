@@ -11,6 +11,8 @@ Benchmark (default). Four ComfyUI instances run side by side, each in its own ba
   none       no provider;
   null       a provider that does nothing (on_lookup returns None, on_store returns at once), registered with
              comfy_execution.cache_provider.register_cache_provider: what ComfyUI spends on having any provider;
+  null-fast  the same with comfy-mesh's fast keys installed (provider/fastkeys.py, imported as
+             comfy_mesh_provider): the baseline of comfy-mesh's own cost, mesh-fast minus null-fast;
   mesh       the comfy-mesh provider (provider/ linked into custom_nodes), MESH_FAST_KEYS=0;
   mesh-fast  the same with MESH_FAST_KEYS=1 (a provider without that switch runs the same as "mesh").
 Every prompt is a chain of N cheap image nodes that need no model (EmptyImage, then ImageInvert and ImageBlur
@@ -57,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.comfyui_e2e import comfyui_argv  # noqa: E402
 
-CASES = ("none", "null", "mesh", "mesh-fast")
+CASES = ("none", "null", "null-fast", "mesh", "mesh-fast")
 DEFAULT_SIZES = (5, 30)
 PROMPT_TIMEOUT = 60.0     # seconds one prompt may take, all of it
 START_TIMEOUT = 300.0     # seconds an instance may take to answer /system_stats (several start at once)
@@ -94,6 +96,31 @@ class BenchNullProvider(CacheProvider):
 
 register_cache_provider(BenchNullProvider())
 logging.getLogger(__name__).info("bench-null-provider: registered")
+NODE_CLASS_MAPPINGS = {}
+'''
+
+NULL_FAST_PROVIDER = '''
+"""A cache provider that does nothing, with comfy-mesh's fast keys: ComfyUI's cost of a provider once keys are cheap."""
+import logging
+import comfy_execution.cache_provider as api
+from comfy_execution.cache_provider import CacheProvider, register_cache_provider
+from comfy_mesh_provider.fastkeys import FastKeys
+
+FAST = FastKeys(api)
+FAST.install()
+
+class BenchNullFastProvider(CacheProvider):
+    async def on_lookup(self, context):
+        return None
+
+    async def on_store(self, context, value):
+        return None
+
+    def on_prompt_end(self, prompt_id):
+        FAST.on_prompt_end()
+
+register_cache_provider(BenchNullFastProvider())
+logging.getLogger(__name__).info("bench-null-fast-provider: registered, fast keys installed: %s", FAST.installed)
 NODE_CLASS_MAPPINGS = {}
 '''
 
@@ -200,9 +227,10 @@ class Instance:
         nodes = self.base / "custom_nodes"
         (nodes / "bench_sink").mkdir(parents=True)
         (nodes / "bench_sink" / "__init__.py").write_text(SINK_NODE)
-        if case == "null":
+        if case in ("null", "null-fast"):
             (nodes / "bench_null_provider").mkdir()
-            (nodes / "bench_null_provider" / "__init__.py").write_text(NULL_PROVIDER)
+            (nodes / "bench_null_provider" / "__init__.py").write_text(
+                NULL_PROVIDER if case == "null" else NULL_FAST_PROVIDER)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
         if case in ("mesh", "mesh-fast"):
             (nodes / "comfy_mesh").symlink_to(ROOT / "provider", target_is_directory=True)
@@ -436,6 +464,11 @@ def report(out: dict[str, Any], cases: list[str], sizes: list[int]) -> None:
             print(f"{case:<10} {n:>3} {e['n']:>3} {e['median']:>7.1f} {e['p90']:>7.1f} {e['min']:>6.0f} "
                   f"{e['max']:>7.0f} {e['mean']:>7.2f} {ratio:>7.2f} {per_node:>9.3f} {w['median']:>9.1f}")
     print("x none: median / none's median; +ms/node: (mean - none's mean) / N; wall: client POST to success")
+    if "mesh-fast" in cases and "null-fast" in cases:
+        for n in sizes:
+            m, z = res["mesh-fast"][str(n)]["exec_ms"], res["null-fast"][str(n)]["exec_ms"]
+            print(f"comfy-mesh's own cost, N={n}: mesh-fast - null-fast = {(m['median'] - z['median']) / n * 1000:.0f} "
+                  f"us/node by medians, {(m['mean'] - z['mean']) / n * 1000:.0f} us/node by means")
     if out["unexpected_hits"]:
         print(f"WARNING: {len(out['unexpected_hits'])} prompt(s) had cached nodes: {out['unexpected_hits'][:3]}")
     if out["truncated"]:
