@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
+from mesh.members import Change, ring_changed
 from mesh.membership import Membership
 from mesh.repair import AntiEntropy
 from mesh.pb import mesh_pb2 as pb
@@ -89,7 +90,10 @@ class Cluster:
     def start(self) -> None:
         self.repair.start()
 
-    def on_membership_change(self) -> None:
+    def on_membership_change(self, changes: list[Change] | None = None) -> None:
+        """Told what changed: only changes of ring membership, addresses or weights rebuild the ring."""
+        if changes is not None and not ring_changed(changes):
+            return
         weights = {k: float(v) for k, v in self.membership.ring_members().items()}
         with self._lock:
             if self._ring.weights == weights:

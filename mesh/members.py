@@ -145,6 +145,8 @@ class Limits:
     candidate_tries: int = 4          # dials a candidate gets before it is dropped
     candidate_backoff: float = 1.0    # seconds before the second try, doubling
     max_hints: int = 64
+    give_up_for: float = 300.0        # seconds hearsay cannot bring back a dropped candidate
+    max_given_up: int = 4096
     forget_after: float = 600.0       # seconds a DEAD or LEFT member stays in the table
     # Lifeguard suspicion: min = alpha * max(1, log10 n) * period; max = beta * min; `expected` confirmations
     # bring a suspicion down to min.
@@ -180,6 +182,7 @@ class MemberTable:
         self.self_addresses: set[str] = {me.address}
         self.hints: OrderedDict[str, None] = OrderedDict()   # node ids whose newer life we should verify
         self._dead_since: dict[str, float] = {}
+        self.given_up: OrderedDict[str, float] = OrderedDict()   # dropped candidate -> until when
 
     # -- views ---------------------------------------------------------------------------------------------------
 
@@ -373,11 +376,18 @@ class MemberTable:
                 return node_id
         return None
 
-    def add_candidate(self, address: str, now: float) -> bool:
+    def add_candidate(self, address: str, now: float, trusted: bool = False) -> bool:
         """An address worth probing (a seed, zeroconf, gossip). Admitted only once it answers as a member
-        itself. False if it is us, a member we already reach there, known, or the candidate set is full."""
+        itself. False if it is us, a member we already reach there, known, or the candidate set is full.
+        Hearsay (`trusted` False) cannot bring back a candidate we gave up on: a peer that keeps gossiping
+        dead addresses must not make us dial them forever."""
         if not address or address in self.self_addresses or address in self.candidates:
             return False
+        until = self.given_up.get(address)
+        if until is not None:
+            if now < until and not trusted:
+                return False
+            del self.given_up[address]
         if any(m.address == address and m.state in IN_RING for m in self._by_address(address)):
             return False
         if len(self.candidates) >= self.limits.max_candidates:
@@ -400,12 +410,15 @@ class MemberTable:
                 out.append(address)
         return out
 
-    def candidate_failed(self, address: str) -> bool:
+    def candidate_failed(self, address: str, now: float) -> bool:
         """A dial that was not answered. True when the candidate was dropped for good."""
         c = self.candidates.get(address)
         if c is None or c.tries < self.limits.candidate_tries:
             return False
         del self.candidates[address]
+        self.given_up[address] = now + self.limits.give_up_for
+        while len(self.given_up) > self.limits.max_given_up:
+            self.given_up.popitem(last=False)
         return True
 
     def _forget_candidate(self, address: str) -> None:

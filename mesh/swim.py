@@ -360,7 +360,7 @@ class Swim:
             if now >= p.deadline + 0.001:
                 del self._pending[seq]
                 if p.kind == "dial":
-                    self.table.candidate_failed(str(p.key))
+                    self.table.candidate_failed(str(p.key), now)
         changes += self._advance_probe(now)
         if self.table.candidates and now >= self._next_dial:
             self._next_dial = now + self.config.period
@@ -465,6 +465,10 @@ class Swim:
         return None, True
 
     # -- leaving -------------------------------------------------------------------------------------------------
+
+    def add_candidate(self, address: str, now: float, trusted: bool = True) -> bool:
+        """A seed or a zeroconf advert: worth a dial (which is what admits it, or not)."""
+        return self.table.add_candidate(address, now, trusted=trusted)
 
     def leave(self, now: float) -> list[Change]:
         """Graceful leave: our LEFT goes to every member directly (only we can say it; gossip could not)."""
