@@ -373,6 +373,7 @@ class Cluster:
         out.update({f"near_{k}": v for k, v in self.near.stats().items()
                     if k in ("entries", "bytes_used", "max_memory", "evictions")})
         out["ring_members"] = len(self._ring)
+        out.update({f"membership_{k}": float(v) for k, v in getattr(self.membership, "counters", {}).items()})
         r = self.repair.stats
         out.update(repair_passes=r.passes, repaired=r.repaired, handed_off=r.handed_off,
                    under_replicated=r.under_replicated, repair_pending=r.pending,

@@ -128,6 +128,7 @@ class Membership:
         self._thread: threading.Thread | None = None
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="mesh-ping")
         self._leaving: list[futures.Future[None]] = []
+        self.counters: dict[str, int] = {"pings_in": 0, "pings_out": 0, "ping_bytes_in": 0, "ping_bytes_out": 0}
 
     @property
     def me(self) -> Member:
@@ -218,6 +219,9 @@ class Membership:
 
     def _call(self, address: str, request: pb.PingRequest, seq: int, timeout: float) -> None:
         client = self._peers.client(address)
+        with self._lock:
+            self.counters["pings_out"] += 1
+            self.counters["ping_bytes_out"] += request.ByteSize()
         try:
             reply = client.ping(request, timeout=timeout)
         except Unauthenticated as e:
@@ -264,6 +268,8 @@ class Membership:
         slot = _Slot()
         now = self._now()
         with self._lock:
+            self.counters["pings_in"] += 1
+            self.counters["ping_bytes_in"] += request.ByteSize()
             if self.table.authentic_sender(request.sender):
                 self._peers.heard(request.sender.address)
             self._dispatch(self.swim.handle_request(request, slot, now))

@@ -260,7 +260,12 @@ class Swim:
         changes += self._merge(sender, authentic, list(request.updates), now)
         if request.sync:
             changes += self._merge_table(sender, list(request.members), now)
-        if request.HasField("probe") and request.probe.address and request.probe.node_id != self.table.me.node_id:
+        if request.HasField("probe"):
+            # Only members we know, where we know them: nobody can make us dial an address of their choice.
+            target = self.table.get(request.probe.node_id)
+            if target is None or target.address != request.probe.address or target.state == LEFT:
+                self.transport.reply(token, pb.PingReply(responder=self._me(now), nack=True))
+                return changes
             c = self.config
             nack_after = 0.8 * max(c.probe_timeout, c.period - c.probe_timeout)
             seq = self._send(request.probe.address, self._request(now, request.probe.node_id), "relay",

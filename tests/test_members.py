@@ -345,6 +345,13 @@ def test_an_indirect_probe_is_answered_ack_or_nack() -> None:
     assert [(t, r.nack) for t, r in fake.replies] == [("tok2", True)]
 
 
+def test_an_indirect_probe_only_dials_a_member_where_we_know_it() -> None:
+    swim, fake = node()
+    for probe in (rec("stranger"), rec("b", address="evil:1")):
+        swim.handle_request(pb.PingRequest(sender=rec("a"), probe=probe), "tok", 0.0)
+        assert fake.take() == [] and fake.replies.pop()[1].nack
+
+
 def test_push_pull_sends_the_whole_table_and_learns_only_candidates() -> None:
     swim, fake = node()
     swim._next_sync = 5.0
