@@ -214,7 +214,8 @@ class MemberTable:
         lim = self.limits
         lo = max(lim.min_suspicion, lim.suspicion_alpha * max(1.0, math.log10(self.alive_count())) * lim.period)
         hi = lim.suspicion_beta * lo
-        k = lim.expected_confirmations
+        # As memberlist: no more confirmations are expected than there are other members to send them.
+        k = min(lim.expected_confirmations, self.alive_count() - 2)
         if k < 1 or confirmations >= k:
             return lo
         return max(lo, hi - (hi - lo) * math.log(confirmations + 1) / math.log(k + 1))
@@ -290,8 +291,10 @@ class MemberTable:
             return []
         newer_life = m.incarnation > known.incarnation
         if m.state == ALIVE:
-            # A newer life or another address can only be checked by probing the member itself.
-            if (newer_life and known.state != ALIVE) or (m.address != known.address and newer_life):
+            # A newer life (a refutation of what we believe, a restart) or another address can only be
+            # checked by probing the member itself.
+            restart = m.incarnation > known.incarnation + NEW_LIFE_GAP
+            if newer_life and (known.state != ALIVE or restart or m.address != known.address):
                 self._hint(m.node_id)
                 if m.address != known.address:
                     self.add_candidate(m.address, now)

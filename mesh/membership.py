@@ -127,6 +127,8 @@ class Membership:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="mesh-ping")
+        # One thread tells the node, in order: a later change must never be overtaken by an earlier one.
+        self._notifier = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-members")
         self._leaving: list[futures.Future[None]] = []
         self.counters: dict[str, int] = {"pings_in": 0, "pings_out": 0, "ping_bytes_in": 0, "ping_bytes_out": 0}
 
@@ -192,6 +194,7 @@ class Membership:
         if self._thread is not None:
             self._thread.join(timeout=self.timing.ping_timeout + 2)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._notifier.shutdown(wait=False, cancel_futures=True)
 
     def leave(self) -> None:
         """Announce a graceful leave to every member: they drop us from their rings at once."""
@@ -303,7 +306,7 @@ class Membership:
 
     def _pool_notify(self, changes: list[Change]) -> None:
         try:
-            self._pool.submit(self._notify, changes)
+            self._notifier.submit(self._notify, changes)
         except RuntimeError:
             pass  # stopping
 

@@ -49,7 +49,7 @@ class Config:
     period: float = 0.4             # one probe per period
     probe_timeout: float = 0.2      # direct ack deadline, then indirect probes until the period ends
     indirect_k: int = 3
-    retransmit_mult: int = 3        # lambda: each change is piggybacked about lambda * log10(n) times
+    retransmit_mult: int = 4        # lambda: each change is piggybacked about lambda * log10(n) times
     max_piggyback: int = 6
     sync_every: float = 30.0        # push-pull period up to sync_scale members, then growing linearly with n
     sync_scale: int = 8

@@ -78,6 +78,12 @@ def test_hearsay_of_a_newer_life_only_asks_us_to_probe() -> None:
     assert t.get("a").state == SUSPECT and t.pop_hint() == "a"  # type: ignore[union-attr]
 
 
+def test_hearsay_of_a_restart_asks_us_to_probe_a_refutation_of_nothing_does_not() -> None:
+    t = table(members=("a",))
+    assert t.apply(rec("a", inc=INC + 2), 1.0, authentic=False) == [] and t.pop_hint() is None
+    assert t.apply(rec("a", inc=INC + 60_000), 1.0, authentic=False) == [] and t.pop_hint() == "a"
+
+
 def test_its_own_answer_refutes_a_suspicion_and_a_return_from_dead_is_a_restart() -> None:
     t = table(members=("a", "b"))
     t.apply(rec("a", SUSPECT), 1.0, authentic=False)
@@ -170,6 +176,8 @@ def test_suspicion_shrinks_with_independent_confirmations_and_grows_with_log_n()
     assert small.suspicion_timeout(0) == pytest.approx(3.0)
     assert small.suspicion_timeout(1) < small.suspicion_timeout(0)
     assert small.suspicion_timeout(2) == small.suspicion_timeout(9) == pytest.approx(1.0)
+    pair = table(lim, members=("a",))  # nobody else could confirm: the shortest wait at once
+    assert pair.suspicion_timeout(0) == pytest.approx(1.0)
     big = table(lim, members=tuple(f"m{i}" for i in range(999)))
     assert big.suspicion_timeout(2) == pytest.approx(1.5)  # alpha * log10(1000) * period
 
