@@ -418,11 +418,15 @@ class MemberTable:
         c = self.candidates.get(address)
         if c is None or c.tries < self.limits.candidate_tries:
             return False
-        del self.candidates[address]
+        self.give_up(address, now)
+        return True
+
+    def give_up(self, address: str, now: float) -> None:
+        """No more dials of this address on hearsay for a while (it never answered, or not as a member)."""
+        self.candidates.pop(address, None)
         self.given_up[address] = now + self.limits.give_up_for
         while len(self.given_up) > self.limits.max_given_up:
             self.given_up.popitem(last=False)
-        return True
 
     def _forget_candidate(self, address: str) -> None:
         self.candidates.pop(address, None)

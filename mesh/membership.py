@@ -232,7 +232,7 @@ class Membership:
                 log.warning("not admitting %s: %s", address, e)
                 self._refused.add(address)
             with self._lock:
-                self.table.candidates.pop(address, None)
+                self.table.give_up(address, self._now())
                 seed = self._seed_of.get(address)
                 if seed is not None:
                     self._seed_problems[seed] = f"{address} is not a member: {e}"  # logged just above
