@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from mesh.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Joined, MemberTable,
@@ -98,7 +98,6 @@ class Counters:
     refutations: int = 0
     dials: int = 0
     syncs: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 class Swim:
@@ -237,11 +236,14 @@ class Swim:
             else:
                 changes += self._react(self.table.apply(u, now, authentic=authentic, source=sender.node_id),
                                        now, u)
-        hint = self.table.hints
-        for node_id in list(hint):
-            self._to_probe[node_id] = False
-        hint.clear()
+        self._take_hints()
         return changes
+
+    def _take_hints(self) -> None:
+        """Members whose newer life hearsay announced: probed next, where their own answer can prove it."""
+        for node_id in self.table.hints:
+            self._to_probe[node_id] = False
+        self.table.hints.clear()
 
     # -- inbound -------------------------------------------------------------------------------------------------
 
@@ -286,9 +288,7 @@ class Swim:
             if m.node_id == sender.node_id:
                 continue
             changes += self._react(self.table.apply(m, now, authentic=False, source=sender.node_id), now, m)
-        for node_id in list(self.table.hints):
-            self._to_probe[node_id] = False
-        self.table.hints.clear()
+        self._take_hints()
         return changes
 
     def full_table(self, now: float) -> list[pb.Member]:
