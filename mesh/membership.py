@@ -365,6 +365,7 @@ class Membership:
     # -- the clock -----------------------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        last_scan = -1e9
         while not self._stop.is_set():
             self._wake.clear()
             now = self._now()
@@ -373,6 +374,12 @@ class Membership:
                     self._refresh_seeds(now)
                 self._refresh_me(now)
                 with self._lock:
+                    if now - last_scan >= self.timing.interval:
+                        last_scan = now
+                        for m in self.table.members.values():
+                            if m.state == ALIVE and not self._peers.usable(m.address):
+                                # The data path failed there; its breaker closes on its next answer: ask soon.
+                                self.swim.probe_soon(m.node_id)
                     self._dispatch(self.swim.tick(now))
                     wake = self.swim.next_wakeup()
             except Exception:  # pragma: no cover - the loop must survive anything

@@ -471,6 +471,12 @@ class Swim:
 
     # -- leaving -------------------------------------------------------------------------------------------------
 
+    def probe_soon(self, node_id: str) -> None:
+        """Probe this member next (in place of a round-robin turn: no extra message), e.g. because a read
+        just failed at it and only its answer will let readers use it again."""
+        if node_id in self.table.members:
+            self._to_probe.setdefault(node_id, False)
+
     def add_candidate(self, address: str, now: float, trusted: bool = True) -> bool:
         """A seed or a zeroconf advert: worth a dial (which is what admits it, or not)."""
         return self.table.add_candidate(address, now, trusted=trusted)

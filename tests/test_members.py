@@ -258,6 +258,17 @@ def test_each_period_probes_one_member_and_every_member_once_per_round() -> None
     assert swim.awareness == 0 and swim.table.suspicions == {}
 
 
+def test_a_member_can_be_probed_out_of_turn_at_no_extra_cost() -> None:
+    swim, fake = node()
+    swim.probe_soon("c")
+    swim.tick(0.0)
+    (address, _, seq), = fake.take()
+    assert address == "c:1"
+    ack(swim, address, seq, 0.1)
+    swim.tick(1.0)
+    assert len(fake.take()) == 1
+
+
 def test_no_ack_asks_helpers_and_a_helper_ack_prevents_suspicion() -> None:
     swim, fake = node()
     swim.tick(0.0)
