@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import mesh
 from mesh.address import join_hostport
-from mesh.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Forgotten, Limits,
-                          Member, MemberTable, Restarted, StateChanged, plausible)
+from mesh.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Forgotten, Joined, Limits,
+                          Member, MemberTable, Refuted, Restarted, StateChanged, plausible)
 from mesh.peer import MeshError, Unauthenticated
 from mesh.peers import PeerPool
 from mesh.pb import mesh_pb2 as pb
@@ -300,6 +300,10 @@ class Membership:
                 self._peers.forget(c.address)
             elif isinstance(c, Restarted):
                 log.info("member %s restarted or came back", c.node_id)
+            elif isinstance(c, Joined):
+                log.info("member %s joined at %s", c.node_id, c.address)
+            elif isinstance(c, Refuted):
+                log.info("refuted a suspicion of this node (incarnation now %d)", c.incarnation)
             else:
                 log.info("%s", c)
         self._pool_notify(changes)
