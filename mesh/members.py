@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from mesh.pb import mesh_pb2 as pb
 
@@ -43,11 +43,6 @@ NEW_LIFE_GAP = 1000
 def plausible(incarnation: int, wall_ms: float) -> bool:
     """One more than a day ahead of our clock is a forgery (and near 2**64 it would not even encode)."""
     return 0 <= incarnation <= min(UINT64_MAX - 1, wall_ms + DAY_MS)
-
-
-def _rank(state: int) -> int:
-    """At equal incarnation: ALIVE < SUSPECT < DEAD = LEFT."""
-    return {ALIVE: 0, SUSPECT: 1, DEAD: 2, LEFT: 2}.get(state, 0)
 
 
 @dataclass(slots=True)
@@ -331,8 +326,7 @@ class MemberTable:
         if state != SUSPECT:
             self.suspicions.pop(known.node_id, None)
         if state in (DEAD, LEFT):
-            known.last_heard = min(known.last_heard, now)  # forget_after counts from here at the latest
-            self._dead_since[known.node_id] = now
+            self._dead_since[known.node_id] = now  # forget_after counts from here
         return [StateChanged(known.node_id, old, state, known.incarnation)]
 
     def expire(self, now: float) -> list[Change]:
@@ -391,15 +385,12 @@ class MemberTable:
             if now < until and not trusted:
                 return False
             del self.given_up[address]
-        if any(m.address == address and m.state in IN_RING for m in self._by_address(address)):
+        if any(m.address == address and m.state in IN_RING for m in self.members.values()):
             return False
         if len(self.candidates) >= self.limits.max_candidates:
             return False
         self.candidates[address] = Candidate(next_try=now)
         return True
-
-    def _by_address(self, address: str) -> list[Member]:
-        return [m for m in self.members.values() if m.address == address]
 
     def due_candidates(self, now: float, limit: int) -> list[str]:
         """Up to `limit` candidates whose turn it is; each counts as one dial."""
@@ -435,6 +426,3 @@ class MemberTable:
         """A candidate answered as ourselves (we are reachable there too): never dial it again."""
         self.self_addresses.add(address)
         self.candidates.pop(address, None)
-
-    def copy_me(self) -> Member:
-        return replace(self.me)
