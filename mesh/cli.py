@@ -655,9 +655,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--write-acks", type=int, default=1, help="owners a put waits for (default 1)")
     s.add_argument("--repair-interval", type=float, default=10.0,
                    help="seconds between anti-entropy passes; one also runs after every membership change (10)")
-    s.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats (default 0.5)")
-    s.add_argument("--suspect-after", type=float, default=2.0, help="silent seconds before SUSPECT (2)")
-    s.add_argument("--dead-after", type=float, default=5.0, help="silent seconds before DEAD (5)")
+    s.add_argument("--heartbeat", type=float, default=0.5,
+                   help="SWIM probe period: seconds between this node's probes of one member (default 0.5)")
+    s.add_argument("--suspect-after", type=float, default=2.0,
+                   help="with --dead-after: a suspicion lasts at least dead-after minus suspect-after seconds (2)")
+    s.add_argument("--dead-after", type=float, default=5.0,
+                   help="see --suspect-after; SWIM stretches the window with log(members) (5)")
     s.add_argument("--drain-on-term", action="store_true",
                    help="on SIGTERM, hand keys to their new owners before stopping")
 

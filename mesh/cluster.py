@@ -21,6 +21,7 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
+from mesh.members import Change, ring_changed
 from mesh.membership import Membership
 from mesh.repair import AntiEntropy
 from mesh.pb import mesh_pb2 as pb
@@ -89,7 +90,10 @@ class Cluster:
     def start(self) -> None:
         self.repair.start()
 
-    def on_membership_change(self) -> None:
+    def on_membership_change(self, changes: list[Change] | None = None) -> None:
+        """Told what changed: only changes of ring membership, addresses or weights rebuild the ring."""
+        if changes is not None and not ring_changed(changes):
+            return
         weights = {k: float(v) for k, v in self.membership.ring_members().items()}
         with self._lock:
             if self._ring.weights == weights:
@@ -369,6 +373,7 @@ class Cluster:
         out.update({f"near_{k}": v for k, v in self.near.stats().items()
                     if k in ("entries", "bytes_used", "max_memory", "evictions")})
         out["ring_members"] = len(self._ring)
+        out.update({f"membership_{k}": float(v) for k, v in getattr(self.membership, "counters", {}).items()})
         r = self.repair.stats
         out.update(repair_passes=r.passes, repaired=r.repaired, handed_off=r.handed_off,
                    under_replicated=r.under_replicated, repair_pending=r.pending,

@@ -26,6 +26,7 @@ from mesh.cluster import Cluster, ClusterConfig
 from mesh.disk import DiskStore
 from mesh.link import AUTO, MODES, Links
 from mesh.metrics import Metrics
+from mesh.members import Change
 from mesh.membership import Member, Membership, Timing
 from mesh.pb import mesh_pb2 as pb
 from mesh.peers import PeerPool
@@ -216,9 +217,9 @@ class Node:
         )
         self.discovery.start()  # type: ignore[attr-defined]
 
-    def _on_membership_change(self) -> None:
+    def _on_membership_change(self, changes: list[Change]) -> None:
         if self.cluster is not None:
-            self.cluster.on_membership_change()
+            self.cluster.on_membership_change(changes)
 
     def _on_member_restart(self, node_id: str) -> None:
         if self.cluster is not None:

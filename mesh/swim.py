@@ -1,0 +1,493 @@
+"""SWIM failure detection and gossip with the Lifeguard refinements, as a pure state machine.
+
+Why pure: the protocol's cost and correctness at a thousand members can only be shown by running it at a
+thousand members, which no test machine can do with processes. This object does no I/O, starts no thread and
+reads no clock: the driver (mesh/membership.py over gRPC, or scripts/sim_membership.py over a simulated
+network) calls `tick(now)` when `next_wakeup()` comes, hands it requests and replies, and sends what it asks
+through a `Transport`. Every entry point returns the member-table changes it made (mesh/members.py).
+
+Per period, one probe (a Ping) to one member, in a shuffled round-robin order (every member is probed once per
+pass; new members go in at a random place). No ack within the probe timeout: k other members are asked to
+probe it for us (Ping with `probe`); they answer ack, or nack when it stays silent. No ack by the end of the
+period: we suspect it, and the suspicion spreads by gossip until it is refuted by the member itself or its
+timeout (members.py) declares it DEAD. Members we hear are suspected are probed by us next, so a live member's
+own answer clears the suspicion where it was heard, and a dead one's silence confirms it quickly.
+
+Gossip rides on every message: at most `max_piggyback` recent changes, the least-sent first, each sent about
+retransmit_mult * log10(n) times. A push-pull exchange of whole member tables with one random member repairs
+what gossip missed; its period grows with n so that its cost per node stays flat.
+
+Lifeguard: a local health score (0..max_awareness) stretches our probe timeouts while we miss acks and nacks
+(a slow node must not accuse others of its own slowness), and helpers nack so we can tell the two apart.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Protocol
+
+from mesh.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Joined, MemberTable,
+                          Refuted, Restarted, StateChanged)
+from mesh.pb import mesh_pb2 as pb
+
+
+class Transport(Protocol):
+    """Sends Pings. A reply comes back through Swim.handle_reply(seq, ...), and only if the transport checked
+    that it was sent by the member it names as responder; a lost or refused call simply never comes back."""
+
+    def send(self, address: str, request: pb.PingRequest, seq: int, timeout: float) -> None: ...
+
+    def reply(self, token: object, reply: pb.PingReply) -> None: ...
+
+
+@dataclass(frozen=True)
+class Config:
+    cluster: str = "default"
+    protocol: int = 2
+    period: float = 0.4             # one probe per period
+    probe_timeout: float = 0.2      # direct ack deadline, then indirect probes until the period ends
+    indirect_k: int = 3
+    retransmit_mult: int = 4        # lambda: each change is piggybacked about lambda * log10(n) times
+    max_piggyback: int = 6
+    sync_every: float = 30.0        # push-pull period up to sync_scale members, then growing linearly with n
+    sync_scale: int = 8
+    max_awareness: int = 8
+    dials_per_period: int = 4       # candidate dials: bounds what a flood of gossiped addresses can cost
+    dial_timeout: float = 1.0
+    retry_dead_every: float = 10.0  # one probe of a DEAD member: heals partitions without gossip
+
+
+@dataclass
+class _Probe:
+    target: str
+    address: str
+    deadline: float                 # direct ack expected by then
+    end: float                      # indirect acks expected by then, else suspicion
+    indirect: bool = True
+    acked: bool = False
+    helpers_asked: int = 0
+    nacks: int = 0
+
+
+@dataclass
+class _Relay:
+    token: object
+    nack_at: float
+
+
+@dataclass
+class _Broadcast:
+    record: pb.Member
+    transmits: int = 0
+
+
+@dataclass
+class _Pending:
+    kind: str                       # probe | helper | relay | dial | sync | leave
+    deadline: float
+    key: object = None
+
+
+@dataclass
+class Counters:
+    probes: int = 0
+    indirect: int = 0
+    suspicions: int = 0
+    refutations: int = 0
+    dials: int = 0
+    syncs: int = 0
+
+
+class Swim:
+    def __init__(self, table: MemberTable, transport: Transport, config: Config | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.table = table
+        self.transport = transport
+        self.config = config or Config()
+        self.rng = rng or random.Random()
+        self.awareness = 0
+        self.counters = Counters()
+        self._seq = 0
+        self._pending: dict[int, _Pending] = {}
+        self._probe: _Probe | None = None
+        self._probe_seq = -1
+        self._relays: dict[int, _Relay] = {}
+        self._order: list[str] = []
+        self._next_probe = 0.0
+        self._next_dial = 0.0
+        self._next_sync: float | None = None
+        self._next_dead_retry = 0.0
+        # Suspects and hinted members, probed before the round-robin order; the flag: indirect probes too
+        # (the first probe of a suspect can confirm it; later ones only wait for its own answer).
+        self._to_probe: dict[str, bool] = {}
+        self._queue: dict[tuple[str, str], _Broadcast] = {}
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _me(self, now: float) -> pb.Member:
+        return self.table.me.record()
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _scaled(self, seconds: float) -> float:
+        return seconds * (1 + self.awareness)
+
+    def _awareness(self, delta: int) -> None:
+        self.awareness = min(self.config.max_awareness - 1, max(0, self.awareness + delta))
+
+    def retransmit_limit(self) -> int:
+        return self.config.retransmit_mult * max(1, math.ceil(math.log10(self.table.alive_count() + 1)))
+
+    def _request(self, now: float, to: str | None, **fields: object) -> pb.PingRequest:
+        return pb.PingRequest(cluster=self.config.cluster, protocol=self.config.protocol, sender=self._me(now),
+                              updates=self._piggyback(now, to), **fields)  # type: ignore[arg-type]
+
+    def _send(self, address: str, request: pb.PingRequest, kind: str, timeout: float, now: float,
+              key: object = None) -> int:
+        seq = self._next_seq()
+        self._pending[seq] = _Pending(kind, now + timeout, key)
+        self.transport.send(address, request, seq, timeout)
+        return seq
+
+    # -- dissemination -----------------------------------------------------------------------------------------
+
+    def broadcast(self, record: pb.Member) -> None:
+        """Queue a record for piggybacking; it supersedes what is queued about the same member (a SUSPECT
+        from another suspecter is a confirmation and travels too)."""
+        node_id = record.node_id
+        if record.state != SUSPECT:
+            for key in [k for k in self._queue if k[0] == node_id]:
+                del self._queue[key]
+            self._queue[(node_id, "")] = _Broadcast(record)
+        else:
+            self._queue.pop((node_id, ""), None)
+            self._queue[(node_id, record.suspecter)] = _Broadcast(record)
+
+    def _piggyback(self, now: float, to: str | None) -> list[pb.Member]:
+        out: list[pb.Member] = []
+        limit = self.config.max_piggyback
+        if to is not None:
+            # Lifeguard's buddy system: a member we suspect hears it from us first, so it can refute.
+            known = self.table.get(to)
+            if known is not None and known.state == SUSPECT:
+                rec = known.record()
+                rec.suspecter = self.table.me.node_id
+                out.append(rec)
+        if not self._queue:
+            return out
+        chosen = sorted(self._queue.items(), key=lambda kv: kv[1].transmits)[:limit - len(out)]
+        most = self.retransmit_limit()
+        for key, b in chosen:
+            out.append(b.record)
+            b.transmits += 1
+            if b.transmits >= most:
+                del self._queue[key]
+        return out
+
+    def _react(self, changes: list[Change], now: float, about: pb.Member | None = None) -> list[Change]:
+        """What each change makes us gossip and probe."""
+        for c in changes:
+            if isinstance(c, Refuted):
+                self.counters.refutations += 1
+                self._awareness(+1)  # Lifeguard: being suspected hints that we are the slow one
+                self.broadcast(self._me(now))
+                continue
+            known = self.table.get(c.node_id)
+            if known is None:
+                continue
+            if isinstance(c, Joined):
+                if self._order:
+                    self._order.insert(self.rng.randint(0, len(self._order)), c.node_id)
+                self.broadcast(known.record())
+            elif isinstance(c, StateChanged):
+                if c.new == SUSPECT:
+                    by = about.suspecter if about is not None and about.state == SUSPECT else ""
+                    self.broadcast(pb.Member(node_id=known.node_id, address=known.address, state=SUSPECT,
+                                             incarnation=known.incarnation, capacity=known.capacity,
+                                             suspecter=by or self.table.me.node_id))
+                    self._to_probe.setdefault(c.node_id, True)
+                elif c.old == SUSPECT and c.new == ALIVE:
+                    # Cleared by its own answer: stop spreading the suspicion. Its refutation is its own to
+                    # spread; others cannot take it from us anyway, and they ask it themselves.
+                    for key in [k for k in self._queue if k[0] == c.node_id]:
+                        del self._queue[key]
+                else:
+                    self.broadcast(known.record())
+            elif isinstance(c, (AddressChanged, Restarted)):
+                self.broadcast(known.record())
+        return changes
+
+    def _merge(self, sender: pb.Member, sender_authentic: bool, updates: list[pb.Member], now: float
+               ) -> list[Change]:
+        changes: list[Change] = []
+        for u in updates[: 2 * self.config.max_piggyback]:
+            authentic = sender_authentic and u.node_id == sender.node_id
+            if u.state == SUSPECT and not authentic:
+                before = self.table.confirmations(u.node_id)
+                got = self.table.apply(u, now, authentic=False, source=u.suspecter or sender.node_id)
+                after = self.table.confirmations(u.node_id)
+                if not got and after > before and after <= self.table.limits.expected_confirmations:
+                    self.broadcast(u)  # a new independent confirmation: others should count it too
+                changes += self._react(got, now, u)
+            else:
+                changes += self._react(self.table.apply(u, now, authentic=authentic, source=sender.node_id),
+                                       now, u)
+        self._take_hints()
+        return changes
+
+    def _take_hints(self) -> None:
+        """Members whose newer life hearsay announced: probed next, where their own answer can prove it."""
+        for node_id in self.table.hints:
+            self._to_probe[node_id] = False
+        self.table.hints.clear()
+
+    # -- inbound -------------------------------------------------------------------------------------------------
+
+    def handle_request(self, request: pb.PingRequest, token: object, now: float) -> list[Change]:
+        """A Ping from someone. The reply goes out through transport.reply(token, ...): at once, or, for an
+        indirect probe, once the member answered us or stayed silent past the nack time."""
+        sender = request.sender
+        changes: list[Change] = []
+        authentic = False
+        if sender.node_id and sender.node_id != self.table.me.node_id:
+            authentic = self.table.authentic_sender(sender)
+            if authentic:
+                changes += self._react(self.table.apply(sender, now, authentic=True), now)
+            elif sender.state in IN_RING:
+                self.table.add_candidate(sender.address, now)  # admitted once it answers our own probe
+        changes += self._merge(sender, authentic, list(request.updates), now)
+        if request.sync:
+            changes += self._merge_table(sender, list(request.members), now)
+        if request.HasField("probe"):
+            # Only members we know, where we know them: nobody can make us dial an address of their choice.
+            target = self.table.get(request.probe.node_id)
+            if target is None or target.address != request.probe.address or target.state == LEFT:
+                self.transport.reply(token, pb.PingReply(responder=self._me(now), nack=True))
+                return changes
+            c = self.config
+            nack_after = 0.8 * max(c.probe_timeout, c.period - c.probe_timeout)
+            seq = self._send(request.probe.address, self._request(now, request.probe.node_id), "relay",
+                             nack_after, now)
+            self._relays[seq] = _Relay(token, now + nack_after)
+            return changes
+        reply = pb.PingReply(responder=self._me(now), updates=self._piggyback(now, sender.node_id or None))
+        if request.sync:
+            reply.members.extend(self.full_table(now))
+        self.transport.reply(token, reply)
+        return changes
+
+    def _merge_table(self, sender: pb.Member, members: list[pb.Member], now: float) -> list[Change]:
+        """Push-pull: a whole table is hearsay, but for the sender's own record."""
+        self.counters.syncs += 1
+        changes: list[Change] = []
+        for m in members[: self.table.limits.max_members]:
+            if m.node_id == sender.node_id:
+                continue
+            changes += self._react(self.table.apply(m, now, authentic=False, source=sender.node_id), now, m)
+        self._take_hints()
+        return changes
+
+    def full_table(self, now: float) -> list[pb.Member]:
+        return [self._me(now)] + [m.record() for m in self.table.members.values()]
+
+    def handle_reply(self, seq: int, reply: pb.PingReply, now: float) -> list[Change]:
+        """The answer to one of our Pings; its responder was checked by the transport."""
+        p = self._pending.pop(seq, None)
+        if p is None:
+            return []
+        changes: list[Change] = []
+        r = reply.responder
+        if p.kind == "dial":
+            self.table.candidates.pop(str(p.key), None)
+            if r.node_id == self.table.me.node_id:
+                self.table.is_me(str(p.key))
+                return []
+        if r.node_id and r.node_id != self.table.me.node_id:
+            changes += self._react(self.table.apply(r, now, authentic=True), now)
+        changes += self._merge(r, True, list(reply.updates), now)
+        if reply.members:
+            changes += self._merge_table(r, list(reply.members), now)
+        probe = self._probe
+        if p.kind == "probe" and probe is not None and p.key == self._probe_seq:
+            if r.node_id == probe.target and not probe.acked:
+                probe.acked = True
+                self._awareness(-1)
+        elif p.kind == "helper" and probe is not None and p.key == self._probe_seq:
+            if reply.nack:
+                probe.nacks += 1
+            elif not probe.acked:
+                probe.acked = True
+                self._awareness(-1)
+        elif p.kind == "relay":
+            relay = self._relays.pop(seq, None)
+            if relay is not None:
+                self.transport.reply(relay.token, pb.PingReply(responder=self._me(now),
+                                                               updates=self._piggyback(now, None)))
+        return changes
+
+    # -- the clock ---------------------------------------------------------------------------------------------
+
+    def next_wakeup(self) -> float:
+        times = [self._next_probe]
+        if self._probe is not None and not self._probe.acked:
+            times.append(self._probe.deadline if not self._probe.helpers_asked and self._probe.indirect
+                         else self._probe.end)
+        times += [r.nack_at for r in self._relays.values()]
+        if self.table.candidates:
+            times.append(self._next_dial)
+        for node_id in self.table.suspicions:
+            d = self.table.suspicion_deadline(node_id)
+            if d is not None:
+                times.append(d)
+        if self._next_sync is not None:
+            times.append(self._next_sync)
+        return min(times)
+
+    def sync_period(self) -> float:
+        c = self.config
+        return c.sync_every * max(1.0, self.table.alive_count() / c.sync_scale)
+
+    def tick(self, now: float) -> list[Change]:
+        if self.table.me.state == LEFT:
+            return []
+        changes: list[Change] = []
+        changes += self._react(self.table.expire(now), now)
+        for seq, relay in list(self._relays.items()):
+            if now >= relay.nack_at:
+                del self._relays[seq]
+                self._pending.pop(seq, None)
+                self.transport.reply(relay.token, pb.PingReply(responder=self._me(now), nack=True))
+        for seq, p in list(self._pending.items()):
+            if now >= p.deadline + 0.001:
+                del self._pending[seq]
+                if p.kind == "dial":
+                    self.table.candidate_failed(str(p.key), now)
+        changes += self._advance_probe(now)
+        if self.table.candidates and now >= self._next_dial:
+            self._next_dial = now + self.config.period
+            joining = self.table.alive_count() <= 1
+            for address in self.table.due_candidates(now, self.config.dials_per_period):
+                self.counters.dials += 1
+                self._send(address, self._request(now, None, sync=joining,
+                                                  members=self.full_table(now) if joining else []),
+                           "dial", self.config.dial_timeout, now, key=address)
+        if self._next_sync is None:
+            self._next_sync = now + self.rng.uniform(0.0, self.sync_period())
+        elif now >= self._next_sync:
+            self._next_sync = now + self.sync_period()
+            alive = [m for m in self.table.members.values() if m.state == ALIVE]
+            if alive:
+                m = self.rng.choice(alive)
+                self._send(m.address, self._request(now, m.node_id, sync=True, members=self.full_table(now)),
+                           "sync", self.config.dial_timeout, now)
+        return changes
+
+    def _advance_probe(self, now: float) -> list[Change]:
+        changes: list[Change] = []
+        probe = self._probe
+        c = self.config
+        if probe is not None and not probe.acked:
+            if probe.indirect and not probe.helpers_asked and now >= probe.deadline:
+                helpers = [m for m in self.table.members.values()
+                           if m.state == ALIVE and m.node_id != probe.target]
+                target = self.table.get(probe.target)
+                if target is not None:
+                    # A second direct try alongside the helpers (memberlist's TCP fallback): one lost
+                    # datagram should not be all it takes to need three others.
+                    self._send(probe.address, self._request(now, probe.target), "probe", probe.end - now, now,
+                               key=self._probe_seq)
+                for h in self.rng.sample(helpers, min(c.indirect_k, len(helpers))) if target else []:
+                    self.counters.indirect += 1
+                    self._send(h.address, self._request(now, h.node_id, probe=target.record()), "helper",
+                               probe.end - now, now, key=self._probe_seq)
+                    probe.helpers_asked += 1
+                if not probe.helpers_asked:
+                    probe.helpers_asked = -1  # nobody to ask: wait for the end
+            if now >= probe.end:
+                self._probe = None
+                known = self.table.get(probe.target)
+                if known is not None and known.state == SUSPECT:
+                    self._to_probe[probe.target] = False  # only its own answer clears it here: ask again
+                if probe.indirect and known is not None and known.state in IN_RING:
+                    self.counters.suspicions += 1
+                    before = self.table.confirmations(probe.target)
+                    got = self.table.suspect(probe.target, now, by=self.table.me.node_id)
+                    if not got and self.table.confirmations(probe.target) > before:
+                        rec = known.record()
+                        rec.state, rec.suspecter = SUSPECT, self.table.me.node_id
+                        self.broadcast(rec)
+                    changes += self._react(got, now)
+                    self._to_probe[probe.target] = False
+                if probe.indirect:  # retries of suspects and DEAD members say nothing about our own health
+                    # Lifeguard: helpers that do not even nack point at us; with no helper, any failure does.
+                    asked = max(0, probe.helpers_asked)
+                    self._awareness(asked - probe.nacks if asked else 1)
+        elif probe is not None and now >= probe.end:
+            self._probe = None
+            known = self.table.get(probe.target)
+            if known is not None and known.state == SUSPECT:
+                self._to_probe[probe.target] = False  # acked through a helper only: ask it directly again
+        if self._probe is None and now >= self._next_probe:
+            target, indirect = self._pick_target(now)
+            self._next_probe = now + c.period
+            if target is not None:
+                known = self.table.get(target)
+                assert known is not None
+                self.counters.probes += 1
+                self._probe_seq = self._next_seq()
+                self._send(known.address, self._request(now, target), "probe", self._scaled(c.period), now,
+                           key=self._probe_seq)
+                self._probe = _Probe(target, known.address, now + self._scaled(c.probe_timeout),
+                                     now + self._scaled(c.period), indirect)
+                self._next_probe = self._probe.end
+        return changes
+
+    def _pick_target(self, now: float) -> tuple[str | None, bool]:
+        members = self.table.members
+        while self._to_probe:
+            node_id = next(iter(self._to_probe))
+            indirect = self._to_probe.pop(node_id)
+            m = members.get(node_id)
+            if m is not None and m.state != LEFT:
+                return node_id, indirect and m.state in IN_RING
+        if now >= self._next_dead_retry:
+            self._next_dead_retry = now + self.config.retry_dead_every
+            dead = [m.node_id for m in members.values() if m.state == DEAD]
+            if dead:
+                return self.rng.choice(dead), False
+        for _ in range(2):
+            while self._order:
+                node_id = self._order.pop()
+                m = members.get(node_id)
+                if m is not None and m.state in IN_RING:
+                    return node_id, True
+            self._order = [n for n, m in members.items() if m.state in IN_RING]
+            self.rng.shuffle(self._order)
+        return None, True
+
+    # -- leaving -------------------------------------------------------------------------------------------------
+
+    def probe_soon(self, node_id: str) -> None:
+        """Probe this member next (in place of a round-robin turn: no extra message), e.g. because a read
+        just failed at it and only its answer will let readers use it again."""
+        if node_id in self.table.members:
+            self._to_probe.setdefault(node_id, False)
+
+    def add_candidate(self, address: str, now: float, trusted: bool = True) -> bool:
+        """A seed or a zeroconf advert: worth a dial (which is what admits it, or not)."""
+        return self.table.add_candidate(address, now, trusted=trusted)
+
+    def leave(self, now: float) -> list[Change]:
+        """Graceful leave: our LEFT goes to every member directly (only we can say it; gossip could not)."""
+        changes = self.table.leave()
+        me = self._me(now)
+        for m in list(self.table.members.values()):
+            if m.state in IN_RING:
+                self._send(m.address, pb.PingRequest(cluster=self.config.cluster, protocol=self.config.protocol,
+                                                     sender=me, updates=[me]),
+                           "leave", self.config.dial_timeout, now)
+        return changes

@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""SWIM at 8, 64 and 1,000 members, in simulated time: the real member table and protocol (mesh/members.py,
+mesh/swim.py) over an in-process network with loss and latency. No sleeps, no threads: an event queue.
+
+What it measures, per member count N (all members start knowing each other, probes staggered at random):
+
+- cost: messages and bytes (ByteSize of the real protobuf messages) sent per node per second, over a quiet
+  window with the configured loss (so it includes the gossip that false suspicions cause);
+- detection: one member is killed (it stops answering anything); for every other member, the time from the
+  kill until that member marks it SUSPECT, and until it marks it DEAD (out of the ring); p50 and p99;
+- false suspicions and false DEAD declarations: SUSPECT / DEAD about a member that is alive, over the run;
+- join: a new member starts with one seed; for every member, the time until it has admitted the newcomer
+  (probed it and heard it answer as itself); p99, and how many members the newcomer knows at the end.
+
+    .venv/bin/python scripts/sim_membership.py                 # N = 8, 64, 1000 with 5% loss
+    .venv/bin/python scripts/sim_membership.py --sizes 64 --loss 0.05 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mesh.members import DEAD, SUSPECT, Change, Joined, Limits, Member, MemberTable, StateChanged  # noqa: E402
+from mesh.pb import mesh_pb2 as pb  # noqa: E402
+from mesh.swim import Config, Swim  # noqa: E402
+
+EPOCH_MS = 1_750_000_000_000.0   # wall clock at simulated time 0 (incarnations are start times in ms)
+
+
+@dataclass
+class Result:
+    n: int
+    loss: float
+    msgs_per_node_s: float = 0.0
+    bytes_per_node_s: float = 0.0
+    suspect_p50: float = 0.0
+    suspect_p99: float = 0.0
+    dead_p50: float = 0.0
+    dead_p99: float = 0.0
+    undetected: int = 0
+    false_suspicions: int = 0       # distinct (member, incarnation) suspected while alive
+    false_suspicion_marks: int = 0  # how many times a member marked an alive member SUSPECT
+    false_dead: int = 0
+    join_p50: float = 0.0
+    join_p99: float = 0.0
+    join_missing: int = 0
+    joiner_knows: int = 0
+    wall_seconds: float = 0.0
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+@dataclass
+class SimNode:
+    node_id: str
+    address: str
+    swim: Swim = field(init=False)
+    up: bool = True
+    wake_at: float = float("inf")
+
+
+class Network:
+    def __init__(self, rng: random.Random, loss: float, latency: tuple[float, float]) -> None:
+        self.rng = rng
+        self.loss = loss
+        self.latency = latency
+        self.now = 0.0
+        self.nodes: dict[str, SimNode] = {}
+        self._events: list[tuple[float, int, object, tuple]] = []
+        self._n = 0
+        self.counting = False
+        self.msgs = 0
+        self.bytes = 0
+        self.on_changes: list = []
+
+    def at(self, t: float, fn: object, *args: object) -> None:
+        self._n += 1
+        heapq.heappush(self._events, (t, self._n, fn, args))
+
+    def _leg(self) -> float | None:
+        """Delay of one message, or None if it is lost."""
+        if self.rng.random() < self.loss:
+            return None
+        return self.rng.uniform(*self.latency)
+
+    def count(self, message: pb.PingRequest | pb.PingReply) -> None:
+        if self.counting:
+            self.msgs += 1
+            self.bytes += message.ByteSize()
+
+    def send(self, src: SimNode, address: str, request: pb.PingRequest, seq: int) -> None:
+        self.count(request)
+        delay = self._leg()
+        dst = self.nodes.get(address)
+        if delay is not None and dst is not None:
+            self.at(self.now + delay, self._deliver_request, dst, request, (src, seq))
+
+    def reply(self, src: SimNode, token: tuple[SimNode, int], reply: pb.PingReply) -> None:
+        self.count(reply)
+        delay = self._leg()
+        if delay is not None:
+            self.at(self.now + delay, self._deliver_reply, token[0], token[1], reply)
+
+    def _deliver_request(self, dst: SimNode, request: pb.PingRequest, token: tuple[SimNode, int]) -> None:
+        if dst.up:
+            self.changed(dst, dst.swim.handle_request(request, token, self.now))
+
+    def _deliver_reply(self, dst: SimNode, seq: int, reply: pb.PingReply) -> None:
+        if dst.up:
+            self.changed(dst, dst.swim.handle_reply(seq, reply, self.now))
+
+    def _tick(self, node: SimNode) -> None:
+        if not node.up or self.now != node.wake_at:
+            return  # superseded by an earlier wake-up
+        node.wake_at = float("inf")
+        self.changed(node, node.swim.tick(self.now))
+
+    def changed(self, node: SimNode, changes: list[Change]) -> None:
+        for fn in self.on_changes:
+            fn(node, changes, self.now)
+        wake = max(node.swim.next_wakeup(), self.now + 0.001)
+        if wake < node.wake_at:
+            node.wake_at = wake
+            self.at(wake, self._tick, node)
+
+    def run_until(self, t_end: float) -> None:
+        events = self._events
+        while events and events[0][0] <= t_end:
+            t, _, fn, args = heapq.heappop(events)
+            self.now = t
+            fn(*args)  # type: ignore[operator]
+        self.now = t_end
+
+
+class SimTransport:
+    def __init__(self, net: Network, node: SimNode) -> None:
+        self.net = net
+        self.node = node
+
+    def send(self, address: str, request: pb.PingRequest, seq: int, timeout: float) -> None:
+        self.net.send(self.node, address, request, seq)
+
+    def reply(self, token: object, reply: pb.PingReply) -> None:
+        self.net.reply(self.node, token, reply)  # type: ignore[arg-type]
+
+
+def make_node(net: Network, i: int, config: Config, limits: Limits, rng: random.Random) -> SimNode:
+    # Names of one length at every N: the cost comparison is about the protocol, not about longer names.
+    node = SimNode(f"node-{i:05d}", f"10.{i // 65536:03d}.{i // 256 % 256:03d}.{i % 256:03d}:7000")
+    me = Member(node.node_id, node.address, capacity=1 << 30, incarnation=int(EPOCH_MS + net.now * 1000) + i)
+    table = MemberTable(me, limits, wall_offset_ms=EPOCH_MS)
+    node.swim = Swim(table, SimTransport(net, node), config, random.Random(rng.random()))
+    net.nodes[node.address] = node
+    return node
+
+
+def simulate(n: int, loss: float, seed: int = 1, latency: tuple[float, float] = (0.0005, 0.005),
+             warmup: float = 3.0, window: float = 10.0, detect_for: float = 12.0, join_for: float = 12.0,
+             config: Config | None = None) -> Result:
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    config = config or Config()
+    limits = Limits(period=config.period)
+    net = Network(rng, loss, latency)
+    nodes = [make_node(net, i, config, limits, rng) for i in range(n)]
+    records = [nd.swim.table.me for nd in nodes]
+    for nd in nodes:  # a converged mesh: everyone has admitted everyone
+        table = nd.swim.table
+        for r in records:
+            if r.node_id != nd.node_id:
+                table.members[r.node_id] = Member(r.node_id, r.address, r.capacity, r.incarnation)
+        nd.swim._next_probe = rng.uniform(0.0, config.period)
+        net.changed(nd, [])
+    res = Result(n=n, loss=loss)
+    killed: set[str] = set()
+    suspect_at: dict[str, float] = {}
+    dead_at: dict[str, float] = {}
+    joined_at: dict[str, float] = {}
+    false_suspected: set[tuple[str, int]] = set()
+    victim = nodes[rng.randrange(n)]
+    joiner_id = f"node-{n:05d}"
+    t_kill = warmup + window
+    t_join = t_kill + detect_for
+
+    def watch(node: SimNode, changes: list[Change], now: float) -> None:
+        for c in changes:
+            if isinstance(c, StateChanged):
+                if c.node_id in killed:
+                    if c.node_id == victim.node_id and c.new == SUSPECT:
+                        suspect_at.setdefault(node.node_id, now - t_kill)
+                    if c.node_id == victim.node_id and c.new == DEAD:
+                        dead_at.setdefault(node.node_id, now - t_kill)
+                        suspect_at.setdefault(node.node_id, now - t_kill)
+                elif c.new == SUSPECT:
+                    false_suspected.add((c.node_id, c.incarnation))
+                    res.false_suspicion_marks += 1
+                elif c.new == DEAD:
+                    res.false_dead += 1
+            elif isinstance(c, Joined) and c.node_id == joiner_id:
+                joined_at.setdefault(node.node_id, now - t_join)
+
+    net.on_changes.append(watch)
+    net.run_until(warmup)
+    net.counting = True
+    net.run_until(warmup + window)
+    net.counting = False
+    res.msgs_per_node_s = net.msgs / n / window
+    res.bytes_per_node_s = net.bytes / n / window
+
+    victim.up = False
+    killed.add(victim.node_id)
+    net.run_until(t_join)
+    observers = [nd.node_id for nd in nodes if nd is not victim]
+    res.undetected = sum(1 for o in observers if o not in dead_at)
+    res.suspect_p50, res.suspect_p99 = pct(list(suspect_at.values()), 0.5), pct(list(suspect_at.values()), 0.99)
+    res.dead_p50, res.dead_p99 = pct(list(dead_at.values()), 0.5), pct(list(dead_at.values()), 0.99)
+
+    joiner = make_node(net, n, config, limits, rng)
+    seed_node = nodes[0] if nodes[0] is not victim else nodes[1]
+    joiner.swim.table.add_candidate(seed_node.address, net.now)
+    net.changed(joiner, [])
+    net.run_until(t_join + join_for)
+    waited = [joined_at.get(o, float("inf")) for o in observers]
+    res.join_missing = sum(1 for w in waited if w == float("inf"))
+    res.join_p50, res.join_p99 = pct(waited, 0.5), pct(waited, 0.99)
+    res.false_suspicions = len(false_suspected)
+    res.joiner_knows = sum(1 for m in joiner.swim.table.members.values() if m.state in (0, 1))
+    res.wall_seconds = time.perf_counter() - started
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="8,64,1000")
+    ap.add_argument("--loss", type=float, default=0.05, help="probability that one message is lost (0.05)")
+    ap.add_argument("--latency-ms", default="0.5,5", help="one-way latency, uniform between these (ms)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--window", type=float, default=10.0, help="simulated seconds over which cost is measured")
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    lo, hi = (float(x) / 1000 for x in args.latency_ms.split(","))
+    results = []
+    print(f"loss {args.loss:.0%}, latency {lo * 1000:g}-{hi * 1000:g} ms one way, seed {args.seed}")
+    print(f"{'N':>5} {'msg/node/s':>10} {'B/node/s':>9} {'suspect p50/p99 s':>18} {'DEAD p50/p99 s':>15} "
+          f"{'undet':>5} {'false S':>7} {'false D':>7} {'join p50/p99 s':>15} {'miss':>4} {'wall s':>6}")
+    for n in (int(x) for x in args.sizes.split(",")):
+        # Small meshes get a longer window: the same number of node-seconds keeps their figures as steady.
+        r = simulate(n, args.loss, args.seed, (lo, hi), window=max(args.window, 1000.0 / n))
+        results.append(r)
+        print(f"{r.n:>5} {r.msgs_per_node_s:>10.2f} {r.bytes_per_node_s:>9.0f} "
+              f"{r.suspect_p50:>8.2f} / {r.suspect_p99:<7.2f} {r.dead_p50:>6.2f} / {r.dead_p99:<6.2f} "
+              f"{r.undetected:>5} {r.false_suspicions:>7} {r.false_dead:>7} "
+              f"{r.join_p50:>6.2f} / {r.join_p99:<6.2f} {r.join_missing:>4} {r.wall_seconds:>6.1f}", flush=True)
+    if len(results) > 1:
+        base = results[0]
+        for r in results[1:]:
+            print(f"N={r.n} vs N={base.n}: messages x{r.msgs_per_node_s / base.msgs_per_node_s:.2f}, "
+                  f"bytes x{r.bytes_per_node_s / base.bytes_per_node_s:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,431 @@
+"""The member table and the SWIM protocol as specifications: pure code, simulated time, no processes."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from mesh.members import (ALIVE, DAY_MS, DEAD, LEFT, SUSPECT, AddressChanged, CapacityChanged, Forgotten, Joined,
+                          Limits, Member, MemberTable, Refuted, Restarted, StateChanged, plausible, ring_changed)
+from mesh.pb import mesh_pb2 as pb
+from mesh.swim import Config, Swim
+
+WALL = 1_750_000_000_000.0   # wall clock (ms) at now == 0
+INC = int(WALL)              # a member that started at that moment
+
+
+def rec(node_id: str, state: int = ALIVE, inc: int = INC, address: str | None = None, capacity: int = 100,
+        suspecter: str = "") -> pb.Member:
+    return pb.Member(node_id=node_id, address=address or f"{node_id}:1", state=state, incarnation=inc,
+                     capacity=capacity, suspecter=suspecter)
+
+
+def table(limits: Limits | None = None, members: tuple[str, ...] = ()) -> MemberTable:
+    t = MemberTable(Member("me", "me:1", 100, INC), limits or Limits(), wall_offset_ms=WALL)
+    for m in members:
+        t.apply(rec(m), 0.0, authentic=True)
+    return t
+
+
+# -- the table: admission and ordering ------------------------------------------------------------------------
+
+def test_a_member_is_admitted_only_from_its_own_record() -> None:
+    t = table()
+    assert t.apply(rec("a"), 0.0, authentic=False) == []
+    assert t.get("a") is None and "a:1" in t.candidates
+    assert t.apply(rec("a"), 0.0, authentic=True) == [Joined("a", "a:1", 100)]
+    assert t.get("a").state == ALIVE and "a:1" not in t.candidates  # type: ignore[union-attr]
+
+
+def test_a_record_from_a_previous_life_changes_nothing() -> None:
+    t = table(members=("a",))
+    assert t.apply(rec("a", inc=INC - 1, address="old:1"), 1.0, authentic=True) == []
+    assert t.get("a").address == "a:1"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("state", [SUSPECT, DEAD])
+def test_hearsay_suspects_or_declares_dead_at_the_incarnation_we_know(state: int) -> None:
+    t = table(members=("a",))
+    assert t.apply(rec("a", state, inc=INC - 1), 1.0, authentic=False) == []  # stale
+    assert t.apply(rec("a", state, inc=INC + 5), 1.0, authentic=False) == [StateChanged("a", ALIVE, state, INC)]
+    assert t.get("a").incarnation == INC  # type: ignore[union-attr]  # never raised by hearsay
+
+
+def test_at_equal_incarnation_suspect_beats_alive_and_dead_beats_both() -> None:
+    t = table(members=("a",))
+    t.apply(rec("a", SUSPECT), 1.0, authentic=False)
+    assert t.apply(rec("a", ALIVE), 1.0, authentic=False) == []
+    assert t.get("a").state == SUSPECT  # type: ignore[union-attr]
+    assert t.apply(rec("a", DEAD), 1.0, authentic=False) == [StateChanged("a", SUSPECT, DEAD, INC)]
+    assert t.apply(rec("a", SUSPECT), 1.0, authentic=False) == []
+    assert t.get("a").state == DEAD  # type: ignore[union-attr]
+
+
+def test_hearsay_of_leaving_is_only_dead_only_the_member_says_left() -> None:
+    t = table(members=("a", "b"))
+    assert t.apply(rec("a", LEFT), 1.0, authentic=False) == [StateChanged("a", ALIVE, DEAD, INC)]
+    assert t.apply(rec("b", LEFT, inc=INC + 1), 1.0, authentic=True) == [StateChanged("b", ALIVE, LEFT, INC + 1)]
+    assert t.ring() == {"me": 100}
+
+
+def test_hearsay_of_a_newer_life_only_asks_us_to_probe() -> None:
+    t = table(members=("a",))
+    t.apply(rec("a", SUSPECT), 1.0, authentic=False)
+    assert t.apply(rec("a", ALIVE, inc=INC + 1), 1.0, authentic=False) == []
+    assert t.get("a").state == SUSPECT and t.pop_hint() == "a"  # type: ignore[union-attr]
+
+
+def test_hearsay_of_a_restart_asks_us_to_probe_a_refutation_of_nothing_does_not() -> None:
+    t = table(members=("a",))
+    assert t.apply(rec("a", inc=INC + 2), 1.0, authentic=False) == [] and t.pop_hint() is None
+    assert t.apply(rec("a", inc=INC + 60_000), 1.0, authentic=False) == [] and t.pop_hint() == "a"
+
+
+def test_its_own_answer_refutes_a_suspicion_and_a_return_from_dead_is_a_restart() -> None:
+    t = table(members=("a", "b"))
+    t.apply(rec("a", SUSPECT), 1.0, authentic=False)
+    assert t.apply(rec("a", inc=INC + 1), 2.0, authentic=True) == [StateChanged("a", SUSPECT, ALIVE, INC + 1)]
+    assert "a" not in t.suspicions
+    t.apply(rec("b", DEAD), 1.0, authentic=False)
+    assert t.apply(rec("b", inc=INC + 1), 2.0, authentic=True) == [StateChanged("b", DEAD, ALIVE, INC + 1),
+                                                                   Restarted("b")]
+
+
+def test_a_new_life_is_a_restart_a_refutation_is_not() -> None:
+    t = table(members=("a",))
+    assert t.apply(rec("a", inc=INC + 3), 1.0, authentic=True) == []
+    assert t.apply(rec("a", inc=INC + 60_000), 2.0, authentic=True) == [Restarted("a")]
+
+
+def test_only_the_member_itself_changes_its_address() -> None:
+    t = table(members=("a",))
+    assert t.apply(rec("a", inc=INC + 1, address="evil:1"), 1.0, authentic=False) == []
+    assert t.get("a").address == "a:1" and "evil:1" in t.candidates  # type: ignore[union-attr]
+    assert t.apply(rec("a", inc=INC + 1, address="new:1"), 1.0, authentic=True) == [
+        AddressChanged("a", "a:1", "new:1")]
+
+
+def test_capacity_changes_are_reported_and_zero_capacity_is_refused() -> None:
+    t = table(members=("a",))
+    assert t.apply(rec("a", capacity=0, inc=INC + 1), 1.0, authentic=True) == []
+    assert t.get("a").incarnation == INC  # type: ignore[union-attr]
+    assert t.apply(rec("a", capacity=7), 1.0, authentic=True) == [CapacityChanged("a", 100, 7)]
+
+
+# -- the table: refutation and bounds ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("state", [SUSPECT, DEAD, LEFT])
+def test_we_refute_what_is_said_about_us_with_one_more(state: int) -> None:
+    t = table()
+    assert t.apply(rec("me", state, inc=INC + 4), 1.0, authentic=False) == [Refuted("me", INC + 5)]
+    assert t.me.incarnation == INC + 5 and t.me.state == ALIVE
+    assert t.apply(rec("me", SUSPECT, inc=INC + 4), 1.0, authentic=False) == []  # already refuted
+
+
+def test_forged_incarnations_are_ignored_and_never_overflow() -> None:
+    t = table(members=("a",))
+    for inc in (2**64 - 1, 2**63, int(WALL + DAY_MS) + 5):
+        assert t.apply(rec("me", LEFT, inc=inc), 0.0, authentic=False) == []
+        assert t.apply(rec("a", inc=inc), 0.0, authentic=True) == []
+    edge = int(WALL + DAY_MS)  # plausible, but one more would not be: no refutation past the bound
+    assert plausible(edge, WALL) and not plausible(edge + 1, WALL)
+    assert t.apply(rec("me", SUSPECT, inc=edge), 0.0, authentic=False) == []
+    assert t.me.incarnation == INC
+
+
+def test_after_leaving_we_refute_nothing() -> None:
+    t = table()
+    assert t.leave() == [StateChanged("me", ALIVE, LEFT, INC + 1)]
+    assert t.apply(rec("me", DEAD, inc=INC + 1), 1.0, authentic=False) == []
+    assert t.ring() == {}
+
+
+def test_members_candidates_and_hints_are_bounded() -> None:
+    t = table(Limits(max_members=3, max_candidates=2, max_hints=2))
+    for i in range(5):
+        t.apply(rec(f"m{i}"), 0.0, authentic=True)
+        t.apply(rec(f"x{i}"), 0.0, authentic=False)
+    assert len(t.members) == 3 and len(t.candidates) == 2
+
+
+def test_candidates_that_never_answer_are_dropped_and_gossip_cannot_revive_them() -> None:
+    t = table(Limits(candidate_tries=3, candidate_backoff=1.0, give_up_for=300.0))
+    t.add_candidate("ghost:1", 0.0)
+    now, dials = 0.0, 0
+    while "ghost:1" in t.candidates:
+        for address in t.due_candidates(now, 4):
+            dials += 1
+            t.candidate_failed(address, now)
+        now += 0.5
+    assert dials == 3 and now < 10
+    assert not t.add_candidate("ghost:1", now)                 # hearsay
+    assert t.add_candidate("ghost:1", now, trusted=True)       # a seed or zeroconf: one more chance
+    t.candidates.clear()
+    assert t.add_candidate("ghost:2", 0.0) and t.due_candidates(0.0, 4) == ["ghost:2"]
+    assert t.due_candidates(0.5, 4) == []  # backoff: the second dial waits a second
+
+
+# -- the table: suspicion -----------------------------------------------------------------------------------------
+
+def test_suspicion_shrinks_with_independent_confirmations_and_grows_with_log_n() -> None:
+    lim = Limits(period=0.5, suspicion_alpha=1.0, suspicion_beta=3.0, expected_confirmations=2, min_suspicion=1.0)
+    small = table(lim, members=("a", "b"))
+    assert small.suspicion_timeout(0) == pytest.approx(3.0)
+    assert small.suspicion_timeout(1) < small.suspicion_timeout(0)
+    assert small.suspicion_timeout(2) == small.suspicion_timeout(9) == pytest.approx(1.0)
+    pair = table(lim, members=("a",))  # nobody else could confirm: the shortest wait at once
+    assert pair.suspicion_timeout(0) == pytest.approx(1.0)
+    big = table(lim, members=tuple(f"m{i}" for i in range(999)))
+    assert big.suspicion_timeout(2) == pytest.approx(1.5)  # alpha * log10(1000) * period
+
+
+def test_an_unrefuted_suspicion_becomes_dead_at_its_deadline_not_before() -> None:
+    t = table(Limits(min_suspicion=1.0, suspicion_beta=3.0, expected_confirmations=2), members=("a", "b", "c"))
+    t.suspect("a", 10.0, by="b")
+    assert t.expire(12.9) == []
+    t.suspect("a", 11.0, by="c")   # a second suspecter: the deadline moves closer
+    t.suspect("a", 11.0, by="c")   # the same one again counts once
+    assert t.confirmations("a") == 2
+    deadline = t.suspicion_deadline("a")
+    assert deadline is not None and 11.0 < deadline < 13.0
+    assert t.expire(deadline - 0.01) == []
+    assert t.expire(deadline) == [StateChanged("a", SUSPECT, DEAD, INC)]
+
+
+def test_dead_members_are_forgotten_after_a_while() -> None:
+    t = table(Limits(forget_after=60.0), members=("a",))
+    t.apply(rec("a", DEAD), 5.0, authentic=False)
+    assert t.expire(64.0) == []
+    assert t.expire(65.0) == [Forgotten("a", "a:1")]
+    assert t.get("a") is None
+
+
+def test_ring_changed_only_for_ring_changes() -> None:
+    assert not ring_changed([StateChanged("a", ALIVE, SUSPECT, 1), Restarted("a"), Refuted("me", 2)])
+    assert ring_changed([StateChanged("a", SUSPECT, DEAD, 1)])
+    assert ring_changed([Joined("a", "a:1", 1)]) and ring_changed([AddressChanged("a", "x", "y")])
+
+
+# -- the protocol over a fake transport ---------------------------------------------------------------------------
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, pb.PingRequest, int]] = []
+        self.replies: list[tuple[object, pb.PingReply]] = []
+
+    def send(self, address: str, request: pb.PingRequest, seq: int, timeout: float) -> None:
+        self.sent.append((address, request, seq))
+
+    def reply(self, token: object, reply: pb.PingReply) -> None:
+        self.replies.append((token, reply))
+
+    def take(self) -> list[tuple[str, pb.PingRequest, int]]:
+        out, self.sent = self.sent, []
+        return out
+
+
+CFG = Config(period=1.0, probe_timeout=0.3, indirect_k=2, retransmit_mult=2, max_piggyback=3, sync_every=30.0,
+             sync_scale=8)
+
+
+def node(members: tuple[str, ...] = ("a", "b", "c", "d"), config: Config = CFG) -> tuple[Swim, FakeTransport]:
+    t = table(Limits(period=config.period), members=members)
+    fake = FakeTransport()
+    swim = Swim(t, fake, config, random.Random(7))
+    swim._next_sync = 1e9  # no push-pull unless a test asks for it
+    return swim, fake
+
+
+def ack(swim: Swim, address: str, seq: int, now: float) -> list:
+    node_id = address.split(":")[0]
+    return swim.handle_reply(seq, pb.PingReply(responder=rec(node_id)), now)
+
+
+def test_each_period_probes_one_member_and_every_member_once_per_round() -> None:
+    swim, fake = node()
+    probed = []
+    for period in range(8):
+        now = float(period)
+        swim.tick(now)
+        sent = fake.take()
+        assert len(sent) == 1 and not sent[0][1].HasField("probe")
+        ack(swim, sent[0][0], sent[0][2], now + 0.01)
+        probed.append(sent[0][0])
+    assert sorted(probed[:4]) == sorted(probed[4:]) == ["a:1", "b:1", "c:1", "d:1"]
+    assert swim.awareness == 0 and swim.table.suspicions == {}
+
+
+def test_a_member_can_be_probed_out_of_turn_at_no_extra_cost() -> None:
+    swim, fake = node()
+    swim.probe_soon("c")
+    swim.tick(0.0)
+    (address, _, seq), = fake.take()
+    assert address == "c:1"
+    ack(swim, address, seq, 0.1)
+    swim.tick(1.0)
+    assert len(fake.take()) == 1
+
+
+def test_no_ack_asks_helpers_and_a_helper_ack_prevents_suspicion() -> None:
+    swim, fake = node()
+    swim.tick(0.0)
+    (target, _, _), = fake.take()
+    swim.tick(0.3)
+    sent = fake.take()
+    direct = [s for s in sent if not s[1].HasField("probe")]
+    helpers = [s for s in sent if s[1].HasField("probe")]
+    assert [s[0] for s in direct] == [target] and len(helpers) == CFG.indirect_k
+    assert all(s[1].probe.address == target and s[0] != target for s in helpers)
+    ack(swim, helpers[0][0], helpers[0][2], 0.5)
+    assert swim.tick(1.0) == [] and all(m.state == ALIVE for m in swim.table.members.values())
+
+
+def test_silence_through_the_period_is_suspicion_and_it_is_gossiped() -> None:
+    swim, fake = node()
+    swim.tick(0.0)
+    (target, _, _), = fake.take()
+    swim.tick(0.3)
+    helpers = [s for s in fake.take() if s[1].HasField("probe")]
+    for address, _, seq in helpers:  # the helpers nack: the target is silent, we are fine
+        swim.handle_reply(seq, pb.PingReply(responder=rec(address.split(":")[0]), nack=True), 0.8)
+    changes = swim.tick(1.0)
+    node_id = target.split(":")[0]
+    assert changes == [StateChanged(node_id, ALIVE, SUSPECT, INC)] and swim.awareness == 0
+    sent = fake.take()
+    assert sent and sent[0][0] == target  # a suspect is probed first, with the suspicion for it to refute
+    assert any(u.node_id == node_id and u.state == SUSPECT and u.suspecter == "me" for u in sent[0][1].updates)
+
+
+def test_helpers_that_do_not_even_nack_lower_our_health() -> None:
+    swim, fake = node()
+    swim.tick(0.0)
+    fake.take()
+    swim.tick(0.3)
+    fake.take()
+    swim.tick(1.0)
+    assert swim.awareness == CFG.indirect_k
+    p = swim._probe  # the next probe started at once, with stretched timeouts
+    assert p is not None and p.deadline - 1.0 == pytest.approx(CFG.probe_timeout * (1 + CFG.indirect_k))
+    assert p.end - 1.0 == pytest.approx(CFG.period * (1 + CFG.indirect_k))
+
+
+def test_a_suspicion_of_us_is_refuted_by_our_next_message() -> None:
+    swim, fake = node()
+    changes = swim.handle_request(pb.PingRequest(sender=rec("a"), updates=[rec("me", SUSPECT, suspecter="b")]),
+                                  "tok", 0.0)
+    assert changes == [Refuted("me", INC + 1)]
+    (_, reply), = fake.replies
+    assert reply.responder.incarnation == INC + 1
+    assert any(u.node_id == "me" and u.incarnation == INC + 1 for u in reply.updates)
+
+
+def test_an_inbound_ping_speaks_for_its_sender_only_at_the_address_we_proved() -> None:
+    swim, fake = node()
+    forged = rec("a", inc=INC + 9, address="evil:1")
+    swim.handle_request(pb.PingRequest(sender=forged), "tok", 0.0)
+    assert swim.table.get("a").address == "a:1" and swim.table.get("a").incarnation == INC  # type: ignore[union-attr]
+    assert "evil:1" in swim.table.candidates
+    swim.handle_request(pb.PingRequest(sender=rec("b", LEFT, inc=INC + 1)), "tok", 0.0)
+    assert swim.table.get("b").state == LEFT  # type: ignore[union-attr]
+
+
+def test_each_change_is_piggybacked_a_bounded_number_of_times() -> None:
+    swim, fake = node()
+    for i in range(5):
+        swim.broadcast(rec(f"x{i}", DEAD))
+    limit = swim.retransmit_limit()
+    carried: dict[str, int] = {}
+    for _ in range(20):
+        swim.handle_request(pb.PingRequest(sender=rec("a")), "tok", 0.0)
+        _, reply = fake.replies.pop()
+        assert len(reply.updates) <= CFG.max_piggyback
+        for u in reply.updates:
+            carried[u.node_id] = carried.get(u.node_id, 0) + 1
+    assert carried == {f"x{i}": limit for i in range(5)}
+
+
+def test_an_indirect_probe_is_answered_ack_or_nack() -> None:
+    swim, fake = node()
+    swim.handle_request(pb.PingRequest(sender=rec("a"), probe=rec("b")), "tok1", 0.0)
+    (address, _, seq), = fake.take()
+    assert address == "b:1" and fake.replies == []
+    ack(swim, address, seq, 0.05)
+    (token, reply), = fake.replies
+    assert token == "tok1" and not reply.nack
+    fake.replies.clear()
+    swim.handle_request(pb.PingRequest(sender=rec("a"), probe=rec("c")), "tok2", 1.0)
+    fake.take()
+    swim.tick(1.5)
+    assert fake.replies == []
+    swim.tick(2.0)
+    assert [(t, r.nack) for t, r in fake.replies] == [("tok2", True)]
+
+
+def test_an_indirect_probe_only_dials_a_member_where_we_know_it() -> None:
+    swim, fake = node()
+    for probe in (rec("stranger"), rec("b", address="evil:1")):
+        swim.handle_request(pb.PingRequest(sender=rec("a"), probe=probe), "tok", 0.0)
+        assert fake.take() == [] and fake.replies.pop()[1].nack
+
+
+def test_push_pull_sends_the_whole_table_and_learns_only_candidates() -> None:
+    swim, fake = node()
+    swim._next_sync = 5.0
+    swim._next_probe = 100.0
+    swim.tick(5.0)
+    (address, request, seq), = [s for s in fake.take() if s[1].sync]
+    assert {m.node_id for m in request.members} == {"me", "a", "b", "c", "d"}
+    peer = address.split(":")[0]
+    swim.handle_reply(seq, pb.PingReply(responder=rec(peer), members=[rec(peer), rec("new")]), 5.1)
+    assert swim.table.get("new") is None and "new:1" in swim.table.candidates
+    assert swim.sync_period() == pytest.approx(30.0)
+
+
+def test_a_graceful_leave_goes_to_every_member_directly() -> None:
+    swim, fake = node()
+    swim.leave(0.0)
+    sent = fake.take()
+    assert sorted(a for a, _, _ in sent) == ["a:1", "b:1", "c:1", "d:1"]
+    assert all(r.sender.state == LEFT for _, r, _ in sent)
+    assert swim.tick(1.0) == [] and fake.take() == []
+
+
+def test_a_candidate_is_dialled_admitted_and_gossiped() -> None:
+    swim, fake = node(members=())
+    swim.add_candidate("seed:1", 0.0)
+    swim.tick(0.0)
+    (address, request, seq), = fake.take()
+    assert address == "seed:1" and request.sync  # alone: the first contact fetches the whole table
+    changes = swim.handle_reply(seq, pb.PingReply(responder=rec("s", address="seed:1"),
+                                                  members=[rec("s", address="seed:1"), rec("t")]), 0.1)
+    assert changes == [Joined("s", "seed:1", 100)] and "t:1" in swim.table.candidates
+
+
+# -- the simulator: the same code at 64 members -------------------------------------------------------------------
+
+def test_simulated_mesh_of_64_detects_a_death_without_false_dead() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from sim_membership import simulate
+
+    r = simulate(64, loss=0.05, seed=3, window=5.0, detect_for=10.0, join_for=10.0)
+    assert r.undetected == 0 and r.dead_p99 <= 6.0
+    assert r.false_dead == 0
+    assert r.join_missing == 0 and r.join_p99 <= 10.0
+    assert 4.0 < r.msgs_per_node_s < 12.0
+
+
+def test_dials_are_rate_limited_whatever_gossip_names() -> None:
+    swim, fake = node()
+    swim.handle_request(pb.PingRequest(sender=rec("a"), updates=[rec(f"x{i}") for i in range(40)]), "tok", 0.0)
+    assert len(swim.table.candidates) == 2 * CFG.max_piggyback  # only so many updates are read per message
+    for i in range(100):
+        swim.table.add_candidate(f"y{i}:1", 0.0)
+    assert len(swim.table.candidates) == Limits().max_candidates
+    dials = []
+    for step in range(10):  # one simulated second in ten ticks
+        swim.tick(step / 10)
+        dials += [a for a, r, _ in fake.take() if a.startswith(("x", "y"))]
+    assert len(dials) == CFG.dials_per_period
