@@ -13,7 +13,7 @@ Three ways to send each, through a real `mesh serve`:
 - lz4:  blob.encode(value), every chunk lz4 or lz4 of its byte planes where that shrinks it (`--compress lz4`);
 - auto: blob.encode(value, levels=True) and `--compress auto`, the provider's default: levels to uint8, and lz4
         only where the link measured slower than lz4 (mesh/link.py).
-A put, then gets, each get end to end: the chunks from the node, then blob.decode into tensors; the cases take
+"stored" is what the node holds, which is what the put sent. A put, then a get, the get end to end: the chunks from the node, then blob.decode into tensors; the cases take
 turns (raw, lz4, auto, raw, ...). Median, min and max per case, and raw / case (the speed-up; > 1 is faster).
 
 --link loopback: node and client on 127.0.0.1 (the compression target: never more than 5 % slower than raw).
@@ -78,7 +78,6 @@ for name, value in values.items():
             parts = client.get_parts(key)[1]
             got = blob.decode(parts)[0]
             rows[mode]["get"].append(time.perf_counter() - t0)
-            rows[mode]["wire"] = sum(len(p) for p in parts)
             assert got.numpy().tobytes() == want, f"{name}/{mode}: not bit-exact"
             rows[mode]["stored"] = {k.key: k.stored_size for k in client.list_keys(key)}.get(key, 0)
             del got, parts
@@ -149,7 +148,7 @@ def run_shaped(work: Path, repeat: int, rate: str) -> dict[str, Any]:
 def report(link: str, result: dict[str, Any]) -> dict[str, Any]:
     print(f"\n{link}: link measured by mesh/link.py at {result['rate_measured'] / 1e6:.0f} MB/s "
           f"({'compress' if 0 < result['rate_measured'] < 300e6 else 'raw'} in auto)")
-    print(f"{'value':<6} {'case':<5} {'encoded':>9} {'on wire':>9} {'put ms':>8} {'get ms (min-max)':>22} "
+    print(f"{'value':<6} {'case':<5} {'encoded':>9} {'stored':>9} {'put ms':>8} {'get ms (min-max)':>22} "
           f"{'raw/get':>8} {'raw/put':>8}")
     rows: dict[str, Any] = {}
     for name, cases in result["values"].items():
@@ -160,10 +159,9 @@ def report(link: str, result: dict[str, Any]) -> dict[str, Any]:
             g, pu = summary(c["get"]), summary(c["put"])
             speed_get = base_get / statistics.median(c["get"])
             speed_put = base_put / statistics.median(c["put"])
-            rows[f"{name}/{case}"] = {"get": g, "put": pu, "encoded": c["encoded"], "wire": c["wire"],
-                                      "stored": c["stored"], "get_speedup_vs_raw": speed_get,
+            rows[f"{name}/{case}"] = {"get": g, "put": pu, "encoded": c["encoded"], "stored": c["stored"], "get_speedup_vs_raw": speed_get,
                                       "put_speedup_vs_raw": speed_put, "get_s": c["get"], "put_s": c["put"]}
-            print(f"{name:<6} {case:<5} {c['encoded'] / 2**20:>7.1f}Mi {c['wire'] / 2**20:>7.1f}Mi "
+            print(f"{name:<6} {case:<5} {c['encoded'] / 2**20:>7.1f}Mi {c['stored'] / 2**20:>7.1f}Mi "
                   f"{pu['median_ms']:>8.1f} {g['median_ms']:>8.1f} ({g['min_ms']:>5.1f}-{g['max_ms']:>6.1f}) "
                   f"{speed_get:>8.2f} {speed_put:>8.2f}")
     return rows

@@ -22,7 +22,7 @@ import mesh
 from mesh.node import SERVICE_NAME, Node
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
-from mesh.peer import PeerClient, Refused, Unauthenticated
+from mesh.peer import MAX_TRANSFERS, MeshError, PeerClient, Refused, Unauthenticated
 from mesh.store import BlobStore
 from mesh.link import Links
 from mesh.wire import LZ4, LZ4_PLANES4, RAW, KiB, MiB, Limits, checksum, iter_chunks, make_header
@@ -151,6 +151,24 @@ def test_a_raw_entry_is_packed_on_the_way_only_for_a_reader_that_asks(node: Node
         slow.put("float/packed", data)  # and a writer on a slow link packs before sending
     entry = node.store.peek("float/packed")
     assert entry is not None and {c.codec for c in entry.chunks} == {LZ4_PLANES4}
+
+
+def test_transfers_beyond_the_clients_limit_wait_their_turn_within_the_deadline(node: Node,
+                                                                                 client: PeerClient) -> None:
+    client.put("turns/k", b"x" * 1000)
+    held = [client._transfer_slot(5) for _ in range(MAX_TRANSFERS)]
+    for slot in held:
+        slot.__enter__()
+    try:
+        with pytest.raises(MeshError) as e:
+            client.get("turns/k", timeout=0.2)
+        assert e.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "already under way" in str(e.value)
+        assert client.has(["turns/k"]) == [True]  # small calls never queue behind bulk ones
+    finally:
+        held.pop().__exit__(None, None, None)
+    assert client.get("turns/k", timeout=5).data == b"x" * 1000  # one slot free: served
+    for slot in held:
+        slot.__exit__(None, None, None)
 
 
 # -- malformed streams: a clear status, nothing stored, and the node keeps serving ----------------------------
