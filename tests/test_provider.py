@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from mesh import blob
+from mesh import codec
 from mesh.client import LocalClient, RemoteClient
 from mesh.peer import PeerClient
 from provider.bridge import Bridge
@@ -304,9 +304,9 @@ def _run(coro: Any) -> Any:
 def test_corrupt_or_foreign_blob_is_a_miss(lone: Any) -> None:
     provider: MeshCacheProvider = lone.provider
     client = LocalClient(lone.node)
-    good = bytes(blob.encode({"outputs": [[torch.ones(1000)]], "ui": None}))
+    good = bytes(codec.encode({"outputs": [[torch.ones(1000)]], "ui": None}))
     cases = {"garbage": b"not a blob at all", "truncated": good[:-100], "bad manifest": good[:8] + b"X" + good[9:],
-             "padded": good + b"\0" * 64, "not a ComfyUI value": bytes(blob.encode(torch.ones(3)))}
+             "padded": good + b"\0" * 64, "not a ComfyUI value": bytes(codec.encode(torch.ones(3)))}
     for name, data in cases.items():
         client.put(provider.key(_Context("X", name)), data, {}, timeout=5)
     client.put(provider.key(_Context("X", "good")), good, {}, timeout=5)
@@ -331,7 +331,7 @@ def test_full_store_queue_drops_and_counts(lone: Any) -> None:
             release.wait(10)
             return super().put(*args, **kwargs)
 
-    bridge = Bridge(Stalled(lone.node), encode=blob.encode, decode=blob.decode, lookup_timeout=1,
+    bridge = Bridge(Stalled(lone.node), encode=codec.encode, decode=codec.decode, lookup_timeout=1,
                     store_timeout=5, store_queue=2)
     provider = MeshCacheProvider(bridge, Policy(traits_lookup()), namespace="ns", cache_value=CacheValue,
                                  lookup_timeout=1)
@@ -364,7 +364,7 @@ def test_recently_stored_keys_are_skipped_and_the_memory_of_them_is_bounded(lone
             puts.append(key)
             return super().put(key, *args, **kwargs)
 
-    bridge = Bridge(Counting(lone.node), encode=blob.encode, decode=blob.decode, lookup_timeout=1,
+    bridge = Bridge(Counting(lone.node), encode=codec.encode, decode=codec.decode, lookup_timeout=1,
                     store_timeout=5, store_queue=1000)
     try:
         for i in range(200):
