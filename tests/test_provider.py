@@ -31,7 +31,7 @@ from provider.policy import Policy
 from provider.runtime import namespace_for
 from tests.comfy_harness import (STANDARD_LOCAL, STANDARD_SHARED, CacheValue, Engine, HarnessProcess,
                                  chain_prompt, parser, standard_prompt, start_runtime, traits_lookup)
-from tests.conftest import free_port
+from tests.conftest import free_port, poll
 
 SECRET = "provider-test-secret"
 
@@ -124,17 +124,18 @@ def test_sidecar_mode_shares_through_mesh_serve(tmp_path: Path) -> None:
             assert set(rb["provider_hits"]) == set(STANDARD_SHARED)
             assert shared_outputs(rb) == shared_outputs(ra)
             # B's provider reports its counters to its sidecar: `mesh stats` there shows them.
-            deadline = time.monotonic() + 20
-            while True:
+            counters: dict[str, float] = {}
+
+            def reported() -> bool:
+                nonlocal counters
                 done = subprocess.run([sys.executable, "-m", "mesh.cli", "--node", mesh.nodes[1].address,
                                        "--secret-file", str(mesh.secret_file), "stats", "--json"],
                                       capture_output=True, text=True, timeout=60)
                 assert done.returncode == 0, done.stderr
                 counters = json.loads(done.stdout)["counters"]
-                if counters.get("provider_hits") == len(STANDARD_SHARED) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-            assert counters.get("provider_hits") == len(STANDARD_SHARED)
+                return counters.get("provider_hits") == len(STANDARD_SHARED)
+
+            poll(reported, "B's provider hits reported to its sidecar", timeout=20, interval=0.5)
             assert counters.get("provider_prompts") == 1
         finally:
             if b is not None:
