@@ -428,7 +428,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         raise CliError(f"key not found: {safe(args.key)}", EXIT_NOT_FOUND)
     seconds = time.perf_counter() - started
     if args.describe:
-        from mesh import blob as codec
+        from mesh import codec  # only here: the node and every other command never import the codec
 
         try:
             rows = codec.describe(blob.data)
@@ -439,7 +439,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         else:
             print(safe(f"{args.key}: {format_size(len(blob.data))}, "
                        + ", ".join(f"{k}={v}" for k, v in blob.header.meta.items())))
-            print("\n".join(safe(line) for line in codec.format_description(rows).splitlines()))
+            print("\n".join(safe(line) for line in format_description(rows).splitlines()))
     if args.output:
         out = Path(args.output)
         if str(out) == "-":
@@ -451,6 +451,36 @@ def cmd_get(args: argparse.Namespace) -> int:
         elif args.json and not args.describe:
             _emit_json({"key": args.key, "bytes": len(blob.data), "file": str(out), "seconds": round(seconds, 4)})
     return 0
+
+
+def format_description(rows: list[dict[str, Any]]) -> str:
+    """Rows from mesh.codec.describe() as aligned text, one line per leaf: display is the CLI's business, so the
+    codec keeps to data."""
+    paths = [r["path"] or "(value)" for r in rows]
+    width = max(map(len, paths), default=0)
+    lines = []
+    for path, r in zip(paths, rows):
+        if "dtype" in r:
+            detail = f"{r['dtype']}{r['shape']}  {format_size(r['bytes'])}"
+            detail += "  shuffled" if r.get("shuffle") else ""
+            detail += "  as 8-bit levels" if r.get("levels") else ""
+            detail += "  big-endian" if r.get("byteorder") == "big" else ""
+        elif r["type"] == "bytes":
+            detail = format_size(r["bytes"])
+        elif "len" in r:
+            detail = "empty"
+        else:
+            detail = _short_value(r["value"])
+        lines.append(f"{path:<{width}}  {r['type']:<7}  {detail}")
+    return "\n".join(lines)
+
+
+def _short_value(v: object, limit: int = 80) -> str:
+    """A scalar leaf's repr, cut to fit a line; a huge int by its size (str() of one is slow, and capped)."""
+    if type(v) is int and v.bit_length() > 128:
+        return f"<{v.bit_length()}-bit int>"
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def cmd_delete(args: argparse.Namespace) -> int:

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
+from mesh.directory import Directory
 from mesh.members import Change, ring_changed
-from mesh.membership import Membership
 from mesh.repair import AntiEntropy
 from mesh.pb import mesh_pb2 as pb
 from mesh.peer import MeshError, Unreachable
@@ -46,12 +46,17 @@ class ClusterConfig:
 
 
 class Cluster:
-    def __init__(self, *, node_id: str, store: BlobStore, near: BlobStore, membership: Membership,
+    """Routing for one node: takes the ring from a Directory and reaches peers through the PeerPool's transports.
+
+    Membership is not its business: the node wires SWIM (mesh/membership.py) in as its directory and tells the
+    cluster when the ring changed (on_membership_change)."""
+
+    def __init__(self, *, node_id: str, store: BlobStore, near: BlobStore, directory: Directory,
                  peers: PeerPool, config: ClusterConfig) -> None:
         self.node_id = node_id
         self.store = store
         self.near = near
-        self.membership = membership
+        self.directory = directory
         self.peers = peers
         self.config = config
         self._lock = threading.Lock()
@@ -85,7 +90,7 @@ class Cluster:
         return self._ring
 
     def address_of(self, node_id: str) -> str | None:
-        return self.membership.address_of(node_id)
+        return self.directory.address_of(node_id)
 
     def start(self) -> None:
         self.repair.start()
@@ -94,7 +99,7 @@ class Cluster:
         """Told what changed: only changes of ring membership, addresses or weights rebuild the ring."""
         if changes is not None and not ring_changed(changes):
             return
-        weights = {k: float(v) for k, v in self.membership.ring_members().items()}
+        weights = {k: float(v) for k, v in self.directory.ring_members().items()}
         with self._lock:
             if self._ring.weights == weights:
                 return
@@ -171,7 +176,7 @@ class Cluster:
         return None, time.monotonic() < deadline
 
     def _fetch_from(self, node_id: str, key: str, deadline: float) -> Entry | None:
-        address = self.membership.address_of(node_id)
+        address = self.directory.address_of(node_id)
         remaining = deadline - time.monotonic()
         if address is None or remaining <= 0 or not self.peers.usable(address):
             return None
@@ -213,7 +218,7 @@ class Cluster:
         return present
 
     def _has_at(self, node_id: str, keys: list[str], deadline: float) -> list[bool]:
-        address = self.membership.address_of(node_id)
+        address = self.directory.address_of(node_id)
         remaining = deadline - time.monotonic()
         if address is None or remaining <= 0 or not self.peers.usable(address):
             return [False] * len(keys)
@@ -282,7 +287,7 @@ class Cluster:
 
     def put_to(self, node_id: str, entry: Entry) -> int:
         """Store a copy on one owner; 1 if it holds the key afterwards, 0 if not (counted and logged)."""
-        address = self.membership.address_of(node_id)
+        address = self.directory.address_of(node_id)
         if address is None or not self.peers.usable(address):
             self._count("replica_write_failures")
             return 0
@@ -308,10 +313,10 @@ class Cluster:
         """Delete every copy: on every member, since any may hold a near-cache copy. Per key, whether it existed."""
         existed = self.delete_local(keys)
         deadline = time.monotonic() + timeout
-        members = [m for m in self.membership.ring_members() if m != self.node_id]
+        members = [m for m in self.directory.ring_members() if m != self.node_id]
 
         def delete_at(node_id: str) -> list[bool]:
-            address = self.membership.address_of(node_id)
+            address = self.directory.address_of(node_id)
             remaining = deadline - time.monotonic()
             if address is None or remaining <= 0 or not self.peers.usable(address):
                 return []
@@ -339,8 +344,8 @@ class Cluster:
         """Leave gracefully: announce it, hand every local blob to its owners without us, then call on_done."""
         self.repair.stop()  # no pass may drop or push keys while they are being handed off
         self.flush(self.config.write_timeout)  # copies acknowledged to writers reach their owners first
-        self.membership.leave()
-        ring = Ring({k: float(v) for k, v in self.membership.ring_members().items()})
+        self.directory.leave()
+        ring = Ring({k: float(v) for k, v in self.directory.ring_members().items()})
         handed, failed = 0, 0
         for header, _ in self.store.catalog():
             entry = self.store.peek(header.key)
@@ -355,25 +360,12 @@ class Cluster:
             on_done()
         return pb.DrainReply(handed_off=handed, failed=failed)
 
-    def ping(self, request: pb.PingRequest) -> pb.PingReply:
-        return self.membership.handle_ping(request)
-
-    def members(self) -> list[pb.Member]:
-        return self.membership.members_pb()
-
-    def warnings(self) -> list[str]:
-        out = [f"seed {seed}: {why}" for seed, why in sorted(self.membership.seed_problems().items())]
-        if self.membership.has_seeds and len(self._ring) <= 1:
-            out.append("this node has seeds but no peers: it is a mesh of one")
-        return out
-
     def stats(self) -> dict[str, float]:
         with self._lock:
             out: dict[str, float] = {k: float(v) for k, v in self.counters.items()}
         out.update({f"near_{k}": v for k, v in self.near.stats().items()
                     if k in ("entries", "bytes_used", "max_memory", "evictions")})
         out["ring_members"] = len(self._ring)
-        out.update({f"membership_{k}": float(v) for k, v in getattr(self.membership, "counters", {}).items()})
         r = self.repair.stats
         out.update(repair_passes=r.passes, repaired=r.repaired, handed_off=r.handed_off,
                    under_replicated=r.under_replicated, repair_pending=r.pending,

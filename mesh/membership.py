@@ -341,6 +341,18 @@ class Membership:
         with self._lock:
             return dict(self._seed_problems)
 
+    def warnings(self) -> list[str]:
+        """What an operator should fix, for `mesh stats`: seeds that are not members, a mesh of one by mistake."""
+        out = [f"seed {seed}: {why}" for seed, why in sorted(self.seed_problems().items())]
+        if self.has_seeds and len(self.ring_members()) <= 1:
+            out.append("this node has seeds but no peers: it is a mesh of one")
+        return out
+
+    def stats(self) -> dict[str, float]:
+        """The gossip counters, named for `mesh stats` and /metrics."""
+        with self._lock:
+            return {f"membership_{k}": float(v) for k, v in self.counters.items()}
+
     def _refresh_seeds(self, now: float) -> None:
         """Seeds (re-resolved: a DNS name may have new records) are candidates until they answer as members."""
         self._last_seed_refresh = now

@@ -172,10 +172,11 @@ class Node:
                                      on_restart=self._on_member_restart,
                                      local_stats=lambda: (len(self.store), self.store.used))
         self.cluster = Cluster(node_id=self.node_id, store=self.store, near=self.near,
-                               membership=self.membership, peers=self.peers, config=c.cluster)
-        self.servicer = MeshServicer(self.node_id, self.address, self.store, c.limits, self.cluster, self.auth)
+                               directory=self.membership, peers=self.peers, config=c.cluster)
+        self.servicer = MeshServicer(self.node_id, self.address, self.store, c.limits, self.cluster, self.auth,
+                                     membership=self.membership)
         self.servicer.on_drain = self._drain_rpc
-        self.metrics.watch(self.servicer.counters, self.cluster.members)
+        self.metrics.watch(self.servicer.counters, self.membership.members_pb)
         self.servicer.rpc_seconds = self.metrics.rpc_seconds
         add_to_server(self.servicer, server)
         add_health_to_server(self.servicer, self.health, server)

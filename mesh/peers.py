@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from mesh.auth import Secret, as_keyring
 from mesh.link import Links
 from mesh.peer import PeerClient
+from mesh.transport import PeerTransport
 from mesh.wire import Limits
 
 if TYPE_CHECKING:
@@ -33,23 +35,27 @@ _ALPHA = 0.2          # weight of a new sample in the smoothed latency
 
 class PeerPool:
     def __init__(self, secret: Secret, limits: Limits, tls: TlsConfig | None = None,
-                 links: Links | None = None) -> None:
+                 links: Links | None = None, connect: Callable[[str], PeerTransport] | None = None) -> None:
+        """`connect(address)` makes the transport to one peer (default: a gRPC PeerClient); made once per address."""
         self._secret = as_keyring(secret)  # shared by every client: a reloaded secret file reaches them all
         self._limits = limits
         self._tls = tls
         self.links = links if links is not None else Links()  # measured per address, shared by every client
         self._lock = threading.Lock()
-        self._clients: dict[str, PeerClient] = {}
+        self._connect = connect or self._grpc_client
+        self._clients: dict[str, PeerTransport] = {}
         self._failed_at: dict[str, float] = {}
         self._heard_at: dict[str, float] = {}
         self._latency: dict[str, float] = {}
 
-    def client(self, address: str) -> PeerClient:
+    def _grpc_client(self, address: str) -> PeerTransport:
+        return PeerClient(address, self._secret, self._limits, tls=self._tls, links=self.links)
+
+    def client(self, address: str) -> PeerTransport:
         with self._lock:
             c = self._clients.get(address)
             if c is None:
-                c = self._clients[address] = PeerClient(address, self._secret, self._limits, tls=self._tls,
-                                                                 links=self.links)
+                c = self._clients[address] = self._connect(address)
             return c
 
     def failed(self, address: str) -> None:

@@ -61,25 +61,33 @@ class Cluster(Protocol):
     def delete(self, keys: list[str], timeout: float) -> list[bool]: ...
     def delete_local(self, keys: list[str]) -> list[bool]: ...
     def digest(self, requester: str, buckets: int) -> tuple[list[int], list[int]]: ...
-    def ping(self, request: pb.PingRequest) -> pb.PingReply: ...
-    def members(self) -> list[pb.Member]: ...
     def stats(self) -> dict[str, float]: ...
     @property
     def replicas(self) -> int: ...
     @property
     def cluster_name(self) -> str: ...
+
+
+class Roster(Protocol):
+    """What the servicer needs from membership (mesh/membership.py): answering pings and listing members."""
+
+    def handle_ping(self, request: pb.PingRequest) -> pb.PingReply: ...
+    def members_pb(self) -> list[pb.Member]: ...
     def warnings(self) -> list[str]: ...
+    def stats(self) -> dict[str, float]: ...
 
 
 class MeshServicer(pb_grpc.MeshServicer):
     def __init__(self, node_id: str, address: str, store: BlobStore, limits: Limits,
-                 cluster: Cluster | None = None, auth: ServerAuth | None = None) -> None:
+                 cluster: Cluster | None = None, auth: ServerAuth | None = None,
+                 membership: Roster | None = None) -> None:
         self.node_id = node_id
         self.auth = auth
         self.address = address
         self.store = store
         self.limits = limits
         self.cluster = cluster
+        self.membership = membership
         self.on_drain: Callable[[], pb.DrainReply] | None = None
         self.stats_sources: list[Callable[[], dict[str, float]]] = []  # e.g. an embedded ComfyUI provider
         self._reports: dict[str, tuple[float, dict[str, float]]] = {}  # reporter -> (when, counters): sidecar clients
@@ -329,10 +337,11 @@ class MeshServicer(pb_grpc.MeshServicer):
         reply = pb.StatsReply(node_id=self.node_id, address=self.address, version=mesh.__version__,
                               uptime_seconds=time.time() - self.started, counters=self.counters(), replicas=1)
         if self.cluster is not None:
-            reply.members.extend(self.cluster.members())
             reply.replicas = self.cluster.replicas
             reply.cluster = self.cluster.cluster_name
-            reply.warnings.extend(self.cluster.warnings())
+        if self.membership is not None:
+            reply.members.extend(self.membership.members_pb())
+            reply.warnings.extend(self.membership.warnings())
         return reply
 
     def counters(self) -> dict[str, float]:
@@ -348,6 +357,8 @@ class MeshServicer(pb_grpc.MeshServicer):
             counters[name] = counters.get(name, 0.0) + value
         if self.cluster is not None:
             counters.update(self.cluster.stats())
+        if self.membership is not None:
+            counters.update(self.membership.stats())
         return counters
 
     def _take_report(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> None:
@@ -388,10 +399,10 @@ class MeshServicer(pb_grpc.MeshServicer):
                                  age_seconds=now - stored_at, meta=dict(h.meta))
 
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
-        if self.cluster is None:
+        if self.membership is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node runs without a cluster")
         try:
-            reply = self.cluster.ping(request)
+            reply = self.membership.handle_ping(request)
         except ValueError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         if self.auth is not None:

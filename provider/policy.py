@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mesh import blob
+from mesh import codec
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ class Policy:
     def allows_value(self, class_type: str, outputs: object, ui: object) -> bool:
         """A cheap walk of the value (no copies): representable, and not larger than the limit."""
         try:
-            blob.check(value_tree(outputs, ui), self.max_value_size)
-        except blob.NotCacheable as e:
+            codec.check(value_tree(outputs, ui), self.max_value_size)
+        except codec.NotCacheable as e:
             if class_type not in self._refused_logged:
                 self._refused_logged.add(class_type)
                 log.debug("not caching %s: %s", class_type, e)

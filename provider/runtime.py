@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mesh import blob
+from mesh import codec
 from mesh.client import LocalClient, MeshClient, RemoteClient
 from mesh.cluster import ClusterConfig
 from mesh.node import Node, NodeConfig
@@ -127,8 +127,8 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
         client = LocalClient(node)
     else:
         client = RemoteClient(config.node, secret, limits, direct=config.direct, tls=tls, compress=config.compress)
-    bridge = Bridge(client, encode=functools.partial(blob.encode, shuffle=config.shuffle, levels=True),
-                    decode=blob.decode, lookup_timeout=config.lookup_timeout, store_timeout=config.store_timeout,
+    bridge = Bridge(client, encode=functools.partial(codec.encode, shuffle=config.shuffle, levels=True),
+                    decode=codec.decode, lookup_timeout=config.lookup_timeout, store_timeout=config.store_timeout,
                     store_queue=config.store_queue, thread_init=torch_on_one_core)
     policy = Policy(traits, allow=config.allow, deny=config.deny, cache_output_nodes=config.cache_output_nodes,
                     max_value_size=config.max_value_size)

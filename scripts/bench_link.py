@@ -46,7 +46,7 @@ CLIENT = r'''
 import json, os, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np, torch
-from mesh import blob
+from mesh import codec as blob  # the tensor-tree codec, mesh/codec/
 from mesh.link import Links
 from mesh.peer import PeerClient
 from scripts.bench_node import synthetic_image

@@ -44,7 +44,7 @@ import lz4.block
 import numpy as np
 
 import mesh
-import mesh.blob
+import mesh.codec
 from mesh.peer import PeerClient
 from mesh.tls import TlsConfig, init_tls, load_tls
 from mesh.units import parse_size
@@ -427,12 +427,12 @@ def tls_comparison(plain: PeerClient, tls: PeerClient, big: int, image_side: int
     del raw, data
 
     image = synthetic_image(image_side, image_side)
-    encoded = mesh.blob.encode(image)
+    encoded = mesh.codec.encode(image)
 
     def get_image(c: PeerClient) -> object:
         blob = c.get("bench/tls/image")
         assert blob is not None, "IMAGE miss"
-        return mesh.blob.decode(blob.data)
+        return mesh.codec.decode(blob.data)
 
     cases.append(compare(f"IMAGE {'x'.join(map(str, image.shape))} hit, get+decode", "bench/tls/image",
                          memoryview(encoded), get_image, lambda v: torch.equal(v, image),  # type: ignore[arg-type]

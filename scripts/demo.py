@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from mesh import blob  # noqa: E402
+from mesh import codec  # noqa: E402
 from mesh.localmesh import LocalMesh  # noqa: E402
 from mesh.ring import Ring  # noqa: E402
 from mesh.units import format_size  # noqa: E402
@@ -42,7 +42,7 @@ def mesh_demo(mesh: LocalMesh) -> None:
     gen = torch.Generator().manual_seed(42)
     value = {"outputs": [[{"samples": torch.randn(1, 4, 128, 128, generator=gen)}],
                          [torch.rand(1, 512, 512, 3, generator=gen)]], "ui": None}
-    data = blob.encode(value)
+    data = codec.encode(value)
     key = "demo/" + hashlib.sha256(b"demo workflow inputs").hexdigest()
     owners = Ring({n.node_id: float(4 << 30) for n in mesh.nodes}).owners(key, 2)
     with mesh.client(mesh.nodes[0]) as c:
@@ -56,7 +56,7 @@ def mesh_demo(mesh: LocalMesh) -> None:
         got = c.get(key)
         ms = (time.perf_counter() - t) * 1e3
     assert got is not None
-    back = blob.decode(got.data)
+    back = codec.decode(got.data)
     same = all(torch.equal(a, b) for a, b in (
         (value["outputs"][0][0]["samples"], back["outputs"][0][0]["samples"]),  # type: ignore[index]
         (value["outputs"][1][0], back["outputs"][1][0]),  # type: ignore[index]

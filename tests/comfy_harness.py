@@ -853,7 +853,7 @@ class Process:
         from mesh.pb import mesh_pb2 as pb
 
         return [{"node_id": m.node_id, "address": m.address, "state": pb.MemberState.Name(m.state)}
-                for m in node.cluster.members()]
+                for m in node.membership.members_pb()]
 
     def contexts(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         ctxs = self.engine.contexts(build_prompt(spec))

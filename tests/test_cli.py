@@ -177,12 +177,12 @@ def test_get_describe_shows_a_comfyui_value(mesh: Callable[..., subprocess.Compl
                                             tmp_path: Path) -> None:
     import torch
 
-    from mesh import blob
+    from mesh import codec
 
     value = {"outputs": [[{"samples": torch.zeros(1, 4, 8, 8)}], [torch.ones(2, 3, dtype=torch.bfloat16)], ["txt"]],
              "ui": None}
     path = tmp_path / "value.bin"
-    path.write_bytes(blob.encode(value))
+    path.write_bytes(codec.encode(value))
     assert mesh("put", "cm1/v", str(path), "--meta", "class_type=KSampler").returncode == 0
     human = mesh("get", "cm1/v", "--describe")
     assert human.returncode == 0, human.stderr

@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 
 import pytest
 
 from mesh.localmesh import LocalMesh
 from mesh.ring import Ring
+from tests.conftest import poll
 
 FAST = ["--heartbeat", "0.2", "--suspect-after", "1.0", "--dead-after", "2.0"]
 DEAD_WITHIN = 2.0 + 0.2 + 3.0  # dead_after + one heartbeat + slack for a loaded CI machine
@@ -30,6 +32,28 @@ def _cli(mesh: LocalMesh, node_address: str, *args: str) -> subprocess.Completed
 def _members(mesh: LocalMesh, node) -> dict[str, int]:  # type: ignore[no-untyped-def]
     with mesh.client(node) as c:
         return {m.node_id: m.state for m in c.stats(timeout=5).members}
+
+
+def _wait_replicated(mesh: LocalMesh, keys: Iterable[str], prefix: str) -> None:
+    """Until every key is on both its owners: a put returns after one ack, the other copy follows in the background."""
+    nodes = [n for n in mesh.nodes if n.alive]
+    ring = Ring({n.node_id: 1.0 for n in nodes})
+    keys = list(keys)
+    want = {n.node_id: {k for k in keys if n.node_id in ring.owners(k, 2)} for n in nodes}
+
+    def held() -> bool:
+        for node in nodes:
+            with mesh.client(node) as c:
+                if not want[node.node_id] <= {k.key for k in c.list_keys(prefix=prefix)}:
+                    return False
+        return True
+
+    poll(held, f"every {prefix}* key on both its owners", timeout=20, interval=0.1)
+
+
+def _wait_state(mesh: LocalMesh, observer, node_id: str, state: int, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    poll(lambda: _members(mesh, observer).get(node_id) == state, f"{node_id} in state {state} at {observer.node_id}",
+         timeout=timeout, interval=0.1)
 
 
 @pytest.fixture
@@ -77,7 +101,7 @@ def test_killed_owner_is_detected_and_replica_serves(five: LocalMesh) -> None:
     with five.client(five.nodes[1]) as c:
         for k, v in values.items():
             c.put(k, v)
-    time.sleep(0.5)  # replica writes finish in the background
+    _wait_replicated(five, values, "kill/")
     five.kill(victim)
     killed_at = time.monotonic()
     # Reads during detection and after: never wrong bytes, never longer than the deadline.
@@ -87,9 +111,7 @@ def test_killed_owner_is_detected_and_replica_serves(five: LocalMesh) -> None:
             got = c.get(k, timeout=3.0)
             assert time.monotonic() - started < 3.0 + 1.0
             assert got is not None and bytes(got.data) == v
-    while _members(five, reader).get(victim.node_id) != 2:  # DEAD
-        assert time.monotonic() - killed_at < DEAD_WITHIN, "killed node not marked dead in time"
-        time.sleep(0.1)
+    _wait_state(five, reader, victim.node_id, 2, DEAD_WITHIN - (time.monotonic() - killed_at))  # DEAD
     with five.client(five.nodes[3]) as c:
         for k, v in values.items():
             got = c.get(k, timeout=5.0)
@@ -101,7 +123,7 @@ def test_added_node_keeps_keys_readable_and_moves_about_one_nth(five: LocalMesh)
     with five.client(five.nodes[0]) as c:
         for k, v in values.items():
             c.put(k, v)
-    time.sleep(0.5)
+    _wait_replicated(five, values, "scale/")
     newcomer = five.start_node()
     # Right after the change, through the newcomer itself: misses at a new owner ask the previous owners.
     with five.client(newcomer) as c:
@@ -116,14 +138,13 @@ def test_added_node_keeps_keys_readable_and_moves_about_one_nth(five: LocalMesh)
     # Keys whose owner sets did not change involve no movement at all.
     assert all(set(old.owners(k, 2)) == set(new.owners(k, 2)) for k in values if newcomer.node_id not in new.owners(k, 2))
     # The rebalancer copies the newcomer's keys to it in the background.
-    deadline = time.monotonic() + 20
-    while True:
+    owned = {k for k in values if newcomer.node_id in new.owners(k, 2)}
+
+    def newcomer_holds_its_keys() -> bool:
         with five.client(newcomer) as c:
-            held = {k.key for k in c.list_keys(prefix="scale/")}
-        if len(held) >= moved or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert {k for k in values if newcomer.node_id in new.owners(k, 2)} <= held
+            return owned <= {k.key for k in c.list_keys(prefix="scale/")}
+
+    poll(newcomer_holds_its_keys, "the newcomer holds every key it owns", timeout=20, interval=0.2)
     with five.client(five.nodes[4]) as c:
         for k, v in values.items():
             got = c.get(k, timeout=5.0)
@@ -136,7 +157,7 @@ def test_drained_node_hands_off_its_keys(five: LocalMesh) -> None:
     with five.client(five.nodes[0]) as c:
         for k, v in values.items():
             c.put(k, v)
-    time.sleep(0.5)
+    _wait_replicated(five, values, "drain/")
     result = _cli(five, leaving.address, "drain", "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["failed"] == 0
@@ -157,10 +178,7 @@ def test_restarted_node_with_same_id_rejoins() -> None:
         mesh.wait_members(3)
         victim = mesh.nodes[2]
         mesh.kill(victim)
-        deadline = time.monotonic() + DEAD_WITHIN
-        while _members(mesh, mesh.nodes[0]).get(victim.node_id) != 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        _wait_state(mesh, mesh.nodes[0], victim.node_id, 2, DEAD_WITHIN)  # DEAD
         mesh.start_node(node_id=victim.node_id)
         mesh.wait_members(3, nodes=[mesh.nodes[0], mesh.nodes[1], mesh.nodes[3]])
 
@@ -170,7 +188,12 @@ def test_node_with_wrong_secret_is_not_admitted() -> None:
         good.start(2)
         good.wait_members(2)
         intruder = bad.start_node(seeds=[good.nodes[0].address], node_id="intruder")
-        time.sleep(2.0)
+
+        def refused() -> bool:  # the intruder did knock, and was told no: only then is the absence below news
+            with bad.client(intruder) as c:
+                return any("is not a member" in w for w in c.stats(timeout=5).warnings)
+
+        poll(refused, "the intruder's seed refused it", timeout=20, interval=0.1)
         for node in good.nodes:
             assert intruder.node_id not in _members(good, node) or intruder.node_id == node.node_id
         with bad.client(intruder) as c:
@@ -189,7 +212,7 @@ def test_concurrent_reads_of_one_key_make_one_transfer_and_stay_near() -> None:
         owners = [n for n in mesh.nodes if n.node_id in ring.owners(key, 2)]
         with mesh.client(owners[0]) as c:
             c.put(key, value)
-        time.sleep(0.5)
+        _wait_replicated(mesh, [key], "hot/")
 
         def owner_hits() -> int:
             total = 0

@@ -63,14 +63,13 @@ def test_zeroconf_nodes_find_each_other_and_refuse_strangers(tmp_path: Path) -> 
                                  "--status", str(rogue_status)], cwd=repo,
                   env={**os.environ, "PYTHONPATH": repo}, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         want = {"zc0": "ALIVE", "zc1": "ALIVE", "zc2": "ALIVE"}
-        deadline = time.monotonic() + 20
         views: dict[str, dict[str, str]] = {}
-        while time.monotonic() < deadline:
-            views = {h.name: _peers(lab, h, good_secret) for h in lab.hosts[:3]}
-            if all(v == want for v in views.values()):
-                break
-            time.sleep(0.3)
-        assert all(v == want for v in views.values()), views
+
+        def converged() -> bool:
+            views.update({h.name: _peers(lab, h, good_secret) for h in lab.hosts[:3]})
+            return all(v == want for v in views.values())
+
+        poll(converged, "the three good nodes see exactly each other ALIVE", timeout=20, interval=0.3)
         # The adverts reached everyone (same LAN): every good node tried both strangers and refused them.
         logs = [tmp_path / f"zc{i}.log" for i in range(3)]
         poll(lambda: all(f"not admitting {lab.hosts[3].addr}" in p.read_text()

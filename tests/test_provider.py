@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from mesh import blob
+from mesh import codec
 from mesh.client import LocalClient, RemoteClient
 from mesh.peer import PeerClient
 from provider.bridge import Bridge
@@ -31,7 +31,7 @@ from provider.policy import Policy
 from provider.runtime import namespace_for
 from tests.comfy_harness import (STANDARD_LOCAL, STANDARD_SHARED, CacheValue, Engine, HarnessProcess,
                                  chain_prompt, parser, standard_prompt, start_runtime, traits_lookup)
-from tests.conftest import free_port
+from tests.conftest import free_port, poll
 
 SECRET = "provider-test-secret"
 
@@ -124,17 +124,18 @@ def test_sidecar_mode_shares_through_mesh_serve(tmp_path: Path) -> None:
             assert set(rb["provider_hits"]) == set(STANDARD_SHARED)
             assert shared_outputs(rb) == shared_outputs(ra)
             # B's provider reports its counters to its sidecar: `mesh stats` there shows them.
-            deadline = time.monotonic() + 20
-            while True:
+            counters: dict[str, float] = {}
+
+            def reported() -> bool:
+                nonlocal counters
                 done = subprocess.run([sys.executable, "-m", "mesh.cli", "--node", mesh.nodes[1].address,
                                        "--secret-file", str(mesh.secret_file), "stats", "--json"],
                                       capture_output=True, text=True, timeout=60)
                 assert done.returncode == 0, done.stderr
                 counters = json.loads(done.stdout)["counters"]
-                if counters.get("provider_hits") == len(STANDARD_SHARED) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-            assert counters.get("provider_hits") == len(STANDARD_SHARED)
+                return counters.get("provider_hits") == len(STANDARD_SHARED)
+
+            poll(reported, "B's provider hits reported to its sidecar", timeout=20, interval=0.5)
             assert counters.get("provider_prompts") == 1
         finally:
             if b is not None:
@@ -304,9 +305,9 @@ def _run(coro: Any) -> Any:
 def test_corrupt_or_foreign_blob_is_a_miss(lone: Any) -> None:
     provider: MeshCacheProvider = lone.provider
     client = LocalClient(lone.node)
-    good = bytes(blob.encode({"outputs": [[torch.ones(1000)]], "ui": None}))
+    good = bytes(codec.encode({"outputs": [[torch.ones(1000)]], "ui": None}))
     cases = {"garbage": b"not a blob at all", "truncated": good[:-100], "bad manifest": good[:8] + b"X" + good[9:],
-             "padded": good + b"\0" * 64, "not a ComfyUI value": bytes(blob.encode(torch.ones(3)))}
+             "padded": good + b"\0" * 64, "not a ComfyUI value": bytes(codec.encode(torch.ones(3)))}
     for name, data in cases.items():
         client.put(provider.key(_Context("X", name)), data, {}, timeout=5)
     client.put(provider.key(_Context("X", "good")), good, {}, timeout=5)
@@ -331,7 +332,7 @@ def test_full_store_queue_drops_and_counts(lone: Any) -> None:
             release.wait(10)
             return super().put(*args, **kwargs)
 
-    bridge = Bridge(Stalled(lone.node), encode=blob.encode, decode=blob.decode, lookup_timeout=1,
+    bridge = Bridge(Stalled(lone.node), encode=codec.encode, decode=codec.decode, lookup_timeout=1,
                     store_timeout=5, store_queue=2)
     provider = MeshCacheProvider(bridge, Policy(traits_lookup()), namespace="ns", cache_value=CacheValue,
                                  lookup_timeout=1)
@@ -364,7 +365,7 @@ def test_recently_stored_keys_are_skipped_and_the_memory_of_them_is_bounded(lone
             puts.append(key)
             return super().put(key, *args, **kwargs)
 
-    bridge = Bridge(Counting(lone.node), encode=blob.encode, decode=blob.decode, lookup_timeout=1,
+    bridge = Bridge(Counting(lone.node), encode=codec.encode, decode=codec.decode, lookup_timeout=1,
                     store_timeout=5, store_queue=1000)
     try:
         for i in range(200):

@@ -20,11 +20,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from mesh import blob
-from mesh.blob import BlobFormatError, NotCacheable
+from mesh import codec
+from mesh.cli import format_description
+from mesh.codec import BlobFormatError, NotCacheable
 
 ROOT = Path(__file__).resolve().parent.parent
-TORCH_DTYPES = [getattr(torch, name) for name in blob.TENSOR_DTYPES if hasattr(torch, name)]
+TORCH_DTYPES = [getattr(torch, name) for name in codec.TENSOR_DTYPES if hasattr(torch, name)]
 FLOAT_DTYPES = [d for d in TORCH_DTYPES if d.is_floating_point]
 NUMPY_DTYPES = [np.dtype(c) for c in ("?", "u1", "i1", "<i2", ">i2", "<u2", "<i4", ">u4", "<i8", "<u8", "<f2",
                                      "<f4", ">f4", "<f8", ">f8", "<c8", ">c16")]
@@ -66,16 +67,16 @@ def assert_same(a: Any, b: Any, path: str = "") -> None:
 
 
 def roundtrip(value: Any, *, shuffle: bool = False, levels: bool = False) -> Any:
-    buf = blob.encode(value, shuffle=shuffle, levels=levels)
+    buf = codec.encode(value, shuffle=shuffle, levels=levels)
     if levels:
-        assert len(buf) <= blob.check(value)  # check() is the size without the uint8 form: an upper bound
+        assert len(buf) <= codec.check(value)  # check() is the size without the uint8 form: an upper bound
     else:
-        assert blob.check(value) == len(buf)
-    assert buf[:4] == blob.MAGIC
-    out = blob.decode(buf)
+        assert codec.check(value) == len(buf)
+    assert buf[:4] == codec.MAGIC
+    out = codec.decode(buf)
     assert_same(value, out)
-    assert_same(value, blob.decode(bytes(buf)))  # read-only input takes the copying path
-    assert_same(value, blob.decode(pieces(bytes(buf))))  # chunks as they came off the wire, never joined
+    assert_same(value, codec.decode(bytes(buf)))  # read-only input takes the copying path
+    assert_same(value, codec.decode(pieces(bytes(buf))))  # chunks as they came off the wire, never joined
     return out
 
 
@@ -92,14 +93,14 @@ def pieces(buf: bytes, sizes: tuple[int, ...] = (1, 3, 61, 4099)) -> list[bytes]
 def forge(manifest: Any, data: bytes = b"", *, length: int | None = None) -> bytes:
     """A blob with a hand-written manifest, laid out the way the format says."""
     text = json.dumps(manifest).encode()
-    head = struct.pack("<4sI", blob.MAGIC, len(text) if length is None else length) + text
-    return head + bytes(-len(head) % blob.ALIGN) + data
+    head = struct.pack("<4sI", codec.MAGIC, len(text) if length is None else length) + text
+    return head + bytes(-len(head) % codec.ALIGN) + data
 
 
 def tensor_node(dtype: str = "float32", shape: list[int] | None = None, **extra: Any) -> dict[str, Any]:
     shape = [2, 3] if shape is None else shape
     node = {"t": "tensor", "dtype": dtype, "shape": shape, "off": 0,
-            "len": math.prod(shape) * blob.TENSOR_DTYPES.get(dtype, 4)}
+            "len": math.prod(shape) * codec.TENSOR_DTYPES.get(dtype, 4)}
     node.update(extra)
     return node
 
@@ -169,8 +170,8 @@ def image_levels(shape: tuple[int, ...] = (1, 64, 64, 3), seed: int = 0) -> torc
 def test_levels_image_is_4x_smaller_and_bit_exact() -> None:
     for img in (image_levels(), torch.randint(0, 256, (2, 32, 48, 3)).float() / 255,
                 torch.arange(256).float().div(255).repeat(20)):
-        buf = blob.encode([img], levels=True)
-        assert blob.describe(buf)[0]["levels"] == 255
+        buf = codec.encode([img], levels=True)
+        assert codec.describe(buf)[0]["levels"] == 255
         assert len(buf) < img.numel() + 200
         roundtrip([img], levels=True)
         roundtrip([img], levels=True, shuffle=True)  # levels wins over shuffle for such a tensor
@@ -193,14 +194,14 @@ def test_levels_refused_for_anything_not_exactly_a_level(poison: str) -> None:
         flat[at] = 256 / 255
     else:  # a value that rounds to a level code but is not that level's float32
         flat[at] = float(np.float32(100 / 255)) + 2e-8
-    buf = blob.encode([img], levels=True)
-    assert "levels" not in blob.describe(buf)[0]
+    buf = codec.encode([img], levels=True)
+    assert "levels" not in codec.describe(buf)[0]
     roundtrip([img], levels=True)
 
 
 def test_levels_only_for_large_float32() -> None:
     for t in (image_levels((1, 8, 8, 3)), image_levels().double(), image_levels().half()):
-        assert "levels" not in blob.describe(blob.encode([t], levels=True))[0]
+        assert "levels" not in codec.describe(codec.encode([t], levels=True))[0]
 
 
 @settings(max_examples=60, deadline=None)
@@ -222,20 +223,20 @@ def test_levels_roundtrip_property(seed: int, n: int, stray: float | None, where
 def test_levels_manifest_refusals(extra: dict[str, Any], message: str) -> None:
     node = {"t": "tensor", "dtype": "float32", "shape": [4], "off": 0, "len": 4, **extra}
     with pytest.raises(BlobFormatError, match=message):
-        blob.decode(forge(node, bytes(4)))
+        codec.decode(forge(node, bytes(4)))
     node = {"t": "tensor", "dtype": "float16", "shape": [4], "off": 0, "len": 4, "levels": 255}
     with pytest.raises(BlobFormatError, match="float16"):
-        blob.decode(forge(node, bytes(4)))
+        codec.decode(forge(node, bytes(4)))
     node = {"t": "tensor", "dtype": "float32", "shape": [4], "off": 0, "len": 16, "levels": 255}
     with pytest.raises(BlobFormatError, match="one byte per level"):
-        blob.decode(forge(node, bytes(16)))
+        codec.decode(forge(node, bytes(16)))
 
 
 def test_decode_from_pieces_writes_fresh_memory() -> None:
     value = {"img": image_levels(), "latent": torch.randn(1, 4, 16, 16), "arr": np.arange(10), "b": b"xyz"}
-    parts = [bytearray(p) for p in pieces(bytes(blob.encode(value, levels=True)))]
+    parts = [bytearray(p) for p in pieces(bytes(codec.encode(value, levels=True)))]
     before = [bytes(p) for p in parts]
-    out = blob.decode(parts)
+    out = codec.decode(parts)
     assert_same(value, out)
     out["latent"].fill_(7)
     out["img"].fill_(7)
@@ -276,7 +277,7 @@ def test_non_contiguous_tensors() -> None:
     views = [base.transpose(0, 2), base[::2, 1::3], base.permute(2, 0, 1),
              base[:, :, 2], torch.randn(3, 4, dtype=torch.complex64).conj(), -torch.randn(5, 5)[::2]]
     for v in views:
-        assert_same(v, blob.decode(blob.encode(v)))
+        assert_same(v, codec.decode(codec.encode(v)))
 
 
 def test_expanded_tensor_is_materialized() -> None:
@@ -288,7 +289,7 @@ def test_expanded_tensor_is_materialized() -> None:
 def test_requires_grad_and_parameter() -> None:
     t = torch.randn(3, 4, requires_grad=True) * 2  # non-leaf with a grad_fn
     p = torch.nn.Parameter(torch.randn(2, 2))
-    out = blob.decode(blob.encode([t, p]))
+    out = codec.decode(codec.encode([t, p]))
     assert type(out[1]) is torch.Tensor and not out[0].requires_grad
     assert raw(out[0]) == raw(t) and raw(out[1]) == raw(p)
 
@@ -297,22 +298,22 @@ def test_requires_grad_and_parameter() -> None:
 def test_shuffle_roundtrip(dtype: torch.dtype) -> None:
     t = (torch.randn(3, 40, 50) * 100).to(dtype)
     strided = t.transpose(1, 2)[:, ::2]  # fewer than SHUFFLE_MIN_ELEMENTS: stored plain
-    buf = blob.encode([t, t.transpose(0, 2), strided], shuffle=True)
-    shuffled = [r.get("shuffle", False) for r in blob.describe(buf)]
+    buf = codec.encode([t, t.transpose(0, 2), strided], shuffle=True)
+    shuffled = [r.get("shuffle", False) for r in codec.describe(buf)]
     assert shuffled == [t.element_size() > 1] * 2 + [False]
-    assert_same([t, t.transpose(0, 2), strided], blob.decode(buf))
+    assert_same([t, t.transpose(0, 2), strided], codec.decode(buf))
 
 
 def test_shuffle_helpers() -> None:
     data = bytes(range(12))
-    assert blob.byte_shuffle(data, 4) == bytes([0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11])
-    assert blob.byte_unshuffle(blob.byte_shuffle(data, 4), 4) == data
-    assert blob.byte_shuffle(memoryview(bytearray(data)), 3) == bytes([0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11])
-    assert blob.byte_shuffle(b"", 8) == b""
+    assert codec.byte_shuffle(data, 4) == bytes([0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11])
+    assert codec.byte_unshuffle(codec.byte_shuffle(data, 4), 4) == data
+    assert codec.byte_shuffle(memoryview(bytearray(data)), 3) == bytes([0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11])
+    assert codec.byte_shuffle(b"", 8) == b""
     with pytest.raises(ValueError):
-        blob.byte_shuffle(b"abc", 2)
+        codec.byte_shuffle(b"abc", 2)
     t = torch.randn(4096)
-    assert blob.encode(t, shuffle=True)[-4 * 4096:] == blob.byte_shuffle(raw(t), 4)
+    assert codec.encode(t, shuffle=True)[-4 * 4096:] == codec.byte_shuffle(raw(t), 4)
 
 
 def test_python_scalars_exact() -> None:
@@ -330,7 +331,7 @@ def test_numpy_arrays() -> None:
               np.arange(4, dtype=np.complex128).reshape(2, 2).T]
     out = roundtrip(arrays)
     assert out[3].dtype == np.dtype(">u4")
-    assert all(a.flags.writeable for a in blob.decode(blob.encode(arrays)))
+    assert all(a.flags.writeable for a in codec.decode(codec.encode(arrays)))
 
 
 def test_dict_order_and_tuple_kept() -> None:
@@ -341,32 +342,32 @@ def test_dict_order_and_tuple_kept() -> None:
 
 def test_decode_is_zero_copy_for_writable_buffers() -> None:
     t = torch.randn(4, 8, 8, 3)
-    buf = blob.encode({"x": t})
-    out = blob.decode(buf)["x"]
+    buf = codec.encode({"x": t})
+    out = codec.decode(buf)["x"]
     out[0, 0, 0, 0] = 42.0
-    assert blob.decode(buf)["x"][0, 0, 0, 0] == 42.0  # the tensor is a view of buf
+    assert codec.decode(buf)["x"][0, 0, 0, 0] == 42.0  # the tensor is a view of buf
     frozen = bytes(buf)
-    copied = blob.decode(frozen)["x"]
+    copied = codec.decode(frozen)["x"]
     copied[0, 0, 0, 0] = 7.0  # safe: read-only input was copied first
-    assert blob.decode(frozen)["x"][0, 0, 0, 0] == 42.0
+    assert codec.decode(frozen)["x"][0, 0, 0, 0] == 42.0
 
 
 def test_sections_are_aligned() -> None:
     value = [b"x", torch.ones(3, dtype=torch.float64), np.ones(5, dtype=np.int8), torch.ones(2, dtype=torch.int64)]
-    buf = blob.encode(value)
-    out = blob.decode(buf)
+    buf = codec.encode(value)
+    out = codec.decode(buf)
     header = struct.unpack_from("<I", buf, 4)[0]
-    start = -(-(8 + header) // blob.ALIGN) * blob.ALIGN
+    start = -(-(8 + header) // codec.ALIGN) * codec.ALIGN
     addr = np.frombuffer(buf, dtype=np.uint8).ctypes.data
     for t in (out[1], out[3]):
-        assert (t.data_ptr() - addr - start) % blob.ALIGN == 0
+        assert (t.data_ptr() - addr - start) % codec.ALIGN == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_tensors_come_back_on_cpu() -> None:
     t = torch.randn(2, 64, 64, 3, device="cuda")
     for shuffle in (False, True):
-        out = blob.decode(blob.encode([t, t.transpose(1, 2)], shuffle=shuffle))
+        out = codec.decode(codec.encode([t, t.transpose(1, 2)], shuffle=shuffle))
         assert out[0].device.type == "cpu" and torch.equal(out[0], t.cpu()) and torch.equal(out[1], t.transpose(1, 2).cpu())
 
 
@@ -409,7 +410,7 @@ class MyDict(dict):
     ([np.ma.masked_array([1, 2])], "[0]", "MaskedArray"),
 ], ids=lambda v: None)
 def test_not_cacheable_names_type_and_path(value: Any, where: str, what: str) -> None:
-    for fn in (blob.encode, blob.check):
+    for fn in (codec.encode, codec.check):
         with pytest.raises(NotCacheable) as e:
             fn(value)
         assert isinstance(e.value, TypeError)
@@ -421,36 +422,36 @@ def test_cycles_and_deep_nesting_are_refused() -> None:
     cyclic: list[Any] = []
     cyclic.append(cyclic)
     with pytest.raises(NotCacheable, match="nested deeper"):
-        blob.encode(cyclic)
+        codec.encode(cyclic)
     deep: Any = 1
-    for _ in range(blob.MAX_DEPTH):
+    for _ in range(codec.MAX_DEPTH):
         deep = [deep]
     roundtrip(deep)
     with pytest.raises(NotCacheable, match="nested deeper"):
-        blob.check([deep])
+        codec.check([deep])
 
 
 def test_check_is_exact_and_enforces_max_bytes() -> None:
     value = [[torch.zeros(4, 64, 64, 3)], {"s": "x" * 100, "b": b"12345"}]
-    size = blob.check(value)
-    assert size == len(blob.encode(value))
-    assert blob.check(value, max_bytes=size) == size
+    size = codec.check(value)
+    assert size == len(codec.encode(value))
+    assert codec.check(value, max_bytes=size) == size
     with pytest.raises(NotCacheable, match=f"exceeds max_bytes {size - 1}"):
-        blob.check(value, max_bytes=size - 1)
+        codec.check(value, max_bytes=size - 1)
 
 
 def test_check_never_touches_data() -> None:
     huge = torch.zeros(1).expand(2**40)  # 4 TiB if it were ever materialized
-    assert blob.check([huge]) > 4 * 2**40
+    assert codec.check([huge]) > 4 * 2**40
     with pytest.raises(NotCacheable, match="max_bytes"):
-        blob.check([huge, object()], max_bytes=2**31)  # stops at the size, before the unsupported leaf
+        codec.check([huge, object()], max_bytes=2**31)  # stops at the size, before the unsupported leaf
 
 
 # ------------------------------------------------------------------------------------------------ corrupt input
 
 
 def sample_blob() -> bytearray:
-    return blob.encode([{"samples": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, 7, "s", b"xy",
+    return codec.encode([{"samples": torch.arange(6, dtype=torch.float32).reshape(2, 3)}, 7, "s", b"xy",
                         np.arange(3, dtype=np.int16), (True, None, 1.5)])
 
 
@@ -458,20 +459,20 @@ def test_bad_magic() -> None:
     buf = sample_blob()
     buf[:4] = b"PK\x03\x04"
     with pytest.raises(BlobFormatError, match="bad magic"):
-        blob.decode(buf)
+        codec.decode(buf)
 
 
 def test_every_truncation_fails_cleanly() -> None:
     buf = bytes(sample_blob())
     for n in range(len(buf)):
-        for fn in (blob.decode, blob.describe):
+        for fn in (codec.decode, codec.describe):
             with pytest.raises(BlobFormatError):
                 fn(buf[:n])
 
 
 def test_trailing_bytes_refused() -> None:
     with pytest.raises(BlobFormatError, match="after the last"):
-        blob.decode(bytes(sample_blob()) + b"\x00")
+        codec.decode(bytes(sample_blob()) + b"\x00")
 
 
 @pytest.mark.parametrize("manifest, data, message", [
@@ -513,20 +514,20 @@ def test_trailing_bytes_refused() -> None:
 ], ids=lambda v: None)
 def test_inconsistent_manifests(manifest: Any, data: bytes, message: str) -> None:
     buf = forge(manifest, data)
-    for fn in (blob.decode, blob.describe):
+    for fn in (codec.decode, codec.describe):
         with pytest.raises(BlobFormatError, match=message):
             fn(buf)
 
 
 def test_depth_limit_on_decode() -> None:
     node: dict[str, Any] = {"t": "none"}
-    for _ in range(blob.MAX_DEPTH + 1):
+    for _ in range(codec.MAX_DEPTH + 1):
         node = {"t": "list", "items": [node]}
     with pytest.raises(BlobFormatError, match="nested deeper"):
-        blob.decode(forge(node))
+        codec.decode(forge(node))
     text = b"[" * 100_000 + b"]" * 100_000  # deeper than the JSON parser itself will go
     with pytest.raises(BlobFormatError, match="not valid JSON"):
-        blob.decode(struct.pack("<4sI", blob.MAGIC, len(text)) + text)
+        codec.decode(struct.pack("<4sI", codec.MAGIC, len(text)) + text)
 
 
 @pytest.mark.parametrize("manifest, data", [
@@ -535,29 +536,29 @@ def test_depth_limit_on_decode() -> None:
 ], ids=["tensor", "ndarray"])
 def test_bool_data_must_be_0_or_1(manifest: Any, data: bytes) -> None:
     buf = forge(manifest, data)
-    assert blob.describe(buf)[0]["dtype"] == "bool"  # describe reads the manifest alone
+    assert codec.describe(buf)[0]["dtype"] == "bool"  # describe reads the manifest alone
     with pytest.raises(BlobFormatError, match="0 and 1"):
-        blob.decode(buf)
+        codec.decode(buf)
 
 
 @pytest.mark.parametrize("body, message", [
-    (struct.pack("<4sI", blob.MAGIC, 0xFFFFFFFF), "exceeds the limit"),
-    (struct.pack("<4sI", blob.MAGIC, 1000) + b"{}", "truncated"),
-    (struct.pack("<4sI", blob.MAGIC, 2) + b"\xff\xfe", "not valid JSON"),
-    (struct.pack("<4sI", blob.MAGIC, 3) + b"NaN", "not valid JSON"),
-    (struct.pack("<4sI", blob.MAGIC, 5) + b'{"t":', "not valid JSON"),
+    (struct.pack("<4sI", codec.MAGIC, 0xFFFFFFFF), "exceeds the limit"),
+    (struct.pack("<4sI", codec.MAGIC, 1000) + b"{}", "truncated"),
+    (struct.pack("<4sI", codec.MAGIC, 2) + b"\xff\xfe", "not valid JSON"),
+    (struct.pack("<4sI", codec.MAGIC, 3) + b"NaN", "not valid JSON"),
+    (struct.pack("<4sI", codec.MAGIC, 5) + b'{"t":', "not valid JSON"),
     (b"CMB", "shorter than"),
     (b"", "shorter than"),
 ], ids=lambda v: None)
 def test_bad_headers(body: bytes, message: str) -> None:
     with pytest.raises(BlobFormatError, match=message):
-        blob.decode(body)
+        codec.decode(body)
 
 
 def test_manifest_never_imports_anything() -> None:
     for dtype in ("os", "__builtins__", "nn", "Tensor"):
         with pytest.raises(BlobFormatError):
-            blob.decode(forge(tensor_node(dtype=dtype, len=24), bytes(24)))
+            codec.decode(forge(tensor_node(dtype=dtype, len=24), bytes(24)))
 
 
 @settings(max_examples=400, deadline=None)
@@ -568,7 +569,7 @@ def test_fuzz_byte_flips(data: st.DataObject) -> None:
     for _ in range(data.draw(st.integers(1, 4))):
         at = data.draw(st.integers(0, manifest_end + 8) | st.integers(0, len(buf) - 1))
         buf[min(at, len(buf) - 1)] = data.draw(st.integers(0, 255))
-    for fn in (blob.decode, blob.describe):
+    for fn in (codec.decode, codec.describe):
         try:
             fn(bytes(buf))
         except BlobFormatError:
@@ -600,9 +601,9 @@ def test_fuzz_manifest_fields(data: st.DataObject) -> None:
     collect(manifest)
     target = data.draw(st.sampled_from(containers))
     key = data.draw(st.sampled_from(list(target) if isinstance(target, dict) else range(len(target))))
-    target[key] = data.draw(json_values | st.sampled_from(list(blob.TENSOR_DTYPES) + ["tensor", "ndarray", "dict"]))
+    target[key] = data.draw(json_values | st.sampled_from(list(codec.TENSOR_DTYPES) + ["tensor", "ndarray", "dict"]))
     buf = forge(manifest, SAMPLE[SAMPLE_DATA_START:])
-    for fn in (blob.decode, blob.describe):
+    for fn in (codec.decode, codec.describe):
         try:
             fn(buf)
         except BlobFormatError:
@@ -610,18 +611,18 @@ def test_fuzz_manifest_fields(data: st.DataObject) -> None:
 
 
 SAMPLE = bytes(sample_blob())
-SAMPLE_DATA_START = -(-(8 + struct.unpack_from("<I", SAMPLE, 4)[0]) // blob.ALIGN) * blob.ALIGN
+SAMPLE_DATA_START = -(-(8 + struct.unpack_from("<I", SAMPLE, 4)[0]) // codec.ALIGN) * codec.ALIGN
 
 
 # ------------------------------------------------------------------------------------------------ describe
 
 
 def latent_blob() -> bytearray:
-    return blob.encode([[{"samples": torch.zeros(1, 4, 64, 64), "batch_index": [0]}], (1.5, "euler", None, True)])
+    return codec.encode([[{"samples": torch.zeros(1, 4, 64, 64), "batch_index": [0]}], (1.5, "euler", None, True)])
 
 
 def test_describe_latent() -> None:
-    rows = blob.describe(latent_blob())
+    rows = codec.describe(latent_blob())
     assert rows == [
         {"path": "[0][0]['samples']", "type": "tensor", "dtype": "float32", "shape": [1, 4, 64, 64], "bytes": 65536},
         {"path": "[0][0]['batch_index'][0]", "type": "int", "value": 0},
@@ -631,7 +632,7 @@ def test_describe_latent() -> None:
         {"path": "[1][3]", "type": "bool", "value": True},
     ]
     json.dumps(rows)  # the CLI prints them as JSON
-    text = blob.format_description(rows)
+    text = format_description(rows)
     lines = text.splitlines()
     assert len(lines) == len(rows)
     assert "[0][0]['samples']" in lines[0] and "float32" in lines[0] and "64.0 KiB" in lines[0]
@@ -639,20 +640,21 @@ def test_describe_latent() -> None:
 
 
 def test_describe_odd_leaves() -> None:
-    rows = blob.describe(blob.encode([[], {}, (), b"abc", np.zeros(2, dtype=">f8"), 7]))
+    rows = codec.describe(codec.encode([[], {}, (), b"abc", np.zeros(2, dtype=">f8"), 7]))
     assert [r["type"] for r in rows] == ["list", "dict", "tuple", "bytes", "ndarray", "int"]
     assert rows[0] == {"path": "[0]", "type": "list", "len": 0}
     assert rows[4]["byteorder"] == "big"
-    assert blob.format_description(blob.describe(blob.encode(10**400)))
-    assert blob.format_description(blob.describe(blob.encode("x"))).startswith("(value)")
-    assert blob.format_description([]) == ""
+    assert format_description(codec.describe(codec.encode(10**400)))
+    assert format_description(codec.describe(codec.encode("x"))).startswith("(value)")
+    assert format_description([]) == ""
 
 
 def test_describe_works_without_torch_or_numpy(tmp_path: Path) -> None:
     path = tmp_path / "latent.blob"
     path.write_bytes(latent_blob())
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; from mesh import blob; "
-            f"rows = blob.describe(open({str(path)!r}, 'rb').read()); print(rows); print(blob.format_description(rows))")
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; from mesh import codec; "
+            "from mesh.cli import format_description; "
+            f"rows = codec.describe(open({str(path)!r}, 'rb').read()); print(rows); print(format_description(rows))")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -660,8 +662,8 @@ def test_describe_works_without_torch_or_numpy(tmp_path: Path) -> None:
 
 
 def test_encode_without_torch_loaded_needs_no_torch() -> None:
-    code = ("import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; from mesh import blob; "
-            "v = [{'a': (1, 2.5, 'x', b'y', None, True)}]; assert blob.decode(blob.encode(v)) == v; print('ok')")
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['numpy'] = None; from mesh import codec; "
+            "v = [{'a': (1, 2.5, 'x', b'y', None, True)}]; assert codec.decode(codec.encode(v)) == v; print('ok')")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

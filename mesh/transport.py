@@ -1,0 +1,42 @@
+"""The transport to one peer: what routing, repair and membership ask of another node, behind which gRPC sits.
+
+mesh/peer.py's PeerClient is the one real implementation. Naming the calls here keeps the callers honest about
+what they use, and lets PeerPool (mesh/peers.py) hand out a fake, so routing is tested without processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from mesh.pb import mesh_pb2 as pb
+from mesh.wire import Header, StoredChunk
+
+
+class PeerTransport(Protocol):
+    def ping(self, request: pb.PingRequest, timeout: float | None = None) -> pb.PingReply:
+        """The membership probe."""
+        ...
+
+    def get_chunks(self, key: str, timeout: float | None = None, local_only: bool = True,
+                   first_byte: float | None = None, on_first_byte: Callable[[float], None] | None = None,
+                   ) -> tuple[Header, list[StoredChunk]] | None:
+        """A stored blob as its header and chunks, or None if the peer does not hold the key."""
+        ...
+
+    def has(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> list[bool]: ...
+
+    def put_chunks(self, header: Header, chunks: Iterable[StoredChunk], timeout: float | None = None,
+                   local_only: bool = False, wait_for_ready: bool = False) -> pb.PutReply: ...
+
+    def delete_keys(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> list[bool]: ...
+
+    def digest(self, requester: str, buckets: int, timeout: float | None = None) -> tuple[list[int], list[int]]:
+        """Anti-entropy: per bucket, a digest and a count of the keys the peer holds for `requester`."""
+        ...
+
+    def versions(self, keys: list[str], timeout: float | None = None) -> list[tuple[int, float, float]]:
+        """Per key: (checksum or 0, created_unix, deleted_unix) as the peer holds it."""
+        ...
+
+    def close(self) -> None: ...
