@@ -86,7 +86,7 @@ def translate(err: grpc.RpcError, address: str) -> MeshError:
 @dataclass(frozen=True)
 class Blob:
     header: Header
-    data: memoryview  # writable, fresh: mesh.blob.decode hands out tensors that view it
+    data: memoryview  # writable, fresh: mesh.codec.decode hands out tensors that view it
 
 
 def _parse_get_reply(data: bytes) -> pb.GetReply | WireChunk:
@@ -201,7 +201,7 @@ class PeerClient:
     def get_parts(self, key: str, timeout: float | None = None, local_only: bool = False,
                   ) -> tuple[Header, list[bytes | memoryview]] | None:
         """The verified bytes of `key` as the decoded chunks in order, never joined: for a reader that copies
-        them once into their final place anyway (mesh.blob.decode takes pieces)."""
+        them once into their final place anyway (mesh.codec.decode takes pieces)."""
         receiver: Receiver | None = None
         try:
             for receiver, _ in self._get_stream(key, timeout, local_only, into=False, parts=True):

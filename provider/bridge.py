@@ -47,6 +47,7 @@ class BridgeCounters:
     errors: int = 0
     stores: int = 0
     stores_dropped: int = 0
+    stores_refused: int = 0        # values the encoder would not take (not representable, too large)
     store_errors: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -70,10 +71,12 @@ class _Store:
 
 
 class Bridge:
-    def __init__(self, client: MeshClient, *, encode: Callable[[object], bytes | bytearray],
+    def __init__(self, client: MeshClient, *, encode: Callable[[object, Mapping[str, str]], bytes | bytearray | None],
                  decode: Callable[[Parts], object], lookup_timeout: float, store_timeout: float,
                  store_queue: int, thread_init: Callable[[], None] = lambda: None) -> None:
-        """`thread_init` runs first on each of the bridge's own threads (they encode and decode values)."""
+        """`encode(tree, meta)` returns the bytes to store, or None for a value not to be cached (counted as
+        refused); it runs on the store thread, never on ComfyUI's. `thread_init` runs first on each of the
+        bridge's own threads (they encode and decode values)."""
         self.client = client
         self.encode = encode
         self.decode = decode
@@ -257,7 +260,10 @@ class Bridge:
         if self._recent_stores.get(item.key, -1e9) > now - RECENT_STORE_SECONDS:
             return  # the same value twice in a minute (another prompt, same inputs): already there
         try:
-            data = self.encode(item.tree)
+            data = self.encode(item.tree, item.meta)
+            if data is None:
+                self._count("stores_refused")
+                return
             self.client.put(item.key, data, item.meta, timeout=self.store_timeout)
         except MeshError as e:
             if isinstance(e, NodeStopped):

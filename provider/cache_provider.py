@@ -2,8 +2,8 @@
 
 Every method is safe to call on ComfyUI's per-prompt event loop: lookups await a future that the provider's
 own threads resolve, under a deadline; stores are handed off before the first `await` (ComfyUI runs store tasks
-only as the prompt's loop shuts down, and cancels any that await); should_cache is a cached class check plus a
-walk of the value. No exception ever leaves a method: errors are counted and logged at debug level.
+only as the prompt's loop shuts down, and cancels any that await); should_cache is a cached class check. No
+exception ever leaves a method: errors are counted and logged at debug level.
 
 ComfyUI looks each uncached node up twice per prompt (all at prompt start, then again right before it runs).
 The first answer is remembered for the rest of the prompt, so a miss costs one batched round trip, not two.
@@ -113,10 +113,10 @@ class MeshCacheProvider:
     # -- ComfyUI's CacheProvider methods -------------------------------------------------------------------------
 
     def should_cache(self, context: Any, value: Any = None) -> bool:
+        """The class rules only, for a lookup and for a store alike: one dictionary lookup. Whether a value can
+        be stored (representable, not too large) is decided by walking it, on the store thread (Policy)."""
         try:
-            if not self.policy.allows_class(context.class_type):
-                return False
-            return value is None or self.policy.allows_value(context.class_type, value.outputs, value.ui)
+            return self.policy.allows_class(context.class_type)
         except Exception:
             log.debug("should_cache failed", exc_info=True)
             return False

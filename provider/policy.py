@@ -1,4 +1,5 @@
-"""What the provider caches. Decided cheaply: should_cache runs on ComfyUI's event loop.
+"""What the provider caches. The class rules are decided once per class type, for should_cache on ComfyUI's event
+loop; the value rules (representable, not too large) walk the value, so they run on the provider's store thread.
 
 Not cached: output nodes (a hit skips the node, so SaveImage would write no file on this instance and
 PreviewImage's `ui` would name a file that exists only on another host), non-idempotent nodes (their output
@@ -65,10 +66,10 @@ class Policy:
             return False
         return self._cache_output_nodes or not traits.output_node
 
-    def allows_value(self, class_type: str, outputs: object, ui: object) -> bool:
-        """A cheap walk of the value (no copies): representable, and not larger than the limit."""
+    def allows_value(self, class_type: str, tree: object) -> bool:
+        """A walk of the value (no copies): representable, and not larger than the limit."""
         try:
-            codec.check(value_tree(outputs, ui), self.max_value_size)
+            codec.check(tree, self.max_value_size)
         except codec.NotCacheable as e:
             if class_type not in self._refused_logged:
                 self._refused_logged.add(class_type)

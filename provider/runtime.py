@@ -6,12 +6,11 @@ Kept apart from ComfyUI's imports (see comfy.py) so the test harness runs exactl
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,11 +126,16 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
         client = LocalClient(node)
     else:
         client = RemoteClient(config.node, secret, limits, direct=config.direct, tls=tls, compress=config.compress)
-    bridge = Bridge(client, encode=functools.partial(codec.encode, shuffle=config.shuffle, levels=True),
-                    decode=codec.decode, lookup_timeout=config.lookup_timeout, store_timeout=config.store_timeout,
-                    store_queue=config.store_queue, thread_init=torch_on_one_core)
     policy = Policy(traits, allow=config.allow, deny=config.deny, cache_output_nodes=config.cache_output_nodes,
                     max_value_size=config.max_value_size)
+
+    def encode(tree: object, meta: Mapping[str, str]) -> bytearray | None:
+        if not policy.allows_value(meta.get("class_type", "?"), tree):
+            return None
+        return codec.encode(tree, shuffle=config.shuffle, levels=True)
+
+    bridge = Bridge(client, encode=encode, decode=codec.decode, lookup_timeout=config.lookup_timeout,
+                    store_timeout=config.store_timeout, store_queue=config.store_queue, thread_init=torch_on_one_core)
     cls = type("MeshCacheProvider", (MeshCacheProvider, base), {}) if base is not None else MeshCacheProvider
     provider = cls(bridge, policy, namespace=namespace_for(comfy_version, config.namespace),
                    cache_value=cache_value, lookup_timeout=config.lookup_timeout)

@@ -15,7 +15,7 @@ The node is a separate `mesh serve` process, as in production; the client is thi
 - with --tls, the cost of TLS: a second `mesh serve` with mutual TLS (certificates from `init_tls`) runs beside
   the plaintext one, and gets alternate between the two (plaintext, TLS, plaintext, TLS, ...): the 512 MiB
   unquantised float32 get, and a 48 MiB IMAGE hit, a (1, 2048, 2048, 3) float32 synthetic picture on 8-bit
-  levels encoded with `mesh.blob.encode` and fetched end to end (get + `mesh.blob.decode`). Median, min and
+  levels encoded with `mesh.codec.encode` and fetched end to end (get + `mesh.codec.decode`). Median, min and
   max of each, and TLS time / plaintext time. `--tls-only` runs just this part.
 
 GB/s are decimal (1e9 bytes/s). Timings are medians of a few runs; a busy machine makes every number worse,
@@ -277,7 +277,7 @@ def throughput(client_for: Callable[[int], PeerClient], raw: RawTcp, kind: str, 
     raw.get(memoryview(reused))
     assert reused == data
     tcp = timed(lambda: raw.get(memoryview(reused)), repeat)
-    del reused
+    reused = bytearray()  # free it before the fresh-buffer runs
     tcp_fresh = timed(lambda: raw.get(memoryview(bytearray(n))), repeat)
     raw.load(memoryview(b""))
     return {"kind": kind, "bytes": n, "chunk_size": chunk_size, "put_gbps": gbps(n, puts), "get_gbps": gbps(n, gets),
@@ -385,8 +385,8 @@ def tls_comparison(plain: PeerClient, tls: PeerClient, big: int, image_side: int
     """Gets of the same blobs from the plaintext node and from the TLS node, alternating (A B A B ...).
 
     Case 1: `big` bytes of unquantised float32 (image_like, as in the throughput table), the bytes only.
-    Case 2: an IMAGE hit: a (1, side, side, 3) float32 picture encoded with mesh.blob.encode; each run is
-    PeerClient.get plus mesh.blob.decode, i.e. what a cache hit costs the provider before ComfyUI sees the tensor.
+    Case 2: an IMAGE hit: a (1, side, side, 3) float32 picture encoded with mesh.codec.encode; each run is
+    PeerClient.get plus mesh.codec.decode, i.e. what a cache hit costs the provider before ComfyUI sees the tensor.
     The first get of each case on each node is checked and not timed (it also warms the channel and handshake).
     """
     import torch
@@ -424,7 +424,7 @@ def tls_comparison(plain: PeerClient, tls: PeerClient, big: int, image_side: int
     raw = as_bytes(data)
     cases = [compare(f"get {fmt_size(big)} f32 unquantised", "bench/tls/big", raw, get_bytes,
                      lambda b: b is not None and b.data == raw, big, repeat)]  # type: ignore[attr-defined]
-    del raw, data
+    raw, data = memoryview(b""), None  # free them before the image case
 
     image = synthetic_image(image_side, image_side)
     encoded = mesh.codec.encode(image)

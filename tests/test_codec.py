@@ -161,15 +161,15 @@ def test_roundtrip_random_trees(value: Any, shuffle: bool, levels: bool) -> None
 # ------------------------------------------------------------------------------------------------ 8-bit levels
 
 
-def image_levels(shape: tuple[int, ...] = (1, 64, 64, 3), seed: int = 0) -> torch.Tensor:
+def image_levels(shape: tuple[int, ...] = (1, 256, 256, 3), seed: int = 0) -> torch.Tensor:
     """A decoded 8-bit image exactly as ComfyUI's LoadImage makes it: numpy float32 division by 255.0."""
     rng = np.random.default_rng(seed)
     return torch.from_numpy(rng.integers(0, 256, size=shape, dtype=np.uint8).astype(np.float32) / 255.0)
 
 
 def test_levels_image_is_4x_smaller_and_bit_exact() -> None:
-    for img in (image_levels(), torch.randint(0, 256, (2, 32, 48, 3)).float() / 255,
-                torch.arange(256).float().div(255).repeat(20)):
+    for img in (image_levels(), torch.randint(0, 256, (2, 128, 96, 3)).float() / 255,
+                torch.arange(256).float().div(255).repeat(300)):
         buf = codec.encode([img], levels=True)
         assert codec.describe(buf)[0]["levels"] == 255
         assert len(buf) < img.numel() + 200
@@ -179,7 +179,7 @@ def test_levels_image_is_4x_smaller_and_bit_exact() -> None:
 
 @pytest.mark.parametrize("poison", ["ulp", "-0.0", "nan", "above", "256/255", "float64-then-down"])
 def test_levels_refused_for_anything_not_exactly_a_level(poison: str) -> None:
-    img = image_levels((1, 40, 40, 3), seed=1)
+    img = image_levels((1, 160, 160, 3), seed=1)
     flat = img.view(-1)
     at = flat.numel() - 7  # late in the tensor: past the first block check
     if poison == "ulp":
@@ -205,8 +205,8 @@ def test_levels_only_for_large_float32() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(4096, 70_000), st.none() | st.floats(width=32),
-       st.integers(0, 69_999))
+@given(st.integers(0, 2**32 - 1), st.integers(codec.LEVELS_MIN_ELEMENTS, 140_000), st.none() | st.floats(width=32),
+       st.integers(0, 139_999))
 def test_levels_roundtrip_property(seed: int, n: int, stray: float | None, where: int) -> None:
     codes = np.random.default_rng(seed).integers(0, 256, size=n, dtype=np.uint8)
     t = torch.from_numpy(codes).float() / 255

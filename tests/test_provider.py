@@ -27,7 +27,7 @@ from mesh.peer import PeerClient
 from provider.bridge import Bridge
 from provider.cache_provider import MeshCacheProvider
 from provider.config import ProviderConfig
-from provider.policy import Policy
+from provider.policy import Policy, value_tree
 from provider.runtime import namespace_for
 from tests.comfy_harness import (STANDARD_LOCAL, STANDARD_SHARED, CacheValue, Engine, HarnessProcess,
                                  chain_prompt, parser, standard_prompt, start_runtime, traits_lookup)
@@ -73,7 +73,11 @@ def test_b_gets_what_a_computed_bit_exactly(tmp_path: Path) -> None:
         assert set(ra["executed"]) == set(STANDARD_SHARED) | set(STANDARD_LOCAL)
         assert ra["stores_cancelled"] == 0  # each store was handed off before the first await
         assert a.flush(30)
-        assert a.stats()["provider"]["provider_stores"] == len(STANDARD_SHARED)
+        stats = a.stats()["provider"]
+        # every cacheable class was handed off; the one value the codec cannot represent was refused on the
+        # store thread, after the prompt
+        assert stats["provider_bridge_stores"] == len(STANDARD_SHARED)
+        assert stats["provider_stores"] == len(STANDARD_SHARED) + stats["provider_bridge_stores_refused"]
 
         rb = b.run(workflow="standard", seed=11)
         assert rb["errors"] == [] and rb["failed"] == []
@@ -262,11 +266,12 @@ def test_one_batched_round_trip_per_prompt_for_misses(lone: Any) -> None:
 
 def test_stores_land_even_when_comfyui_cancels_store_tasks(lone: Any) -> None:
     result = Engine(lone.provider, store_tasks="deferred").run(standard_prompt(61, delay=0.0))
-    assert result.stores_created == len(STANDARD_SHARED) and result.stores_cancelled == 0
+    # one store per cacheable class: the shared values plus one the codec refuses later, on the store thread
+    assert result.stores_created == len(STANDARD_SHARED) + 1 and result.stores_cancelled == 0
     immediate = Engine(lone.provider, store_tasks="immediate").run(standard_prompt(62, delay=0.0))
-    assert immediate.stores_created == len(STANDARD_SHARED)
+    assert immediate.stores_created == len(STANDARD_SHARED) + 1
     assert lone.bridge.flush(10)
-    assert lone.bridge.counters.stores == 2 * len(STANDARD_SHARED)
+    assert lone.bridge.counters.stores == 2 * len(STANDARD_SHARED) and lone.bridge.counters.stores_refused == 2
     assert len(lone.node.store) == 2 * len(STANDARD_SHARED)
 
 
@@ -332,8 +337,8 @@ def test_full_store_queue_drops_and_counts(lone: Any) -> None:
             release.wait(10)
             return super().put(*args, **kwargs)
 
-    bridge = Bridge(Stalled(lone.node), encode=codec.encode, decode=codec.decode, lookup_timeout=1,
-                    store_timeout=5, store_queue=2)
+    bridge = Bridge(Stalled(lone.node), encode=lambda tree, meta: codec.encode(tree), decode=codec.decode,
+                    lookup_timeout=1, store_timeout=5, store_queue=2)
     provider = MeshCacheProvider(bridge, Policy(traits_lookup()), namespace="ns", cache_value=CacheValue,
                                  lookup_timeout=1)
     try:
@@ -365,8 +370,8 @@ def test_recently_stored_keys_are_skipped_and_the_memory_of_them_is_bounded(lone
             puts.append(key)
             return super().put(key, *args, **kwargs)
 
-    bridge = Bridge(Counting(lone.node), encode=codec.encode, decode=codec.decode, lookup_timeout=1,
-                    store_timeout=5, store_queue=1000)
+    bridge = Bridge(Counting(lone.node), encode=lambda tree, meta: codec.encode(tree), decode=codec.decode,
+                    lookup_timeout=1, store_timeout=5, store_queue=1000)
     try:
         for i in range(200):
             assert bridge.store(f"k{i}", [i], {})
@@ -394,16 +399,32 @@ def test_get_parts_are_the_value_unjoined_from_either_client(lone: Any) -> None:
         remote.close()
 
 
+def test_values_the_codec_refuses_are_never_stored(lone: Any) -> None:
+    provider, bridge = lone.provider, lone.bridge
+
+    async def store() -> None:
+        await provider.on_store(_Context("LoadModel", "model"), CacheValue(outputs=[[object()]]))
+        await provider.on_store(_Context("MakeImage", "fine"), CacheValue(outputs=[[torch.ones(10)]]))
+
+    _run(store())
+    assert bridge.flush(10)
+    assert bridge.counters.stores_refused == 1 and bridge.counters.stores == 1
+    assert [e.header.key for e in lone.node.store.items()] == [provider.key(_Context("MakeImage", "fine"))]
+
+
 def test_should_cache_policy() -> None:
     nodes = {"MakeImage", "SaveImage", "RandomNoise", "LoadModel", "Opaque", "BigTensor"}
     policy = Policy(traits_lookup(), deny=("BigTensor",), max_value_size=1 << 20)
     provider = MeshCacheProvider(None, policy, namespace="ns", cache_value=CacheValue, lookup_timeout=1)  # type: ignore[arg-type]
     assert {n for n in nodes if provider.should_cache(_Context(n))} == {"MakeImage", "LoadModel", "Opaque"}
     assert not provider.should_cache(_Context("NoSuchNode"))  # unknown class: do not guess
-    assert provider.should_cache(_Context("MakeImage"), CacheValue(outputs=[[torch.ones(10)]]))
-    assert not provider.should_cache(_Context("MakeImage"), CacheValue(outputs=[[torch.ones(1 << 19)]]))  # 2 MiB
-    assert not provider.should_cache(_Context("LoadModel"), CacheValue(outputs=[[object()]]))
-    assert not provider.should_cache(_Context("Opaque"), CacheValue(outputs=[[[1, len]]]))
+    # With a value, should_cache still answers from the class alone (a dictionary lookup on ComfyUI's loop);
+    # the value itself is judged on the store thread (test_values_the_codec_refuses_are_never_stored).
+    assert provider.should_cache(_Context("LoadModel"), CacheValue(outputs=[[object()]]))
+    assert policy.allows_value("MakeImage", value_tree([[torch.ones(10)]], None))
+    assert not policy.allows_value("MakeImage", value_tree([[torch.ones(1 << 19)]], None))  # 2 MiB
+    assert not policy.allows_value("LoadModel", value_tree([[object()]], None))
+    assert not policy.allows_value("Opaque", value_tree([[[1, len]]], None))
     only = Policy(traits_lookup(), allow=("MakeLatent",))
     assert only.allows_class("MakeLatent") and not only.allows_class("MakeImage")
     outputs = Policy(traits_lookup(), cache_output_nodes=True)

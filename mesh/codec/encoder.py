@@ -14,7 +14,7 @@ from mesh.codec.levels import levels_of
 from mesh.codec.shuffle import shuffle_into
 
 SHUFFLE_MIN_ELEMENTS = 4096    # below this the planes are too short for shuffling to pay
-LEVELS_MIN_ELEMENTS = 4096     # below this the uint8 form saves too little to be worth the check
+LEVELS_MIN_ELEMENTS = 1 << 16  # below this (256 KiB of float32) the uint8 form saves too little to pay for the check
 
 
 class _Planner:
