@@ -39,8 +39,8 @@ from tests.comfy_harness import (CacheContext, Engine, HarnessProcess, big_image
                                  parser as harness_parser, start_runtime)
 
 SECRET = "bench-provider-secret"
-OVERHEAD_TARGET_US = 150.0
-HIT_SPEEDUP_TARGET = 3.0
+OVERHEAD_TARGET_US = 100.0  # the fast-path issue: all-miss provider overhead per node over a null provider
+HIT_SPEEDUP_TARGET = 2.0    # ... and a 48 MiB IMAGE hit at least 2x faster than Redis GET + torch.frombuffer
 IMAGE_SHAPE = (4, 1024, 1024, 3)
 
 
@@ -250,7 +250,10 @@ def bench_redis(reps: int) -> dict[str, Any] | None:
                     raise RuntimeError("redis-server did not start") from None
                 time.sleep(0.05)
         with sock:
-            image = torch.rand(IMAGE_SHAPE, generator=torch.Generator().manual_seed(2))
+            # the same kind of value the harness's MakeImage makes (8-bit levels), as float32 bytes: what a
+            # Redis-backed provider stores
+            pixels = torch.randint(0, 256, IMAGE_SHAPE, generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+            image = pixels.to(torch.float32) / 255.0
             payload = image.numpy().tobytes()
             sock.sendall(b"*3\r\n$3\r\nSET\r\n$5\r\nimage\r\n$%d\r\n" % len(payload) + payload + b"\r\n")
             assert _read_line(sock) == b"+OK"
