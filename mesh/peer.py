@@ -189,26 +189,31 @@ class PeerClient:
     def get(self, key: str, timeout: float | None = None, local_only: bool = False,
             progress: Progress | None = None) -> Blob | None:
         """The verified bytes of `key`, decoded into one buffer, or None if the node does not have it."""
+        receiver = self._receive(key, timeout, local_only, into=True, progress=progress)
+        if receiver is None:
+            return None
+        assert receiver.buffer is not None
+        return Blob(receiver.header, receiver.buffer)
+
+    def _receive(self, key: str, timeout: float | None, local_only: bool, **how: Any) -> Receiver | None:
+        """The finished Receiver of a whole Get stream (`how`: as _get_stream takes), or None on NOT_FOUND."""
         receiver: Receiver | None = None
         try:
-            for receiver, _ in self._get_stream(key, timeout, local_only, into=True, progress=progress):
+            for receiver, _ in self._get_stream(key, timeout, local_only, **how):
                 pass
         except _Missing:
             return None
-        assert receiver is not None and receiver.buffer is not None
-        return Blob(receiver.header, receiver.buffer)
+        assert receiver is not None
+        return receiver
 
     def get_parts(self, key: str, timeout: float | None = None, local_only: bool = False,
                   ) -> tuple[Header, list[bytes | memoryview]] | None:
         """The verified bytes of `key` as the decoded chunks in order, never joined: for a reader that copies
         them once into their final place anyway (mesh.codec.decode takes pieces)."""
-        receiver: Receiver | None = None
-        try:
-            for receiver, _ in self._get_stream(key, timeout, local_only, into=False, parts=True):
-                pass
-        except _Missing:
+        receiver = self._receive(key, timeout, local_only, into=False, parts=True)
+        if receiver is None:
             return None
-        assert receiver is not None and receiver.parts is not None
+        assert receiver.parts is not None
         return receiver.header, receiver.parts
 
     def get_chunks(self, key: str, timeout: float | None = None, local_only: bool = True,
@@ -220,15 +225,9 @@ class PeerClient:
         cancelled as Unreachable, however long the transfer itself may then take: a frozen node (its port
         still accepts) costs that budget, not the whole deadline. `on_first_byte` gets the time it took.
         """
-        receiver: Receiver | None = None
-        try:
-            for receiver, _ in self._get_stream(key, timeout, local_only, into=False, first_byte=first_byte,
-                                                on_first_byte=on_first_byte):
-                pass
-        except _Missing:
-            return None
-        assert receiver is not None
-        return receiver.header, receiver.chunks
+        receiver = self._receive(key, timeout, local_only, into=False, first_byte=first_byte,
+                                 on_first_byte=on_first_byte)
+        return None if receiver is None else (receiver.header, receiver.chunks)
 
     def get_to_file(self, key: str, path: str | os.PathLike[str], timeout: float | None = None,
                     progress: Progress | None = None) -> Header | None:

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,15 +105,17 @@ def wait_ready(p: subprocess.Popen[bytes], ready: Path, log: Path) -> None:
         time.sleep(0.05)
 
 
-def run_loopback(work: Path, repeat: int) -> dict[str, Any]:
-    ready, log = work / "loop.ready", work / "loop.log"
+def measure(work: Path, repeat: int, listen: str, popen: Callable[..., subprocess.Popen[bytes]],
+            run: Callable[..., subprocess.CompletedProcess[str]]) -> dict[str, Any]:
+    """Start a node with `popen`, run the client with `run` (here, or inside network namespaces), stop it."""
+    ready, log = work / f"{listen.replace(':', '_')}.ready", work / f"{listen.replace(':', '_')}.log"
     with open(log, "wb") as f:
-        p = subprocess.Popen(serve_argv("127.0.0.1:0", ready), stdout=f, stderr=f, cwd=ROOT)
+        p = popen(serve_argv(listen, ready), stdout=f, stderr=f, cwd=ROOT)
     try:
         wait_ready(p, ready, log)
         address = json.loads(ready.read_text())["address"]
-        done = subprocess.run([sys.executable, "-c", CLIENT, str(ROOT), address, SECRET, str(repeat)],
-                              capture_output=True, text=True, timeout=1800, cwd=ROOT)
+        done = run([sys.executable, "-c", CLIENT, str(ROOT), address, SECRET, str(repeat)],
+                   capture_output=True, text=True, timeout=1800, cwd=ROOT)
         if done.returncode:
             raise RuntimeError(done.stderr[-3000:])
         return json.loads(done.stdout)
@@ -121,8 +124,12 @@ def run_loopback(work: Path, repeat: int) -> dict[str, Any]:
         p.wait(15)
 
 
+def run_loopback(work: Path, repeat: int) -> dict[str, Any]:
+    return measure(work, repeat, "127.0.0.1:0", subprocess.Popen, subprocess.run)
+
+
 def run_shaped(work: Path, repeat: int, rate: str) -> dict[str, Any]:
-    from tests.netns import netns_available, NetLab
+    from tests.netns import NetLab, netns_available
 
     why = netns_available()
     if why:
@@ -130,19 +137,8 @@ def run_shaped(work: Path, repeat: int, rate: str) -> dict[str, Any]:
     with NetLab(2) as lab:
         node, client = lab.hosts
         lab.shape(client, rate)
-        ready, log = work / "shaped.ready", work / "shaped.log"
-        with open(log, "wb") as f:
-            p = lab.popen(node, serve_argv(f"{node.addr}:{PORT}", ready), stdout=f, stderr=f, cwd=ROOT)
-        try:
-            wait_ready(p, ready, log)
-            done = lab.run(client, [sys.executable, "-c", CLIENT, str(ROOT), f"{node.addr}:{PORT}", SECRET,
-                                    str(repeat)], check=False, capture_output=True, text=True, timeout=1800, cwd=ROOT)
-            if done.returncode:
-                raise RuntimeError(done.stderr[-3000:])
-            return json.loads(done.stdout)
-        finally:
-            p.terminate()
-            p.wait(15)
+        return measure(work, repeat, f"{node.addr}:{PORT}", lambda argv, **kw: lab.popen(node, argv, **kw),
+                       lambda argv, **kw: lab.run(client, argv, check=False, **kw))
 
 
 def report(link: str, result: dict[str, Any]) -> dict[str, Any]:
