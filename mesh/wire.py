@@ -1,10 +1,12 @@
-"""Blobs on the wire: split into lz4 chunks, checksum, and verified reassembly.
+"""Blobs on the wire: split into chunks (lz4 where the link is slow), checksum, and verified reassembly.
 
-Why per-chunk lz4 blocks: a sender starts streaming before the whole blob is compressed, a receiver appends
-each decoded chunk to one buffer (no second copy of the blob), and a chunk that would not shrink is sent raw.
-Unquantised float tensors (latents, VAE decodes) barely compress, and lz4 costs more than it saves on a fast
-link, so the sender probes a slice of each chunk first and skips compressing chunks that will not pay.
-`lz4.block` with the raw size carried in the chunk decompresses ~3x faster than `lz4.frame`.
+Why per-chunk lz4 blocks: a sender starts streaming before the whole blob is compressed (chunks are packed on
+worker threads a few ahead of the wire), a receiver puts each decoded chunk in place (no second copy of the
+blob), and a chunk that would not shrink is sent raw. Whether to compress at all is decided per link
+(mesh/link.py): over loopback or a fast LAN raw bytes arrive sooner than lz4 could make them. When compressing,
+a probe of each chunk's start picks lz4 of the bytes or of their 4-byte planes (unquantised float32, a VAE
+decode, shrinks only as planes). `lz4.block` with the raw size carried in the chunk decompresses ~3x faster
+than `lz4.frame`.
 
 Why xxh3_64 over the raw bytes: it runs at memory speed, and it is checked by every receiver (the storing
 node on Put, the client on Get), so a corrupt or truncated transfer is never stored nor handed on.

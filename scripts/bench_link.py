@@ -6,15 +6,16 @@
 Two values, encoded as the provider encodes them:
 - image: a (1, 2048, 2048, 3) float32 synthetic picture on 8-bit levels (smooth gradients, shapes with soft
   edges, mild noise, then round(x * 255) / 255: a decoded PNG), 48 MiB as float32;
-- float: the same picture before quantisation plus gaussian noise of 1e-3: full float32 mantissas, like a VAE
-  decode, 48 MiB.
+- float: the same picture plus gaussian noise of sigma 1e-3, clamped to [0, 1]: off the 8-bit levels, with full
+  float32 mantissas, like a VAE decode, 48 MiB.
 Three ways to send each, through a real `mesh serve`:
-- raw:  blob.encode(value), chunks sent raw (`--compress off`): what a cache without these features moves;
-- lz4:  blob.encode(value), every chunk lz4 or lz4 of its byte planes where that shrinks it (`--compress lz4`);
-- auto: blob.encode(value, levels=True) and `--compress auto`, the provider's default: levels to uint8, and lz4
+- raw:  codec.encode(value), chunks sent raw (`--compress off`): what a cache without these features moves;
+- lz4:  codec.encode(value), every chunk lz4 or lz4 of its byte planes where that shrinks it (`--compress lz4`);
+- auto: codec.encode(value, levels=True) and `--compress auto`, the provider's default: levels to uint8, and lz4
         only where the link measured slower than lz4 (mesh/link.py).
-"stored" is what the node holds, which is what the put sent. A put, then a get, the get end to end: the chunks from the node, then blob.decode into tensors; the cases take
-turns (raw, lz4, auto, raw, ...). Median, min and max per case, and raw / case (the speed-up; > 1 is faster).
+"stored" is what the node holds, which is what the put sent. A put, then a get, the get end to end: the chunks
+from the node, then decoding into tensors; the cases take turns (raw, lz4, auto, raw, ...). Median, min and max
+per case, and raw / case (the speed-up; > 1 is faster).
 
 --link loopback: node and client on 127.0.0.1 (the compression target: never more than 5 % slower than raw).
 --link 1gbit: node and client in two network namespaces joined by a veth shaped with tc tbf to 1 Gbit/s both
@@ -155,8 +156,9 @@ def report(link: str, result: dict[str, Any]) -> dict[str, Any]:
             g, pu = summary(c["get"]), summary(c["put"])
             speed_get = base_get / statistics.median(c["get"])
             speed_put = base_put / statistics.median(c["put"])
-            rows[f"{name}/{case}"] = {"get": g, "put": pu, "encoded": c["encoded"], "stored": c["stored"], "get_speedup_vs_raw": speed_get,
-                                      "put_speedup_vs_raw": speed_put, "get_s": c["get"], "put_s": c["put"]}
+            rows[f"{name}/{case}"] = {"get": g, "put": pu, "encoded": c["encoded"], "stored": c["stored"],
+                                      "get_speedup_vs_raw": speed_get, "put_speedup_vs_raw": speed_put,
+                                      "get_s": c["get"], "put_s": c["put"]}
             print(f"{name:<6} {case:<5} {c['encoded'] / 2**20:>7.1f}Mi {c['stored'] / 2**20:>7.1f}Mi "
                   f"{pu['median_ms']:>8.1f} {g['median_ms']:>8.1f} ({g['min_ms']:>5.1f}-{g['max_ms']:>6.1f}) "
                   f"{speed_get:>8.2f} {speed_put:>8.2f}")
