@@ -26,7 +26,7 @@ from mesh.peer import MeshError, PeerClient, Unreachable
 from mesh.peers import PeerPool
 from mesh.ring import Ring
 from mesh.store import Entry
-from mesh.wire import Limits, Receiver, iter_chunks, make_header, raw_parts
+from mesh.wire import Limits, Receiver, Tee, iter_chunks, make_header, raw_parts
 
 if TYPE_CHECKING:
     from mesh.tls import TlsConfig
@@ -36,12 +36,17 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-Parts = list[bytes | memoryview]
+class Sink(Tee, Protocol):
+    """Where a reader's value goes chunk by chunk (mesh.codec.StreamDecoder): fed while it arrives when the
+    reader fetches it, or from the stored chunks when the value is already here."""
+
+    header: object
+    received: int
 
 
 class MeshClient(Protocol):
     def get(self, key: str, timeout: float) -> memoryview | None: ...
-    def get_parts(self, key: str, timeout: float) -> Parts | None: ...
+    def get_into(self, key: str, timeout: float, sink: Sink) -> bool: ...
     def has(self, keys: list[str], timeout: float) -> list[bool]: ...
     def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int: ...
     def stats(self) -> dict[str, float]: ...
@@ -80,12 +85,22 @@ class LocalClient:
         entry = self.cluster.get(key, timeout)
         return None if entry is None else assemble(entry, self.limits)
 
-    def get_parts(self, key: str, timeout: float) -> Parts | None:
-        """The value's bytes as its chunks, unjoined and not hashed again: every entry in this process's store
-        was verified when it got there (a put, a copy from a peer, a file read back from disk)."""
+    def get_into(self, key: str, timeout: float, sink: Sink) -> bool:
+        """Feed the value's bytes to `sink`; False on a miss.
+
+        From another node they go to `sink` as they arrive, so it decodes while the rest is on the wire. A value
+        held here (or fetched for another caller at the same time) is fed from its stored chunks, without
+        hashing them again: every entry in this process's store was verified when it got there (a put, a copy
+        from a peer, a file read back from disk)."""
         self._live()
-        entry = self.cluster.get(key, timeout)
-        return None if entry is None else raw_parts(entry.chunks)
+        entry = self.cluster.get(key, timeout, tee=sink)
+        if entry is None:
+            return False
+        if sink.header is not entry.header or sink.received != entry.header.raw_size:
+            sink.start(entry.header.raw_size, entry.header)
+            for raw in raw_parts(entry.chunks):
+                sink.feed(raw)
+        return True
 
     def has(self, keys: list[str], timeout: float) -> list[bool]:
         self._live()
@@ -150,9 +165,10 @@ class RemoteClient:
         got = self._read(key, timeout, lambda client, t, local_only: client.get(key, t, local_only))
         return None if got is None else got.data
 
-    def get_parts(self, key: str, timeout: float) -> Parts | None:
-        got = self._read(key, timeout, lambda client, t, local_only: client.get_parts(key, t, local_only))
-        return None if got is None else got[1]
+    def get_into(self, key: str, timeout: float, sink: Sink) -> bool:
+        """Feed the value's bytes to `sink` as they arrive from an owner (or the sidecar); False on a miss."""
+        return self._read(key, timeout, lambda client, t, local_only: client.get_into(key, sink, t, local_only)) \
+            is not None
 
     def _read(self, key: str, timeout: float, fetch: Callable[[PeerClient, float, bool], R | None]) -> R | None:
         """Straight from the key's owners when `direct`, else (or when they do not have it) routed by the sidecar."""

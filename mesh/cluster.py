@@ -30,6 +30,7 @@ from mesh.peers import PeerPool
 from mesh.ring import Ring
 from mesh.singleflight import Group
 from mesh.store import BlobStore, Entry, StoreFull
+from mesh.wire import Tee
 
 log = logging.getLogger(__name__)
 
@@ -139,26 +140,31 @@ class Cluster:
                 self._count("near_hits")
         return entry
 
-    def get(self, key: str, timeout: float) -> Entry | None:
+    def get(self, key: str, timeout: float, tee: Tee | None = None) -> Entry | None:
+        """The entry of `key`: held here, or fetched from its owners (then kept as a replica or a near copy).
+
+        `tee` gets the raw bytes of a fetch this call leads as they arrive (a reader decoding meanwhile); it is
+        restarted for every owner tried. A local entry, or one fetched for another caller, never reaches it:
+        the caller compares `tee`'s header with the entry's to know."""
         entry = self.local(key)
         if entry is not None:
             return entry
         deadline = time.monotonic() + timeout
         try:
-            entry, complete = self._flight.do(key, lambda: self._fetch(key, deadline), timeout)
+            entry, complete = self._flight.do(key, lambda: self._fetch(key, deadline, tee), timeout)
         except futures.TimeoutError:
             return None
         if entry is None and not complete and deadline - time.monotonic() > 0.01:
             # The fetch this call joined ran out of *its* caller's deadline; ours has time left: ask again.
-            entry, _ = self._fetch(key, deadline)
+            entry, _ = self._fetch(key, deadline, tee)
         return entry
 
-    def _fetch(self, key: str, deadline: float) -> tuple[Entry | None, bool]:
+    def _fetch(self, key: str, deadline: float, tee: Tee | None = None) -> tuple[Entry | None, bool]:
         """(the entry or None, whether every owner asked gave an answer before the deadline)."""
         owners = self.owners(key)
         previous = self._previous_owners(key, owners)
         for node_id in [o for o in owners if o != self.node_id] + [o for o in previous if o != self.node_id]:
-            entry = self._fetch_from(node_id, key, deadline)
+            entry = self._fetch_from(node_id, key, deadline, tee)
             if entry is None:
                 continue
             if self.store.deleted_since(entry.header):
@@ -175,7 +181,7 @@ class Cluster:
         self._count("remote_misses")
         return None, time.monotonic() < deadline
 
-    def _fetch_from(self, node_id: str, key: str, deadline: float) -> Entry | None:
+    def _fetch_from(self, node_id: str, key: str, deadline: float, tee: Tee | None = None) -> Entry | None:
         address = self.directory.address_of(node_id)
         remaining = deadline - time.monotonic()
         if address is None or remaining <= 0 or not self.peers.usable(address):
@@ -184,7 +190,7 @@ class Cluster:
             got = self.peers.client(address).get_chunks(
                 key, timeout=min(remaining, self.config.read_timeout),
                 first_byte=min(remaining, self.peers.attempt_budget(address)),
-                on_first_byte=lambda seconds: self.peers.observe(address, seconds))
+                on_first_byte=lambda seconds: self.peers.observe(address, seconds), tee=tee)
         except Unreachable as e:
             self.peers.failed(address)
             self._count("owner_failures")

@@ -26,7 +26,7 @@ from mesh.turns import Turns
 from mesh.watchdog import Watchdog
 from mesh.wire import (MAX_KEY_BYTES, SERVICE, Header, Limits, Receiver, StoredChunk, TransferError, WireChunk,
                        decode_chunk_message, file_header, iter_chunks, iter_file_chunks, make_header,
-                       serialize_message, repack)
+                       serialize_message, repack, Tee)
 
 if TYPE_CHECKING:
     from mesh.tls import TlsConfig
@@ -206,27 +206,24 @@ class PeerClient:
         assert receiver is not None
         return receiver
 
-    def get_parts(self, key: str, timeout: float | None = None, local_only: bool = False,
-                  ) -> tuple[Header, list[bytes | memoryview]] | None:
-        """The verified bytes of `key` as the decoded chunks in order, never joined: for a reader that copies
-        them once into their final place anyway (mesh.codec.decode takes pieces)."""
-        receiver = self._receive(key, timeout, local_only, into=False, parts=True)
-        if receiver is None:
-            return None
-        assert receiver.parts is not None
-        return receiver.header, receiver.parts
+    def get_into(self, key: str, tee: Tee, timeout: float | None = None, local_only: bool = False) -> Header | None:
+        """Hand the verified bytes of `key` to `tee` chunk by chunk as they arrive (a decoder that works while
+        the rest is on the wire), keeping nothing; the header once the whole stream checked out, or None."""
+        receiver = self._receive(key, timeout, local_only, tee=tee, keep=False)
+        return None if receiver is None else receiver.header
 
     def get_chunks(self, key: str, timeout: float | None = None, local_only: bool = True,
                    first_byte: float | None = None, on_first_byte: Callable[[float], None] | None = None,
-                   ) -> tuple[Header, list[StoredChunk]] | None:
+                   tee: Tee | None = None) -> tuple[Header, list[StoredChunk]] | None:
         """The verified chunks of `key` as stored (no decompression kept): for node-to-node copies.
 
         `first_byte`: seconds the node may take to answer at all (header or NOT_FOUND) before the call is
         cancelled as Unreachable, however long the transfer itself may then take: a frozen node (its port
         still accepts) costs that budget, not the whole deadline. `on_first_byte` gets the time it took.
+        `tee` also gets each chunk's raw bytes as they are verified (see get_into).
         """
-        receiver = self._receive(key, timeout, local_only, into=False, first_byte=first_byte,
-                                 on_first_byte=on_first_byte)
+        receiver = self._receive(key, timeout, local_only, first_byte=first_byte, on_first_byte=on_first_byte,
+                                 tee=tee)
         return None if receiver is None else (receiver.header, receiver.chunks)
 
     def get_to_file(self, key: str, path: str | os.PathLike[str], timeout: float | None = None,
@@ -240,7 +237,7 @@ class PeerClient:
         receiver: Receiver | None = None
         try:
             with open(tmp, "wb") as f:
-                for receiver, _ in self._get_stream(key, timeout, False, into=False, progress=progress, sink=f.write):
+                for receiver, _ in self._get_stream(key, timeout, False, progress=progress, sink=f.write):
                     pass
             os.replace(tmp, target)
         except _Missing:
@@ -258,17 +255,16 @@ class PeerClient:
         return self.put_chunks(header, iter_file_chunks(path, self.limits.chunk_size, compress), timeout,
                                progress=progress, compress=False, packed=compress)
 
-    def _get_stream(self, key: str, timeout: float | None, local_only: bool, into: bool,
-                    progress: Progress | None = None, parts: bool = False, first_byte: float | None = None,
-                    on_first_byte: Callable[[float], None] | None = None,
-                    sink: Callable[[bytes | memoryview], object] | None = None,
-                    ) -> Iterator[tuple[Receiver, StoredChunk | None]]:
+    def _get_stream(self, key: str, timeout: float | None, local_only: bool, progress: Progress | None = None,
+                    first_byte: float | None = None, on_first_byte: Callable[[float], None] | None = None,
+                    **how: Any) -> Iterator[tuple[Receiver, StoredChunk | None]]:
+        """The Get stream of `key`, each chunk through a Receiver made with `how` (into, sink, tee, keep)."""
         if len(key.encode()) > MAX_KEY_BYTES:
             raise _Missing()  # no node stores such a key
         t = self._t(timeout)
         with self._transfer_slot(t) as waited:
-            yield from self._get_stream_in_slot(key, t - waited, local_only, into, progress, parts, first_byte,
-                                                on_first_byte, sink)
+            yield from self._get_stream_in_slot(key, t - waited, local_only, progress, first_byte, on_first_byte,
+                                                how)
 
     @contextlib.contextmanager
     def _transfer_slot(self, timeout: float) -> Iterator[float]:
@@ -286,10 +282,9 @@ class PeerClient:
         finally:
             self._transfers.release()
 
-    def _get_stream_in_slot(self, key: str, t: float, local_only: bool, into: bool, progress: Progress | None,
-                            parts: bool, first_byte: float | None, on_first_byte: Callable[[float], None] | None,
-                            sink: Callable[[bytes | memoryview], object] | None,
-                            ) -> Iterator[tuple[Receiver, StoredChunk | None]]:
+    def _get_stream_in_slot(self, key: str, t: float, local_only: bool, progress: Progress | None,
+                            first_byte: float | None, on_first_byte: Callable[[float], None] | None,
+                            how: dict[str, Any]) -> Iterator[tuple[Receiver, StoredChunk | None]]:
         compress = self.links.compress(self.address)
         request = pb.GetRequest(key=key, local_only=local_only, compress=compress)
         started = time.monotonic()
@@ -326,7 +321,7 @@ class PeerClient:
                     if header.key != key:
                         raise TransferError(grpc.StatusCode.DATA_LOSS, f"asked for {key!r}, got {header.key!r}")
                     # refuses raw_size > max_blob_size
-                    receiver = Receiver(header, self.limits, into=into, sink=sink, parts=parts)
+                    receiver = Receiver(header, self.limits, **how)
                     yield receiver, None
             if receiver is None:
                 raise TransferError(grpc.StatusCode.DATA_LOSS, "stream ended without a header")

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from mesh.pb import mesh_pb2 as pb
-from mesh.wire import Header, StoredChunk
+from mesh.wire import Header, StoredChunk, Tee
 
 
 class PeerTransport(Protocol):
@@ -20,8 +20,9 @@ class PeerTransport(Protocol):
 
     def get_chunks(self, key: str, timeout: float | None = None, local_only: bool = True,
                    first_byte: float | None = None, on_first_byte: Callable[[float], None] | None = None,
-                   ) -> tuple[Header, list[StoredChunk]] | None:
-        """A stored blob as its header and chunks, or None if the peer does not hold the key."""
+                   tee: Tee | None = None) -> tuple[Header, list[StoredChunk]] | None:
+        """A stored blob as its header and chunks, or None if the peer does not hold the key; `tee` also gets
+        each chunk's raw bytes as they are verified."""
         ...
 
     def has(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> list[bool]: ...

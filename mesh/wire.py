@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 import lz4.block
@@ -433,6 +434,15 @@ def validate_header(h: Header, limits: Limits) -> None:
                                  f"in chunks of {h.chunk_size}")
 
 
+class Tee(Protocol):
+    """A reader that takes each chunk's raw bytes as the Receiver verifies them, to decode while the rest
+    arrives (mesh.codec.StreamDecoder). It may use them only once the stream's checksum matched: `start` comes
+    with the header of every new stream, so a stream that fails and another that follows never mix."""
+
+    def start(self, size: int, header: object) -> None: ...
+    def feed(self, raw: bytes | memoryview) -> None: ...
+
+
 class Receiver:
     """Checks a stream of chunks against its header; optionally decodes them into one buffer.
 
@@ -442,24 +452,27 @@ class Receiver:
     """
 
     def __init__(self, header: Header, limits: Limits, into: bool = False,
-                 sink: Callable[[bytes | memoryview], object] | None = None, parts: bool = False) -> None:
-        """`into`: decode into `buffer`; `parts`: keep each decoded chunk in `parts`, unjoined (a raw chunk stays
-        a view of the message it came in: no copy at all); `sink`: hand each decoded chunk to it instead (a file:
-        constant memory; the caller must discard what it wrote unless `finish()` returns); none of them: keep
-        the chunks as stored."""
+                 sink: Callable[[bytes | memoryview], object] | None = None, tee: Tee | None = None,
+                 keep: bool | None = None) -> None:
+        """`into`: decode into `buffer`; `sink`: hand each decoded chunk to it instead (a file: constant memory;
+        the caller must discard what it wrote unless `finish()` returns); neither: keep the chunks as stored
+        (`keep` says whether explicitly). `tee` also gets each chunk's raw bytes; if it raises,
+        it gets no more (its owner sees an incomplete stream) and the transfer goes on."""
         validate_header(header, limits)
         self.header = header
         self._sink = sink
         # Fresh memory on huge pages where the kernel offers them (mesh/memory.py): nothing is zero-filled up
         # front, and the chunks land in place as they arrive.
         self.buffer: memoryview | None = memoryview(fresh(header.raw_size)) if into else None
-        self.parts: list[bytes | memoryview] | None = [] if parts else None
         self.chunks: list[StoredChunk] = []
         self.stored_size = 0
         self._hash = xxhash.xxh3_64()
         self._next = 0
         self._offset = 0
-        self._keep = not into and not parts and sink is None
+        self._keep = (not into and sink is None) if keep is None else keep
+        self._tee = tee
+        if tee is not None:
+            tee.start(header.raw_size, header)
 
     def add(self, chunk: WireChunk | pb.Chunk) -> StoredChunk:
         h = self.header
@@ -484,10 +497,13 @@ class Receiver:
         self._hash.update(raw)
         if self.buffer is not None:
             self.buffer[self._offset: self._offset + expect] = raw
-        elif self.parts is not None:
-            self.parts.append(raw)
         elif self._sink is not None:
             self._sink(raw)
+        if self._tee is not None:
+            try:
+                self._tee.feed(raw)
+            except Exception:  # a value that will not decode: the bytes still arrive (and are verified, stored)
+                self._tee = None
         frame = getattr(chunk, "frame", None)  # a pb.Chunk (built in process) has none
         stored = StoredChunk(chunk.codec, expect, data, frame, chunk.index if frame is not None else -1)
         if self._keep:

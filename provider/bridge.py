@@ -23,8 +23,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from mesh.client import MeshClient, NodeStopped, Parts
+from mesh.client import MeshClient, NodeStopped, Sink
 from mesh.peer import MeshError, Unreachable
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,10 @@ class BridgeCounters:
     breaker_trips: int = 0
 
 
+class Decoder(Sink, Protocol):
+    def finish(self) -> object: ...
+
+
 @dataclass(frozen=True)
 class Found:
     """A lookup's answer when the key was there: the decoded value and the size of the blob it came from."""
@@ -72,14 +77,15 @@ class _Store:
 
 class Bridge:
     def __init__(self, client: MeshClient, *, encode: Callable[[object, Mapping[str, str]], bytes | bytearray | None],
-                 decode: Callable[[Parts], object], lookup_timeout: float, store_timeout: float,
+                 decoder: Callable[[], Decoder], lookup_timeout: float, store_timeout: float,
                  store_queue: int, thread_init: Callable[[], None] = lambda: None) -> None:
         """`encode(tree, meta)` returns the bytes to store, or None for a value not to be cached (counted as
-        refused); it runs on the store thread, never on ComfyUI's. `thread_init` runs first on each of the
-        bridge's own threads (they encode and decode values)."""
+        refused); it runs on the store thread, never on ComfyUI's. `decoder()` makes what a hit's bytes are fed
+        to as they arrive (mesh.codec.StreamDecoder); its `finish()` is the value. `thread_init` runs first on
+        each of the bridge's own threads (they encode and decode values)."""
         self.client = client
         self.encode = encode
-        self.decode = decode
+        self.decoder = decoder
         self.lookup_timeout = lookup_timeout
         self.store_timeout = store_timeout
         self.counters = BridgeCounters()
@@ -188,12 +194,12 @@ class Bridge:
 
     def _fetch(self, key: str, waiting: list[futures.Future[Found | None]], deadline: float) -> None:
         try:
-            parts = self.client.get_parts(key, timeout=max(0.01, deadline - time.monotonic()))
-            if parts is None:
+            sink = self.decoder()
+            if not self.client.get_into(key, max(0.01, deadline - time.monotonic()), sink):
                 self._finish(waiting, None, "misses")
                 return
-            size = sum(len(p) for p in parts)
-            value = self.decode(parts)  # the chunks go once, straight into the value's fresh tensors
+            size = sink.received
+            value = sink.finish()  # the chunks went once, as they arrived, straight into the value's tensors
         except MeshError as e:
             self._trip(e)
             self._finish(waiting, None, "errors")

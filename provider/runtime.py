@@ -134,7 +134,7 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
             return None
         return codec.encode(tree, shuffle=config.shuffle, levels=True)
 
-    bridge = Bridge(client, encode=encode, decode=codec.decode, lookup_timeout=config.lookup_timeout,
+    bridge = Bridge(client, encode=encode, decoder=codec.StreamDecoder, lookup_timeout=config.lookup_timeout,
                     store_timeout=config.store_timeout, store_queue=config.store_queue, thread_init=torch_on_one_core)
     cls = type("MeshCacheProvider", (MeshCacheProvider, base), {}) if base is not None else MeshCacheProvider
     provider = cls(bridge, policy, namespace=namespace_for(comfy_version, config.namespace),

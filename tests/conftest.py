@@ -231,3 +231,20 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
+
+class Collect:
+    """A Sink that keeps what it is fed, for checking what reached it."""
+
+    def __init__(self) -> None:
+        self.header: object = None
+        self.received = 0
+        self.pieces: list[bytes] = []
+        self.starts = 0
+
+    def start(self, size: int, header: object) -> None:
+        self.header, self.received, self.pieces = header, 0, []
+        self.starts += 1
+
+    def feed(self, raw: bytes | memoryview) -> None:
+        self.pieces.append(bytes(raw))
+        self.received += len(raw)

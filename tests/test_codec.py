@@ -232,6 +232,38 @@ def test_levels_manifest_refusals(extra: dict[str, Any], message: str) -> None:
         codec.decode(forge(node, bytes(16)))
 
 
+def test_stream_decoder_restarts_and_refuses_too_much_or_too_little() -> None:
+    value = {"img": image_levels(), "latent": torch.randn(1, 4, 16, 16), "b": b"xyz"}
+    buf = bytes(codec.encode(value, levels=True))
+    stream = codec.StreamDecoder()
+    stream.start(len(buf))
+    for piece in pieces(buf)[:5]:  # a transfer that broke off early...
+        stream.feed(piece)
+    stream.start(len(buf))  # ...and the next owner's, from the start
+    for piece in pieces(buf, (4096, 1 << 20)):
+        stream.feed(piece)
+    assert_same(value, stream.finish())
+    with pytest.raises(BlobFormatError, match="more than"):
+        stream.feed(b"x")
+    stream.start(len(buf))
+    stream.feed(buf[:-1])
+    with pytest.raises(BlobFormatError, match="truncated"):
+        stream.finish()
+    stream.start(len(buf) + 64)  # announced larger than the blob's own layout: refused at the manifest
+    with pytest.raises(BlobFormatError, match="after the last"):
+        stream.feed(buf + bytes(64))
+
+
+def test_stream_decoder_refuses_a_bad_manifest_at_the_first_chunk() -> None:
+    stream = codec.StreamDecoder()
+    stream.start(1 << 20)
+    with pytest.raises(BlobFormatError, match="bad magic"):
+        stream.feed(b"PKL1" + bytes(100))
+    stream.start(1 << 20)
+    with pytest.raises(BlobFormatError, match="exceeds the limit"):
+        stream.feed(struct.pack("<4sI", codec.MAGIC, codec.MAX_MANIFEST + 1))  # refused before its bytes come
+
+
 def test_decode_from_pieces_writes_fresh_memory() -> None:
     value = {"img": image_levels(), "latent": torch.randn(1, 4, 16, 16), "arr": np.arange(10), "b": b"xyz"}
     parts = [bytearray(p) for p in pieces(bytes(codec.encode(value, levels=True)))]

@@ -31,7 +31,7 @@ from provider.policy import Policy, value_tree
 from provider.runtime import namespace_for
 from tests.comfy_harness import (STANDARD_LOCAL, STANDARD_SHARED, CacheValue, Engine, HarnessProcess,
                                  chain_prompt, parser, standard_prompt, start_runtime, traits_lookup)
-from tests.conftest import free_port, poll
+from tests.conftest import Collect, free_port, poll
 
 SECRET = "provider-test-secret"
 
@@ -337,7 +337,7 @@ def test_full_store_queue_drops_and_counts(lone: Any) -> None:
             release.wait(10)
             return super().put(*args, **kwargs)
 
-    bridge = Bridge(Stalled(lone.node), encode=lambda tree, meta: codec.encode(tree), decode=codec.decode,
+    bridge = Bridge(Stalled(lone.node), encode=lambda tree, meta: codec.encode(tree), decoder=codec.StreamDecoder,
                     lookup_timeout=1, store_timeout=5, store_queue=2)
     provider = MeshCacheProvider(bridge, Policy(traits_lookup()), namespace="ns", cache_value=CacheValue,
                                  lookup_timeout=1)
@@ -370,7 +370,7 @@ def test_recently_stored_keys_are_skipped_and_the_memory_of_them_is_bounded(lone
             puts.append(key)
             return super().put(key, *args, **kwargs)
 
-    bridge = Bridge(Counting(lone.node), encode=lambda tree, meta: codec.encode(tree), decode=codec.decode,
+    bridge = Bridge(Counting(lone.node), encode=lambda tree, meta: codec.encode(tree), decoder=codec.StreamDecoder,
                     lookup_timeout=1, store_timeout=5, store_queue=1000)
     try:
         for i in range(200):
@@ -385,16 +385,17 @@ def test_recently_stored_keys_are_skipped_and_the_memory_of_them_is_bounded(lone
         bridge.close()
 
 
-def test_get_parts_are_the_value_unjoined_from_either_client(lone: Any) -> None:
+def test_get_into_feeds_the_value_from_either_client(lone: Any) -> None:
     data = bytes(range(256)) * 20_000 + b"tail"  # five chunks of 1 MiB, the last one short
     local = LocalClient(lone.node)
-    assert local.put("parts/k", data, {}, timeout=10) >= 1
+    assert local.put("into/k", data, {}, timeout=10) >= 1
     remote = RemoteClient(lone.node.address, SECRET.encode())
     try:
         for client in (local, remote):
-            parts = client.get_parts("parts/k", timeout=10)
-            assert parts is not None and len(parts) == 5 and b"".join(parts) == data
-            assert client.get_parts("parts/none", timeout=10) is None
+            sink = Collect()
+            assert client.get_into("into/k", 10, sink)
+            assert sink.starts == 1 and len(sink.pieces) == 5 and b"".join(sink.pieces) == data
+            assert not client.get_into("into/none", 10, Collect())
     finally:
         remote.close()
 

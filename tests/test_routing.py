@@ -18,7 +18,8 @@ from mesh.peer import Unreachable
 from mesh.peers import PeerPool
 from mesh.ring import Ring
 from mesh.store import BlobStore, Entry
-from mesh.wire import RAW, Header, Limits, MiB, StoredChunk, make_header
+from mesh.wire import RAW, Header, Limits, MiB, StoredChunk, Tee, make_header, raw_parts
+from tests.conftest import Collect
 
 ME = "me"
 
@@ -56,12 +57,18 @@ class MemoryPeer:
 
     def get_chunks(self, key: str, timeout: float | None = None, local_only: bool = True,
                    first_byte: float | None = None, on_first_byte: Callable[[float], None] | None = None,
-                   ) -> tuple[Header, list[StoredChunk]] | None:
+                   tee: Tee | None = None) -> tuple[Header, list[StoredChunk]] | None:
         self._call("get")
         entry = self.store.get(key)
         if on_first_byte is not None:
             on_first_byte(0.001)
-        return None if entry is None else (entry.header, list(entry.chunks))
+        if entry is None:
+            return None
+        if tee is not None:
+            tee.start(entry.header.raw_size, entry.header)
+            for raw in raw_parts(entry.chunks):
+                tee.feed(raw)
+        return entry.header, list(entry.chunks)
 
     def has(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> list[bool]:
         self._call("has")
@@ -131,6 +138,16 @@ def test_a_non_owner_reads_from_the_first_owner_and_keeps_a_near_copy(mesh: Mesh
     assert mesh.cluster.get(key, timeout=5) is not None
     assert mesh.peer(first).calls == ["get"]  # the second read stayed local
     assert mesh.cluster.counters["near_hits"] == 1
+
+
+def test_a_fetch_feeds_the_readers_tee_and_a_local_read_does_not(mesh: Mesh) -> None:
+    key = mesh.key({"a", "b"})
+    mesh.peer(mesh.cluster.owners(key)[0]).store.put(entry(key, b"streamed"))
+    tee = Collect()
+    got = mesh.cluster.get(key, timeout=5, tee=tee)
+    assert got is not None and tee.header is got.header and b"".join(tee.pieces) == b"streamed"
+    again = Collect()
+    assert mesh.cluster.get(key, timeout=5, tee=again) is not None and again.starts == 0  # held here now
 
 
 def test_an_unreachable_owner_is_skipped_until_heard_from_again(mesh: Mesh) -> None:

@@ -211,24 +211,37 @@ def _byte_view(buf: Buffer) -> memoryview:
 def open_blob(buf: Buffer | Pieces) -> tuple[Bytes, Any, int]:
     """Check the header and parse the manifest: (the bytes, manifest, start of the data region)."""
     data = Bytes(buf)
-    if data.size < HEADER.size:
-        raise BlobFormatError(f"blob of {data.size} bytes is shorter than its {HEADER.size}-byte header")
-    magic, length = HEADER.unpack(data.read(0, HEADER.size))
+    manifest, data_start = read_manifest(data.read, data.size)
+    return data, manifest, data_start
+
+
+def manifest_end(head: bytes | bytearray | memoryview) -> int | None:
+    """How many bytes a blob's header and manifest take, from its first bytes; None until 8 have come."""
+    if len(head) < HEADER.size:
+        return None
+    return HEADER.size + HEADER.unpack_from(head)[1]
+
+
+def read_manifest(read: Callable[[int, int], bytes], size: int) -> tuple[Any, int]:
+    """(manifest, start of the data region) of a blob of `size` bytes, reading its start through `read(at, n)`."""
+    if size < HEADER.size:
+        raise BlobFormatError(f"blob of {size} bytes is shorter than its {HEADER.size}-byte header")
+    magic, length = HEADER.unpack(read(0, HEADER.size))
     if magic != MAGIC:
         raise BlobFormatError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
     if length > MAX_MANIFEST:
         raise BlobFormatError(f"manifest length {length} exceeds the limit of {MAX_MANIFEST}")
-    if HEADER.size + length > data.size:
-        raise BlobFormatError(f"truncated: manifest of {length} bytes but the blob has {data.size} bytes")
+    if HEADER.size + length > size:
+        raise BlobFormatError(f"truncated: manifest of {length} bytes but the blob has {size} bytes")
     try:
-        text = str(data.read(HEADER.size, length), "utf-8")
+        text = str(read(HEADER.size, length), "utf-8")
         manifest = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise BlobFormatError(f"manifest is not valid JSON: {type(e).__name__}: {short(str(e), 120)}") from None
     data_start = align(HEADER.size + length)
-    if data_start > data.size:
-        raise BlobFormatError(f"truncated: the data region starts at {data_start} but the blob has {data.size} bytes")
-    return data, manifest, data_start
+    if data_start > size:
+        raise BlobFormatError(f"truncated: the data region starts at {data_start} but the blob has {size} bytes")
+    return manifest, data_start
 
 
 class ManifestReader:

@@ -8,6 +8,7 @@ the decoder will and comparing bits. Everything here that touches data needs tor
 from __future__ import annotations
 
 import struct
+import warnings
 from typing import Any
 
 from mesh.codec.layout import LEVELS
@@ -64,3 +65,19 @@ def levels_of(torch: Any, t: Any) -> Any:
         block = _LEVELS_BLOCK
     return codes
 
+
+_READONLY_QUIET = False
+
+
+def codes_view(torch: Any, piece: memoryview) -> Any:
+    """A uint8 tensor reading `piece`, which may be read-only (a message as gRPC handed it over).
+
+    torch warns once per process about tensors over read-only memory; these are only ever read, here, so that
+    one warning is taken (and silenced) on the first call instead of reaching ComfyUI's log."""
+    global _READONLY_QUIET
+    if piece.readonly and not _READONLY_QUIET:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            torch.frombuffer(b"\0", dtype=torch.uint8)
+        _READONLY_QUIET = True
+    return torch.frombuffer(piece, dtype=torch.uint8)
