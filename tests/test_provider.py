@@ -32,6 +32,7 @@ from provider.runtime import namespace_for
 from tests.comfy_harness import (STANDARD_LOCAL, STANDARD_SHARED, CacheValue, Engine, HarnessProcess,
                                  chain_prompt, parser, standard_prompt, start_runtime, traits_lookup)
 from tests.conftest import free_port, poll
+from tests.support.cli import run_cli
 
 SECRET = "provider-test-secret"
 
@@ -111,7 +112,7 @@ def test_b_gets_what_a_computed_bit_exactly(tmp_path: Path) -> None:
 
 
 def test_sidecar_mode_shares_through_mesh_serve(tmp_path: Path) -> None:
-    from mesh.localmesh import LocalMesh
+    from tests.support.localmesh import LocalMesh
 
     with LocalMesh(secret=SECRET.encode()) as mesh:
         mesh.start(2)
@@ -132,9 +133,7 @@ def test_sidecar_mode_shares_through_mesh_serve(tmp_path: Path) -> None:
 
             def reported() -> bool:
                 nonlocal counters
-                done = subprocess.run([sys.executable, "-m", "mesh.cli", "--node", mesh.nodes[1].address,
-                                       "--secret-file", str(mesh.secret_file), "stats", "--json"],
-                                      capture_output=True, text=True, timeout=60)
+                done = run_cli("stats", "--json", node=mesh.nodes[1].address, secret_file=mesh.secret_file)
                 assert done.returncode == 0, done.stderr
                 counters = json.loads(done.stdout)["counters"]
                 return counters.get("provider_hits") == len(STANDARD_SHARED)
