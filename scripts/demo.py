@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from mesh import codec  # noqa: E402
 from mesh.ring import Ring  # noqa: E402
 from mesh.units import format_size  # noqa: E402
-from tests.comfy_harness import HarnessProcess  # noqa: E402
+from tests.support.comfy_harness import HarnessProcess  # noqa: E402
 from tests.support.cli import run_cli  # noqa: E402
 from tests.support.localmesh import LocalMesh, LocalNode  # noqa: E402
 
@@ -74,7 +74,7 @@ def mesh_demo(mesh: LocalMesh) -> None:
 
 
 def comfyui_demo(workdir: Path) -> None:
-    say("two ComfyUI-like processes (tests/comfy_harness.py drives the provider as ComfyUI does), "
+    say("two ComfyUI-like processes (tests/support/comfy_harness.py drives the provider as ComfyUI does), "
         "each with an embedded mesh node; B's seed is A")
     secret = hashlib.sha256(str(time.time_ns()).encode()).hexdigest()
     a = HarnessProcess(["--secret", secret, "--node-id", "comfyui-a"], log_path=workdir / "comfyui-a.log")

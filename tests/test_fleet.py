@@ -218,7 +218,7 @@ def test_reflection_lists_the_services_without_a_secret(serve: Callable[..., Ser
 def test_metrics_by_class_type_for_an_embedded_provider() -> None:
     from prometheus_client import generate_latest
 
-    from tests.comfy_harness import Engine, parser, standard_prompt, start_runtime
+    from tests.support.comfy_harness import Engine, parser, standard_prompt, start_runtime
 
     rt = start_runtime(parser().parse_args(["--secret", "s"]))
     try:
@@ -239,7 +239,7 @@ def test_the_grafana_dashboard_only_uses_series_a_node_exports() -> None:
 
     from prometheus_client import generate_latest
 
-    from tests.comfy_harness import Engine, parser, standard_prompt, start_runtime
+    from tests.support.comfy_harness import Engine, parser, standard_prompt, start_runtime
 
     dashboard = json.loads((Path(__file__).resolve().parent.parent / "scripts/deploy/grafana-dashboard.json")
                            .read_text())

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.comfy_harness import STANDARD_SHARED, HarnessProcess
+from tests.support.comfy_harness import STANDARD_SHARED, HarnessProcess
 from tests.conftest import poll
 from tests.support.cli import run_cli
 from tests.support.serve import start_serve

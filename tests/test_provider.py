@@ -1,4 +1,4 @@
-"""The ComfyUI provider, driven exactly as ComfyUI's caching layer drives it (tests/comfy_harness.py).
+"""The ComfyUI provider, driven exactly as ComfyUI's caching layer drives it (tests/support/comfy_harness.py).
 
 Two ComfyUI-like processes share a real mesh on 127.0.0.1; in-process engines check the provider's contract
 (misses, dead meshes, full queues, corrupt blobs, policy, configuration) against real nodes.
@@ -29,7 +29,7 @@ from provider.cache_provider import MeshCacheProvider
 from provider.config import ProviderConfig
 from provider.policy import Policy, value_tree
 from provider.runtime import namespace_for
-from tests.comfy_harness import (STANDARD_LOCAL, STANDARD_SHARED, CacheValue, Engine, HarnessProcess,
+from tests.support.comfy_harness import (STANDARD_LOCAL, STANDARD_SHARED, CacheValue, Engine, HarnessProcess,
                                  chain_prompt, parser, standard_prompt, start_runtime, traits_lookup)
 from tests.conftest import free_port, poll
 from tests.support.cli import run_cli
@@ -475,7 +475,7 @@ nodes.NODE_CLASS_MAPPINGS = {}
 nodes.load_custom_node = lambda *a: None
 sys.modules["nodes"] = nodes
 if sys.argv[1] == "api":
-    from tests.comfy_harness import CacheProvider, CacheValue
+    from tests.support.comfy_harness import CacheProvider, CacheValue
     api = types.ModuleType("comfy_execution.cache_provider")
     registered = []
     api.CacheProvider, api.CacheValue = CacheProvider, CacheValue
@@ -514,7 +514,7 @@ def test_loads_inside_comfyui(api: str, tmp_path: Path) -> None:
 def test_the_embedded_node_listens_on_a_fixed_port_or_falls_back(caplog: pytest.LogCaptureFixture) -> None:
     """Operators find a host's embedded node at 127.0.0.1:8289; a second ComfyUI there takes a free port."""
     from provider import runtime as provider_runtime
-    from tests.comfy_harness import COMFY_VERSION, CacheValue, traits_lookup
+    from tests.support.comfy_harness import COMFY_VERSION, CacheValue, traits_lookup
 
     config = ProviderConfig.load({"MESH_SECRET": SECRET})
     assert config.listen == "127.0.0.1:8289"
