@@ -13,13 +13,16 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
-from mesh.client import RemoteClient
-from mesh.localmesh import LocalMesh
-from mesh.ring import Ring
-from mesh.units import parse_size
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from mesh.client import RemoteClient  # noqa: E402
+from mesh.ring import Ring  # noqa: E402
+from mesh.units import parse_size  # noqa: E402
+from tests.support.localmesh import LocalMesh  # noqa: E402
 
 
 def main() -> None:

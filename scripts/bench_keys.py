@@ -3,7 +3,7 @@
 
     .venv/bin/python scripts/bench_keys.py [--json bench-results/keys.json]
 
-Keys are the signatures ComfyUI builds for an N-node chain (tests/comfy_harness.py builds them as ComfyUI
+Keys are the signatures ComfyUI builds for an N-node chain (tests/support/comfy_harness.py builds them as ComfyUI
 does); the digest of the chain's last node (the largest key) is timed both ways, interleaved, and checked equal.
 "Per node per prompt" is what ComfyUI pays with a provider: three digests of the same key (lookup at prompt
 start, lookup before the node runs, store) for ComfyUI's function, one for the remembered fast one.
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from provider.fastkeys import digest  # noqa: E402
-from tests import comfy_harness as harness  # noqa: E402
+from tests.support import comfy_harness as harness  # noqa: E402
 
 
 def main() -> int:

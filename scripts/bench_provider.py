@@ -1,4 +1,4 @@
-"""What the ComfyUI provider costs and what a hit saves, measured through the ComfyUI stand-in (tests/comfy_harness).
+"""What the ComfyUI provider costs and what a hit saves, measured through the ComfyUI stand-in (tests/support/comfy_harness).
 
 (a) All-miss overhead: prompts of cheap nodes run through the harness three ways: with the mesh provider
     (embedded in this process, in a 2-node mesh on loopback whose other node is a ComfyUI-like harness process,
@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from tests.comfy_harness import (CacheContext, Engine, HarnessProcess, big_image_prompt, chain_prompt,  # noqa: E402
+from tests.support.comfy_harness import (CacheContext, Engine, HarnessProcess, big_image_prompt, chain_prompt,  # noqa: E402
                                  parser as harness_parser, start_runtime)
 
 SECRET = "bench-provider-secret"

@@ -40,12 +40,12 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mesh.localmesh import LocalMesh, LocalNode  # noqa: E402
 from mesh.membership import ring_weights  # noqa: E402
 from mesh.peer import MeshError, PeerClient  # noqa: E402
 from mesh.pb import mesh_pb2 as pb  # noqa: E402
 from mesh.ring import Ring  # noqa: E402
 from mesh.units import parse_size  # noqa: E402
+from tests.support.localmesh import LocalMesh, LocalNode  # noqa: E402
 
 FAST = ["--heartbeat", "0.3", "--suspect-after", "1.5", "--dead-after", "4"]
 

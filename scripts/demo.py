@@ -5,7 +5,6 @@ sharing a slow node's output. Everything started here is stopped before it exits
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import sys
 import tempfile
 import time
@@ -17,10 +16,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from mesh import codec  # noqa: E402
-from mesh.localmesh import LocalMesh  # noqa: E402
 from mesh.ring import Ring  # noqa: E402
 from mesh.units import format_size  # noqa: E402
-from tests.comfy_harness import HarnessProcess  # noqa: E402
+from tests.support.comfy_harness import HarnessProcess  # noqa: E402
+from tests.support.cli import run_cli  # noqa: E402
+from tests.support.localmesh import LocalMesh, LocalNode  # noqa: E402
 
 SLOW_NODE_SECONDS = 2.0
 
@@ -29,14 +29,18 @@ def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+def show_cli(mesh: LocalMesh, node: LocalNode, *args: str) -> None:
+    """Run `mesh --node NODE ARGS` as an operator would, its output straight to the terminal."""
+    run_cli(*args, node=node.address, secret_file=mesh.secret_file, capture=False, check=True, drop_env=())
+
+
 def mesh_demo(mesh: LocalMesh) -> None:
     say("starting a mesh of 3 `mesh serve` processes on 127.0.0.1 (node0 is the others' seed)")
     mesh.start(3)
     mesh.wait_members(3)
     for node in mesh.nodes:
         print(f"   {node.node_id} on {node.address} (pid {node.process.pid})")
-    subprocess.run([sys.executable, "-m", "mesh.cli", "--node", mesh.nodes[0].address, "--secret-file",
-                    str(mesh.secret_file), "ring"], check=True)
+    show_cli(mesh, mesh.nodes[0], "ring")
 
     say("encoding a ComfyUI LATENT and an IMAGE with the tensor codec, putting them through node0")
     gen = torch.Generator().manual_seed(42)
@@ -62,17 +66,15 @@ def mesh_demo(mesh: LocalMesh) -> None:
         (value["outputs"][1][0], back["outputs"][1][0]),  # type: ignore[index]
     ))
     print(f"   got it back through {reader.node_id} in {ms:.1f} ms: bit-exact = {same}")
-    subprocess.run([sys.executable, "-m", "mesh.cli", "--node", reader.address, "--secret-file",
-                    str(mesh.secret_file), "get", key, "--describe"], check=True)
+    show_cli(mesh, reader, "get", key, "--describe")
     time.sleep(1.2)  # key counts of other members travel with heartbeats (every 0.5 s): let them catch up
-    subprocess.run([sys.executable, "-m", "mesh.cli", "--node", reader.address, "--secret-file",
-                    str(mesh.secret_file), "peers"], check=True)
+    show_cli(mesh, reader, "peers")
     if not same:
         raise SystemExit("demo failed: the value did not come back bit-exactly")
 
 
 def comfyui_demo(workdir: Path) -> None:
-    say("two ComfyUI-like processes (tests/comfy_harness.py drives the provider as ComfyUI does), "
+    say("two ComfyUI-like processes (tests/support/comfy_harness.py drives the provider as ComfyUI does), "
         "each with an embedded mesh node; B's seed is A")
     secret = hashlib.sha256(str(time.time_ns()).encode()).hexdigest()
     a = HarnessProcess(["--secret", secret, "--node-id", "comfyui-a"], log_path=workdir / "comfyui-a.log")

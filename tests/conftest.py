@@ -7,9 +7,6 @@ they do not stop in time. Every wait is bounded.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
@@ -20,7 +17,6 @@ import grpc
 import pytest
 
 from mesh.auth import METADATA_KEY, AuthInterceptor, Keyring, ServerAuth, call_tag, key_id
-from mesh.localmesh import wait_until_serving
 from mesh.node import Node, NodeConfig
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
@@ -28,10 +24,9 @@ from mesh.peer import PeerClient
 from mesh.server import MeshServicer, add_to_server
 from mesh.store import BlobStore
 from mesh.wire import GiB, MiB, Limits
+from tests.support.serve import ServeProcess, start_serve
 
 SECRET = b"test-cluster-secret"
-READY_TIMEOUT = 20.0  # seconds a `mesh serve` may take to write its ready file
-STOP_TIMEOUT = 10.0
 
 
 def poll(check: Callable[[], bool], what: str, timeout: float = 30.0, interval: float = 0.05) -> None:
@@ -152,51 +147,7 @@ def target(request: pytest.FixtureRequest, node_factory: Callable[..., Node]) ->
         served.stop()
 
 
-# -- `mesh serve` subprocesses ---------------------------------------------------------------------------------
-
-def mesh_command() -> list[str]:
-    """The installed `mesh` command beside this interpreter (the venv's), else `python -m mesh.cli`."""
-    script = Path(sys.executable).with_name("mesh")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "mesh.cli"]
-
-
-@dataclass
-class ServeProcess:
-    process: subprocess.Popen[bytes]
-    address: str
-    node_id: str
-    log_path: Path
-    metrics: str = ""  # HOST:PORT of its /metrics, when started with --metrics-listen
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
-        """Signal it and wait (bounded); returns its exit code. Killed if it does not stop in time."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=STOP_TIMEOUT)
-                raise
-        return self.process.returncode
-
-
-def start_serve(workdir: Path, secret_file: Path | None, *args: str, pre: Sequence[str] = ()) -> ServeProcess:
-    """Run `mesh [pre...] serve --listen 127.0.0.1:0 --ready-file F` and wait (bounded) for its ready file."""
-    index = len(list(workdir.glob("serve-*.log")))
-    ready = workdir / f"serve-{index}.ready"
-    log_path = workdir / f"serve-{index}.log"
-    argv = mesh_command() + (["--secret-file", str(secret_file)] if secret_file else []) + list(pre) + [
-        "serve", "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--min-free-ram", "0",
-        "--max-memory", "256MiB", *args]
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-    info = wait_until_serving(process, ready, log_path, READY_TIMEOUT)
-    return ServeProcess(process, info["address"], info["node_id"], log_path, info.get("metrics", ""))
-
+# -- `mesh serve` subprocesses (started by tests.support.serve) -------------------------------------------------
 
 @pytest.fixture
 def secret_file(tmp_path: Path) -> Path:
@@ -212,15 +163,15 @@ def serve(tmp_path: Path, secret_file: Path) -> Iterator[Callable[..., ServeProc
     started: list[ServeProcess] = []
 
     def start(*args: str, secret: Path | None = secret_file, pre: Sequence[str] = ()) -> ServeProcess:
-        proc = start_serve(tmp_path, secret, *args, pre=pre)
+        """`pre`: global options, before `serve` (TLS); a 256 MiB budget unless `args` say otherwise."""
+        proc = start_serve(tmp_path, f"serve-{len(started)}", "--max-memory", "256MiB", *args, secret_file=secret,
+                           global_args=pre)
         started.append(proc)
         return proc
 
     yield start
     for proc in started:
-        if proc.process.poll() is None:
-            proc.process.kill()
-            proc.process.wait(timeout=STOP_TIMEOUT)
+        proc.kill()
 
 
 def free_port() -> int:

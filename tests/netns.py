@@ -218,7 +218,10 @@ class NetLab:
 
         `ip netns exec` execs argv, so the Popen's pid (and signals sent to it) are argv's own.
         """
-        p = subprocess.Popen(self.argv(host, argv), **kw)
+        return self.adopt(subprocess.Popen(self.argv(host, argv), **kw))
+
+    def adopt(self, p: subprocess.Popen[Any]) -> subprocess.Popen[Any]:
+        """Have the lab stop p on exit: for a process started with `argv(host, ...)` by someone else (a launcher)."""
         self._procs.append(p)
         return p
 

@@ -11,18 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ServeProcess, free_port, mesh_command
-
-CLI_TIMEOUT = 60
+from tests.conftest import free_port
+from tests.support.cli import run_cli
+from tests.support.serve import ServeProcess
 
 
 def run_mesh(node: str, *args: str, secret_file: Path | None = None, timeout: float = 10
              ) -> subprocess.CompletedProcess[str]:
-    argv = mesh_command() + ["--node", node, "--timeout", str(timeout)]
-    if secret_file is not None:
-        argv += ["--secret-file", str(secret_file)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    return subprocess.run(argv + list(args), capture_output=True, text=True, timeout=CLI_TIMEOUT, env=env)
+    return run_cli(*args, node=node, rpc_timeout=timeout, secret_file=secret_file)
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -201,13 +197,11 @@ def test_install_comfyui_links_the_provider(tmp_path: Path) -> None:
     comfy = tmp_path / "ComfyUI"
     (comfy / "custom_nodes").mkdir(parents=True)
     (comfy / "main.py").write_text("")
-    argv = mesh_command() + ["install-comfyui", str(comfy)]
-    first = subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    first = run_cli("install-comfyui", str(comfy))
     assert first.returncode == 0, first.stderr
     link = comfy / "custom_nodes" / "comfy_mesh"
     assert link.is_symlink() and (link / "__init__.py").exists()
-    again = subprocess.run(argv, capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    again = run_cli("install-comfyui", str(comfy))
     assert again.returncode == 0 and "already links" in again.stdout
-    not_comfy = subprocess.run(mesh_command() + ["install-comfyui", str(tmp_path / "nothing")],
-                               capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    not_comfy = run_cli("install-comfyui", str(tmp_path / "nothing"))
     assert not_comfy.returncode == 1 and "does not look like a ComfyUI folder" in one_line_error(not_comfy)

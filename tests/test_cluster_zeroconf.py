@@ -11,33 +11,27 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.conftest import poll
+from tests.support.cli import run_cli
+from tests.support.serve import ServeProcess, start_serve
 from tests.netns import Host, NetLab, netlab_or_skip
 
 PORT = 7411
 FAST = ["--heartbeat", "0.2", "--suspect-after", "1.0", "--dead-after", "2.0"]
 
 
-def _serve(lab: NetLab, host: Host, secret_file: Path, node_id: str, tmp: Path) -> subprocess.Popen[bytes]:
-    ready = tmp / f"{node_id}.ready"
-    log = open(tmp / f"{node_id}.log", "wb")
-    argv = [sys.executable, "-m", "mesh.cli", "--secret-file", str(secret_file), "serve",
-            "--listen", f"{host.addr}:{PORT}", "--node-id", node_id, "--zeroconf",
-            "--zeroconf-interfaces", host.addr, "--min-free-ram", "0", "--ready-file", str(ready), *FAST]
-    p = lab.popen(host, argv, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while not ready.exists():
-        assert p.poll() is None and time.monotonic() < deadline, (tmp / f"{node_id}.log").read_text()
-        time.sleep(0.05)
-    return p
+def _serve(lab: NetLab, host: Host, secret_file: Path, node_id: str, tmp: Path) -> ServeProcess:
+    node = start_serve(tmp, node_id, "--node-id", node_id, "--zeroconf", "--zeroconf-interfaces", host.addr, *FAST,
+                       secret_file=secret_file, listen=f"{host.addr}:{PORT}", wrap=lab.argv(host, []))
+    lab.adopt(node.process)
+    return node
 
 
 def _peers(lab: NetLab, host: Host, secret_file: Path) -> dict[str, str]:
-    out = lab.run(host, [sys.executable, "-m", "mesh.cli", "--node", f"{host.addr}:{PORT}", "--secret-file",
-                         str(secret_file), "--timeout", "5", "peers", "--json"], capture_output=True, text=True)
+    out = run_cli("peers", "--json", node=f"{host.addr}:{PORT}", secret_file=secret_file, rpc_timeout=5,
+                  wrap=lab.argv(host, []), check=True)
     return {r["node_id"]: r["state"] for r in json.loads(out.stdout)}
 
 
@@ -79,8 +73,9 @@ def test_zeroconf_nodes_find_each_other_and_refuse_strangers(tmp_path: Path) -> 
         value = tmp_path / "value"
         value.write_bytes(os.urandom(50_000))
         for i in range(6):
-            lab.run(lab.hosts[i % 3], [sys.executable, "-m", "mesh.cli", "--node", f"{lab.hosts[i % 3].addr}:{PORT}",
-                                       "--secret-file", str(good_secret), "put", f"k{i}", str(value)])
+            host = lab.hosts[i % 3]
+            run_cli("put", f"k{i}", str(value), node=f"{host.addr}:{PORT}", secret_file=good_secret,
+                    wrap=lab.argv(host, []), check=True, capture=False)
         for h in lab.hosts[:3]:
             assert set(_peers(lab, h, good_secret)) == {"zc0", "zc1", "zc2"}
         assert _peers(lab, lab.hosts[3], bad_secret) == {"intruder": "ALIVE"}

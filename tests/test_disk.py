@@ -14,7 +14,8 @@ from mesh.disk import TMP_SUFFIX, DiskStore, file_name
 from mesh.peer import PeerClient
 from mesh.store import BlobStore, Entry
 from mesh.wire import KiB, Limits, iter_chunks, make_header
-from tests.conftest import SECRET, ServeProcess, free_port
+from tests.conftest import SECRET, free_port
+from tests.support.serve import ServeProcess
 
 
 def entry(key: str, data: bytes, created: float = 1.0) -> Entry:

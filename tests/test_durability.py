@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from mesh.localmesh import LocalMesh, LocalNode
 from mesh.membership import ring_weights
 from mesh.ring import Ring
 from tests.conftest import poll
+from tests.support.localmesh import LocalMesh, LocalNode
 
 FAST = ["--heartbeat", "0.2", "--suspect-after", "1.0", "--dead-after", "2.5", "--repair-interval", "1",
         "--replicas", "2"]

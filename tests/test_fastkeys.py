@@ -3,7 +3,7 @@ computed once per key per prompt, installed only where it is right, and switched
 
 The reference is ComfyUI's function: the real one when a ComfyUI source is at hand (COMFYUI_DIR, or the
 fetched mirror of the fork with the CacheProvider API), and always the harness's faithful copy
-(tests/comfy_harness.py), which the real one is checked against too.
+(tests/support/comfy_harness.py), which the real one is checked against too.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from provider.fastkeys import FastKeys, contains_self_unequal, digest, reference_keys
-from tests import comfy_harness
-from tests.comfy_harness import STANDARD_SHARED, HarnessProcess
+from tests.support import comfy_harness
+from tests.support.comfy_harness import STANDARD_SHARED, HarnessProcess
 
 MIRROR = Path("/work/.mirror/nqb3323+ComfyUI/repo")
 

@@ -15,12 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh import node as node_module
 from mesh.node import ConfigError, advertised_host
 from mesh.peer import PeerClient
-from tests.conftest import SECRET, ServeProcess, free_port, mesh_command, poll
+from tests.conftest import SECRET, free_port, poll
+from tests.support.cli import run_cli
+from tests.support.serve import ServeProcess
 
 
 def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    return subprocess.run(mesh_command() + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+    return run_cli(*args, timeout=timeout)
 
 
 def one_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -141,9 +142,7 @@ def test_cli_streams_files_bit_exactly_and_leaves_no_partial_file(serve: Callabl
 
 
 def _config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    return subprocess.run(mesh_command() + list(args), capture_output=True, text=True, timeout=30,
-                          env={**base, **(env or {})})
+    return run_cli(*args, env=env, timeout=30)
 
 
 def test_settings_precedence_flag_env_file_default(tmp_path: Path) -> None:
@@ -219,7 +218,7 @@ def test_reflection_lists_the_services_without_a_secret(serve: Callable[..., Ser
 def test_metrics_by_class_type_for_an_embedded_provider() -> None:
     from prometheus_client import generate_latest
 
-    from tests.comfy_harness import Engine, parser, standard_prompt, start_runtime
+    from tests.support.comfy_harness import Engine, parser, standard_prompt, start_runtime
 
     rt = start_runtime(parser().parse_args(["--secret", "s"]))
     try:
@@ -240,7 +239,7 @@ def test_the_grafana_dashboard_only_uses_series_a_node_exports() -> None:
 
     from prometheus_client import generate_latest
 
-    from tests.comfy_harness import Engine, parser, standard_prompt, start_runtime
+    from tests.support.comfy_harness import Engine, parser, standard_prompt, start_runtime
 
     dashboard = json.loads((Path(__file__).resolve().parent.parent / "scripts/deploy/grafana-dashboard.json")
                            .read_text())

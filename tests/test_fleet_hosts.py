@@ -5,11 +5,12 @@ that an operator sees as a warning and in `mesh status`."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from tests.comfy_harness import STANDARD_SHARED, HarnessProcess
+from tests.support.comfy_harness import STANDARD_SHARED, HarnessProcess
 from tests.conftest import poll
+from tests.support.cli import run_cli
+from tests.support.serve import start_serve
 from tests.netns import NetLab, netlab_or_skip
 
 PORT = 7421
@@ -18,24 +19,16 @@ FAST = ["--heartbeat", "0.2", "--suspect-after", "1.0", "--dead-after", "2.0"]
 
 
 def _serve(lab: NetLab, i: int, secret: Path, tmp: Path) -> None:
-    ready = tmp / f"gpu{i}.ready"
-    log = open(tmp / f"gpu{i}.log", "wb")
     seeds = ",".join(f"dns:gpu{j}:{PORT}" for j in range(3) if j != i) + f",dns:gone:{PORT}"
-    argv = [sys.executable, "-m", "mesh.cli", "--secret-file", str(secret), "serve", "--listen", f"0.0.0.0:{PORT}",
-            "--node-id", f"gpu{i}", "--seeds", seeds, "--min-free-ram", "0", "--ready-file", str(ready), *FAST]
-    p = lab.popen(lab.hosts[i], argv, stdout=log, stderr=log, cwd=REPO)
-
-    def serving() -> bool:
-        assert p.poll() is None, (tmp / f"gpu{i}.log").read_text()
-        return ready.exists()
-
-    poll(serving, f"gpu{i} serves", timeout=20)
-    assert json.loads(ready.read_text())["address"] == f"{lab.hosts[i].addr}:{PORT}"  # never loopback
+    node = start_serve(tmp, f"gpu{i}", "--node-id", f"gpu{i}", "--seeds", seeds, *FAST, secret_file=secret,
+                       listen=f"0.0.0.0:{PORT}", wrap=lab.argv(lab.hosts[i], []), cwd=REPO)
+    lab.adopt(node.process)
+    assert node.address == f"{lab.hosts[i].addr}:{PORT}"  # never loopback
 
 
 def _status(lab: NetLab, i: int, secret: Path) -> dict:
-    out = lab.run(lab.hosts[i], [sys.executable, "-m", "mesh.cli", "--node", f"gpu{i}:{PORT}", "--secret-file",
-                                 str(secret), "--timeout", "5", "status", "--json"], capture_output=True, text=True)
+    out = run_cli("status", "--json", node=f"gpu{i}:{PORT}", secret_file=secret, rpc_timeout=5,
+                  wrap=lab.argv(lab.hosts[i], []), check=True)
     return json.loads(out.stdout)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mesh.link import COMPRESS_BELOW, MAX_LINKS, MEASURE_MIN, REMEASURE_EVERY, Links, is_local
-from tests.conftest import poll
+from tests.support.serve import start_serve
 from tests.netns import netlab_or_skip
 
 REPO = Path(__file__).resolve().parent.parent
@@ -91,19 +91,14 @@ def test_a_slow_link_gets_compressed_transfers_both_ways(tmp_path: Path) -> None
     with netlab_or_skip(2) as lab:
         node, reader = lab.hosts
         lab.shape(reader, "200mbit")
-        ready = tmp_path / "ready"
-        log = open(tmp_path / "node.log", "wb")
-        p = lab.popen(node, [sys.executable, "-m", "mesh.cli", "--secret-file", str(secret), "serve", "--listen",
-                             f"{node.addr}:7431", "--min-free-ram", "0", "--ready-file", str(ready)],
-                      stdout=log, stderr=log, cwd=REPO)
+        served = start_serve(tmp_path, "node", secret_file=secret, listen=f"{node.addr}:7431",
+                             wrap=lab.argv(node, []), cwd=REPO)
         try:
-            poll(lambda: p.poll() is None and ready.exists(), "the node serves", timeout=20)
             run = lab.run(reader, [sys.executable, "-c", CLIENT, f"{node.addr}:7431", "link-secret"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
             out = json.loads(run.stdout)
         finally:
-            p.terminate()
-            p.wait(10)
+            served.close()
     size = 8 << 20
     # The first put measured the link (raw); 25 MB/s is slow, so the next ones went lz4.
     assert out["stored"][0] == size

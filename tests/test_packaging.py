@@ -7,10 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+from tests.support.cli import run_cli
+from tests.support.serve import start_serve
 
 REPO = Path(__file__).resolve().parent.parent
 OLD_PROTOBUF = "protobuf==5.29.6"
@@ -39,26 +41,18 @@ def test_the_wheel_installs_and_works_without_the_makefile_or_torch(tmp_path: Pa
 
     secret = tmp_path / "secret"
     secret.write_text("wheel-test-secret\n")
-    ready = tmp_path / "ready.json"
-    log = open(tmp_path / "serve.log", "wb")
-    node = subprocess.Popen([str(mesh), "--secret-file", str(secret), "serve", "--listen", "127.0.0.1:0",
-                             "--ready-file", str(ready), "--min-free-ram", "0"], stdout=log, stderr=subprocess.STDOUT)
+    # The installed script, not this checkout's: the launcher and the CLI runner take it as their command.
+    node = start_serve(tmp_path, "serve", secret_file=secret, command=[str(mesh)], timeout=30)
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert node.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            time.sleep(0.05)
-        address = json.loads(ready.read_text())["address"]
         value = tmp_path / "value.bin"
         value.write_bytes(os.urandom(3 << 20))
-        cli = [str(mesh), "--node", address, "--secret-file", str(secret)]
-        sh(*cli, "put", "wheel/k", str(value))
-        sh(*cli, "get", "wheel/k", "-o", str(tmp_path / "back.bin"))
+        for args in (["put", "wheel/k", str(value)], ["get", "wheel/k", "-o", str(tmp_path / "back.bin")]):
+            r = run_cli(*args, node=node.address, secret_file=secret, command=[str(mesh)],
+                        drop_env=("MESH_", "PYTHON"))
+            assert r.returncode == 0, f"{args}: {r.stdout[-2000:]} {r.stderr[-2000:]}"
         assert (tmp_path / "back.bin").read_bytes() == value.read_bytes()
     finally:
-        node.terminate()
-        node.wait(timeout=15)
-        log.close()
+        node.close(timeout=15)
 
     comfy = tmp_path / "ComfyUI"
     (comfy / "custom_nodes").mkdir(parents=True)

@@ -1,4 +1,4 @@
-"""The ComfyUI provider, driven exactly as ComfyUI's caching layer drives it (tests/comfy_harness.py).
+"""The ComfyUI provider, driven exactly as ComfyUI's caching layer drives it (tests/support/comfy_harness.py).
 
 Two ComfyUI-like processes share a real mesh on 127.0.0.1; in-process engines check the provider's contract
 (misses, dead meshes, full queues, corrupt blobs, policy, configuration) against real nodes.
@@ -29,9 +29,10 @@ from provider.cache_provider import MeshCacheProvider
 from provider.config import ProviderConfig
 from provider.policy import Policy, value_tree
 from provider.runtime import namespace_for
-from tests.comfy_harness import (STANDARD_LOCAL, STANDARD_SHARED, CacheValue, Engine, HarnessProcess,
+from tests.support.comfy_harness import (STANDARD_LOCAL, STANDARD_SHARED, CacheValue, Engine, HarnessProcess,
                                  chain_prompt, parser, standard_prompt, start_runtime, traits_lookup)
 from tests.conftest import Collect, free_port, poll
+from tests.support.cli import run_cli
 
 SECRET = "provider-test-secret"
 
@@ -111,7 +112,7 @@ def test_b_gets_what_a_computed_bit_exactly(tmp_path: Path) -> None:
 
 
 def test_sidecar_mode_shares_through_mesh_serve(tmp_path: Path) -> None:
-    from mesh.localmesh import LocalMesh
+    from tests.support.localmesh import LocalMesh
 
     with LocalMesh(secret=SECRET.encode()) as mesh:
         mesh.start(2)
@@ -132,9 +133,7 @@ def test_sidecar_mode_shares_through_mesh_serve(tmp_path: Path) -> None:
 
             def reported() -> bool:
                 nonlocal counters
-                done = subprocess.run([sys.executable, "-m", "mesh.cli", "--node", mesh.nodes[1].address,
-                                       "--secret-file", str(mesh.secret_file), "stats", "--json"],
-                                      capture_output=True, text=True, timeout=60)
+                done = run_cli("stats", "--json", node=mesh.nodes[1].address, secret_file=mesh.secret_file)
                 assert done.returncode == 0, done.stderr
                 counters = json.loads(done.stdout)["counters"]
                 return counters.get("provider_hits") == len(STANDARD_SHARED)
@@ -477,7 +476,7 @@ nodes.NODE_CLASS_MAPPINGS = {}
 nodes.load_custom_node = lambda *a: None
 sys.modules["nodes"] = nodes
 if sys.argv[1] == "api":
-    from tests.comfy_harness import CacheProvider, CacheValue
+    from tests.support.comfy_harness import CacheProvider, CacheValue
     api = types.ModuleType("comfy_execution.cache_provider")
     registered = []
     api.CacheProvider, api.CacheValue = CacheProvider, CacheValue
@@ -516,7 +515,7 @@ def test_loads_inside_comfyui(api: str, tmp_path: Path) -> None:
 def test_the_embedded_node_listens_on_a_fixed_port_or_falls_back(caplog: pytest.LogCaptureFixture) -> None:
     """Operators find a host's embedded node at 127.0.0.1:8289; a second ComfyUI there takes a free port."""
     from provider import runtime as provider_runtime
-    from tests.comfy_harness import COMFY_VERSION, CacheValue, traits_lookup
+    from tests.support.comfy_harness import COMFY_VERSION, CacheValue, traits_lookup
 
     config = ProviderConfig.load({"MESH_SECRET": SECRET})
     assert config.listen == "127.0.0.1:8289"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +25,9 @@ from mesh.peer import PeerClient, Refused, Unauthenticated, Unreachable
 from mesh.tls import init_tls, load_tls
 from mesh.wire import SERVICE, KiB, Limits, MiB, make_header
 from tests.rogue import Relay, Rogue
-from tests.conftest import SECRET, ServeProcess, free_port, mesh_command, poll, token_metadata
+from tests.conftest import SECRET, free_port, poll, token_metadata
+from tests.support.cli import run_cli
+from tests.support.serve import ServeProcess
 
 
 
@@ -373,9 +374,7 @@ def test_cli_prints_keys_without_terminal_escapes_or_markup(serve: Callable[...,
     evil = "\x1b]0;owned\x07\x1b[31mred[bold]loud[/bold]\u009b2J"
     with PeerClient(node.address, SECRET) as c:
         c.put(evil, b"v", meta={"note": "\x1b[2J[link=http://x]y[/link]"})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    out = subprocess.run(mesh_command() + ["--node", node.address, "--secret-file", str(secret_file), "keys"],
-                         capture_output=True, text=True, timeout=30, env={**env, "COLUMNS": "300"})
+    out = run_cli("keys", node=node.address, secret_file=secret_file, env={"COLUMNS": "300"}, timeout=30)
     assert out.returncode == 0, out.stderr
     assert "\x1b" not in out.stdout and "\x07" not in out.stdout and "\u009b" not in out.stdout
     assert "[bold]loud[/bold]" in out.stdout and "\\x1b]0;owned\\x07" in out.stdout
@@ -412,11 +411,9 @@ def test_a_tls_mesh_shares_and_refuses_plaintext_and_strangers(serve: Callable[.
     with PeerClient(a.address, SECRET, timeout=3, tls=stranger) as c:
         with pytest.raises(Unreachable):
             c.stats()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-    env.update(MESH_TLS_CERT=str(certs / "client.pem"), MESH_TLS_KEY=str(certs / "client-key.pem"),
+    env = dict(MESH_TLS_CERT=str(certs / "client.pem"), MESH_TLS_KEY=str(certs / "client-key.pem"),
                MESH_TLS_CA=str(certs / "ca.pem"), MESH_SECRET=SECRET.decode())
-    out = subprocess.run(mesh_command() + ["--node", b.address, "get", "over-tls", "-o", "-"],
-                         capture_output=True, timeout=30, env=env)
+    out = run_cli("get", "over-tls", "-o", "-", node=b.address, env=env, text=False, timeout=30)
     assert out.returncode == 0 and out.stdout == b"secret image" * 1000, out.stderr
 
 

@@ -29,8 +29,8 @@ applied to a fake `nodes` module holding that mapping. Outputs are deterministic
 
 Run as a "ComfyUI-like process" (one provider, an embedded node or a sidecar attachment):
 
-    python -m tests.comfy_harness --secret S [--seeds HOST:PORT] --workflow standard --seed 1   # one shot
-    python -m tests.comfy_harness --secret S --serve      # JSON commands on stdin, JSON replies on stdout
+    python -m tests.support.comfy_harness --secret S [--seeds HOST:PORT] --workflow standard --seed 1   # one shot
+    python -m tests.support.comfy_harness --secret S --serve      # JSON commands on stdin, JSON replies on stdout
 
 Serve mode prints `{"event": "ready", ...}` first, then answers one JSON line per command line:
 `{"cmd": "run", "workflow": "standard", "seed": 1}` (or `"prompt": {...}`), `{"cmd": "flush"}`,
@@ -63,7 +63,7 @@ import torch
 log = logging.getLogger("comfy_harness")
 
 COMFY_VERSION = "0.21.0-test"
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repository: `-m tests.support.comfy_harness` runs there
 
 
 # ------------------------------------------------------------------------------------------ ComfyUI's types
@@ -786,7 +786,7 @@ def start_runtime(args: argparse.Namespace, base: type | None = None) -> Any:
 def parser() -> argparse.ArgumentParser:
     from mesh.units import parse_size
 
-    p = argparse.ArgumentParser(prog="python -m tests.comfy_harness", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m tests.support.comfy_harness", description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=("embedded", "sidecar"), default="embedded")
     p.add_argument("--node", default="127.0.0.1:8288", help="sidecar address")
     p.add_argument("--listen", default="127.0.0.1:0")
@@ -932,12 +932,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class HarnessProcess:
-    """A `python -m tests.comfy_harness --serve` subprocess; every wait is bounded; kill() in a finally."""
+    """A `python -m tests.support.comfy_harness --serve` subprocess; every wait is bounded; kill() in a finally."""
 
     def __init__(self, args: Sequence[str], *, ready_timeout: float = 30.0, log_path: Path | None = None,
                  env: Mapping[str, str] | None = None, wrap: Sequence[str] = ()) -> None:
         """`wrap` prefixes the command, e.g. `ip netns exec NS` to run it on another (namespace) host."""
-        argv = [*wrap, sys.executable, "-m", "tests.comfy_harness", "--serve", *args]
+        argv = [*wrap, sys.executable, "-m", "tests.support.comfy_harness", "--serve", *args]
         self.log_path = log_path
         stderr = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:

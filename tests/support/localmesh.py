@@ -1,16 +1,15 @@
-"""Start a mesh of `mesh serve` processes on loopback: for the demo, tests and benchmarks.
+"""A mesh of `mesh serve` processes on loopback: for the demo, tests and benchmarks.
 
-Each node is a real process with its own gRPC server; the first is every other node's seed. Everything
-started here is stopped by `close()` (or the context manager), even when a caller fails half-way.
+Each node is a real process with its own gRPC server, started by tests.support.serve; the first is every other
+node's seed. Everything started here is stopped by `close()` (or the context manager), even when a caller fails
+half-way.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -18,44 +17,16 @@ from pathlib import Path
 
 from mesh.pb import mesh_pb2 as pb
 from mesh.peer import MeshError, PeerClient
-
-
-def wait_until_serving(process: subprocess.Popen[bytes], ready: Path, log_path: Path,
-                       timeout: float) -> dict[str, str]:
-    """What a `mesh serve --ready-file READY` wrote there ({address, node_id}), once it is serving.
-
-    Raises RuntimeError if the process exits first and TimeoutError after `timeout` seconds, killing the process
-    and quoting its log either way, so a caller never waits unbounded nor leaks a half-started node.
-    """
-    deadline = time.monotonic() + timeout
-    try:
-        while not ready.exists():
-            if process.poll() is not None:
-                raise RuntimeError(f"mesh serve exited with {process.returncode}; log:\n{log_path.read_text()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"mesh serve wrote no ready file in {timeout} s; log:\n"
-                                   f"{log_path.read_text()[-4000:]}")
-            time.sleep(0.05)
-        return json.loads(ready.read_text())  # written whole, then renamed into place
-    except BaseException:
-        process.kill()
-        process.wait(timeout=10)
-        raise
+from tests.support.serve import READY_TIMEOUT, ServeProcess, start_serve
 
 
 @dataclass
-class LocalNode:
-    index: int
-    address: str
-    node_id: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    args: list[str] = field(default_factory=list)
-    own_args: list[str] = field(default_factory=list)  # what start_node was given beyond the mesh's extra_args
+class LocalNode(ServeProcess):
+    """A ServeProcess that knows its place in the mesh and what it was started with, so it can be restarted."""
 
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
+    index: int = 0
+    args: list[str] = field(default_factory=list)  # everything after `serve` but --listen and --ready-file
+    own_args: list[str] = field(default_factory=list)  # what start_node was given beyond the mesh's extra_args
 
 
 class LocalMesh:
@@ -79,27 +50,18 @@ class LocalMesh:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def mesh_command(self) -> list[str]:
-        return [sys.executable, "-m", "mesh.cli"]
-
     def start_node(self, *, seeds: list[str] | None = None, args: list[str] | None = None,
-                   node_id: str | None = None, listen: str = "127.0.0.1:0", timeout: float = 20.0) -> LocalNode:
+                   node_id: str | None = None, listen: str = "127.0.0.1:0",
+                   timeout: float = READY_TIMEOUT) -> LocalNode:
         index = len(self.nodes)
-        ready = self.workdir / f"node{index}.ready"
-        ready.unlink(missing_ok=True)
-        log_path = self.workdir / f"node{index}.log"
         if seeds is None:
             seeds = [self.nodes[0].address] if self.nodes else []
-        argv = self.mesh_command()
-        if self.secret_file is not None:
-            argv += ["--secret-file", str(self.secret_file)]
-        node_args = ["--listen", listen, "--ready-file", str(ready), "--node-id", node_id or f"node{index}",
-                     "--min-free-ram", "0"] + (["--seeds", ",".join(seeds)] if seeds else []) \
+        node_args = ["--node-id", node_id or f"node{index}"] + (["--seeds", ",".join(seeds)] if seeds else []) \
             + self.extra_args + list(args or [])
-        with open(log_path, "ab") as log:
-            process = subprocess.Popen(argv + ["serve"] + node_args, stdout=log, stderr=subprocess.STDOUT)
-        info = wait_until_serving(process, ready, log_path, timeout)
-        node = LocalNode(index, info["address"], info["node_id"], process, log_path, node_args, list(args or []))
+        started = start_serve(self.workdir, f"node{index}", *node_args, secret_file=self.secret_file,
+                              listen=listen, timeout=timeout)
+        base = {f.name: getattr(started, f.name) for f in dataclasses.fields(ServeProcess)}
+        node = LocalNode(**base, index=index, args=node_args, own_args=list(args or []))
         self.nodes.append(node)
         return node
 
@@ -129,7 +91,7 @@ class LocalMesh:
                 raise TimeoutError(f"node {node.node_id} sees {alive} alive members, wanted {count}")
             time.sleep(0.1)
 
-    def restart(self, node: LocalNode, extra: list[str] | None = None, timeout: float = 20.0) -> LocalNode:
+    def restart(self, node: LocalNode, extra: list[str] | None = None, timeout: float = READY_TIMEOUT) -> LocalNode:
         """Start a stopped node again with the same id, port and seeds (the others'), as a deploy would."""
         if node.alive:
             raise ValueError(f"node {node.node_id} is still running")
@@ -146,14 +108,11 @@ class LocalMesh:
             node.process.wait(timeout=30)
 
     def close(self) -> None:
+        """Terminate every node first, so they shut down together, then wait for each (killing the late)."""
         for node in self.nodes:
             if node.alive:
                 node.process.terminate()
         for node in self.nodes:
-            try:
-                node.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                node.process.kill()
-                node.process.wait()
+            node.close()
         if self._tmp is not None:
             self._tmp.cleanup()
