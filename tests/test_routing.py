@@ -48,6 +48,7 @@ class MemoryPeer:
 
     store: BlobStore = field(default_factory=lambda: BlobStore(64 * MiB))
     down: bool = False
+    breaks_midway: bool = False  # a Get that starts streaming, then loses the connection
     calls: list[str] = field(default_factory=list)
 
     def _call(self, name: str) -> None:
@@ -67,7 +68,9 @@ class MemoryPeer:
         if tee is not None:
             tee.start(entry.header.raw_size, entry.header)
             for raw in raw_parts(entry.chunks):
-                tee.feed(raw)
+                tee.feed(bytes(raw)[: len(raw) // 2] if self.breaks_midway else raw)
+                if self.breaks_midway:
+                    raise Unreachable("connection reset mid-stream")
         return entry.header, list(entry.chunks)
 
     def has(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> list[bool]:
@@ -148,6 +151,18 @@ def test_a_fetch_feeds_the_readers_tee_and_a_local_read_does_not(mesh: Mesh) -> 
     assert got is not None and tee.header is got.header and b"".join(tee.pieces) == b"streamed"
     again = Collect()
     assert mesh.cluster.get(key, timeout=5, tee=again) is not None and again.starts == 0  # held here now
+
+
+def test_a_stream_broken_midway_restarts_the_tee_at_the_next_owner(mesh: Mesh) -> None:
+    key = mesh.key({"a", "b"})
+    first, second = mesh.cluster.owners(key)
+    for node_id in (first, second):
+        mesh.peer(node_id).store.put(entry(key, b"whole value"))
+    mesh.peer(first).breaks_midway = True
+    tee = Collect()
+    got = mesh.cluster.get(key, timeout=5, tee=tee)
+    assert got is not None and tee.starts == 2  # once per owner tried
+    assert tee.header is got.header and b"".join(tee.pieces) == b"whole value"  # only the good stream's bytes
 
 
 def test_an_unreachable_owner_is_skipped_until_heard_from_again(mesh: Mesh) -> None:
