@@ -2,11 +2,12 @@
 
 Two ways to reach the mesh, one interface:
 - `LocalClient` (embedded mode): the node runs in this process, so reads and writes call its cluster directly;
-  a value held locally is one dictionary lookup and a decompression away, no RPC.
+  a value held locally is one dictionary lookup away, no RPC.
 - `RemoteClient` (sidecar mode): a `mesh serve` runs beside ComfyUI. The client learns the ring from it and
   reads straight from a key's owners (one hop instead of two), falling back to the sidecar's routed read.
-Neither raises on a miss or a dead mesh: `get` returns None; errors surface as MeshError for the caller to
-count and contain.
+Readers get a value into a Sink (`get_into`): a decoder fed chunk by chunk, as they arrive from another node or
+out of the local store. Neither client raises on a miss or a dead mesh: a miss is None or False; errors surface
+as MeshError for the caller to count and contain.
 """
 
 from __future__ import annotations
