@@ -215,11 +215,16 @@ class Cluster:
                     if node_id != self.node_id:
                         ask.setdefault(node_id, []).append(i)
         deadline = time.monotonic() + timeout
-        jobs = {self._pool.submit(self._has_at, node_id, [keys[i] for i in idx], deadline): idx
-                for node_id, idx in ask.items()}
-        done, _ = futures.wait(jobs, timeout=timeout)
-        for job in done:
-            for i, yes in zip(jobs[job], job.result()):
+        if len(ask) == 1:  # one peer to ask (a small mesh, or keys that share owners): no hop to a pool thread
+            (node_id, idx), = ask.items()
+            answers = [(idx, self._has_at(node_id, [keys[i] for i in idx], deadline))]
+        else:
+            jobs = {self._pool.submit(self._has_at, node_id, [keys[i] for i in idx], deadline): idx
+                    for node_id, idx in ask.items()}
+            done, _ = futures.wait(jobs, timeout=timeout)
+            answers = [(jobs[job], job.result()) for job in done]
+        for idx, flags in answers:
+            for i, yes in zip(idx, flags):
                 present[i] = present[i] or yes
         return present
 
