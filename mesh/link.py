@@ -35,6 +35,7 @@ MAX_LINKS = 4096
 class _Link:
     rate: float = 0.0       # bytes/s of raw transfers, averaged; 0 until measured
     transfers: int = 0      # decisions made for this link, for the periodic raw re-measurement
+    owed: bool = False      # a re-measurement is due: raw until a transfer big enough to measure has happened
 
 
 def is_local(address: str) -> bool:
@@ -69,10 +70,13 @@ class Links:
             return False
         with self._lock:
             link = self._links.get(address)
-            if link is None or link.rate == 0.0 or link.rate >= COMPRESS_BELOW:
+            if link is None or link.rate == 0.0 or link.rate >= COMPRESS_BELOW or link.owed:
                 return False
             link.transfers += 1
-            return link.transfers % REMEASURE_EVERY != 0
+            # Raw now and then, and raw until that measurement happens: the raw turn may fall on a transfer too
+            # small to measure, and a fixed pattern of big and small ones would otherwise never re-measure.
+            link.owed = link.transfers % REMEASURE_EVERY == 0
+            return not link.owed
 
     def observe(self, address: str, raw_bytes: int, seconds: float, compressed: bool) -> None:
         """A finished transfer: only raw ones of at least MEASURE_MIN bytes measure the link."""
@@ -86,6 +90,7 @@ class Links:
                     self._links.pop(next(iter(self._links)))
                 link = self._links[address] = _Link()
             link.rate = rate if link.rate == 0.0 else (1 - _WEIGHT) * link.rate + _WEIGHT * rate
+            link.owed = False
 
     def rate(self, address: str) -> float:
         """Measured bytes/s to or from `address`; 0 if never measured."""

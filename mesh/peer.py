@@ -38,6 +38,7 @@ R = TypeVar("R")
 DEFAULT_TIMEOUT = 30.0
 HELLO_TIMEOUT = 5.0  # the most a handshake may take of a call's deadline
 MAX_TRANSFERS = 4    # bulk streams (Get, Put) at once to one node from one client: see PeerClient._transfer_slot
+MIN_CALL_TIME = 0.1  # seconds a bulk call must have left after queueing for a slot, or it is not started
 WATCHDOG = Watchdog()  # cancels reads whose node does not answer within their first-byte budget
 
 
@@ -278,7 +279,13 @@ class PeerClient:
             raise MeshError(f"{MAX_TRANSFERS} transfers to {self.address} already under way for {timeout:.1f} s",
                             grpc.StatusCode.DEADLINE_EXCEEDED)
         try:
-            yield time.monotonic() - started
+            waited = time.monotonic() - started
+            if waited and timeout - waited < MIN_CALL_TIME:
+                # Too little left for a call: time spent queueing here must not read as the node being slow
+                # (a deadline on the wire is Unreachable, and its owner would be skipped as down).
+                raise MeshError(f"{MAX_TRANSFERS} transfers to {self.address} under way: {waited:.2f} s of "
+                                f"{timeout:.2f} s spent waiting for one", grpc.StatusCode.DEADLINE_EXCEEDED)
+            yield waited
         finally:
             self._transfers.release()
 

@@ -243,8 +243,13 @@ def test_stream_decoder_restarts_and_refuses_too_much_or_too_little() -> None:
     for piece in pieces(buf, (4096, 1 << 20)):
         stream.feed(piece)
     assert_same(value, stream.finish())
-    with pytest.raises(BlobFormatError, match="more than"):
+    with pytest.raises(BlobFormatError, match="already called"):
+        stream.finish()  # the value's tensors are the decoder's memory: handed out once
+    with pytest.raises(BlobFormatError, match="finished"):
         stream.feed(b"x")
+    stream.start(len(buf))
+    with pytest.raises(BlobFormatError, match="more than"):
+        stream.feed(buf + b"x")
     stream.start(len(buf))
     stream.feed(buf[:-1])
     with pytest.raises(BlobFormatError, match="truncated"):
@@ -256,12 +261,22 @@ def test_stream_decoder_restarts_and_refuses_too_much_or_too_little() -> None:
 
 def test_stream_decoder_refuses_a_bad_manifest_at_the_first_chunk() -> None:
     stream = codec.StreamDecoder()
-    stream.start(1 << 20)
+    stream.start(104)
     with pytest.raises(BlobFormatError, match="bad magic"):
         stream.feed(b"PKL1" + bytes(100))
+    with pytest.raises(BlobFormatError, match="did not decode: bad magic"):
+        stream.finish()  # all bytes arrived, but the stream failed: never a value, always BlobFormatError
     stream.start(1 << 20)
     with pytest.raises(BlobFormatError, match="exceeds the limit"):
         stream.feed(struct.pack("<4sI", codec.MAGIC, codec.MAX_MANIFEST + 1))  # refused before its bytes come
+
+
+def test_a_list_of_one_writable_piece_is_pieces_too() -> None:
+    value = [torch.arange(10.0)]
+    for parts in ([bytearray(codec.encode(value))], [b"", bytearray(codec.encode(value))]):
+        out = codec.decode(parts)
+        parts[-1][-1] ^= 0xFF
+        assert_same(value, out)  # decoding pieces never aliases them
 
 
 def test_decode_from_pieces_writes_fresh_memory() -> None:

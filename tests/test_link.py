@@ -33,12 +33,26 @@ def test_unmeasured_and_fast_links_go_raw_slow_ones_compressed_with_periodic_rem
     assert not links.compress(PEER)
     slow = "10.0.0.8:8288"
     links.observe(slow, 64 * MEASURE_MIN, 64 * MEASURE_MIN / 125e6, compressed=False)  # 1 Gbit/s
-    decisions = [links.compress(slow) for _ in range(3 * REMEASURE_EVERY)]
+    decisions = []
+    for _ in range(3 * REMEASURE_EVERY):
+        decisions.append(links.compress(slow))
+        if not decisions[-1]:  # the raw turn re-measures: still 1 Gbit/s
+            links.observe(slow, 64 * MEASURE_MIN, 64 * MEASURE_MIN / 125e6, compressed=False)
     assert decisions.count(False) == 3 and all(decisions[i] for i in range(REMEASURE_EVERY - 1))
     # a re-measurement that finds the link fast again turns compression off
     for _ in range(20):
         links.observe(slow, MEASURE_MIN, MEASURE_MIN / 2e9, compressed=False)
     assert not links.compress(slow) and links.rate(slow) > COMPRESS_BELOW
+
+
+def test_a_raw_turn_that_lands_on_a_small_transfer_stays_owed_until_a_big_one_measures() -> None:
+    links = Links()
+    links.observe(PEER, MEASURE_MIN, MEASURE_MIN / 100e6, compressed=False)  # measured slow once
+    for i in range(4 * REMEASURE_EVERY):  # then "big, small" forever, on a link that is now fast
+        big = i % 2 == 0
+        if not links.compress(PEER):
+            links.observe(PEER, MEASURE_MIN if big else 1000, (MEASURE_MIN if big else 1000) / 1.2e9, False)
+    assert links.rate(PEER) > COMPRESS_BELOW and not links.compress(PEER)
 
 
 def test_only_big_raw_transfers_measure() -> None:

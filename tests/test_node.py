@@ -22,7 +22,7 @@ import mesh
 from mesh.node import SERVICE_NAME, Node
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
-from mesh.peer import MAX_TRANSFERS, MeshError, PeerClient, Refused, Unauthenticated
+from mesh.peer import MAX_TRANSFERS, MeshError, PeerClient, Refused, Unauthenticated, Unreachable
 from mesh.store import BlobStore
 from mesh.link import Links
 from mesh.wire import LZ4, LZ4_PLANES4, RAW, KiB, MiB, Limits, checksum, iter_chunks, make_header
@@ -169,6 +169,24 @@ def test_transfers_beyond_the_clients_limit_wait_their_turn_within_the_deadline(
     assert client.get("turns/k", timeout=5).data == b"x" * 1000  # one slot free: served
     for slot in held:
         slot.__exit__(None, None, None)
+
+
+def test_a_slot_that_comes_too_late_is_a_local_timeout_not_an_unreachable_node(node: Node,
+                                                                               client: PeerClient) -> None:
+    held = [client._transfer_slot(5) for _ in range(MAX_TRANSFERS)]
+    for slot in held:
+        slot.__enter__()
+    timer = threading.Timer(0.45, held[0].__exit__, (None, None, None))  # a slot frees just before the deadline
+    timer.start()
+    try:
+        with pytest.raises(MeshError) as e:
+            client.get("late/k", timeout=0.5)
+        assert not isinstance(e.value, Unreachable) and "spent waiting" in str(e.value)
+    finally:
+        timer.join()
+        for slot in held[1:]:
+            slot.__exit__(None, None, None)
+    assert client.get("late/k", timeout=5) is None  # every slot came back; the node was never unreachable
 
 
 # -- malformed streams: a clear status, nothing stored, and the node keeps serving ----------------------------

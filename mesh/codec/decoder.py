@@ -76,7 +76,7 @@ def decode(buf: Buffer | Pieces) -> object:
     tensors are always fresh float32.
     """
     data = Bytes(buf)
-    whole = data.whole
+    whole = None if isinstance(buf, (list, tuple)) else data.whole  # pieces are never aliased, even just one
     if whole is None:
         stream = StreamDecoder()
         stream.start(data.size)

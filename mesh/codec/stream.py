@@ -56,12 +56,23 @@ class StreamDecoder:
         self._next = 0              # index of the first leaf not yet complete
         self._tree: object = None
         self._parsed = False
+        self._failed: Exception | None = None  # what a feed raised: the stream cannot become a value any more
+        self._finished = False
 
     def start(self, size: int, header: object = None) -> None:
         self.__init__()  # type: ignore[misc]
         self.size, self.header = size, header
 
     def feed(self, piece: bytes | bytearray | memoryview) -> None:
+        if self._failed is not None or self._finished:
+            raise BlobFormatError("this stream already failed or finished")
+        try:
+            self._feed(piece)
+        except Exception as e:
+            self._failed = e
+            raise
+
+    def _feed(self, piece: bytes | bytearray | memoryview) -> None:
         mv = memoryview(piece).cast("B")
         at = self.received
         self.received += len(mv)
@@ -119,6 +130,12 @@ class StreamDecoder:
             i += 1
 
     def finish(self) -> object:
+        """The value, once: its tensors are the decoder's own memory (levels are divided in place here)."""
+        if self._failed is not None:
+            raise BlobFormatError(f"the stream did not decode: {self._failed}")
+        if self._finished:
+            raise BlobFormatError("finish() was already called: the value was handed out")
+        self._finished = True
         if self.received != self.size:
             raise BlobFormatError(f"truncated: {self.received} of {self.size} bytes arrived")
         if not self._parsed:
