@@ -27,7 +27,7 @@ from mesh.peer import MeshError, PeerClient, Unreachable
 from mesh.peers import PeerPool
 from mesh.ring import Ring
 from mesh.store import Entry
-from mesh.wire import Limits, Receiver, Tee, iter_chunks, make_header, raw_parts
+from mesh.wire import Limits, Tee, iter_chunks, make_header, raw_parts
 
 if TYPE_CHECKING:
     from mesh.tls import TlsConfig
@@ -46,23 +46,12 @@ class Sink(Tee, Protocol):
 
 
 class MeshClient(Protocol):
-    def get(self, key: str, timeout: float) -> memoryview | None: ...
     def get_into(self, key: str, timeout: float, sink: Sink) -> bool: ...
     def has(self, keys: list[str], timeout: float) -> list[bool]: ...
     def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int: ...
     def stats(self) -> dict[str, float]: ...
     def report(self, reporter: str, counters: Mapping[str, float], timeout: float) -> None: ...
     def close(self) -> None: ...
-
-
-def assemble(entry: Entry, limits: Limits) -> memoryview:
-    """Decode stored chunks into one buffer, verifying the checksum again on the way out."""
-    receiver = Receiver(entry.header, limits, into=True)
-    for i, chunk in enumerate(entry.chunks):
-        receiver.add(chunk.to_pb(i))
-    receiver.finish()
-    assert receiver.buffer is not None
-    return receiver.buffer
 
 
 class NodeStopped(Unreachable):
@@ -80,11 +69,6 @@ class LocalClient:
     def _live(self) -> None:
         if self.node.stopped.is_set() or self.node.server is None:
             raise NodeStopped(f"the embedded mesh node {self.node.node_id} has stopped")
-
-    def get(self, key: str, timeout: float) -> memoryview | None:
-        self._live()
-        entry = self.cluster.get(key, timeout)
-        return None if entry is None else assemble(entry, self.limits)
 
     def get_into(self, key: str, timeout: float, sink: Sink) -> bool:
         """Feed the value's bytes to `sink`; False on a miss.

@@ -57,7 +57,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.comfyui_e2e import comfyui_argv  # noqa: E402
+from scripts.comfyui_e2e import comfyui_argv, stop_process  # noqa: E402
 
 CASES = ("none", "null", "null-fast", "mesh", "mesh-fast")
 DEFAULT_SIZES = (5, 30)
@@ -310,13 +310,7 @@ class Instance:
     def stop(self) -> None:
         if self.ws is not None:
             self.ws.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process)
         self.log.close()
 
 

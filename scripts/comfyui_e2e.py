@@ -56,6 +56,17 @@ NODE_CLASS_MAPPINGS = {"MeshE2ESlowBlur": MeshE2ESlowBlur}
 ''' % SLOW_SECONDS
 
 
+def stop_process(process: subprocess.Popen[bytes], grace: float = 20.0) -> None:
+    """Terminate a ComfyUI, then kill it if it has not exited within `grace` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,12 +140,7 @@ class Instance:
                 if "comfy-mesh" in line]
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process)
         self.log.close()
 
 

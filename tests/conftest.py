@@ -7,7 +7,6 @@ they do not stop in time. Every wait is bounded.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -24,18 +23,10 @@ from mesh.peer import PeerClient
 from mesh.server import MeshServicer, add_to_server
 from mesh.store import BlobStore
 from mesh.wire import GiB, MiB, Limits
+from tests.support.poll import poll as poll  # the tests import it from here
 from tests.support.serve import ServeProcess, start_serve
 
 SECRET = b"test-cluster-secret"
-
-
-def poll(check: Callable[[], bool], what: str, timeout: float = 30.0, interval: float = 0.05) -> None:
-    """Wait until `check()` holds, at most `timeout` seconds: the one way tests wait for something to happen."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout} s: {what}")
-        time.sleep(interval)
 
 
 def token_metadata(address: str, method: str, secret: bytes = SECRET) -> tuple[tuple[str, str], ...]:

@@ -18,6 +18,7 @@ from zeroconf import ServiceInfo, ServiceStateChange
 
 from mesh.discovery import (SERVICE_TYPE, Advert, MalformedAdvert, ZeroconfDiscovery, instance_label,
                             parse_advert, pick_address)
+from tests.conftest import poll
 from tests.netns import NetLab, netlab_or_skip
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,10 +192,10 @@ def _start(lab: NetLab, i: int, cluster: str, tmp: Path) -> Node:
 def _wait(what: str, cond: Callable[[], bool], nodes: list[Node], timeout: float) -> float:
     """Poll cond() until true; returns the seconds it took, fails with every node's log otherwise."""
     t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            pytest.fail(f"{what} not within {timeout} s\n" + "\n".join(n.log() for n in nodes))
-        time.sleep(0.05)
+    try:
+        poll(cond, what, timeout=timeout)
+    except TimeoutError:
+        pytest.fail(f"{what} not within {timeout} s\n" + "\n".join(n.log() for n in nodes))
     return time.monotonic() - t0
 
 

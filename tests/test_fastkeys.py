@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from provider.fastkeys import FastKeys, contains_self_unequal, digest, reference_keys
 from tests.support import comfy_harness
-from tests.support.comfy_harness import STANDARD_SHARED, HarnessProcess
+from tests.support.comfy_harness import HarnessProcess, b_is_served_what_a_computed
 
 MIRROR = Path("/work/.mirror/nqb3323+ComfyUI/repo")
 
@@ -256,11 +256,7 @@ def test_an_accelerated_and_a_plain_instance_share(tmp_path: Path) -> None:
         b = HarnessProcess(["--secret", "s", "--node-id", "plain", "--seeds", str(a.address)],
                            log_path=tmp_path / "b.log")
         b.wait_members(2)
-        ra = a.run(workflow="standard", seed=81)
-        assert ra["errors"] == [] and a.flush(30)
-        rb = b.run(workflow="standard", seed=81)
-        assert rb["errors"] == [] and set(rb["provider_hits"]) == set(STANDARD_SHARED)
-        assert {n: rb["outputs"][n] for n in STANDARD_SHARED} == {n: ra["outputs"][n] for n in STANDARD_SHARED}
+        b_is_served_what_a_computed(a, b, seed=81)
     finally:
         if b is not None:
             b.quit()

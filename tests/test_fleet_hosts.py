@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.support.comfy_harness import STANDARD_SHARED, HarnessProcess
+from tests.support.comfy_harness import HarnessProcess, b_is_served_what_a_computed
 from tests.conftest import poll
 from tests.support.cli import run_cli
 from tests.support.serve import start_serve
@@ -55,11 +55,7 @@ def test_three_hosts_with_dns_seeds_and_wildcard_listen_share_outputs(tmp_path: 
         try:
             b = HarnessProcess([*args, "--node", f"gpu2:{PORT}", "--node-id", "comfy-b"],
                                log_path=tmp_path / "b.log", wrap=lab.argv(lab.hosts[2], []))
-            ra = a.run(workflow="standard", seed=33)
-            assert ra["errors"] == [] and a.flush(30)
-            rb = b.run(workflow="standard", seed=33)
-            assert rb["errors"] == [] and set(rb["provider_hits"]) == set(STANDARD_SHARED)
-            assert {n: rb["outputs"][n] for n in STANDARD_SHARED} == {n: ra["outputs"][n] for n in STANDARD_SHARED}
+            b_is_served_what_a_computed(a, b, seed=33)
         finally:
             if b is not None:
                 b.quit()

@@ -30,7 +30,8 @@ from provider.config import ProviderConfig
 from provider.policy import Policy, value_tree
 from provider.runtime import namespace_for
 from tests.support.comfy_harness import (STANDARD_LOCAL, STANDARD_SHARED, CacheValue, Engine, HarnessProcess,
-                                 chain_prompt, parser, standard_prompt, start_runtime, traits_lookup)
+                                         b_is_served_what_a_computed, chain_prompt, parser, standard_prompt,
+                                         start_runtime, traits_lookup)
 from tests.conftest import Collect, free_port, poll
 from tests.support.cli import run_cli
 
@@ -122,12 +123,7 @@ def test_sidecar_mode_shares_through_mesh_serve(tmp_path: Path) -> None:
         try:
             b = harness(tmp_path, "b", "--mode", "sidecar", "--node", mesh.nodes[1].address)
             assert a.address is None  # no node in the ComfyUI process
-            ra = a.run(workflow="standard", seed=21)
-            assert a.flush(30)
-            rb = b.run(workflow="standard", seed=21)
-            assert rb["errors"] == []
-            assert set(rb["provider_hits"]) == set(STANDARD_SHARED)
-            assert shared_outputs(rb) == shared_outputs(ra)
+            b_is_served_what_a_computed(a, b, seed=21)
             # B's provider reports its counters to its sidecar: `mesh stats` there shows them.
             counters: dict[str, float] = {}
 

@@ -79,17 +79,20 @@ class StreamDecoder:
         if self.received > self.size:
             raise BlobFormatError(f"more than the {self.size} bytes announced")
         if not self._parsed:
-            self._head += mv
-            end = manifest_end(self._head)
-            if end is None or (len(self._head) < end <= HEADER.size + MAX_MANIFEST):
-                return  # read_manifest refuses a length over the limit at once, without waiting for its bytes
-            self._parse()
+            # The first chunk of any real value holds the whole manifest: parse it in place. Only a manifest
+            # that spans chunks is gathered first.
+            head: bytearray | memoryview = mv if not self._head else self._head + mv
+            end = manifest_end(head)
+            if end is None or (len(head) < end <= HEADER.size + MAX_MANIFEST):
+                self._head = bytearray(head)  # read_manifest refuses an over-long length without waiting for it
+                return
+            self._head = bytearray()
+            self._parse(head)
             return
         self._write(at, mv)
 
-    def _parse(self) -> None:
-        """Parse the manifest from the bytes held so far, then write the data bytes among them."""
-        head, self._head = self._head, bytearray()
+    def _parse(self, head: bytearray | memoryview) -> None:
+        """Parse the manifest from the blob's first bytes, `head`, then write the data bytes among them."""
         manifest, base = read_manifest(lambda at, n: bytes(head[at: at + n]), self.size)
         self._tree = ManifestReader(self.size - base, lambda s, path: self._leaf(s, path, base)).read(manifest)
         self._parsed = True
@@ -139,7 +142,7 @@ class StreamDecoder:
         if self.received != self.size:
             raise BlobFormatError(f"truncated: {self.received} of {self.size} bytes arrived")
         if not self._parsed:
-            self._parse()  # a blob too short for its own header or manifest: read_manifest says which
+            self._parse(self._head)  # a blob too short for its own header or manifest: read_manifest says which
         return _build(self._tree, 0)
 
 

@@ -1039,3 +1039,14 @@ class HarnessProcess:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def b_is_served_what_a_computed(a: HarnessProcess, b: HarnessProcess, seed: int) -> tuple[dict, dict]:
+    """A runs the standard workflow and stores its outputs; then B runs it: every shared node must come from
+    the mesh, bit-exactly (dtype, shape and sha256 of every tensor, exact scalars). Returns both results."""
+    ra = a.run(workflow="standard", seed=seed)
+    assert ra["errors"] == [] and a.flush(30)
+    rb = b.run(workflow="standard", seed=seed)
+    assert rb["errors"] == [] and set(rb["provider_hits"]) == set(STANDARD_SHARED)
+    assert {n: rb["outputs"][n] for n in STANDARD_SHARED} == {n: ra["outputs"][n] for n in STANDARD_SHARED}
+    return ra, rb

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mesh.pb import mesh_pb2 as pb
 from mesh.peer import MeshError, PeerClient
+from tests.support.poll import poll
 from tests.support.serve import READY_TIMEOUT, ServeProcess, start_serve
 
 
@@ -75,21 +76,17 @@ class LocalMesh:
 
     def wait_members(self, count: int, nodes: list[LocalNode] | None = None, timeout: float = 20.0) -> None:
         """Until every given node sees `count` ALIVE members (itself included)."""
-        deadline = time.monotonic() + timeout
-        pending = [n for n in (nodes or self.nodes) if n.alive]
-        while pending:
-            node = pending[0]
+        def sees(node: LocalNode) -> bool:
             try:
                 with self.client(node) as c:
-                    alive = sum(1 for m in c.stats(timeout=2.0).members if m.state == pb.ALIVE)
+                    return sum(1 for m in c.stats(timeout=2.0).members if m.state == pb.ALIVE) == count
             except MeshError:
-                alive = -1
-            if alive == count:
-                pending.pop(0)
-                continue
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"node {node.node_id} sees {alive} alive members, wanted {count}")
-            time.sleep(0.1)
+                return False
+
+        deadline = time.monotonic() + timeout
+        for node in [n for n in (nodes or self.nodes) if n.alive]:
+            poll(lambda: sees(node), f"node {node.node_id} sees {count} alive members",
+                 timeout=max(0.0, deadline - time.monotonic()), interval=0.1)
 
     def restart(self, node: LocalNode, extra: list[str] | None = None, timeout: float = READY_TIMEOUT) -> LocalNode:
         """Start a stopped node again with the same id, port and seeds (the others'), as a deploy would."""

@@ -12,10 +12,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.support.poll import poll
 
 READY_TIMEOUT = 20.0  # seconds a `mesh serve` may take to write its ready file
 STOP_TIMEOUT = 10.0  # seconds a stopped node may take to exit before it is killed
@@ -109,14 +110,16 @@ def wait_until_serving(process: subprocess.Popen[bytes], ready: Path, log_path: 
     Raises RuntimeError if the process exits first and TimeoutError after `timeout` seconds, killing the process
     and quoting its log either way, so a caller never waits unbounded nor leaks a half-started node.
     """
-    deadline = time.monotonic() + timeout
+    def serving() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"mesh serve exited with {process.returncode}; log:\n{log_tail(log_path)}")
+        return ready.exists()
+
     try:
-        while not ready.exists():
-            if process.poll() is not None:
-                raise RuntimeError(f"mesh serve exited with {process.returncode}; log:\n{log_tail(log_path)}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"mesh serve wrote no ready file in {timeout} s; log:\n{log_tail(log_path)}")
-            time.sleep(0.05)
+        try:
+            poll(serving, "mesh serve writes its ready file", timeout=timeout)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e}; log:\n{log_tail(log_path)}") from None
         return json.loads(ready.read_text())  # written whole, then renamed into place
     except BaseException:
         process.kill()
