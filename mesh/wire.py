@@ -279,11 +279,13 @@ def unplanes4(data: bytes | memoryview) -> bytearray:
     return out
 
 
-def pack_chunk(raw: memoryview, compress: bool = True, copy: bool = True) -> StoredChunk:
+def pack_chunk(raw: memoryview, compress: bool = True, copy: bool = True, index: int = -1) -> StoredChunk:
     """One chunk, compressed only where that shrinks it enough to pay for the decompression: lz4 of the bytes
     or of their 4-byte planes, whichever did better on a probe of the chunk's start.
 
-    `copy=False` keeps a raw chunk as a view of the caller's memory (sent at once, never stored)."""
+    `copy=False` keeps a raw chunk as a view of the caller's memory (sent at once, never stored). A copy made to
+    be stored is framed (with `index`, its position) as the message that carries it: every read of the stored
+    entry, and every copy to another node, then sends that frame as it is instead of framing (copying) again."""
     n = len(raw)
     if compress and n >= _MIN_COMPRESS:
         probe = raw[:_PROBE]
@@ -293,8 +295,15 @@ def pack_chunk(raw: memoryview, compress: bool = True, copy: bool = True) -> Sto
             codec = LZ4_PLANES4 if planar < plain else LZ4
             packed = lz4.block.compress(planes4(raw) if codec == LZ4_PLANES4 else raw, store_size=False)
             if len(packed) < n * _CHUNK_KEEP:
-                return StoredChunk(codec, n, packed)
-    return StoredChunk(RAW, n, bytes(raw) if copy else raw)
+                return _framed(index, codec, n, packed) if copy and index >= 0 else StoredChunk(codec, n, packed)
+    if not copy:
+        return StoredChunk(RAW, n, raw)
+    return _framed(index, RAW, n, raw) if index >= 0 else StoredChunk(RAW, n, bytes(raw))
+
+
+def _framed(index: int, codec: int, raw_size: int, data: bytes | memoryview) -> StoredChunk:
+    frame = encode_chunk_message(index, codec, raw_size, data)
+    return StoredChunk(codec, raw_size, memoryview(frame)[len(frame) - len(data):], frame, index)
 
 
 _packers: futures.ThreadPoolExecutor | None = None
@@ -315,14 +324,14 @@ def packed_ahead(raws: Iterable[memoryview], compress: bool, copy: bool) -> Iter
     """pack_chunk over `raws`, in order; when compressing, up to _PACK_AHEAD chunks are packed on the packing
     threads while earlier ones are on the wire, so lz4 runs at several cores' pace, in step with the link."""
     if not compress:
-        for raw in raws:
-            yield pack_chunk(raw, False, copy)
+        for index, raw in enumerate(raws):
+            yield pack_chunk(raw, False, copy, index)
         return
     pending: collections.deque[futures.Future[StoredChunk]] = collections.deque()
     pool = _pool()
     try:
-        for raw in raws:
-            pending.append(pool.submit(pack_chunk, raw, True, copy))
+        for index, raw in enumerate(raws):
+            pending.append(pool.submit(pack_chunk, raw, True, copy, index))
             if len(pending) > _PACK_AHEAD:
                 yield pending.popleft().result()
         while pending:

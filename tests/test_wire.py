@@ -53,6 +53,21 @@ def test_zero_chunk_goes_lz4_and_shrinks() -> None:
     assert lz4.block.decompress(c.data, uncompressed_size=MiB) == bytes(MiB)
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_stored_chunks_are_framed_once_and_sent_as_they_are(compress: bool) -> None:
+    """A value put through this node is framed as it is stored: every read sends that frame, copying nothing."""
+    data = bytes(MiB) + os.urandom(MiB) + bytes(100)
+    chunks = list(iter_chunks(data, MiB, compress))
+    assert [c.codec for c in chunks] == ([LZ4, RAW, RAW] if compress else [RAW, RAW, RAW])
+    for i, c in enumerate(chunks):
+        assert c.message(i) is c.frame  # the same object: no copy
+        parsed = decode_chunk_message(c.frame, pb.GetReply)
+        assert isinstance(parsed, WireChunk) and (parsed.index, parsed.codec, parsed.raw_size) == (i, c.codec, c.raw_size)
+        assert bytes(parsed.data) == bytes(c.data)
+        assert c.message(i + 1) != c.frame  # at another position it is framed anew, with that index
+    assert b"".join(raw_parts(chunks)) == data
+
+
 def test_small_or_uncompressed_chunks_go_raw() -> None:
     assert pack_chunk(memoryview(bytes(4 * KiB - 1))).codec == RAW  # below the size worth compressing
     assert pack_chunk(memoryview(bytes(MiB)), compress=False).codec == RAW
