@@ -20,6 +20,7 @@ from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mesh.memory import RESERVE
 from mesh.units import format_size
 
 from .bridge import Bridge
@@ -241,6 +242,7 @@ class MeshCacheProvider:
         with self._lock:
             out = {f"provider_{k}": float(v) for k, v in self.totals.items()}
         out.update({f"provider_bridge_{k}": float(v) for k, v in asdict(self.bridge.counters).items()})
+        out.update({f"provider_memory_{k}": float(v) for k, v in asdict(RESERVE.stats()).items()})
         if self.fast_keys is not None:
             out.update(self.fast_keys.stats())
         return out

@@ -17,6 +17,7 @@ from typing import Any
 from mesh import codec
 from mesh.client import LocalClient, MeshClient, RemoteClient
 from mesh.cluster import ClusterConfig
+from mesh.memory import RESERVE
 from mesh.node import Node, NodeConfig
 from mesh.wire import Limits
 
@@ -93,6 +94,7 @@ class Runtime:
             self._report()  # the last counters too, not those of up to REPORT_EVERY seconds ago
         self.bridge.close()
         self.client.close()
+        RESERVE.configure(0)
         if self.node is not None:
             self.node.stop(grace=1.0)
 
@@ -102,6 +104,7 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
     """`api`: ComfyUI's comfy_execution.cache_provider module, where the fast cache keys install (if enabled)."""
     secret = config.keyring()
     tls = config.tls()
+    RESERVE.configure(config.warm_memory)
     # No value larger than MESH_MAX_VALUE_SIZE is ever stored, so none larger is ever accepted off the wire.
     limits = Limits(max_blob_size=min(Limits().max_blob_size, max(config.max_value_size, 1)))
     node: Node | None = None

@@ -12,7 +12,7 @@ from mesh.codec.layout import (
     LEVELS, NUMPY_CODES, TENSOR_DTYPES, Buffer, Bytes, KeyPath, ManifestReader, Pieces, Section, bad, format_path,
     open_blob, read_manifest,
 )
-from mesh.codec.levels import level_table, levels_exact
+from mesh.codec.levels import widen_into
 from mesh.codec.shuffle import unshuffle_into
 from mesh.codec.stream import StreamDecoder
 from mesh.memory import fresh
@@ -43,10 +43,8 @@ class _Views:
         raw = torch.frombuffer(self.whole, dtype=torch.uint8, count=s.nbytes, offset=at)
         if s.levels:
             out = torch.frombuffer(fresh(4 * s.nbytes), dtype=torch.float32)
-            if levels_exact(torch):
-                return out.copy_(raw).div_(LEVELS).view(s.shape)  # widen, then divide in place
-            table = torch.frombuffer(bytearray(level_table()), dtype=torch.float32)
-            return torch.index_select(table, 0, raw.long(), out=out).view(s.shape)
+            widen_into(torch, out, raw)
+            return out.view(s.shape)
         if dtype is torch.bool and bool(raw.max() > 1):
             raise bad(path, "bool tensor holds bytes other than 0 and 1")
         if s.shuffle:

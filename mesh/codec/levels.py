@@ -14,6 +14,7 @@ from typing import Any
 from mesh.codec.layout import LEVELS
 
 _LEVELS_BLOCK = 1 << 22        # elements checked at a time (bounded temporaries; an early block fails fast)
+_WIDEN_BLOCK = 1 << 18         # codes widened then divided at a time: their 1 MiB of float32 stays in cache
 
 
 def level_table() -> bytes:
@@ -64,6 +65,19 @@ def levels_of(torch: Any, t: Any) -> Any:
         start += x.numel()
         block = _LEVELS_BLOCK
     return codes
+
+
+def widen_into(torch: Any, dest: Any, codes: Any) -> None:
+    """Write into `dest` (float32, contiguous) the levels that `codes` (uint8, as many) stand for.
+
+    Block by block, each widened and divided while it is in cache: the two steps levels_exact checked (so the
+    bits are the encoder's), in one pass over memory instead of two. Where the check failed, a table lookup."""
+    if not levels_exact(torch):
+        table = torch.frombuffer(bytearray(level_table()), dtype=torch.float32)
+        torch.index_select(table, 0, codes.long(), out=dest)
+        return
+    for start in range(0, codes.numel(), _WIDEN_BLOCK):
+        dest[start: start + _WIDEN_BLOCK].copy_(codes[start: start + _WIDEN_BLOCK]).div_(LEVELS)
 
 
 _READONLY_QUIET = False

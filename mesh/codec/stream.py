@@ -2,9 +2,9 @@
 
 A hit from another node used to arrive whole and then be decoded: the widening of an 8-bit image (12 MiB of
 codes into 48 MiB of float32) followed the transfer instead of overlapping it. A StreamDecoder is handed each
-chunk as the receiver verifies it, writes the part of every leaf that chunk covers, and leaves only the last
-steps to finish(): the division of widened levels, the un-shuffling of byte planes, the bool checks, and
-building the tree. Nothing it made is handed out before finish(), which the caller runs only once the whole
+chunk as the receiver verifies it, writes the part of every leaf that chunk covers (levels widened to float32
+in cache-sized blocks), and leaves only the last steps to finish(): the un-shuffling of byte planes, the bool
+checks, and building the tree. Nothing it made is handed out before finish(), which the caller runs only once the whole
 blob's checksum matched, so a corrupt or truncated transfer never becomes a value.
 
 The manifest is parsed as soon as its bytes are in (the first chunk, for any real value), with the same reader
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh.codec.layout import (
-    HEADER, LEVELS, MAX_DEPTH, MAX_MANIFEST, NUMPY_CODES, TENSOR_DTYPES, BlobFormatError, KeyPath, ManifestReader,
+    HEADER, MAX_DEPTH, MAX_MANIFEST, NUMPY_CODES, TENSOR_DTYPES, BlobFormatError, KeyPath, ManifestReader,
     Section, bad, manifest_end, read_manifest,
 )
-from mesh.codec.levels import codes_view, level_table, levels_exact
+from mesh.codec.levels import codes_view, widen_into
 from mesh.codec.shuffle import unshuffle_into
 from mesh.memory import fresh
 
@@ -124,8 +124,8 @@ class StreamDecoder:
             if lo < hi:
                 piece = mv[lo - at: hi - at]
                 off = lo - leaf.start
-                if leaf.torch is not None:  # 8-bit levels: widen now, divide once at the end
-                    leaf.dest[off: off + len(piece)].copy_(codes_view(leaf.torch, piece))
+                if leaf.torch is not None:  # 8-bit levels: the float32 they stand for
+                    widen_into(leaf.torch, leaf.dest[off: off + len(piece)], codes_view(leaf.torch, piece))
                 else:
                     leaf.dest[off: off + len(piece)] = piece
             if leaf.end <= end:
@@ -183,10 +183,7 @@ def _value(leaf: _Leaf) -> object:
     if s.nbytes == 0:
         return torch.empty(s.shape, dtype=dtype)
     if s.levels:
-        if levels_exact(torch):
-            return leaf.dest.div_(LEVELS).view(s.shape)
-        table = torch.frombuffer(bytearray(level_table()), dtype=torch.float32)  # dest holds the widened codes
-        return torch.index_select(table, 0, leaf.dest.long()).view(s.shape)
+        return leaf.dest.view(s.shape)  # written as the codes arrived
     raw = torch.frombuffer(leaf.buffer, dtype=torch.uint8)
     if dtype is torch.bool and bool(raw.max() > 1):
         raise bad(path, "bool tensor holds bytes other than 0 and 1")

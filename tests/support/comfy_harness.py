@@ -772,7 +772,7 @@ def provider_config(args: argparse.Namespace) -> Any:
         allow=tuple(s for s in args.allow.split(",") if s), deny=tuple(s for s in args.deny.split(",") if s),
         cache_output_nodes=args.cache_output_nodes, max_value_size=args.max_value_size,
         lookup_timeout=args.lookup_timeout, store_timeout=args.store_timeout, store_queue=args.store_queue,
-        direct=not args.no_direct, fast_keys=args.fast_keys,
+        direct=not args.no_direct, fast_keys=args.fast_keys, warm_memory=args.warm_memory,
     )
 
 
@@ -795,6 +795,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--secret", default="")
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--max-memory", type=parse_size, default=parse_size("1GiB"))
+    p.add_argument("--warm-memory", type=parse_size, default=parse_size("256MiB"),
+                   help="memory kept touched for the next hits (MESH_WARM_MEMORY)")
     p.add_argument("--namespace", default="")
     p.add_argument("--allow", default="")
     p.add_argument("--deny", default="")
