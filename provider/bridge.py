@@ -30,7 +30,6 @@ from mesh.peer import MeshError, Unreachable
 
 log = logging.getLogger(__name__)
 
-LINGER = 0.0005        # seconds the batcher waits for more keys after the first
 MAX_BATCH = 1024
 BREAKER_OPEN = 3.0     # seconds the provider stops asking a mesh that just failed
 STORE_SETTLE = 0.005   # a burst of stores is pushed once no hand-off came for this long...
@@ -146,11 +145,12 @@ class Bridge:
             unit = self._lookups.get()
             if unit is None:
                 break
+            # A unit is already a batch: every lookup of one turn of ComfyUI's loop (MeshCacheProvider._submit).
+            # What else is queued rides along; waiting for more would only delay this one.
             batch = list(unit)
-            deadline = time.monotonic() + LINGER
             while len(batch) < MAX_BATCH:
                 try:
-                    more = self._lookups.get(timeout=max(0.0, deadline - time.monotonic()))
+                    more = self._lookups.get_nowait()
                 except queue.Empty:
                     break
                 if more is None:

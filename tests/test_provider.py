@@ -408,6 +408,37 @@ def test_values_the_codec_refuses_are_never_stored(lone: Any) -> None:
     assert [e.header.key for e in lone.node.store.items()] == [provider.key(_Context("MakeImage", "fine"))]
 
 
+class _SilentBridge:
+    """A bridge whose lookups are taken and never answered: a stuck lookup thread."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def submit(self, batch: list[tuple[str, Any]]) -> None:
+        self.batches.append([key for key, _ in batch])
+
+
+def test_a_lookup_never_answered_is_a_miss_at_the_deadline() -> None:
+    """Whatever happens behind the bridge, a batch of lookups costs the prompt one lookup_timeout at most."""
+    bridge = _SilentBridge()
+    provider = MeshCacheProvider(bridge, Policy(traits_lookup()), namespace="ns",  # type: ignore[arg-type]
+                                 cache_value=CacheValue, lookup_timeout=0.3)
+
+    async def prompt() -> tuple[list[Any], float]:
+        provider.on_prompt_start("p")
+        started = time.monotonic()
+        found = await asyncio.gather(*(provider.on_lookup(_Context("MakeImage", str(i))) for i in range(5)))
+        return list(found), time.monotonic() - started
+
+    found, seconds = asyncio.run(prompt())
+    assert found == [None] * 5 and len(bridge.batches) == 1 and len(bridge.batches[0]) == 5  # one batch
+    assert 0.3 <= seconds < 0.3 + 2.0  # one deadline for the batch, not one per lookup
+    assert provider.prompt.errors == 5 and provider.prompt.hits == 0
+    # a key that timed out is not paid for again in the same prompt
+    again = asyncio.run(provider.on_lookup(_Context("MakeImage", "0")))
+    assert again is None and len(bridge.batches) == 1
+
+
 def test_should_cache_policy() -> None:
     nodes = {"MakeImage", "SaveImage", "RandomNoise", "LoadModel", "Opaque", "BigTensor"}
     policy = Policy(traits_lookup(), deny=("BigTensor",), max_value_size=1 << 20)
