@@ -61,6 +61,7 @@ class Links:
         self.mode = mode
         self._lock = threading.Lock()
         self._links: dict[str, _Link] = {}
+        self._no_planes4: set[str] = set()  # peers that refused 4-byte-plane chunks: older versions
 
     def compress(self, address: str) -> bool:
         """Whether the next transfer to or from `address` should be compressed (counts as a decision)."""
@@ -97,6 +98,17 @@ class Links:
         with self._lock:
             link = self._links.get(address)
             return 0.0 if link is None else link.rate
+
+    def planes4(self, address: str) -> bool:
+        """Whether `address` takes CHUNK_LZ4_PLANES4 chunks: yes, until it refused one (a node from before them)."""
+        with self._lock:
+            return address not in self._no_planes4
+
+    def refused_planes4(self, address: str) -> None:
+        with self._lock:
+            if len(self._no_planes4) >= MAX_LINKS:
+                self._no_planes4.clear()  # forgetting costs one refused transfer per old peer, then it is relearnt
+            self._no_planes4.add(address)
 
     def snapshot(self) -> dict[str, float]:
         with self._lock:

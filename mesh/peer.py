@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import time
 from pathlib import Path
@@ -24,12 +25,14 @@ from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.turns import Turns
 from mesh.watchdog import Watchdog
-from mesh.wire import (MAX_KEY_BYTES, SERVICE, Header, Limits, Receiver, StoredChunk, TransferError, WireChunk,
-                       decode_chunk_message, file_header, iter_chunks, iter_file_chunks, make_header,
-                       serialize_message, repack, Tee)
+from mesh.wire import (LZ4_PLANES4, MAX_KEY_BYTES, SERVICE, Header, Limits, Receiver, StoredChunk, TransferError,
+                       WireChunk, decode_chunk_message, file_header, iter_chunks, iter_file_chunks, make_header,
+                       serialize_message, repack, without_planes, Tee)
 
 if TYPE_CHECKING:
     from mesh.tls import TlsConfig
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # called with (bytes moved so far, total bytes)
 Metadata = tuple[tuple[str, str], ...]
@@ -293,7 +296,7 @@ class PeerClient:
                             first_byte: float | None, on_first_byte: Callable[[float], None] | None,
                             how: dict[str, Any]) -> Iterator[tuple[Receiver, StoredChunk | None]]:
         compress = self.links.compress(self.address)
-        request = pb.GetRequest(key=key, local_only=local_only, compress=compress)
+        request = pb.GetRequest(key=key, local_only=local_only, compress=compress, planes4=True)
         started = time.monotonic()
 
         def first_reply(metadata: Metadata) -> pb.GetReply | WireChunk | None:
@@ -356,8 +359,24 @@ class PeerClient:
         header = make_header(key, data, self.limits.chunk_size, meta)
         if compress is None:
             compress = self.links.compress(self.address)
-        return self.put_chunks(header, iter_chunks(data, self.limits.chunk_size, compress, copy=False), timeout,
-                               local_only, progress, compress=False, packed=compress)
+        for last in (False, True):
+            planes = self.links.planes4(self.address)
+            try:
+                return self.put_chunks(header, iter_chunks(data, self.limits.chunk_size, compress, copy=False,
+                                                           planes=planes),
+                                       timeout, local_only, progress, compress=False, packed=compress)
+            except Refused as e:
+                if last or not (planes and self._refused_planes4(e)):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _refused_planes4(self, error: Refused) -> bool:
+        """Whether the node refused a 4-byte-plane chunk (a version from before them): then it is sent none again."""
+        if error.code != grpc.StatusCode.INVALID_ARGUMENT or f"unknown chunk codec {LZ4_PLANES4}" not in str(error):
+            return False
+        log.info("node %s does not take 4-byte-plane chunks (an older version): sending it lz4 or raw", self.address)
+        self.links.refused_planes4(self.address)
+        return True
 
     def put_chunks(self, header: Header, chunks: Iterable[StoredChunk], timeout: float | None = None,
                    local_only: bool = False, progress: Progress | None = None,
@@ -366,16 +385,32 @@ class PeerClient:
         once: for background copies, which would otherwise be lost to a channel still in reconnect backoff.
 
         `compress`: pack raw chunks on the way (default: whether the link to this node is slow); `packed`: the
-        chunks were already packed for this link (for the measurement only)."""
+        chunks were already packed for this link (for the measurement only). A node that refuses 4-byte-plane
+        chunks (an older version) is sent stored chunks again without them, once."""
         if compress is None:
             compress = self.links.compress(self.address)
+        planes = self.links.planes4(self.address)
+        try:
+            return self._put_chunks(header, chunks, timeout, local_only, progress, wait_for_ready, compress, packed,
+                                    planes)
+        except Refused as e:
+            if not (planes and isinstance(chunks, Sequence) and self._refused_planes4(e)):
+                raise
+        return self._put_chunks(header, chunks, timeout, local_only, progress, wait_for_ready, compress, packed,
+                                False)
+
+    def _put_chunks(self, header: Header, chunks: Iterable[StoredChunk], timeout: float | None, local_only: bool,
+                    progress: Progress | None, wait_for_ready: bool, compress: bool, packed: bool,
+                    planes: bool) -> pb.PutReply:
         if compress:
             header = replace(header, stored_size=0)  # known only once packed
+        elif not planes and isinstance(chunks, Sequence):
+            header = without_planes(header, chunks)
 
         def requests() -> Iterator[pb.PutRequest | bytes]:
             yield pb.PutRequest(header=header.to_pb(), local_only=local_only)
             moved = 0
-            for i, chunk in enumerate(repack(chunks, compress)):
+            for i, chunk in enumerate(repack(chunks, compress, planes)):
                 yield chunk.message(i)  # a serialized PutRequest carrying the chunk
                 moved += chunk.raw_size
                 if progress:

@@ -34,7 +34,7 @@ from mesh.budget import ByteBudget
 from mesh.store import BlobStore, Entry, StoreFull
 from mesh.watchdog import Watch, Watchdog
 from mesh.wire import (MAX_KEY_BYTES, SERVICE, Header, Limits, RAW, Receiver, TransferError, WireChunk,
-                       decode_chunk_message, serialize_message, repack)
+                       decode_chunk_message, serialize_message, repack, without_planes)
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +199,12 @@ class MeshServicer(pb_grpc.MeshServicer):
             if entry is None:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no blob under key {_short(request.key)}")
             header, chunks = entry.header, entry.chunks
-            if request.compress and any(c.codec == RAW for c in chunks):
+            compress = request.compress and any(c.codec == RAW for c in chunks)
+            if compress or not request.planes4:
                 # The reader's link from here is slow (mesh/link.py): pack raw chunks on the way, ahead of the wire.
-                header, chunks = replace(header, stored_size=0), repack(chunks, True)  # type: ignore[assignment]
+                # A reader from before 4-byte planes (it does not say planes4) is sent no such chunk.
+                header = replace(header, stored_size=0) if compress else without_planes(header, chunks)
+                chunks = repack(chunks, compress, planes=request.planes4)  # type: ignore[assignment]
             with self._slot(context), self.watchdog.watch(context.cancel, self.limits.idle_timeout,
                                                           f"Get to {context.peer()}") as watch:
                 yield pb.GetReply(header=header.to_pb())

@@ -27,9 +27,9 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import grpc
@@ -279,9 +279,11 @@ def unplanes4(data: bytes | memoryview) -> bytearray:
     return out
 
 
-def pack_chunk(raw: memoryview, compress: bool = True, copy: bool = True, index: int = -1) -> StoredChunk:
+def pack_chunk(raw: memoryview, compress: bool = True, copy: bool = True, index: int = -1,
+               planes: bool = True) -> StoredChunk:
     """One chunk, compressed only where that shrinks it enough to pay for the decompression: lz4 of the bytes
-    or of their 4-byte planes, whichever did better on a probe of the chunk's start.
+    or (`planes`: where the receiver decodes them) of their 4-byte planes, whichever did better on a probe of the
+    chunk's start.
 
     `copy=False` keeps a raw chunk as a view of the caller's memory (sent at once, never stored). A copy made to
     be stored is framed (with `index`, its position) as the message that carries it: every read of the stored
@@ -290,7 +292,7 @@ def pack_chunk(raw: memoryview, compress: bool = True, copy: bool = True, index:
     if compress and n >= _MIN_COMPRESS:
         probe = raw[:_PROBE]
         plain = len(lz4.block.compress(probe, store_size=False))
-        planar = len(lz4.block.compress(planes4(probe), store_size=False)) if n % 4 == 0 else len(probe)
+        planar = len(lz4.block.compress(planes4(probe), store_size=False)) if planes and n % 4 == 0 else len(probe)
         if min(plain, planar) < len(probe) * _PROBE_KEEP:
             codec = LZ4_PLANES4 if planar < plain else LZ4
             packed = lz4.block.compress(planes4(raw) if codec == LZ4_PLANES4 else raw, store_size=False)
@@ -320,18 +322,18 @@ def _pool() -> futures.ThreadPoolExecutor:
         return _packers
 
 
-def packed_ahead(raws: Iterable[memoryview], compress: bool, copy: bool) -> Iterator[StoredChunk]:
+def packed_ahead(raws: Iterable[memoryview], compress: bool, copy: bool, planes: bool = True) -> Iterator[StoredChunk]:
     """pack_chunk over `raws`, in order; when compressing, up to _PACK_AHEAD chunks are packed on the packing
     threads while earlier ones are on the wire, so lz4 runs at several cores' pace, in step with the link."""
     if not compress:
         for index, raw in enumerate(raws):
-            yield pack_chunk(raw, False, copy, index)
+            yield pack_chunk(raw, False, copy, index, planes)
         return
     pending: collections.deque[futures.Future[StoredChunk]] = collections.deque()
     pool = _pool()
     try:
         for index, raw in enumerate(raws):
-            pending.append(pool.submit(pack_chunk, raw, True, copy, index))
+            pending.append(pool.submit(pack_chunk, raw, True, copy, index, planes))
             if len(pending) > _PACK_AHEAD:
                 yield pending.popleft().result()
         while pending:
@@ -341,16 +343,28 @@ def packed_ahead(raws: Iterable[memoryview], compress: bool, copy: bool) -> Iter
             f.cancel()
 
 
-def repack(chunks: Iterable[StoredChunk], compress: bool) -> Iterator[StoredChunk]:
+def repack(chunks: Iterable[StoredChunk], compress: bool, planes: bool = True) -> Iterator[StoredChunk]:
     """Stored chunks as they should travel: raw ones compressed (ahead, in order) when the link is slow, the
-    others as they are."""
-    if not compress:
+    others as they are; for a receiver that does not decode 4-byte planes (`planes` False: a node from before
+    CHUNK_LZ4_PLANES4), chunks stored so are unpacked and sent as lz4 of their bytes (or raw) instead."""
+    if not compress and planes:
         yield from chunks
         return
     stored = list(chunks)
-    packed = packed_ahead((memoryview(c.data) for c in stored if c.codec == RAW), True, False)
-    for c in stored:
-        yield next(packed) if c.codec == RAW else c
+    packed = packed_ahead((memoryview(c.data) for c in stored if c.codec == RAW), True, False, planes) \
+        if compress else iter(())
+    for i, c in enumerate(stored):
+        if c.codec == RAW and compress:
+            yield next(packed)
+        elif c.codec == LZ4_PLANES4 and not planes:
+            yield pack_chunk(memoryview(unpack_chunk(i, c.codec, c.raw_size, c.data)), True, False, planes=False)
+        else:
+            yield c
+
+
+def without_planes(header: Header, chunks: Sequence[StoredChunk]) -> Header:
+    """The header to send with `repack(chunks, ..., planes=False)`: its stored size is known only once sent."""
+    return replace(header, stored_size=0) if any(c.codec == LZ4_PLANES4 for c in chunks) else header
 
 
 def make_header(key: str, data: bytes | bytearray | memoryview, chunk_size: int,
@@ -383,14 +397,14 @@ def iter_file_chunks(path: str | os.PathLike[str], chunk_size: int, compress: bo
 
 
 def iter_chunks(data: bytes | bytearray | memoryview, chunk_size: int, compress: bool = True,
-                copy: bool = True) -> Iterator[StoredChunk]:
+                copy: bool = True, planes: bool = True) -> Iterator[StoredChunk]:
     """Chunks produced lazily, so the first is on the wire while later ones are still being compressed.
 
     `copy=False`: raw chunks are views of `data` (framed straight from it when sent): only for chunks that are
     sent and dropped while the caller holds `data` unchanged, never for chunks that are stored."""
     view = memoryview(data).cast("B")
     return packed_ahead((view[offset:offset + chunk_size] for offset in range(0, len(view), chunk_size)),
-                        compress, copy)
+                        compress, copy, planes)
 
 
 def unpack_chunk(index: int, codec: int, expect: int, data: bytes | memoryview) -> bytes | bytearray:
