@@ -13,10 +13,11 @@ touched before is slow to write the first time:
 So `fresh()` serves large requests from a `Reserve`: mappings of the sizes recently asked for, touched ahead by
 a background thread at the lowest CPU priority (the kernel zero-fills them from /dev/zero with the GIL
 released). A hit then writes into memory the process already holds, at memcpy speed. The reserve refills only
-once no request came for QUIET seconds, while ComfyUI computes: refilling during a burst of back-to-back hits
-slowed them down (29 to 35 ms median per 48 MiB remote hit here), touching memory competes with them. The reserve holds at most its budget (MESH_WARM_MEMORY, 256 MiB by default in the
-provider; 0 turns it off), only after sizes were asked for, and drops sizes no longer asked for. A mapping is
-handed out once and freed when the last buffer, view, tensor or array made from it goes away.
+once no request came for QUIET seconds, while ComfyUI computes: touching memory competes with the hits
+themselves, and refilling during a burst of back-to-back hits slowed them (a 48 MiB remote hit went from 29 to
+35 ms median here). It holds at most its budget (MESH_WARM_MEMORY, 256 MiB by default in the provider; 0 turns
+it off), only sizes that were asked for, and drops sizes no longer asked for. A mapping is handed out once and
+freed when the last buffer, view, tensor or array made from it goes away.
 """
 
 from __future__ import annotations

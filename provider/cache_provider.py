@@ -188,8 +188,8 @@ class MeshCacheProvider:
         hashing each node's key in between; collected here and flushed by a callback at the end of that turn,
         they reach the mesh as one batch however long that hashing takes (a time-based linger would split it).
         The answers come back through one inbox per loop: a batch of misses wakes the loop once, not per key.
-        One timer per batch fails what is still unanswered after lookup_timeout (asyncio.wait_for per lookup
-        cost a timer, a task and two callbacks each: about 1 ms of a 50-node prompt).
+        One timer per batch fails what is still unanswered after lookup_timeout (asyncio.wait_for made a timer,
+        a future and callbacks for every lookup).
         """
         loop = asyncio.get_running_loop()
         answer: asyncio.Future[Any] = loop.create_future()
@@ -215,7 +215,10 @@ class MeshCacheProvider:
         loop.call_later(self.lookup_timeout, _expire, mine)
         for other in {answer.get_loop() for _, _, answer in batch} - {loop}:  # lookups of a loop whose flush
             theirs = [answer for _, _, answer in batch if answer.get_loop() is other]  # this one took
-            other.call_soon_threadsafe(other.call_later, self.lookup_timeout, _expire, theirs)
+            try:
+                other.call_soon_threadsafe(other.call_later, self.lookup_timeout, _expire, theirs)
+            except RuntimeError:
+                pass  # that loop is closed: nobody awaits its answers any more
         self.bridge.submit([(key, future) for key, future, _ in batch])
 
     def _to_cache_value(self, tree: Any) -> Any:

@@ -4,8 +4,8 @@ A hit from another node used to arrive whole and then be decoded: the widening o
 codes into 48 MiB of float32) followed the transfer instead of overlapping it. A StreamDecoder is handed each
 chunk as the receiver verifies it, writes the part of every leaf that chunk covers (levels widened to float32
 in cache-sized blocks), and leaves only the last steps to finish(): the un-shuffling of byte planes, the bool
-checks, and building the tree. Nothing it made is handed out before finish(), which the caller runs only once the whole
-blob's checksum matched, so a corrupt or truncated transfer never becomes a value.
+checks, and building the tree. Nothing it made is handed out before finish(), which the caller runs only once
+the whole blob's checksum matched, so a corrupt or truncated transfer never becomes a value.
 
 The manifest is parsed as soon as its bytes are in (the first chunk, for any real value), with the same reader
 and the same checks as decode(); a blob that fails them fails here, at the first chunk.
