@@ -11,13 +11,13 @@ touched before is slow to write the first time:
   what made one hit in three take 100-150 ms when hits came seconds apart, as they do in a real ComfyUI.
 
 So `fresh()` serves large requests from a `Reserve`: mappings of the sizes recently asked for, touched ahead by
-a background thread at the lowest CPU priority (the kernel zero-fills them from /dev/zero with the GIL
-released). A hit then writes into memory the process already holds, at memcpy speed. The reserve refills only
-once no request came for QUIET seconds, while ComfyUI computes: touching memory competes with the hits
-themselves, and refilling during a burst of back-to-back hits slowed them (a 48 MiB remote hit went from 29 to
-35 ms median here). It holds at most its budget (MESH_WARM_MEMORY, 256 MiB by default in the provider; 0 turns
-it off), only sizes that were asked for, and drops sizes no longer asked for. A mapping is handed out once and
-freed when the last buffer, view, tensor or array made from it goes away.
+a background thread (the kernel zero-fills them from /dev/zero with the GIL released). A hit then writes into
+memory the process already holds, at memcpy speed. The reserve refills only once no request came for QUIET
+seconds, while ComfyUI computes: touching memory competes with the hits themselves, and refilling during a
+burst of back-to-back hits slowed them (a 48 MiB remote hit went from 29 to 35 ms median here). It holds at
+most its budget (MESH_WARM_MEMORY, 256 MiB by default in the provider; 0 turns it off), only sizes that were
+asked for, and drops sizes no longer asked for. A mapping is handed out once and freed when the last buffer,
+view, tensor or array made from it goes away.
 """
 
 from __future__ import annotations
@@ -170,10 +170,9 @@ class Reserve:
         return None
 
     def _run(self) -> None:
-        try:  # this thread's own niceness (Linux): touching ahead never competes with ComfyUI's work
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):
-            pass
+        # At ComfyUI's own priority, on purpose: a thread that takes the GIL must not be niced. At nice 19 on a
+        # busy host it was not scheduled for hundreds of ms while holding the GIL hand-off, and ComfyUI's loop
+        # waited for it (stalls of 0.2-0.76 s). QUIET keeps it away from the hits instead.
         while True:
             # sizes no longer among the recent requests (or over a lowered budget) make room for those that are
             self._drop(lambda size, count: max(0, count - self._targets()[size]))

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -25,7 +26,7 @@ from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.turns import Turns
 from mesh.watchdog import Watchdog
-from mesh.wire import (LZ4_PLANES4, MAX_KEY_BYTES, SERVICE, Header, Limits, Receiver, StoredChunk, TransferError,
+from mesh.wire import (LZ4_PLANES4, MAX_KEY_BYTES, RAW, SERVICE, Header, Limits, Receiver, StoredChunk, TransferError,
                        WireChunk, decode_chunk_message, file_header, iter_chunks, iter_file_chunks, make_header,
                        serialize_message, repack, without_planes, Tee)
 
@@ -256,8 +257,8 @@ class PeerClient:
         """Store a file's bytes in constant memory: read once for the checksum, once more as it is sent."""
         header = file_header(key, path, self.limits.chunk_size, meta)
         compress = self.links.compress(self.address)
-        return self.put_chunks(header, iter_file_chunks(path, self.limits.chunk_size, compress), timeout,
-                               progress=progress, compress=False, packed=compress)
+        return self._put_made(header, lambda planes: iter_file_chunks(path, self.limits.chunk_size, compress, planes),
+                              timeout, False, progress, compress)
 
     def _get_stream(self, key: str, timeout: float | None, local_only: bool, progress: Progress | None = None,
                     first_byte: float | None = None, on_first_byte: Callable[[float], None] | None = None,
@@ -359,20 +360,27 @@ class PeerClient:
         header = make_header(key, data, self.limits.chunk_size, meta)
         if compress is None:
             compress = self.links.compress(self.address)
-        for last in (False, True):
-            planes = self.links.planes4(self.address)
-            try:
-                return self.put_chunks(header, iter_chunks(data, self.limits.chunk_size, compress, copy=False,
-                                                           planes=planes),
-                                       timeout, local_only, progress, compress=False, packed=compress)
-            except Refused as e:
-                if last or not (planes and self._refused_planes4(e)):
-                    raise
-        raise AssertionError("unreachable")
+        return self._put_made(header, lambda planes: iter_chunks(data, self.limits.chunk_size, compress, copy=False,
+                                                                 planes=planes),
+                              timeout, local_only, progress, compress)
+
+    def _put_made(self, header: Header, make: Callable[[bool], Iterable[StoredChunk]], timeout: float | None,
+                  local_only: bool, progress: Progress | None, packed: bool) -> pb.PutReply:
+        """Put the chunks `make(planes)` produces (a one-shot stream); made again, once, without 4-byte-plane
+        chunks if the node refused them (a version from before them)."""
+        planes = self.links.planes4(self.address)
+        try:
+            return self.put_chunks(header, make(planes), timeout, local_only, progress, compress=False,
+                                   packed=packed)
+        except Refused:
+            if not planes or self.links.planes4(self.address):
+                raise  # refused for another reason: put_chunks learns a planes refusal as it sees one
+        return self.put_chunks(header, make(False), timeout, local_only, progress, compress=False, packed=packed)
 
     def _refused_planes4(self, error: Refused) -> bool:
         """Whether the node refused a 4-byte-plane chunk (a version from before them): then it is sent none again."""
-        if error.code != grpc.StatusCode.INVALID_ARGUMENT or f"unknown chunk codec {LZ4_PLANES4}" not in str(error):
+        if error.code != grpc.StatusCode.INVALID_ARGUMENT or not re.search(
+                rf"unknown chunk codec {LZ4_PLANES4}$", str(error)):
             return False
         log.info("node %s does not take 4-byte-plane chunks (an older version): sending it lz4 or raw", self.address)
         self.links.refused_planes4(self.address)
@@ -394,7 +402,8 @@ class PeerClient:
             return self._put_chunks(header, chunks, timeout, local_only, progress, wait_for_ready, compress, packed,
                                     planes)
         except Refused as e:
-            if not (planes and isinstance(chunks, Sequence) and self._refused_planes4(e)):
+            # learnt even when these chunks cannot be sent again (a one-shot stream: its maker sends anew)
+            if not (planes and self._refused_planes4(e) and isinstance(chunks, Sequence)):
                 raise
         return self._put_chunks(header, chunks, timeout, local_only, progress, wait_for_ready, compress, packed,
                                 False)
@@ -407,10 +416,14 @@ class PeerClient:
         elif not planes and isinstance(chunks, Sequence):
             header = without_planes(header, chunks)
 
+        sent_packed = False  # whether any chunk went compressed: such a transfer does not measure the link
+
         def requests() -> Iterator[pb.PutRequest | bytes]:
+            nonlocal sent_packed
             yield pb.PutRequest(header=header.to_pb(), local_only=local_only)
             moved = 0
             for i, chunk in enumerate(repack(chunks, compress, planes)):
+                sent_packed = sent_packed or chunk.codec != RAW
                 yield chunk.message(i)  # a serialized PutRequest carrying the chunk
                 moved += chunk.raw_size
                 if progress:
@@ -430,7 +443,7 @@ class PeerClient:
                 raise translate(e, self.address) from None
         if not reply.existed:
             self.links.observe(self.address, header.raw_size, time.monotonic() - started,
-                               compressed=compress or packed or header.stored_size not in (0, header.raw_size))
+                               compressed=compress or packed or sent_packed)
         return reply
 
     # -- small calls -----------------------------------------------------------------------------------------

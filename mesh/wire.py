@@ -387,13 +387,14 @@ def file_header(key: str, path: str | os.PathLike[str], chunk_size: int,
                   checksum=h.intdigest(), meta=dict(meta or {}))
 
 
-def iter_file_chunks(path: str | os.PathLike[str], chunk_size: int, compress: bool = True) -> Iterator[StoredChunk]:
+def iter_file_chunks(path: str | os.PathLike[str], chunk_size: int, compress: bool = True,
+                     planes: bool = True) -> Iterator[StoredChunk]:
     """A file's chunks, read one at a time as they are sent."""
     def pieces() -> Iterator[memoryview]:
         with open(path, "rb") as f:
             while piece := f.read(chunk_size):
                 yield memoryview(piece)
-    return packed_ahead(pieces(), compress, copy=False)
+    return packed_ahead(pieces(), compress, copy=False, planes=planes)
 
 
 def iter_chunks(data: bytes | bytearray | memoryview, chunk_size: int, compress: bool = True,

@@ -100,8 +100,22 @@ def test_stored_plane_chunks_reach_an_older_node_unpacked(older_node: ServeProce
     with PeerClient(older_node.address, SECRET) as peer:
         peer.put_chunks(make_header("copied", data, MiB), chunks)
         assert not peer.links.planes4(older_node.address)
+        assert peer.links.rate(older_node.address) == 0.0  # lz4 went: not a measure of the link's raw speed
         assert bytes(peer.get("copied").data) == data
     assert codecs_held(older_node.address, "copied") <= {LZ4, RAW}
+
+
+def test_a_file_put_to_an_older_node_learns_too(older_node: ServeProcess, tmp_path: Path) -> None:
+    """A one-shot stream (a file read as it is sent) is made again without planes after the refusal."""
+    path = tmp_path / "floats.bin"
+    data = smooth_floats(4 * MiB)
+    path.write_bytes(data)
+    with PeerClient(older_node.address, SECRET, links=Links("lz4")) as writer:
+        writer.put_file("file", path)
+        assert not writer.links.planes4(older_node.address)
+        writer.put_file("file2", path)
+        assert bytes(writer.get("file").data) == data == bytes(writer.get("file2").data)
+    assert codecs_held(older_node.address, "file") | codecs_held(older_node.address, "file2") <= {LZ4, RAW}
 
 
 OLDER_READER = """

@@ -81,3 +81,17 @@ def test_sizes_no_longer_asked_for_make_room(reserve: Reserve) -> None:
     poll(lambda: held(reserve) == 16 * MiB, "eight 2 MiB mappings in place of the 8 MiB one")
     with reserve._lock:
         assert not reserve._ready.get(8 * MiB)
+
+
+def test_the_refill_thread_runs_at_the_process_priority(reserve: Reserve) -> None:
+    """A niced thread that takes the GIL stalls the whole process on a busy host (it got the GIL hand-off and was
+    then not scheduled for hundreds of ms): the refill thread must keep the priority of ComfyUI's own threads."""
+    import os
+
+    reserve.configure(8 * MiB)
+    assert reserve._thread is not None
+    reserve.take(HUGE)
+    poll(lambda: held(reserve) == HUGE, "the refill thread at work")  # it has run its loop, past any set-up
+    native = reserve._thread.native_id
+    assert native is not None
+    assert os.getpriority(os.PRIO_PROCESS, native) == os.getpriority(os.PRIO_PROCESS, 0)
