@@ -6,7 +6,9 @@
     with no provider. mesh - null is what the provider costs (the target); null - none is what ComfyUI itself
     spends on having any provider (it canonicalises and hashes each node's key again for every provider call),
     which a Redis provider would pay as well. Per node, both lookups and the store hand-off included, median
-    over prompts. Stores are flushed after each prompt: they are pushed off the prompt's critical path.
+    over prompts. Stores are pushed off the prompt's critical path; after each prompt they are flushed and
+    replicated before the next one starts, and the CPU they took (this process and the peer) is reported apart
+    (--no-settle: prompts start while the previous one's replica writes may still run).
 (b) Hit of a 4x1024x1024x3 float32 IMAGE (48 MiB): process A computes and stores it; this process (B) times
     `await provider.on_lookup(context)`, for a value B holds a replica of (replicas=2), a value only A owns
     (replicas=1: one gRPC stream over loopback), and in sidecar mode (attached to A's node); each image is looked
@@ -93,7 +95,17 @@ class NullProvider:
         pass
 
 
-def bench_overhead(peer: HarnessProcess, sizes: list[int], reps: int, depth: int) -> list[dict[str, Any]]:
+def bench_overhead(peer: HarnessProcess, sizes: list[int], reps: int, depth: int,
+                   settle: bool = True) -> list[dict[str, Any]]:
+    """Per node: what a prompt costs with the provider over a null provider (the target), and, counted apart,
+    the CPU its stores cost afterwards (here and in the peer that takes the replicas).
+
+    `settle`: after each prompt, wait until its stores are pushed *and* replicated before the next prompt
+    starts, so that no prompt is measured while the previous one's replica writes still run (they would be
+    counted twice: as store CPU and in the next prompt). Without it, back-to-back prompts overlap them."""
+    import psutil
+
+    peer_proc = psutil.Process(peer.process.pid)
     rt = runtime("--seeds", peer.address)
     rows = []
     try:
@@ -103,7 +115,7 @@ def bench_overhead(peer: HarnessProcess, sizes: list[int], reps: int, depth: int
         seed = 1_000_000
         for n in sizes:
             width = max(1, n // depth)
-            total, ours, comfy, batches, errors = [], [], [], [], 0
+            total, ours, comfy, batches, errors, store_cpu = [], [], [], [], 0, []
             for rep in range(reps + 3):  # the first 3 are warm-up
                 seed += 1
                 prompt = chain_prompt(n, seed, width=width)
@@ -113,7 +125,13 @@ def bench_overhead(peer: HarnessProcess, sizes: list[int], reps: int, depth: int
                 results = {}
                 for name in names:
                     results[name] = engines[name].run(prompt)
+                    cpu = time.process_time(), sum(peer_proc.cpu_times()[:2])
                     rt.bridge.flush(30.0)  # stores are pushed off the prompt's critical path: keep them off it here
+                    if settle:
+                        rt.node.cluster.flush(30.0)  # ... and their replica writes to the peer
+                    if name == "mesh" and settle:
+                        store_cpu.append((time.process_time() - cpu[0] + sum(peer_proc.cpu_times()[:2]) - cpu[1])
+                                         / n * 1e6)
                 if rep < 3:
                     continue
                 mesh, null, none = results["mesh"], results["null"], results["none"]
@@ -128,12 +146,15 @@ def bench_overhead(peer: HarnessProcess, sizes: list[int], reps: int, depth: int
                    "comfyui_us_per_node_median": median(comfy),
                    "added_us_per_node_median": median(total), "added_us_per_node_p90": pct(total, 0.9),
                    "lookup_batches_per_prompt": {str(k): batches.count(k) for k in sorted(set(batches))},
-                   "harness_errors": errors}
+                   "harness_errors": errors, "settled": settle,
+                   "store_cpu_us_per_node_median": median(store_cpu) if store_cpu else None}
             rows.append(row)
             print(f"  {n} nodes: provider {row['provider_us_per_node_median']:.0f} us/node "
                   f"(p90 {row['provider_us_per_node_p90']:.0f}); ComfyUI's own cost of any provider "
                   f"{row['comfyui_us_per_node_median']:.0f}; total +{row['added_us_per_node_median']:.0f}; "
-                  f"lookup batches per prompt {row['lookup_batches_per_prompt']}", flush=True)
+                  f"lookup batches per prompt {row['lookup_batches_per_prompt']}"
+                  + (f"; stores afterwards: {row['store_cpu_us_per_node_median']:.0f} us of CPU per node (both processes)"
+                     if settle else "; prompts overlap the previous prompt's replica writes"), flush=True)
     finally:
         rt.close()
     return rows
@@ -351,6 +372,8 @@ def main() -> int:
     p.add_argument("--lookups", type=int, default=3, help="hits timed per image")
     p.add_argument("--quick", action="store_true", help="fewer repetitions")
     p.add_argument("--warm-memory", default="256MiB", help="the reader's MESH_WARM_MEMORY (0: no reserve)")
+    p.add_argument("--no-settle", action="store_true",
+                   help="(a): start each prompt while the previous one's replica writes may still run")
     args = p.parse_args()
     if args.quick:
         args.reps, args.hit_reps = 8, 3
@@ -361,7 +384,7 @@ def main() -> int:
         print("(a) all-miss overhead per node, embedded, 2-node mesh on loopback", flush=True)
         peer = HarnessProcess(["--secret", SECRET], log_path=workdir / "peer.log")
         try:
-            overhead = bench_overhead(peer, sizes, args.reps, args.depth)
+            overhead = bench_overhead(peer, sizes, args.reps, args.depth, settle=not args.no_settle)
         finally:
             peer.quit()
         print("(b) 48 MiB IMAGE hit through the mesh vs recomputing it", flush=True)
@@ -386,6 +409,9 @@ def main() -> int:
               f"{'<= ' + str(int(OVERHEAD_TARGET_US)):>12}  {'ok' if v <= OVERHEAD_TARGET_US else 'MISSED'}")
         print(f"{'  + ComfyUI hashing keys for any provider (us/node)':<58} {row['comfyui_us_per_node_median']:>12.0f}")
         print(f"{'  = added to the prompt vs no provider (us/node)':<58} {row['added_us_per_node_median']:>12.0f}")
+        if row["store_cpu_us_per_node_median"] is not None:
+            print(f"{'  stores, after the prompt: CPU of both processes (us/node)':<58} "
+                  f"{row['store_cpu_us_per_node_median']:>12.0f}")
     for row in hits:  # each against the Redis GETs made beside its own hits
         v, beside = row["ms_median"], row["redis_ms_median"]
         verdict = "no Redis baseline" if redis is None else "ok" if v <= beside / HIT_SPEEDUP_TARGET else "MISSED"
