@@ -106,6 +106,9 @@ class PeerClient:
         self.address = address
         self.limits = limits or Limits()
         self.links = links if links is not None else Links()
+        # Small values go in one unary PutSmall (no client stream: grpc's sync client starts a thread for each),
+        # until this node says it has none (a version from before it).
+        self._put_small = True
         self._transfers = Turns(MAX_TRANSFERS)
         self.timeout = timeout
         self._auth = ClientAuth(as_keyring(secret))
@@ -415,6 +418,23 @@ class PeerClient:
             header = replace(header, stored_size=0)  # known only once packed
         elif not planes and isinstance(chunks, Sequence):
             header = without_planes(header, chunks)
+
+        if self._put_small and header.raw_size <= self.limits.chunk_size:
+            small = list(repack(chunks, compress, planes))  # one chunk's worth: made at once
+            try:
+                reply = self._unary("PutSmall", pb.PutSmallRequest(
+                    header=header.to_pb(), chunks=[c.to_pb(i) for i, c in enumerate(small)], local_only=local_only),
+                    timeout, wait_for_ready)
+            except Refused as e:
+                if e.code != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                log.info("node %s has no PutSmall (an older version): small values go as Put streams", self.address)
+                self._put_small = False
+                chunks = small
+            else:
+                if progress:
+                    progress(header.raw_size, header.raw_size)
+                return reply  # type: ignore[return-value]
 
         sent_packed = False  # whether any chunk went compressed: such a transfer does not measure the link
 

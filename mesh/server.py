@@ -212,9 +212,15 @@ class MeshServicer(pb_grpc.MeshServicer):
                     watch.touch(self.limits.idle_timeout)
                     yield chunk.message(i)  # type: ignore[misc]  # already serialized: see add_to_server
 
+    def PutSmall(self, request: pb.PutSmallRequest, context: grpc.ServicerContext) -> pb.PutReply:
+        """The same put as a Put stream of the header and these chunks, with the same checks."""
+        requests = [pb.PutRequest(header=request.header, local_only=request.local_only)]
+        requests += [pb.PutRequest(chunk=chunk) for chunk in request.chunks]
+        return self.Put(iter(requests), context, "PutSmall")
+
     def Put(self, request_iterator: Iterator[pb.PutRequest | WireChunk],
-            context: grpc.ServicerContext) -> pb.PutReply:
-        with self._timed("Put"), self._admit(context, self._streams, "too many streams"), \
+            context: grpc.ServicerContext, method: str = "Put") -> pb.PutReply:
+        with self._timed(method), self._admit(context, self._streams, "too many streams"), \
                 self.watchdog.watch(context.cancel, self.limits.header_timeout, f"Put from {context.peer()}") as watch:
             try:
                 return self._put(request_iterator, context, watch)
@@ -443,6 +449,8 @@ def add_to_server(servicer: MeshServicer, server: grpc.Server) -> None:
                                                     response_serializer=serialize_message),
         "Put": grpc.stream_unary_rpc_method_handler(servicer.Put, request_deserializer=_parse_put_request,
                                                     response_serializer=pb.PutReply.SerializeToString),
+        "PutSmall": unary(servicer.PutSmall, request_deserializer=pb.PutSmallRequest.FromString,
+                          response_serializer=pb.PutReply.SerializeToString),
         "Has": unary(servicer.Has, request_deserializer=pb.HasRequest.FromString,
                      response_serializer=pb.HasReply.SerializeToString),
         "Delete": unary(servicer.Delete, request_deserializer=pb.DeleteRequest.FromString,

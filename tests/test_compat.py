@@ -88,6 +88,8 @@ def test_a_writer_learns_that_an_older_node_refuses_plane_chunks(older_node: Ser
         assert not writer.links.planes4(older_node.address)
         writer.put("b", data)  # sent without planes at once: the peer is known
         assert bytes(writer.get("a").data) == data == bytes(writer.get("b").data)
+        writer.put("tiny", data[:1000])  # PutSmall is unknown there: sent as a Put stream instead, from then on
+        assert not writer._put_small and bytes(writer.get("tiny").data) == data[:1000]
     assert codecs_held(older_node.address, "a") | codecs_held(older_node.address, "b") <= {LZ4, RAW}
     assert older_node.log().count("unknown chunk codec 2") <= 1  # the one refusal that taught the writer
 

@@ -97,6 +97,37 @@ def test_round_trip(target: Target, size: int) -> None:
     assert "rt/key" in store
 
 
+def test_small_values_go_in_one_message_with_the_checks_of_a_stream(target: Target) -> None:
+    """PutSmall is a Put stream's header and chunks in one message: the same answers, the same refusals."""
+    address, store = target
+    data = os.urandom(3000)
+    with PeerClient(address, SECRET) as client:
+        client.put("small/ok", data)
+        assert client._put_small and bytes(client.get("small/ok").data) == data  # type: ignore[union-attr]
+    md = lambda: token_metadata(address, "PutSmall")  # noqa: E731
+    with raw_stub(address) as stub:
+        def put_small(requests: list[pb.PutRequest]) -> pb.PutReply:
+            return stub.PutSmall(pb.PutSmallRequest(header=requests[0].header, chunks=[r.chunk for r in requests[1:]]),
+                                 timeout=10, metadata=md())
+
+        assert put_small(put_requests("small/two", data * 100)).stored  # two chunks of 256 KiB
+        corrupt = put_requests("small/corrupt", data)
+        corrupt[1].chunk.data = bytes(b ^ 1 for b in corrupt[1].chunk.data)
+        missing = put_requests("small/missing", data)[:1]
+        for requests, code in ((corrupt, grpc.StatusCode.DATA_LOSS), (missing, grpc.StatusCode.DATA_LOSS)):
+            with pytest.raises(grpc.RpcError) as e:
+                put_small(requests)
+            assert e.value.code() == code
+        with pytest.raises(grpc.RpcError) as e:
+            stub.PutSmall(pb.PutSmallRequest(), timeout=10, metadata=md())
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as e:
+            stub.PutSmall(pb.PutSmallRequest(header=corrupt[0].header), timeout=10,
+                          metadata=token_metadata(address, "PutSmall", b"wrong-secret"))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "small/two" in store and "small/corrupt" not in store and "small/missing" not in store
+
+
 def test_wire_compatible_with_plain_protobuf(target: Target) -> None:
     """Generated-stub clients (protobuf framing either way) interoperate with whatever the server does."""
     address, _ = target
@@ -304,6 +335,7 @@ def test_health_answers_without_a_secret_other_rpcs_do_not(node: Node) -> None:
             "Stats": lambda md: stub.Stats(pb.StatsRequest(), timeout=5, metadata=md),
             "Has": lambda md: stub.Has(pb.HasRequest(keys=["k"]), timeout=5, metadata=md),
             "Delete": lambda md: stub.Delete(pb.DeleteRequest(keys=["k"]), timeout=5, metadata=md),
+            "PutSmall": lambda md: stub.PutSmall(pb.PutSmallRequest(), timeout=5, metadata=md),
             "Get": lambda md: list(stub.Get(pb.GetRequest(key="k"), timeout=5, metadata=md)),
             "ListKeys": lambda md: list(stub.ListKeys(pb.ListKeysRequest(), timeout=5, metadata=md)),
             "Drain": lambda md: stub.Drain(pb.DrainRequest(), timeout=5, metadata=md),
