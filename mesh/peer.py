@@ -430,7 +430,7 @@ class PeerClient:
                     raise
                 log.info("node %s has no PutSmall (an older version): small values go as Put streams", self.address)
                 self._put_small = False
-                chunks = small
+                chunks, compress = small, False  # packed already: the stream below sends them as they are
             else:
                 if progress:
                     progress(header.raw_size, header.raw_size)

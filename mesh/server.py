@@ -11,6 +11,7 @@ two to three copies of every chunk.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -214,9 +215,10 @@ class MeshServicer(pb_grpc.MeshServicer):
 
     def PutSmall(self, request: pb.PutSmallRequest, context: grpc.ServicerContext) -> pb.PutReply:
         """The same put as a Put stream of the header and these chunks, with the same checks."""
-        requests = [pb.PutRequest(header=request.header, local_only=request.local_only)]
-        requests += [pb.PutRequest(chunk=chunk) for chunk in request.chunks]
-        return self.Put(iter(requests), context, "PutSmall")
+        header = pb.PutRequest(header=request.header, local_only=request.local_only)
+        # the chunks as received chunks (their data is not copied into new messages)
+        chunks = (WireChunk(c.index, c.codec, c.raw_size, c.data) for c in request.chunks)
+        return self.Put(itertools.chain((header,), chunks), context, "PutSmall")
 
     def Put(self, request_iterator: Iterator[pb.PutRequest | WireChunk],
             context: grpc.ServicerContext, method: str = "Put") -> pb.PutReply:

@@ -110,9 +110,9 @@ class MeshCacheProvider:
         self.fast_keys: Any = None  # provider/fastkeys.py, when installed into ComfyUI
         # class type -> [lookups, hits, misses, errors, lookup seconds], for per-class metrics (bounded)
         self.by_class: dict[str, list[float]] = {}
-        # Lookups made in one turn of the event loop, sent to the bridge as one batch when the turn ends.
-        self._pending: list[tuple[str, futures.Future[Any], asyncio.Future[Any]]] = []
-        self._flush_loop: asyncio.AbstractEventLoop | None = None  # the loop a flush is scheduled on
+        # Lookups made in one turn of each event loop, sent to the bridge as one batch when that turn ends (a
+        # flush is scheduled on a loop when its list gets its first lookup).
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[str, futures.Future[Any], asyncio.Future[Any]]]] = {}
         self._inbox: _Inbox | None = None  # answers on their way to the current loop
 
     def key(self, context: Any) -> str:
@@ -199,26 +199,17 @@ class MeshCacheProvider:
             inbox = self._inbox = _Inbox(loop)
         future.add_done_callback(lambda f: inbox.put(answer, f))
         with self._lock:
-            self._pending.append((key, future, answer))
-            schedule = self._flush_loop is not loop  # none scheduled on this loop (or on a loop now gone)
-            self._flush_loop = loop
+            batch = self._pending.setdefault(loop, [])
+            batch.append((key, future, answer))
+            schedule = len(batch) == 1
         if schedule:
-            loop.call_soon(self._flush)
+            loop.call_soon(self._flush, loop)
         return answer
 
-    def _flush(self) -> None:
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._lock:
-            batch, self._pending = self._pending, []
-            self._flush_loop = None
-        loop = asyncio.get_running_loop()
-        mine = [answer for _, _, answer in batch if answer.get_loop() is loop]
-        loop.call_later(self.lookup_timeout, _expire, mine)
-        for other in {answer.get_loop() for _, _, answer in batch} - {loop}:  # lookups of a loop whose flush
-            theirs = [answer for _, _, answer in batch if answer.get_loop() is other]  # this one took
-            try:
-                other.call_soon_threadsafe(other.call_later, self.lookup_timeout, _expire, theirs)
-            except RuntimeError:
-                pass  # that loop is closed: nobody awaits its answers any more
+            batch = self._pending.pop(loop, [])
+        loop.call_later(self.lookup_timeout, _expire, [answer for _, _, answer in batch])
         self.bridge.submit([(key, future) for key, future, _ in batch])
 
     def _to_cache_value(self, tree: Any) -> Any:

@@ -15,13 +15,14 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import SECRET
+from tests.support.poll import poll
 from tests.support.serve import ServeProcess, start_serve
 from mesh.link import Links
 from mesh.peer import PeerClient, Refused
@@ -130,10 +131,10 @@ print(json.dumps({"codecs": sorted({c.codec for c in chunks}), "sha256": hashlib
 """
 
 
-def test_an_older_reader_is_sent_no_plane_chunks(older_tree: Path, serve: object) -> None:
+def test_an_older_reader_is_sent_no_plane_chunks(older_tree: Path, serve: Callable[..., ServeProcess]) -> None:
     import hashlib
 
-    node = serve()  # type: ignore[operator]
+    node = serve()
     data = smooth_floats(4 * MiB)
     with PeerClient(node.address, SECRET, links=Links("lz4")) as writer:
         writer.put("k", data)  # stored as sent: 4-byte planes
@@ -145,20 +146,19 @@ def test_an_older_reader_is_sent_no_plane_chunks(older_tree: Path, serve: object
     assert set(got["codecs"]) <= {LZ4, RAW} and got["sha256"] == hashlib.sha256(data).hexdigest()
 
 
-def test_other_refusals_are_not_taken_for_an_older_version(serve: object) -> None:
-    node = serve("--max-blob-size", "1MiB")  # type: ignore[operator]
+def test_other_refusals_are_not_taken_for_an_older_version(serve: Callable[..., ServeProcess]) -> None:
+    node = serve("--max-blob-size", "1MiB")
     with PeerClient(node.address, SECRET, links=Links("lz4")) as writer:
         with pytest.raises(Refused):
             writer.put("big", smooth_floats(2 * MiB))
         assert writer.links.planes4(node.address)
 
 
-def test_a_mixed_mesh_replicates_to_the_older_member(older_node: ServeProcess, serve: object) -> None:
+def test_a_mixed_mesh_replicates_to_the_older_member(older_node: ServeProcess,
+                                                     serve: Callable[..., ServeProcess]) -> None:
     """The rolling-upgrade case end to end: a new member that stores values compressed (--compress lz4) forms a
     mesh with an older one; its replica writes reach the older member as lz4 or raw chunks, bit-exact."""
-    from tests.support.poll import poll
-
-    new = serve("--seeds", older_node.address, "--compress", "lz4", "--replicas", "2")  # type: ignore[operator]
+    new = serve("--seeds", older_node.address, "--compress", "lz4", "--replicas", "2")
 
     def members(address: str) -> int:
         with PeerClient(address, SECRET) as c:
