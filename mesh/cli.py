@@ -26,17 +26,17 @@ from typing import Any
 
 import mesh  # noqa: E402
 from mesh.address import with_port
-from mesh.auth import SECRET_FILE_ENV, Keyring, load_keyring, load_secrets
-from mesh.cluster import ClusterConfig
-from mesh.link import AUTO, MODES
-from mesh.membership import Timing, ring_weights
+from mesh.transport.auth import SECRET_FILE_ENV, Keyring, load_keyring, load_secrets
+from mesh.cluster.routing import ClusterConfig
+from mesh.transport.link import AUTO, MODES
+from mesh.membership.driver import Timing, ring_weights
 from mesh.node import DEFAULT_PORT, ConfigError, Node, NodeConfig
 from mesh.pb.mesh_pb2 import MemberState
-from mesh.peer import MeshError, PeerClient
+from mesh.transport.peer import MeshError, PeerClient
 from mesh.settings import CONFIG_ENV, SettingError, check_table, read_file, resolve, serve_table_keys, settings_of
-from mesh.tls import TlsConfig, init_tls, load_tls
+from mesh.transport.tls import TlsConfig, init_tls, load_tls
 from mesh.units import format_size, parse_size
-from mesh.wire import Limits
+from mesh.transport.wire import Limits
 
 NODE_ENV = "MESH_NODE"
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 3
@@ -249,7 +249,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
 
 
 def cmd_ring(args: argparse.Namespace) -> int:
-    from mesh.ring import Ring
+    from mesh.cluster.ring import Ring
 
     with _client(args) as c:
         s = c.stats()

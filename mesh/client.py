@@ -19,18 +19,18 @@ from collections.abc import Mapping
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from mesh.auth import Secret, as_keyring
-from mesh.link import AUTO, LZ4, Links
-from mesh.membership import ring_weights
+from mesh.transport.auth import Secret, as_keyring
+from mesh.transport.link import AUTO, LZ4, Links
+from mesh.membership.driver import ring_weights
 from mesh.node import Node
-from mesh.peer import MeshError, PeerClient, Unreachable
-from mesh.peers import PeerPool
-from mesh.ring import Ring
-from mesh.store import Entry
-from mesh.wire import Limits, Tee, iter_chunks, make_header, raw_parts
+from mesh.transport.peer import MeshError, PeerClient, Unreachable
+from mesh.transport.peers import PeerPool
+from mesh.cluster.ring import Ring
+from mesh.storage.store import Entry
+from mesh.transport.wire import Limits, Tee, iter_chunks, make_header, raw_parts
 
 if TYPE_CHECKING:
-    from mesh.tls import TlsConfig
+    from mesh.transport.tls import TlsConfig
 
 Bytes = bytes | bytearray | memoryview
 T = TypeVar("T")

@@ -21,22 +21,22 @@ from grpc_health.v1 import health, health_pb2
 
 import mesh
 from mesh.address import WILDCARDS, join_hostport, routable_host, split_hostport
-from mesh.auth import AuthInterceptor, Secret, ServerAuth, as_keyring
-from mesh.cluster import Cluster, ClusterConfig
-from mesh.disk import DiskStore
-from mesh.link import AUTO, MODES, Links
+from mesh.transport.auth import AuthInterceptor, Secret, ServerAuth, as_keyring
+from mesh.cluster.routing import Cluster, ClusterConfig
+from mesh.storage.disk import DiskStore
+from mesh.transport.link import AUTO, MODES, Links
 from mesh.metrics import Metrics
-from mesh.members import Change
-from mesh.membership import Member, Membership, Timing
+from mesh.membership.members import Change
+from mesh.membership.driver import Member, Membership, Timing
 from mesh.pb import mesh_pb2 as pb
-from mesh.peers import PeerPool
+from mesh.transport.peers import PeerPool
 from mesh.server import HEALTH_SERVICE, MeshServicer, add_health_to_server, add_reflection_to_server, add_to_server
-from mesh.store import BlobStore
+from mesh.storage.store import BlobStore
 from mesh.units import format_size
-from mesh.wire import SERVICE, GiB, Limits
+from mesh.transport.wire import SERVICE, GiB, Limits
 
 if TYPE_CHECKING:
-    from mesh.tls import TlsConfig
+    from mesh.transport.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class Node:
         return self
 
     def _start_zeroconf(self, host: str, port: int) -> None:
-        from mesh.discovery import ZeroconfDiscovery
+        from mesh.membership.discovery import ZeroconfDiscovery
 
         assert self.membership is not None
         membership = self.membership

@@ -5,7 +5,7 @@ request marked `local_only` (a peer asking this node as an owner) is answered fr
 request goes through the cluster, which routes it to the key's owners. Without a cluster (a lone node) everything is local.
 
 Register the servicer with `add_to_server`, not the generated `add_MeshServicer_to_server`: it frames chunk
-messages by hand (mesh/wire.py), which keeps the bulk bytes of a Get or Put out of protobuf objects and saves
+messages by hand (mesh/transport/wire.py), which keeps the bulk bytes of a Get or Put out of protobuf objects and saves
 two to three copies of every chunk.
 """
 
@@ -28,13 +28,13 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import HealthServicer
 
 import mesh
-from mesh.auth import METADATA_KEY, AuthError, ServerAuth
+from mesh.transport.auth import METADATA_KEY, AuthError, ServerAuth
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
-from mesh.budget import ByteBudget
-from mesh.store import BlobStore, Entry, StoreFull
+from mesh.storage.budget import ByteBudget
+from mesh.storage.store import BlobStore, Entry, StoreFull
 from mesh.watchdog import Watch, Watchdog
-from mesh.wire import (MAX_KEY_BYTES, SERVICE, Header, Limits, RAW, Receiver, TransferError, WireChunk,
+from mesh.transport.wire import (MAX_KEY_BYTES, SERVICE, Header, Limits, RAW, Receiver, TransferError, WireChunk,
                        decode_chunk_message, serialize_message, repack, without_planes)
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ _REPORTED_NAME = re.compile(r"^provider_[a-z0-9_]+$")  # a client's counters nev
 
 
 class Cluster(Protocol):
-    """What the servicer needs from the cluster layer (mesh/cluster.py)."""
+    """What the servicer needs from the cluster layer (mesh/cluster/routing.py)."""
 
     def get(self, key: str, timeout: float) -> Entry | None: ...
     def put(self, entry: Entry, timeout: float | None = None) -> int: ...
@@ -70,7 +70,7 @@ class Cluster(Protocol):
 
 
 class Roster(Protocol):
-    """What the servicer needs from membership (mesh/membership.py): answering pings and listing members."""
+    """What the servicer needs from membership (mesh/membership/driver.py): answering pings and listing members."""
 
     def handle_ping(self, request: pb.PingRequest) -> pb.PingReply: ...
     def members_pb(self) -> list[pb.Member]: ...
@@ -202,7 +202,7 @@ class MeshServicer(pb_grpc.MeshServicer):
             header, chunks = entry.header, entry.chunks
             compress = request.compress and any(c.codec == RAW for c in chunks)
             if compress or not request.planes4:
-                # The reader's link from here is slow (mesh/link.py): pack raw chunks on the way, ahead of the wire.
+                # The reader's link from here is slow (mesh/transport/link.py): pack raw chunks on the way, ahead of the wire.
                 # A reader from before 4-byte planes (it does not say planes4) is sent no such chunk.
                 header = replace(header, stored_size=0) if compress else without_planes(header, chunks)
                 chunks = repack(chunks, compress, planes=request.planes4)  # type: ignore[assignment]

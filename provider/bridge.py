@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mesh.client import MeshClient, NodeStopped, Sink
-from mesh.peer import MeshError, Unreachable
+from mesh.transport.peer import MeshError, Unreachable
 
 log = logging.getLogger(__name__)
 

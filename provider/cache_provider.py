@@ -20,7 +20,7 @@ from concurrent import futures
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mesh.memory import RESERVE
+from mesh.buffers import RESERVE
 from mesh.units import format_size
 
 from .bridge import Bridge

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from mesh.auth import SECRET_ENV, SECRET_FILE_ENV, Keyring, load_keyring
-from mesh.link import MODES
-from mesh.tls import TlsConfig, load_tls
+from mesh.transport.auth import SECRET_ENV, SECRET_FILE_ENV, Keyring, load_keyring
+from mesh.transport.link import MODES
+from mesh.transport.tls import TlsConfig, load_tls
 from mesh.units import parse_size
 
 ENV_PREFIX = "MESH_"
@@ -57,7 +57,7 @@ class ProviderConfig:
     store_queue: int = 64             # values waiting to be pushed; a full queue drops the store (counted)
     shuffle: bool = False             # byte-shuffle float tensors in the value itself (the transport already
                                       # compresses float32 as byte planes where a link is slow: see compress)
-    warm_memory: int = parse_size("256MiB")  # touched memory kept ready for the next hits (mesh/memory.py)
+    warm_memory: int = parse_size("256MiB")  # touched memory kept ready for the next hits (mesh/buffers.py)
     compress: str = "auto"            # auto: lz4 per transfer where the measured link is slow; off; lz4: always
     fast_keys: bool = True            # provider/fastkeys.py: ComfyUI's key digest once per key per prompt, faster
     direct: bool = True               # sidecar mode: read straight from owners with the ring the sidecar shares

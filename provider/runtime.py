@@ -16,10 +16,10 @@ from typing import Any
 
 from mesh import codec
 from mesh.client import LocalClient, MeshClient, RemoteClient
-from mesh.cluster import ClusterConfig
-from mesh.memory import RESERVE
+from mesh.cluster.routing import ClusterConfig
+from mesh.buffers import RESERVE
 from mesh.node import Node, NodeConfig
-from mesh.wire import Limits
+from mesh.transport.wire import Limits
 
 from .bridge import Bridge
 from .cache_provider import MeshCacheProvider

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mesh.client import RemoteClient  # noqa: E402
-from mesh.ring import Ring  # noqa: E402
+from mesh.cluster.ring import Ring  # noqa: E402
 from mesh.units import parse_size  # noqa: E402
 from tests.support.localmesh import LocalMesh  # noqa: E402
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from mesh.peer import PeerClient  # noqa: E402
+from mesh.transport.peer import PeerClient  # noqa: E402
 from mesh.units import parse_size  # noqa: E402
 
 SECRET = "bench-concurrency-secret"

@@ -12,14 +12,14 @@ Three ways to send each, through a real `mesh serve`:
 - raw:  codec.encode(value), chunks sent raw (`--compress off`): what a cache without these features moves;
 - lz4:  codec.encode(value), every chunk lz4 or lz4 of its byte planes where that shrinks it (`--compress lz4`);
 - auto: codec.encode(value, levels=True) and `--compress auto`, the provider's default: levels to uint8, and lz4
-        only where the link measured slower than lz4 (mesh/link.py).
+        only where the link measured slower than lz4 (mesh/transport/link.py).
 "stored" is what the node holds, which is what the put sent. A put, then a get, the get end to end: the chunks
 from the node, then decoding into tensors; the cases take turns (raw, lz4, auto, raw, ...). Median, min and max
 per case, and raw / case (the speed-up; > 1 is faster).
 
 --link loopback: node and client on 127.0.0.1 (the compression target: never more than 5 % slower than raw).
 --link 1gbit: node and client in two network namespaces joined by a veth shaped with tc tbf to 1 Gbit/s both
-ways (needs root and iproute2; mesh/link.py must find the link slow by itself). The load average is recorded.
+ways (needs root and iproute2; mesh/transport/link.py must find the link slow by itself). The load average is recorded.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ import json, os, statistics, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np, torch
 from mesh import codec as blob  # the tensor-tree codec, mesh/codec/
-from mesh.link import Links
-from mesh.peer import PeerClient
+from mesh.transport.link import Links
+from mesh.transport.peer import PeerClient
 from scripts.bench_node import synthetic_image
 
 torch.set_num_threads(1)
@@ -144,7 +144,7 @@ def run_shaped(work: Path, repeat: int, rate: str) -> dict[str, Any]:
 
 
 def report(link: str, result: dict[str, Any]) -> dict[str, Any]:
-    print(f"\n{link}: link measured by mesh/link.py at {result['rate_measured'] / 1e6:.0f} MB/s "
+    print(f"\n{link}: link measured by mesh/transport/link.py at {result['rate_measured'] / 1e6:.0f} MB/s "
           f"({'compress' if 0 < result['rate_measured'] < 300e6 else 'raw'} in auto)")
     print(f"{'value':<6} {'case':<5} {'encoded':>9} {'stored':>9} {'put ms':>8} {'get ms (min-max)':>22} "
           f"{'raw/get':>8} {'raw/put':>8}")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mesh.peer import MeshError  # noqa: E402
+from mesh.transport.peer import MeshError  # noqa: E402
 from tests.support.localmesh import LocalMesh  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")

@@ -45,10 +45,10 @@ import numpy as np
 
 import mesh
 import mesh.codec
-from mesh.peer import PeerClient
-from mesh.tls import TlsConfig, init_tls, load_tls
+from mesh.transport.peer import PeerClient
+from mesh.transport.tls import TlsConfig, init_tls, load_tls
 from mesh.units import parse_size
-from mesh.wire import KiB, MiB, Limits
+from mesh.transport.wire import KiB, MiB, Limits
 
 SECRET = b"bench-secret"
 TARGET_GET_VS_TCP = 0.9  # the fast-path issue: a 512 MiB get at least 0.9x raw TCP into a fresh buffer
@@ -344,7 +344,7 @@ def lz4_table(sample_bytes: int) -> list[dict[str, Any]]:
 
 _PEAK_PROBE = r"""
 import json, resource, sys
-from mesh.peer import PeerClient
+from mesh.transport.peer import PeerClient
 
 
 def peak_rss() -> int:

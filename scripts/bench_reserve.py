@@ -1,4 +1,4 @@
-"""What the warm-memory reserve (mesh/memory.py, MESH_WARM_MEMORY) does for hits that come seconds apart.
+"""What the warm-memory reserve (mesh/buffers.py, MESH_WARM_MEMORY) does for hits that come seconds apart.
 
 A 48 MiB decoded-image hit is decoded by the same StreamDecoder a hit uses (1 MiB pieces of the levels blob
 widened into the tensor's memory), then dropped, as ComfyUI drops an output it no longer needs; the next hit
@@ -34,7 +34,7 @@ def run_case(budget_mib: int, gap: float, hits: int) -> dict[str, Any]:
     import torch
 
     import mesh.codec as codec
-    from mesh.memory import RESERVE
+    from mesh.buffers import RESERVE
     from provider.runtime import torch_on_one_core
 
     torch_on_one_core()  # as on the provider's threads

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from mesh.ring import Ring
+from mesh.cluster.ring import Ring
 
 SIZES = (8, 64, 1000)
 WEIGHTINGS: dict[str, Callable[[int], float]] = {"equal": lambda i: 1.0, "1|2": lambda i: 1.0 + i % 2}

@@ -40,10 +40,10 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mesh.membership import ring_weights  # noqa: E402
-from mesh.peer import MeshError, PeerClient  # noqa: E402
+from mesh.membership.driver import ring_weights  # noqa: E402
+from mesh.transport.peer import MeshError, PeerClient  # noqa: E402
 from mesh.pb import mesh_pb2 as pb  # noqa: E402
-from mesh.ring import Ring  # noqa: E402
+from mesh.cluster.ring import Ring  # noqa: E402
 from mesh.units import parse_size  # noqa: E402
 from tests.support.localmesh import LocalMesh, LocalNode  # noqa: E402
 

@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from mesh import codec  # noqa: E402
-from mesh.ring import Ring  # noqa: E402
+from mesh.cluster.ring import Ring  # noqa: E402
 from mesh.units import format_size  # noqa: E402
 from tests.support.comfy_harness import HarnessProcess  # noqa: E402
 from tests.support.cli import run_cli  # noqa: E402

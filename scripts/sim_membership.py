@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""SWIM at 8, 64 and 1,000 members, in simulated time: the real member table and protocol (mesh/members.py,
-mesh/swim.py) over an in-process network with loss and latency. No sleeps, no threads: an event queue.
+"""SWIM at 8, 64 and 1,000 members, in simulated time: the real member table and protocol (mesh/membership/members.py,
+mesh/membership/swim.py) over an in-process network with loss and latency. No sleeps, no threads: an event queue.
 
 What it measures, per member count N (all members start knowing each other, probes staggered at random):
 
@@ -29,9 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mesh.members import DEAD, SUSPECT, Change, Joined, Limits, Member, MemberTable, StateChanged  # noqa: E402
+from mesh.membership.members import DEAD, SUSPECT, Change, Joined, Limits, Member, MemberTable, StateChanged  # noqa: E402
 from mesh.pb import mesh_pb2 as pb  # noqa: E402
-from mesh.swim import Config, Swim  # noqa: E402
+from mesh.membership.swim import Config, Swim  # noqa: E402
 
 EPOCH_MS = 1_750_000_000_000.0   # wall clock at simulated time 0 (incarnations are start times in ms)
 

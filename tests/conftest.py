@@ -15,14 +15,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mesh.auth import METADATA_KEY, AuthInterceptor, Keyring, ServerAuth, call_tag, key_id
+from mesh.transport.auth import METADATA_KEY, AuthInterceptor, Keyring, ServerAuth, call_tag, key_id
 from mesh.node import Node, NodeConfig
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
-from mesh.peer import PeerClient
+from mesh.transport.peer import PeerClient
 from mesh.server import MeshServicer, add_to_server
-from mesh.store import BlobStore
-from mesh.wire import GiB, MiB, Limits
+from mesh.storage.store import BlobStore
+from mesh.transport.wire import GiB, MiB, Limits
 from tests.support.poll import poll as poll  # the tests import it from here
 from tests.support.serve import ServeProcess, start_serve
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import grpc
 
 import mesh
-from mesh.auth import METADATA_KEY
+from mesh.transport.auth import METADATA_KEY
 from mesh.pb import mesh_pb2 as pb
-from mesh.wire import SERVICE, MiB, encode_chunk_message, make_header
+from mesh.transport.wire import SERVICE, MiB, encode_chunk_message, make_header
 
 
 def forged_value(key: str, data: bytes) -> Iterator[bytes]:
@@ -163,7 +163,7 @@ class Relay:
 
 
 def main() -> None:
-    from mesh.discovery import ZeroconfDiscovery
+    from mesh.membership.discovery import ZeroconfDiscovery
 
     p = argparse.ArgumentParser()
     p.add_argument("--listen", required=True)

@@ -93,7 +93,7 @@ def test_json_output(mesh: Callable[..., subprocess.CompletedProcess[str]], serv
     keys = json.loads(mesh("keys", "--json").stdout)
     assert [k["key"] for k in keys] == ["k/1"]
     assert keys[0]["raw_size"] == len(value) and keys[0]["meta"] == {"content": "bytes"}
-    assert keys[0]["stored_size"] == len(value)  # over loopback raw beats lz4: sent raw (mesh/link.py)
+    assert keys[0]["stored_size"] == len(value)  # over loopback raw beats lz4: sent raw (mesh/transport/link.py)
 
     stats = json.loads(mesh("stats", "--json").stdout)
     assert stats["node_id"] == served.node_id and stats["address"] == served.address

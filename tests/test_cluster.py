@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from mesh.ring import Ring
+from mesh.cluster.ring import Ring
 from tests.conftest import poll
 from tests.support.cli import run_cli
 from tests.support.localmesh import LocalMesh

@@ -24,10 +24,10 @@ import pytest
 from tests.conftest import SECRET
 from tests.support.poll import poll
 from tests.support.serve import ServeProcess, start_serve
-from mesh.link import Links
-from mesh.peer import PeerClient, Refused
+from mesh.transport.link import Links
+from mesh.transport.peer import PeerClient, Refused
 from mesh.pb import mesh_pb2 as pb
-from mesh.wire import LZ4, LZ4_PLANES4, RAW, KiB, MiB, iter_chunks, make_header
+from mesh.transport.wire import LZ4, LZ4_PLANES4, RAW, KiB, MiB, iter_chunks, make_header
 
 ROOT = Path(__file__).resolve().parent.parent
 BEFORE_PLANES = "4a5c9bf^"  # the commit that added CHUNK_LZ4_PLANES4, minus one
@@ -121,6 +121,7 @@ def test_a_file_put_to_an_older_node_learns_too(older_node: ServeProcess, tmp_pa
     assert codecs_held(older_node.address, "file") | codecs_held(older_node.address, "file2") <= {LZ4, RAW}
 
 
+# Run in the older tree, so with its module paths (mesh/ was one flat package then).
 OLDER_READER = """
 import hashlib, json, sys
 from mesh.peer import PeerClient

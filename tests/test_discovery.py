@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from zeroconf import ServiceInfo, ServiceStateChange
 
-from mesh.discovery import (SERVICE_TYPE, Advert, MalformedAdvert, ZeroconfDiscovery, instance_label,
+from mesh.membership.discovery import (SERVICE_TYPE, Advert, MalformedAdvert, ZeroconfDiscovery, instance_label,
                             parse_advert, pick_address)
 from tests.conftest import poll
 from tests.netns import NetLab, netlab_or_skip
@@ -129,7 +129,7 @@ def test_callback_exceptions_do_not_escape(caplog: pytest.LogCaptureFixture) -> 
 
 CHILD = r"""
 import dataclasses, json, signal, sys, threading, time
-from mesh.discovery import ZeroconfDiscovery
+from mesh.membership.discovery import ZeroconfDiscovery
 
 node_id, cluster, addr, port, cap = sys.argv[1:6]
 out = threading.Lock()

@@ -1,4 +1,4 @@
-"""The disk tier (mesh/disk.py): crash-safe files, verified reads, LRU within the disk budget, and a `mesh serve`
+"""The disk tier (mesh/storage/disk.py): crash-safe files, verified reads, LRU within the disk budget, and a `mesh serve`
 that comes back from kill -9 with what it had."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from mesh.disk import TMP_SUFFIX, DiskStore, file_name
-from mesh.peer import PeerClient
-from mesh.store import BlobStore, Entry
-from mesh.wire import KiB, Limits, iter_chunks, make_header
+from mesh.storage.disk import TMP_SUFFIX, DiskStore, file_name
+from mesh.transport.peer import PeerClient
+from mesh.storage.store import BlobStore, Entry
+from mesh.transport.wire import KiB, Limits, iter_chunks, make_header
 from tests.conftest import SECRET, free_port
 from tests.support.serve import ServeProcess
 
@@ -42,7 +42,7 @@ def test_a_blob_survives_a_new_process(tmp_path: Path) -> None:
 def _raw(chunk: object) -> bytes:
     import lz4.block
 
-    from mesh.wire import LZ4
+    from mesh.transport.wire import LZ4
 
     data = bytes(chunk.data)  # type: ignore[attr-defined]
     return lz4.block.decompress(data, uncompressed_size=chunk.raw_size) if chunk.codec == LZ4 else data  # type: ignore[attr-defined]

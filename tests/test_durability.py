@@ -14,8 +14,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mesh.membership import ring_weights
-from mesh.ring import Ring
+from mesh.membership.driver import ring_weights
+from mesh.cluster.ring import Ring
 from tests.conftest import poll
 from tests.support.localmesh import LocalMesh, LocalNode
 

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mesh import node as node_module
 from mesh.node import ConfigError, advertised_host
-from mesh.peer import PeerClient
+from mesh.transport.peer import PeerClient
 from tests.conftest import SECRET, free_port, poll
 from tests.support.cli import run_cli
 from tests.support.serve import ServeProcess

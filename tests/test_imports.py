@@ -16,7 +16,7 @@ NODE_RUN = """
 import sys
 import mesh.cli
 from mesh.node import Node, NodeConfig
-from mesh.peer import PeerClient
+from mesh.transport.peer import PeerClient
 
 node = Node(NodeConfig(listen="127.0.0.1:0", min_free_ram=0, secret=b"s")).start()
 try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mesh.link import COMPRESS_BELOW, MAX_LINKS, MEASURE_MIN, REMEASURE_EVERY, Links, is_local
+from mesh.transport.link import COMPRESS_BELOW, MAX_LINKS, MEASURE_MIN, REMEASURE_EVERY, Links, is_local
 from tests.support.serve import start_serve
 from tests.netns import netlab_or_skip
 
@@ -76,8 +76,8 @@ def test_modes_override_and_the_table_is_bounded() -> None:
 CLIENT = r'''
 import json, sys, time
 import numpy as np
-from mesh.peer import PeerClient
-from mesh.wire import RAW
+from mesh.transport.peer import PeerClient
+from mesh.transport.wire import RAW
 address, secret = sys.argv[1], sys.argv[2].encode()
 rng = np.random.default_rng(3)
 # 8-bit image bytes (a smooth gradient plus noise): lz4 shrinks them to about 80%

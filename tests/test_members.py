@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mesh.members import (ALIVE, DAY_MS, DEAD, LEFT, SUSPECT, AddressChanged, CapacityChanged, Forgotten, Joined,
+from mesh.membership.members import (ALIVE, DAY_MS, DEAD, LEFT, SUSPECT, AddressChanged, CapacityChanged, Forgotten, Joined,
                           Limits, Member, MemberTable, Refuted, Restarted, StateChanged, plausible, ring_changed)
 from mesh.pb import mesh_pb2 as pb
-from mesh.swim import Config, Swim
+from mesh.membership.swim import Config, Swim
 
 WALL = 1_750_000_000_000.0   # wall clock (ms) at now == 0
 INC = int(WALL)              # a member that started at that moment

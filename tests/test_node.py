@@ -22,10 +22,10 @@ import mesh
 from mesh.node import SERVICE_NAME, Node
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
-from mesh.peer import MAX_TRANSFERS, MeshError, PeerClient, Refused, Unauthenticated, Unreachable
-from mesh.store import BlobStore
-from mesh.link import Links
-from mesh.wire import LZ4, LZ4_PLANES4, RAW, KiB, MiB, Limits, checksum, iter_chunks, make_header
+from mesh.transport.peer import MAX_TRANSFERS, MeshError, PeerClient, Refused, Unauthenticated, Unreachable
+from mesh.storage.store import BlobStore
+from mesh.transport.link import Links
+from mesh.transport.wire import LZ4, LZ4_PLANES4, RAW, KiB, MiB, Limits, checksum, iter_chunks, make_header
 from tests.conftest import SECRET, token_metadata
 
 Target = tuple[str, BlobStore]
@@ -584,7 +584,7 @@ def test_hand_framing_registration_covers_every_rpc() -> None:
 
 def test_a_call_racing_close_is_unreachable_not_a_value_error(node: Node) -> None:
     """Found in a run: a provider store in flight while its client closed raised grpc's ValueError (a traceback)."""
-    from mesh.peer import Unreachable
+    from mesh.transport.peer import Unreachable
 
     c = PeerClient(node.address, SECRET)
     c.close()

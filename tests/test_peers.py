@@ -1,4 +1,4 @@
-"""The peer-failure policy (mesh/peers.py): when a peer is skipped, when it is asked again, how long one try waits.
+"""The peer-failure policy (mesh/transport/peers.py): when a peer is skipped, when it is asked again, how long one try waits.
 
 These are the rules every read, write, Has and delete obeys, so they are pinned here without any network: a
 fake transport stands in for gRPC.
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from mesh.peers import BUDGET_FACTOR, MAX_BUDGET, MIN_BUDGET, PeerPool
-from mesh.wire import Limits
+from mesh.transport.peers import BUDGET_FACTOR, MAX_BUDGET, MIN_BUDGET, PeerPool
+from mesh.transport.wire import Limits
 
 A, B = "10.0.0.1:7437", "10.0.0.2:7437"
 

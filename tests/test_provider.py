@@ -23,7 +23,7 @@ import torch
 
 from mesh import codec
 from mesh.client import LocalClient, RemoteClient
-from mesh.peer import PeerClient
+from mesh.transport.peer import PeerClient
 from provider.bridge import Bridge
 from provider.cache_provider import MeshCacheProvider
 from provider.config import ProviderConfig

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.ring import Ring
+from mesh.cluster.ring import Ring
 
 KEYS = [f"cm1/comfyui-0.21.0/{i:064x}" for i in range(2000)]
 

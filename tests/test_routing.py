@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mesh.cluster import Cluster, ClusterConfig
-from mesh.peer import Unreachable
-from mesh.peers import PeerPool
-from mesh.ring import Ring
-from mesh.store import BlobStore, Entry
-from mesh.wire import RAW, Header, Limits, MiB, StoredChunk, Tee, make_header, raw_parts
+from mesh.cluster.routing import Cluster, ClusterConfig
+from mesh.transport.peer import Unreachable
+from mesh.transport.peers import PeerPool
+from mesh.cluster.ring import Ring
+from mesh.storage.store import BlobStore, Entry
+from mesh.transport.wire import RAW, Header, Limits, MiB, StoredChunk, Tee, make_header, raw_parts
 from tests.conftest import Collect
 
 ME = "me"

@@ -7,7 +7,7 @@ from concurrent import futures
 
 import pytest
 
-from mesh.singleflight import Group
+from mesh.cluster.singleflight import Group
 from tests.conftest import poll
 
 

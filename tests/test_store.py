@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.store import CHUNK_OVERHEAD, ENTRY_OVERHEAD, BlobStore, Entry, StoreFull, precedes
-from mesh.wire import RAW, StoredChunk, make_header
+from mesh.storage.store import CHUNK_OVERHEAD, ENTRY_OVERHEAD, BlobStore, Entry, StoreFull, precedes
+from mesh.transport.wire import RAW, StoredChunk, make_header
 
 
 def entry(key: str, size: int, chunk: int = 1000) -> Entry:

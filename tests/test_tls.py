@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from mesh.tls import ENV, TLS_SERVER_NAME, TlsConfig, init_tls, load_tls
+from mesh.transport.tls import ENV, TLS_SERVER_NAME, TlsConfig, init_tls, load_tls
 
 TIMEOUT = 5
 

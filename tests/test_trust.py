@@ -18,12 +18,12 @@ import grpc
 import psutil
 import pytest
 
-from mesh.auth import METADATA_KEY, STALE, ClientAuth, Keyring, ServerAuth, key_id
+from mesh.transport.auth import METADATA_KEY, STALE, ClientAuth, Keyring, ServerAuth, key_id
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
-from mesh.peer import PeerClient, Refused, Unauthenticated, Unreachable
-from mesh.tls import init_tls, load_tls
-from mesh.wire import SERVICE, KiB, Limits, MiB, make_header
+from mesh.transport.peer import PeerClient, Refused, Unauthenticated, Unreachable
+from mesh.transport.tls import init_tls, load_tls
+from mesh.transport.wire import SERVICE, KiB, Limits, MiB, make_header
 from tests.rogue import Relay, Rogue
 from tests.conftest import SECRET, free_port, poll, token_metadata
 from tests.support.cli import run_cli
@@ -134,7 +134,7 @@ def test_proofs_of_a_node_before_its_restart_are_stale_and_clients_recover(
 
 
 def make_chunks(data: bytes) -> list:  # type: ignore[type-arg]
-    from mesh.wire import iter_chunks
+    from mesh.transport.wire import iter_chunks
 
     return list(iter_chunks(data, Limits().chunk_size))
 
@@ -560,7 +560,7 @@ def test_a_client_cannot_claim_to_be_first(serve: Callable[..., ServeProcess]) -
     node = serve()
     from dataclasses import replace as dc_replace
 
-    from mesh.wire import iter_chunks
+    from mesh.transport.wire import iter_chunks
 
     with PeerClient(node.address, SECRET) as c:
         c.put("k", b"GOOD" * 100)
@@ -576,7 +576,7 @@ def test_a_client_cannot_claim_to_be_first(serve: Callable[..., ServeProcess]) -
 
 def test_a_counter_far_ahead_costs_nothing() -> None:
     """Found by attack: a counter 4e9 ahead made the replay window shift a 4-Gbit integer under a lock."""
-    from mesh.auth import _Window
+    from mesh.transport.auth import _Window
 
     w = _Window()
     assert w.accept(5) and w.accept(10**17) and w.accept(10**17 - 3)

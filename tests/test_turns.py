@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from mesh.turns import Turns
+from mesh.transport.turns import Turns
 from tests.conftest import poll
 
 

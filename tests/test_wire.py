@@ -1,5 +1,5 @@
-"""Unit tests of the pure modules: mesh/wire.py (chunking, lz4, checksum, framing, Receiver), mesh/units.py and
-mesh/auth.py (tokens, expiry and clock skew)."""
+"""Unit tests of the pure modules: mesh/transport/wire.py (chunking, lz4, checksum, framing, Receiver), mesh/units.py and
+mesh/transport/auth.py (tokens, expiry and clock skew)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from mesh.pb import mesh_pb2 as pb
 from mesh.units import format_size, parse_size
-from mesh.wire import (CODEC, LZ4, LZ4_PLANES4, RAW, KiB, MiB, Header, Limits, Receiver, StoredChunk, TransferError,
+from mesh.transport.wire import (CODEC, LZ4, LZ4_PLANES4, RAW, KiB, MiB, Header, Limits, Receiver, StoredChunk, TransferError,
                        WireChunk, checksum, chunk_count, decode_chunk_message, encode_chunk_message, iter_chunks,
                        make_header, pack_chunk, planes4, raw_parts, repack, unplanes4, validate_header)
 

@@ -7,6 +7,8 @@ imports this, and so never imports torch; torch itself is imported lazily, only 
 One module per idea: layout (the format, its manifest and the reader that validates it), encoder (value ->
 blob), decoder (blob -> value, and describe), stream (decoding while the chunks arrive), levels (the 8-bit
 image form), shuffle (byte planes).
+
+May import: the ground floor only (`mesh.buffers`, for the memory a decoded value lands in).
 """
 
 from mesh.codec.decoder import decode, describe

@@ -15,7 +15,7 @@ from mesh.codec.layout import (
 from mesh.codec.levels import widen_into
 from mesh.codec.shuffle import unshuffle_into
 from mesh.codec.stream import StreamDecoder
-from mesh.memory import fresh
+from mesh.buffers import fresh
 
 
 class _Views:

@@ -22,7 +22,7 @@ from mesh.codec.layout import (
 )
 from mesh.codec.levels import codes_view, widen_into
 from mesh.codec.shuffle import unshuffle_into
-from mesh.memory import fresh
+from mesh.buffers import fresh
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh.pb import mesh_pb2 as pb
-from mesh.peer import MeshError, PeerClient
+from mesh.transport.peer import MeshError, PeerClient
 from tests.support.poll import poll
 from tests.support.serve import READY_TIMEOUT, ServeProcess, start_serve
 

@@ -18,14 +18,14 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from mesh.auth import Secret, as_keyring
-from mesh.link import Links
-from mesh.peer import PeerClient
-from mesh.transport import PeerTransport
-from mesh.wire import Limits
+from mesh.transport.auth import Secret, as_keyring
+from mesh.transport.link import Links
+from mesh.transport.peer import PeerClient
+from mesh.transport.base import PeerTransport
+from mesh.transport.wire import Limits
 
 if TYPE_CHECKING:
-    from mesh.tls import TlsConfig
+    from mesh.transport.tls import TlsConfig
 
 MIN_BUDGET = 0.25     # seconds: a LAN round trip plus a busy host's scheduling hiccup
 MAX_BUDGET = 2.0

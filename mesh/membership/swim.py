@@ -2,9 +2,9 @@
 
 Why pure: the protocol's cost and correctness at a thousand members can only be shown by running it at a
 thousand members, which no test machine can do with processes. This object does no I/O, starts no thread and
-reads no clock: the driver (mesh/membership.py over gRPC, or scripts/sim_membership.py over a simulated
+reads no clock: the driver (mesh/membership/driver.py over gRPC, or scripts/sim_membership.py over a simulated
 network) calls `tick(now)` when `next_wakeup()` comes, hands it requests and replies, and sends what it asks
-through a `Transport`. Every entry point returns the member-table changes it made (mesh/members.py).
+through a `Transport`. Every entry point returns the member-table changes it made (mesh/membership/members.py).
 
 Per period, one probe (a Ping) to one member, in a shuffled round-robin order (every member is probed once per
 pass; new members go in at a random place). No ack within the probe timeout: k other members are asked to
@@ -28,7 +28,7 @@ import random
 from dataclasses import dataclass
 from typing import Protocol
 
-from mesh.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Joined, MemberTable,
+from mesh.membership.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Joined, MemberTable,
                           Refuted, Restarted, StateChanged)
 from mesh.pb import mesh_pb2 as pb
 

@@ -19,7 +19,7 @@ The protocol (HMAC-SHA256 throughout; nothing secret ever crosses the wire):
 Key rotation: a `Keyring` holds several secrets; callers sign with the first, nodes accept any. See README.
 
 What this does not give: secrecy or integrity of the bytes against someone *on the path*; that is TLS
-(mesh/tls.py), which stacks with this under the same secret.
+(mesh/transport/tls.py), which stacks with this under the same secret.
 """
 
 from __future__ import annotations

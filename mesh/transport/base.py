@@ -1,7 +1,7 @@
 """The transport to one peer: what routing, repair and membership ask of another node, behind which gRPC sits.
 
-mesh/peer.py's PeerClient is the one real implementation. Naming the calls here keeps the callers honest about
-what they use, and lets PeerPool (mesh/peers.py) hand out a fake, so routing is tested without processes.
+mesh/transport/peer.py's PeerClient is the one real implementation. Naming the calls here keeps the callers honest about
+what they use, and lets PeerPool (mesh/transport/peers.py) hand out a fake, so routing is tested without processes.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from mesh.pb import mesh_pb2 as pb
-from mesh.wire import Header, StoredChunk, Tee
+from mesh.transport.wire import Header, StoredChunk, Tee
 
 
 class PeerTransport(Protocol):

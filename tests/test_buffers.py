@@ -1,4 +1,4 @@
-"""The memory received values land in (mesh/memory.py): exact sizes, zero-filled, never handed out twice, and a
+"""The memory received values land in (mesh/buffers.py): exact sizes, zero-filled, never handed out twice, and a
 reserve that refills the sizes asked for, within its budget, and lets go of sizes no longer asked for."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from mesh.memory import HUGE, Reserve
+from mesh.buffers import HUGE, Reserve
 from tests.support.poll import poll
 
 MiB = 1024**2

@@ -30,11 +30,11 @@ from typing import Protocol
 
 import xxhash
 
-from mesh.peer import MeshError, Unreachable
-from mesh.peers import PeerPool
-from mesh.ring import Ring
-from mesh.store import BlobStore, Entry, precedes
-from mesh.wire import Header
+from mesh.transport.peer import MeshError, Unreachable
+from mesh.transport.peers import PeerPool
+from mesh.cluster.ring import Ring
+from mesh.storage.store import BlobStore, Entry, precedes
+from mesh.transport.wire import Header
 
 log = logging.getLogger(__name__)
 

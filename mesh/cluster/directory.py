@@ -1,7 +1,7 @@
 """The directory: which members own keys, with what ring weight, and where each is reached.
 
-Routing (mesh/cluster.py) needs nothing else from membership, so it takes this instead of the gossip protocol
-(mesh/membership.py): SWIM can change without touching placement, and a test can route over a fixed table.
+Routing (mesh/cluster/routing.py) needs nothing else from membership, so it takes this instead of the gossip protocol
+(mesh/membership/driver.py): SWIM can change without touching placement, and a test can route over a fixed table.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from mesh.disk import DiskStore
-from mesh.wire import Header, StoredChunk, meta_size
+from mesh.storage.disk import DiskStore
+from mesh.transport.wire import Header, StoredChunk, meta_size
 
 ENTRY_OVERHEAD = 512  # bytes of bookkeeping charged per blob, so many tiny blobs cannot exceed the budget
 CHUNK_OVERHEAD = 64

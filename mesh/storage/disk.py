@@ -2,7 +2,7 @@
 
 Why write-through and synchronous: with a data directory, a put that a node acknowledged is on its disk (the
 file was fsynced and renamed into place before the node answered), so `--write-acks 1` survives a kill -9 of
-that node. RAM (mesh/store.py) keeps the hot set; a RAM miss reads the file back.
+that node. RAM (mesh/storage/store.py) keeps the hot set; a RAM miss reads the file back.
 
 Why one file per blob, named by the SHA-256 of the key: keys are anyone's text and never touch the file
 system; a file is written to a temporary name, fsynced, renamed over, and the directory fsynced, so a crash
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.pb import mesh_pb2 as pb
-from mesh.wire import Header, Limits, Receiver, StoredChunk, TransferError, WireChunk
+from mesh.transport.wire import Header, Limits, Receiver, StoredChunk, TransferError, WireChunk
 
 log = logging.getLogger(__name__)
 

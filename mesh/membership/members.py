@@ -11,7 +11,7 @@ The rules (SWIM's, with one restriction of our own):
   DEAD and LEFT override both.
 - Only a member itself changes its own address, raises its own incarnation, refutes a suspicion or says it
   LEFT. The caller says whether a record is *authentic* (it came from the member it describes, over a session
-  that member proved; see mesh/membership.py); hearsay from others may only mark a member SUSPECT or DEAD at
+  that member proved; see mesh/membership/driver.py); hearsay from others may only mark a member SUSPECT or DEAD at
   the incarnation we already know, or name an address worth probing (a candidate). A member we have not heard
   from ourselves is never admitted: hearsay of a newer life or a new address only asks us to probe (`hints`).
 - Incarnations start at the member's start time in milliseconds and grow by one per refutation: one more than

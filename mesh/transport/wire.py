@@ -3,7 +3,7 @@
 Why per-chunk lz4 blocks: a sender starts streaming before the whole blob is compressed (chunks are packed on
 worker threads a few ahead of the wire), a receiver puts each decoded chunk in place (no second copy of the
 blob), and a chunk that would not shrink is sent raw. Whether to compress at all is decided per link
-(mesh/link.py): over loopback or a fast LAN raw bytes arrive sooner than lz4 could make them. When compressing,
+(mesh/transport/link.py): over loopback or a fast LAN raw bytes arrive sooner than lz4 could make them. When compressing,
 a probe of each chunk's start picks lz4 of the bytes or of their 4-byte planes (unquantised float32, a VAE
 decode, shrinks only as planes). `lz4.block` with the raw size carried in the chunk decompresses ~3x faster
 than `lz4.frame`.
@@ -36,7 +36,7 @@ import grpc
 import lz4.block
 import xxhash
 
-from mesh.memory import fresh
+from mesh.buffers import fresh
 from mesh.pb import mesh_pb2 as pb
 
 CODEC = "lz4-chunks/1"
@@ -485,7 +485,7 @@ class Receiver:
         validate_header(header, limits)
         self.header = header
         self._sink = sink
-        # Fresh memory on huge pages where the kernel offers them (mesh/memory.py): nothing is zero-filled up
+        # Fresh memory on huge pages where the kernel offers them (mesh/buffers.py): nothing is zero-filled up
         # front, and the chunks land in place as they arrive.
         self.buffer: memoryview | None = memoryview(fresh(header.raw_size)) if into else None
         self.chunks: list[StoredChunk] = []

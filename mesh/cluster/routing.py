@@ -4,7 +4,7 @@ Reads try the local store, then the key's owners in ring order (each under a dea
 circuit breaker is open), then, for a while after a membership change, the key's previous owners, so a
 scale-out does not empty the cache; what a new owner finds there it keeps. Writes go to all R owners and
 return once `write_acks` of them stored the blob; the rest finish in the background. Anti-entropy
-(mesh/repair.py) brings every key back to R copies on its current owners after any ring change, restart or
+(mesh/cluster/repair.py) brings every key back to R copies on its current owners after any ring change, restart or
 failed write, and hands keys this node no longer owns to their owners; a draining node hands all its blobs
 off before it stops.
 
@@ -21,16 +21,16 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass
 
-from mesh.directory import Directory
-from mesh.members import Change, ring_changed
-from mesh.repair import AntiEntropy
+from mesh.cluster.directory import Directory
+from mesh.membership.members import Change, ring_changed
+from mesh.cluster.repair import AntiEntropy
 from mesh.pb import mesh_pb2 as pb
-from mesh.peer import MeshError, Unreachable
-from mesh.peers import PeerPool
-from mesh.ring import Ring
-from mesh.singleflight import Group
-from mesh.store import BlobStore, Entry, StoreFull
-from mesh.wire import Tee
+from mesh.transport.peer import MeshError, Unreachable
+from mesh.transport.peers import PeerPool
+from mesh.cluster.ring import Ring
+from mesh.cluster.singleflight import Group
+from mesh.storage.store import BlobStore, Entry, StoreFull
+from mesh.transport.wire import Tee
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ class ClusterConfig:
 class Cluster:
     """Routing for one node: takes the ring from a Directory and reaches peers through the PeerPool's transports.
 
-    Membership is not its business: the node wires SWIM (mesh/membership.py) in as its directory and tells the
+    Membership is not its business: the node wires SWIM (mesh/membership/driver.py) in as its directory and tells the
     cluster when the ring changed (on_membership_change)."""
 
     def __init__(self, *, node_id: str, store: BlobStore, near: BlobStore, directory: Directory,

@@ -20,18 +20,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from mesh.auth import STALE, AuthError, ClientAuth, Secret, as_keyring
-from mesh.link import Links
+from mesh.transport.auth import STALE, AuthError, ClientAuth, Secret, as_keyring
+from mesh.transport.link import Links
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
-from mesh.turns import Turns
+from mesh.transport.turns import Turns
 from mesh.watchdog import Watchdog
-from mesh.wire import (LZ4_PLANES4, MAX_KEY_BYTES, RAW, SERVICE, Header, Limits, Receiver, StoredChunk, TransferError,
+from mesh.transport.wire import (LZ4_PLANES4, MAX_KEY_BYTES, RAW, SERVICE, Header, Limits, Receiver, StoredChunk, TransferError,
                        WireChunk, decode_chunk_message, file_header, iter_chunks, iter_file_chunks, make_header,
                        serialize_message, repack, without_planes, Tee)
 
 if TYPE_CHECKING:
-    from mesh.tls import TlsConfig
+    from mesh.transport.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class PeerClient:
             self._channel = grpc.secure_channel(address, tls.channel_credentials(),
                                                 options=options + tls.channel_options())
         self._stub = pb_grpc.MeshStub(self._channel)
-        # Get and Put move the bulk bytes: their chunk messages are framed by hand (see mesh/wire.py).
+        # Get and Put move the bulk bytes: their chunk messages are framed by hand (see mesh/transport/wire.py).
         self._get = self._channel.unary_stream(f"/{SERVICE}/Get",
                                                request_serializer=pb.GetRequest.SerializeToString,
                                                response_deserializer=_parse_get_reply, _registered_method=True)
@@ -508,7 +508,7 @@ class PeerClient:
         return list(zip(checksums, created, deleted))
 
     def digest(self, requester: str, buckets: int, timeout: float | None = None) -> tuple[list[int], list[int]]:
-        """The node's anti-entropy summary of the keys it and `requester` both own (mesh/repair.py)."""
+        """The node's anti-entropy summary of the keys it and `requester` both own (mesh/cluster/repair.py)."""
         reply = self._unary("Digest", pb.DigestRequest(requester=requester, buckets=buckets), timeout,
                             wait_for_ready=True)
         digests, counts = list(reply.digests), list(reply.counts)  # type: ignore[attr-defined]

@@ -1,14 +1,14 @@
-"""Who is in the mesh: the threaded gRPC driver around the pure SWIM protocol (mesh/swim.py, mesh/members.py).
+"""Who is in the mesh: the threaded gRPC driver around the pure SWIM protocol (mesh/membership/swim.py, mesh/membership/members.py).
 
 The protocol decides; this module only carries its Pings over gRPC, runs its clock on one thread, resolves
 seeds, and tells the node what changed. Why the split: the protocol's behaviour at a thousand members is
 shown by scripts/sim_membership.py running the very same code, and every rule is a unit test.
 
 Trust is where it was: a member is admitted only after it proved the cluster secret to us in the Hello
-handshake (mesh/auth.py) and then answered our own Ping under the node id and address it proved; that
+handshake (mesh/transport/auth.py) and then answered our own Ping under the node id and address it proved; that
 answer is the only *authentic* record of a member (and an inbound Ping counts as one only from a member we
 already proved at that very address). Gossip from others can suspect a member or declare it DEAD at the
-incarnation we know, or name an address worth a dial, never more (mesh/members.py).
+incarnation we know, or name an address worth a dial, never more (mesh/membership/members.py).
 
 Incarnations start at the node's start time in milliseconds, so a node restarted with the same id always
 supersedes what the mesh remembers of its previous life.
@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 import mesh
 from mesh.address import join_hostport
-from mesh.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Forgotten, Joined, Limits,
+from mesh.membership.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Forgotten, Joined, Limits,
                           Member, MemberTable, Refuted, Restarted, StateChanged, plausible)
-from mesh.peer import MeshError, Unauthenticated
-from mesh.peers import PeerPool
+from mesh.transport.peer import MeshError, Unauthenticated
+from mesh.transport.peers import PeerPool
 from mesh.pb import mesh_pb2 as pb
-from mesh.swim import Config, Swim
+from mesh.membership.swim import Config, Swim
 
 log = logging.getLogger(__name__)
 
