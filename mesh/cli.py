@@ -358,6 +358,18 @@ def _short_key(key: str, keep: int = 12) -> str:
     return f"{head}/{tail[:keep]}…" if len(tail) > keep + 4 else key
 
 
+def _identity(text: str, full: bool) -> str:
+    """A value's identity (provider/identity.py: "label=xxh3:<hex>; pack:<name>@<hex>") as a table cell: each
+    file or pack with its hash's first characters, unless --full."""
+    if full or not text:
+        return text
+    parts = []
+    for part in text.split("; "):
+        name, sep, digest = part.rpartition("xxh3:") if "xxh3:" in part else part.rpartition("@")
+        parts.append(f"{name}{sep}{digest[:8]}" if sep else part)
+    return "; ".join(parts)
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     prefix = args.prefix
     with _client(args) as c:
@@ -374,8 +386,9 @@ def cmd_keys(args: argparse.Namespace) -> int:
         _emit_json(rows)
     else:
         _table(f"{len(rows)} keys" + ("" if args.full else " (hashes shortened: --full shows them whole)"),
-               ["key", "class", "size", "stored", "age"], [
+               ["key", "class", "identity", "size", "stored", "age"], [
                    (r["key"] if args.full else _short_key(r["key"]), r["meta"].get("class_type", ""),
+                    _identity(r["meta"].get("identity", ""), args.full),
                     format_size(r["raw_size"]), format_size(r["stored_size"]), _duration(r["age_seconds"]))
                    for r in rows])
     return 0

@@ -24,6 +24,7 @@ from mesh.buffers import RESERVE
 from mesh.units import format_size
 
 from .bridge import Bridge
+from .identity import Identity, KeyIdentities
 from .policy import Policy, value_tree
 
 MAX_CLASS_TYPES = 512
@@ -39,6 +40,7 @@ class PromptStats:
     hits: int = 0
     misses: int = 0
     errors: int = 0
+    unshared: int = 0                 # of the misses, keys not shared at all (identity unknown or pending)
     bytes: int = 0                    # blob bytes of the hits, as they came from the mesh
     lookup_seconds: float = 0.0
     started: float = field(default_factory=time.monotonic)
@@ -105,9 +107,12 @@ class MeshCacheProvider:
         self.lookup_timeout = lookup_timeout
         self.prompt = PromptStats()
         self.totals: dict[str, float] = {"prompts": 0, "lookups": 0, "hits": 0, "misses": 0, "errors": 0,
-                                         "bytes": 0, "stores": 0, "stores_dropped": 0, "lookup_seconds": 0.0}
+                                         "bytes": 0, "stores": 0, "stores_dropped": 0, "lookup_seconds": 0.0,
+                                         "lookups_unshared": 0, "stores_unshared": 0}
         self._lock = threading.Lock()
         self.fast_keys: Any = None  # provider/fastkeys.py, when installed into ComfyUI
+        # provider/identity.py: what each key depends on beyond its names; None only with MESH_IDENTITY=0
+        self.identities: KeyIdentities | None = None
         # class type -> [lookups, hits, misses, errors, lookup seconds], for per-class metrics (bounded)
         self.by_class: dict[str, list[float]] = {}
         # Lookups made in one turn of each event loop, sent to the bridge as one batch when that turn ends (a
@@ -115,8 +120,20 @@ class MeshCacheProvider:
         self._pending: dict[asyncio.AbstractEventLoop, list[tuple[str, futures.Future[Any], asyncio.Future[Any]]]] = {}
         self._inbox: _Inbox | None = None  # answers on their way to the current loop
 
-    def key(self, context: Any) -> str:
-        return f"{self.namespace}/{context.cache_key_hash}"
+    def key(self, context: Any) -> str | None:
+        """The mesh key: namespace, ComfyUI's digest and the identity of the files and code behind it; None when
+        the value must not be shared (its identity was not seen, or a file it depends on is still being hashed)."""
+        return self._keyed(context)[0]
+
+    def _keyed(self, context: Any) -> tuple[str | None, Identity | None]:
+        digest = context.cache_key_hash
+        if self.identities is None:
+            return f"{self.namespace}/{digest}", None
+        identity = self.identities.of(digest)
+        if identity is None or not identity.shareable:
+            return None, identity
+        suffix = f".{identity.suffix}" if identity.suffix else ""
+        return f"{self.namespace}/{digest}{suffix}", identity
 
     # -- ComfyUI's CacheProvider methods -------------------------------------------------------------------------
 
@@ -138,6 +155,11 @@ class MeshCacheProvider:
         try:
             key = self.key(context)
             log.debug("lookup of node %s (%s): %s", getattr(context, "node_id", "?"), context.class_type, key)
+            if key is None:  # not shared: answered as a miss, and the node runs here
+                prompt.misses += 1
+                prompt.unshared += 1
+                outcome = 2
+                return None
             if key in prompt.known_misses:
                 prompt.misses += 1
                 outcome = 2
@@ -221,8 +243,15 @@ class MeshCacheProvider:
         # No await anywhere: ComfyUI cancels store tasks that await, so the hand-off happens at once. These tasks
         # run as the prompt's loop shuts down, after on_prompt_end, so they count in the totals, not the prompt.
         try:
+            key, identity = self._keyed(context)
+            if key is None:
+                with self._lock:
+                    self.totals["stores_unshared"] += 1
+                return
             meta = {"class_type": str(context.class_type), "content": CONTENT}
-            queued = self.bridge.store(self.key(context), value_tree(value.outputs, value.ui), meta)
+            if identity is not None:
+                meta["identity"] = identity.describe()  # what `mesh keys` and `mesh get --describe` show
+            queued = self.bridge.store(key, value_tree(value.outputs, value.ui), meta)
             with self._lock:
                 self.totals["stores" if queued else "stores_dropped"] += 1
         except Exception:
@@ -230,6 +259,11 @@ class MeshCacheProvider:
 
     def on_prompt_start(self, prompt_id: str) -> None:
         self.prompt = PromptStats(prompt_id=str(prompt_id))
+        if self.identities is not None:
+            try:
+                self.identities.on_prompt_start()  # model files may have changed since the last prompt
+            except Exception:
+                log.debug("identity refresh failed", exc_info=True)
 
     def on_prompt_end(self, prompt_id: str) -> None:
         if self.fast_keys is not None:
@@ -242,6 +276,7 @@ class MeshCacheProvider:
                 self.totals["prompts"] += 1
                 for name in ("lookups", "hits", "misses", "errors", "bytes", "lookup_seconds"):
                     self.totals[name] += getattr(prompt, name)
+                self.totals["lookups_unshared"] += prompt.unshared
         except Exception:
             log.debug("prompt accounting failed", exc_info=True)
 
@@ -254,4 +289,6 @@ class MeshCacheProvider:
         out.update({f"provider_memory_{k}": float(v) for k, v in asdict(RESERVE.stats()).items()})
         if self.fast_keys is not None:
             out.update(self.fast_keys.stats())
+        if self.identities is not None:
+            out.update(self.identities.stats())
         return out

@@ -37,6 +37,7 @@ def install() -> Any:
         log.warning("comfy-mesh: this ComfyUI has no CacheProvider API (comfy_execution.cache_provider); "
                     "comfy-mesh does nothing. Update ComfyUI to a version with PR #12056.")
         return None
+    import folder_paths
     import nodes
 
     try:
@@ -46,7 +47,7 @@ def install() -> Any:
     from .runtime import start
 
     runtime = start(config, cache_value=api.CacheValue, traits=_traits(nodes), comfy_version=str(version),
-                    base=api.CacheProvider, api=api)
+                    base=api.CacheProvider, api=api, folder_paths=folder_paths, nodes=nodes)
     api.register_cache_provider(runtime.provider)
 
     def shutdown() -> None:

@@ -60,6 +60,8 @@ class ProviderConfig:
     warm_memory: int = parse_size("256MiB")  # touched memory kept ready for the next hits (mesh/buffers.py)
     compress: str = "auto"            # auto: lz4 per transfer where the measured link is slow; off; lz4: always
     fast_keys: bool = True            # provider/fastkeys.py: ComfyUI's key digest once per key per prompt, faster
+    identity: bool = True             # provider/identity.py: keys carry the model files' bytes and node packs' code
+    identity_cache: str = ""          # where file identities are remembered (default: the user's cache folder)
     direct: bool = True               # sidecar mode: read straight from owners with the ring the sidecar shares
     enabled: bool = True
 
@@ -86,6 +88,13 @@ class ProviderConfig:
         if config.compress not in MODES:
             raise ValueError(f"MESH_COMPRESS must be one of {', '.join(MODES)}, not {config.compress!r}")
         return config
+
+    def identity_cache_path(self) -> Path:
+        """MESH_IDENTITY_CACHE, else $XDG_CACHE_HOME (or ~/.cache)/comfy-mesh/file-identities.json."""
+        if self.identity_cache:
+            return Path(self.identity_cache).expanduser()
+        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(base) / "comfy-mesh" / "file-identities.json"
 
     def keyring(self) -> Keyring | None:
         env = {SECRET_FILE_ENV: self.secret_file} if self.secret_file else {SECRET_ENV: self.secret}

@@ -244,8 +244,12 @@ class FastKeys:
         with self._lock:
             if not self.installed:
                 return
-            self.api._serialize_cache_key = self.original_serialize
-            self.api._contains_self_unequal = self.original_unequal
+            # Put ComfyUI's functions back only where ours are still in place: a hook installed over ours (the
+            # identity, provider/identity.py) keeps calling `serialize`, which hands off to the original now.
+            if self.api._serialize_cache_key == self.serialize:
+                self.api._serialize_cache_key = self.original_serialize
+            if self.api._contains_self_unequal == self.contains_self_unequal:
+                self.api._contains_self_unequal = self.original_unequal
             self.installed = False
             self._digests.clear()
             self._unequal.clear()

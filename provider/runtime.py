@@ -25,6 +25,10 @@ from .bridge import Bridge
 from .cache_provider import MeshCacheProvider
 from .config import DEFAULT_LISTEN, ProviderConfig
 from .fastkeys import FastKeys
+from .filehash import FileHashes
+from .identity import KeyIdentities
+from .models import ModelFolders
+from .packs import PackIdentities
 from .policy import Policy, TraitsLookup
 
 log = logging.getLogger("comfy_mesh")
@@ -61,6 +65,7 @@ class Runtime:
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _reporting: bool = field(default=False, repr=False)
     fast_keys: FastKeys | None = field(default=None, repr=False)
+    identities: KeyIdentities | None = field(default=None, repr=False)
     _reporter: str = field(default_factory=lambda: f"comfyui@{socket.gethostname()}:{os.getpid()}", repr=False)
 
     def start_reporting(self) -> None:
@@ -87,6 +92,8 @@ class Runtime:
 
     def close(self) -> None:
         self._stop.set()
+        if self.identities is not None:
+            self.identities.close()  # before the fast keys: it was installed over them
         if self.fast_keys is not None:
             self.fast_keys.uninstall()
         if self._reporting:
@@ -100,8 +107,10 @@ class Runtime:
 
 
 def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: TraitsLookup, comfy_version: str,
-          base: type | None = None, api: Any = None) -> Runtime:
-    """`api`: ComfyUI's comfy_execution.cache_provider module, where the fast cache keys install (if enabled)."""
+          base: type | None = None, api: Any = None, folder_paths: Any = None, nodes: Any = None) -> Runtime:
+    """`api`: ComfyUI's comfy_execution.cache_provider module, where the identity hook and the fast cache keys
+    install; `folder_paths` and `nodes`: ComfyUI's modules of those names (model folders; node classes and the
+    folders of their packs). Without `api` and with the identity on, nothing is shared (see identity.py)."""
     secret = config.keyring()
     tls = config.tls()
     RESERVE.configure(config.warm_memory)
@@ -148,9 +157,28 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
         if fast.install():
             provider.fast_keys = fast
             runtime.fast_keys = fast
+    if config.identity:
+        runtime.identities = provider.identities = identities_for(config, api, folder_paths, nodes)
+    else:
+        log.warning("comfy-mesh: MESH_IDENTITY=0: keys name model files and node packs without their contents; "
+                    "hosts whose files or custom nodes differ under the same names will serve each other wrong "
+                    "results")
     if node is not None and node.servicer is not None:
         node.servicer.stats_sources.append(provider.stats)
         node.metrics.watch_classes(provider.class_stats)
     else:
         runtime.start_reporting()
     return runtime
+
+
+def identities_for(config: ProviderConfig, api: Any, folder_paths: Any, nodes: Any) -> KeyIdentities:
+    """The identity hook over ComfyUI's key function (over the fast keys when those are installed)."""
+    mappings = getattr(nodes, "NODE_CLASS_MAPPINGS", {}) if nodes is not None else {}
+    packs = PackIdentities(mappings, getattr(nodes, "LOADED_MODULE_DIRS", {}) if nodes is not None else {})
+    identities = KeyIdentities(ModelFolders(folder_paths), FileHashes(config.identity_cache_path()), packs,
+                               mappings.__contains__)
+    if api is None:
+        log.warning("comfy-mesh: no ComfyUI key functions to watch: nothing is shared")
+    else:
+        identities.install(api)
+    return identities

@@ -15,6 +15,8 @@ Benchmark (default). Four ComfyUI instances run side by side, each in its own ba
              comfy_mesh_provider): the baseline of comfy-mesh's own cost, mesh-fast minus null-fast;
   mesh       the comfy-mesh provider (provider/ linked into custom_nodes), MESH_FAST_KEYS=0;
   mesh-fast  the same with MESH_FAST_KEYS=1 (a provider without that switch runs the same as "mesh").
+  mesh-names mesh-fast with MESH_IDENTITY=0: keys by names alone, without the identity of the model files and
+             node packs behind them (provider/identity.py); mesh-fast vs mesh-names is what the identity costs.
 Every prompt is a chain of N cheap image nodes that need no model (EmptyImage, then ImageInvert and ImageBlur
 in turn) ending in a no-op output node (BenchSink, in every instance, so that no PNG is written). Each prompt
 gets a colour never used before, so every node misses every cache (checked: `execution_cached` must be empty).
@@ -59,7 +61,7 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.comfyui_e2e import comfyui_argv, stop_process  # noqa: E402
 
-CASES = ("none", "null", "null-fast", "mesh", "mesh-fast")
+CASES = ("none", "null", "null-fast", "mesh", "mesh-fast", "mesh-names")
 DEFAULT_SIZES = (5, 30)
 PROMPT_TIMEOUT = 60.0     # seconds one prompt may take, all of it
 START_TIMEOUT = 300.0     # seconds an instance may take to answer /system_stats (several start at once)
@@ -232,11 +234,13 @@ class Instance:
             (nodes / "bench_null_provider" / "__init__.py").write_text(
                 NULL_PROVIDER if case == "null" else NULL_FAST_PROVIDER)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-        if case in ("mesh", "mesh-fast"):
+        if case in ("mesh", "mesh-fast", "mesh-names"):
             (nodes / "comfy_mesh").symlink_to(ROOT / "provider", target_is_directory=True)
             env.update({"MESH_SECRET": SECRET, "MESH_LISTEN": "127.0.0.1:0", "MESH_MIN_FREE_RAM": "0",
                         "MESH_NODE_ID": f"bench-{name}", "MESH_CLUSTER": f"bench-{name}",
-                        "MESH_FAST_KEYS": "1" if case == "mesh-fast" else "0"})
+                        "MESH_FAST_KEYS": "0" if case == "mesh" else "1",
+                        "MESH_IDENTITY": "0" if case == "mesh-names" else "1",
+                        "MESH_IDENTITY_CACHE": str(self.base / "identities.json")})
             env.update(mesh_env or {})
         self.env = {k: v for k, v in env.items() if k.startswith("MESH_")}
         self.log_path = self.base / "comfy.log"
@@ -463,6 +467,11 @@ def report(out: dict[str, Any], cases: list[str], sizes: list[int]) -> None:
             m, z = res["mesh-fast"][str(n)]["exec_ms"], res["null-fast"][str(n)]["exec_ms"]
             print(f"comfy-mesh's own cost, N={n}: mesh-fast - null-fast = {(m['median'] - z['median']) / n * 1000:.0f} "
                   f"us/node by medians, {(m['mean'] - z['mean']) / n * 1000:.0f} us/node by means")
+    if "mesh-fast" in cases and "mesh-names" in cases:
+        for n in sizes:
+            m, z = res["mesh-fast"][str(n)]["exec_ms"], res["mesh-names"][str(n)]["exec_ms"]
+            print(f"the identity's cost, N={n}: mesh-fast / mesh-names = {m['median'] / z['median']:.3f} by medians, "
+                  f"{m['mean'] / z['mean']:.3f} by means ({(m['mean'] - z['mean']) / n * 1000:+.0f} us/node)")
     if out["unexpected_hits"]:
         print(f"WARNING: {len(out['unexpected_hits'])} prompt(s) had cached nodes: {out['unexpected_hits'][:3]}")
     if out["truncated"]:

@@ -1,7 +1,15 @@
-"""Two real ComfyUI instances share a mesh: a node executed on A is not executed on B.
+"""Real ComfyUI instances share a mesh: a node executed on A is not executed on B; and same-named model files
+with other bytes never share.
 
 Run by hand (CI has no ComfyUI): COMFYUI_DIR=/path/to/ComfyUI [COMFYUI_PYTHON=/path/to/python] \
-    .venv/bin/python scripts/comfyui_e2e.py
+    .venv/bin/python scripts/comfyui_e2e.py [--scenario share|identity|all]
+
+Scenarios:
+- share: A runs a prompt with a slow custom node; B, seeded with A, runs it too and must not execute that node.
+- identity: three instances each have `models/upscale_models/tiny2x.safetensors`, a real (tiny) spandrel
+  Compact 2x upscaler made here with ComfyUI's own Python: A and C hold the same file, B one with other
+  weights. After each has identified its file, A runs UpscaleModelLoader -> ImageUpscaleWithModel -> Preview;
+  B must compute the upscale itself (and get another image), C must be served A's (the same image).
 
 It needs a ComfyUI with the CacheProvider API (0.21+) whose Python can import the `mesh` package
 (`<comfyui python> -m pip install -e .` or `mesh install-comfyui DIR --python PY`). Each instance gets its own
@@ -12,6 +20,8 @@ the mesh; with no COMFYUI_DIR it prints why and exits 0 without doing anything (
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import os
 import socket
@@ -89,11 +99,52 @@ def workflow(seed: int) -> dict:
     }
 
 
+TINY_UPSCALER = """
+import sys
+import torch
+from safetensors.torch import save_file
+from spandrel.architectures.Compact import Compact
+
+seed, out = int(sys.argv[1]), sys.argv[2]
+model = Compact(num_in_ch=3, num_out_ch=3, num_feat=4, num_conv=1, upscale=2, act_type="prelu")
+g = torch.Generator().manual_seed(seed)
+with torch.no_grad():
+    for p in model.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+save_file({k: v.detach().contiguous().float() for k, v in model.state_dict().items()}, out)
+"""
+
+
+def make_upscaler(python: str, seed: int, out: Path) -> str:
+    """A real 2x upscale model spandrel loads (RealESRGAN Compact, 4 features), weights drawn from `seed`, written
+    with ComfyUI's own Python (which has spandrel); returns the file's sha256."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([python, "-c", TINY_UPSCALER, str(seed), str(out)], check=True, timeout=120)
+    return hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def upscale_workflow(color: int) -> dict:
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": color}},
+        "2": {"class_type": "UpscaleModelLoader", "inputs": {"model_name": "tiny2x.safetensors"}},
+        "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"upscale_model": ["2", 0], "image": ["1", 0]}},
+        "4": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+    }
+
+
 class Instance:
-    def __init__(self, name: str, comfy: Path, python: str, work: Path, env: dict[str, str]) -> None:
+    def __init__(self, name: str, comfy: Path, python: str, work: Path, env: dict[str, str],
+                 upscaler_seed: int | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.base = work / name
+        self.secret = env.get("MESH_SECRET", "")
+        self.mesh_address = env.get("MESH_LISTEN", "")
+        self.model_sha256 = ""
+        if upscaler_seed is not None:
+            self.model_sha256 = make_upscaler(python, upscaler_seed,
+                                              self.base / "models" / "upscale_models" / "tiny2x.safetensors")
+        env = {**env, "MESH_IDENTITY_CACHE": str(self.base / "identities.json")}
         (self.base / "custom_nodes" / "mesh_e2e_slow").mkdir(parents=True)
         (self.base / "custom_nodes" / "mesh_e2e_slow" / "__init__.py").write_text(SLOW_NODE)
         (self.base / "custom_nodes" / "comfy_mesh").symlink_to(ROOT / "provider", target_is_directory=True)
@@ -121,16 +172,44 @@ class Instance:
         raise TimeoutError(f"{self.name} not ready in {timeout} s")
 
     def run(self, prompt: dict, timeout: float = 120.0) -> float:
+        return self.run_full(prompt, timeout)[0]
+
+    def run_full(self, prompt: dict, timeout: float = 120.0) -> tuple[float, dict]:
+        """Run a prompt to its end: (seconds, its /history entry)."""
         started = time.monotonic()
         prompt_id = http(self.url + "/prompt", {"prompt": prompt, "client_id": str(uuid.uuid4())})["prompt_id"]
         while time.monotonic() - started < timeout:
             history = http(f"{self.url}/history/{prompt_id}")
             if prompt_id in history and history[prompt_id].get("status", {}).get("completed"):
-                return time.monotonic() - started
+                return time.monotonic() - started, history[prompt_id]
             if prompt_id in history and history[prompt_id].get("status", {}).get("status_str") == "error":
                 raise RuntimeError(f"{self.name}: prompt failed: {history[prompt_id]['status']}")
             time.sleep(0.2)
         raise TimeoutError(f"{self.name}: prompt did not finish in {timeout} s")
+
+    @staticmethod
+    def cached_nodes(entry: dict) -> set[str]:
+        """Nodes ComfyUI did not execute in that prompt (its own cache or a provider hit): `execution_cached`."""
+        found: set[str] = set()
+        for kind, data in entry.get("status", {}).get("messages", []):
+            if kind == "execution_cached":
+                found.update(str(n) for n in data.get("nodes", []))
+        return found
+
+    def preview_sha256(self, entry: dict, node: str) -> str:
+        """sha256 of the PNG a preview node wrote for that prompt (in this instance's temp folder)."""
+        image = entry["outputs"][node]["images"][0]
+        path = self.base / "temp" / image.get("subfolder", "") / image["filename"]
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def provider_stats(self) -> dict:
+        """`mesh stats --json` of this instance's embedded node: its counters and the provider's."""
+        done = subprocess.run([sys.executable, "-m", "mesh.cli", "--node", self.mesh_address, "stats", "--json"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=30,
+                              env={**os.environ, "MESH_SECRET": self.secret})
+        if done.returncode != 0:
+            raise RuntimeError(f"{self.name}: mesh stats failed: {done.stderr.strip()}")
+        return json.loads(done.stdout)["counters"]
 
     def executions(self) -> int:
         return len(self.exec_log.read_text().splitlines())
@@ -144,40 +223,96 @@ class Instance:
         self.log.close()
 
 
+def share(comfy: Path, python: str, work: Path) -> bool:
+    mesh_port = free_port()
+    common = {"MESH_SECRET": uuid.uuid4().hex, "MESH_MIN_FREE_RAM": "0", "MESH_CLUSTER": "e2e"}
+    a = Instance("A", comfy, python, work, {**common, "MESH_LISTEN": f"127.0.0.1:{mesh_port}",
+                                           "MESH_NODE_ID": "comfy-a"})
+    b = Instance("B", comfy, python, work, {**common, "MESH_LISTEN": "127.0.0.1:0", "MESH_NODE_ID": "comfy-b",
+                                           "MESH_SEEDS": f"127.0.0.1:{mesh_port}"})
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        seed = int(time.time()) % 100000
+        t_a = a.run(workflow(seed))
+        time.sleep(2.0)  # stores run as A's prompt loop shuts down, then cross the mesh
+        t_b = b.run(workflow(seed))
+        print(f"A: {t_a:.2f} s, slow node executed {a.executions()} time(s)")
+        print(f"B: {t_b:.2f} s, slow node executed {b.executions()} time(s)")
+        for inst in (a, b):
+            for line in inst.mesh_lines()[-4:]:
+                print(f"   {inst.name} log: {line}")
+        ok = a.executions() == 1 and b.executions() == 0
+        print("PASS: B got the slow node's output from the mesh" if ok else "FAIL: B executed the slow node")
+        return ok
+    finally:
+        a.stop()
+        b.stop()
+
+
+def identity(comfy: Path, python: str, work: Path) -> bool:
+    """A and C hold the same tiny2x.safetensors, B other weights under that name."""
+    work = work / "identity"
+    ports = {name: free_port() for name in "ABC"}
+    common = {"MESH_SECRET": uuid.uuid4().hex, "MESH_MIN_FREE_RAM": "0", "MESH_CLUSTER": "e2e-identity"}
+    seeds = {"A": 1, "B": 2, "C": 1}  # the upscaler's weights: A and C the same file, B another
+    hosts = {name: Instance(name, comfy, python, work, {
+        **common, "MESH_LISTEN": f"127.0.0.1:{ports[name]}", "MESH_NODE_ID": f"comfy-{name.lower()}",
+        "MESH_SEEDS": "" if name == "A" else f"127.0.0.1:{ports['A']}"}, seeds[name]) for name in "ABC"}
+    a, b, c = hosts["A"], hosts["B"], hosts["C"]
+    try:
+        print(f"model files: A {a.model_sha256[:12]}, B {b.model_sha256[:12]}, C {c.model_sha256[:12]} "
+              f"(same name: models/upscale_models/tiny2x.safetensors)")
+        for h in hosts.values():
+            h.wait_ready()
+        for h in hosts.values():  # each sees the file once (that queues its hash), then waits for the identity
+            h.run(upscale_workflow(1))
+            deadline = time.monotonic() + 60
+            while h.provider_stats().get("provider_identity_files_hashed", 0) < 1:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{h.name} did not identify its model file in 60 s")
+                time.sleep(0.5)
+        color = int(time.time()) % 0xFFFFFF
+        _, ea = a.run_full(upscale_workflow(color))
+        time.sleep(2.0)  # stores run as A's prompt loop shuts down, then cross the mesh
+        _, eb = b.run_full(upscale_workflow(color))
+        _, ec = c.run_full(upscale_workflow(color))
+        images = {h.name: h.preview_sha256(e, "4") for h, e in ((a, ea), (b, eb), (c, ec))}
+        cached = {h.name: "3" in h.cached_nodes(e) for h, e in ((a, ea), (b, eb), (c, ec))}
+        for h in hosts.values():
+            print(f"{h.name}: upscale {'served from the mesh' if cached[h.name] else 'computed here'}, "
+                  f"image sha256 {images[h.name][:16]}")
+            for line in h.mesh_lines()[-2:]:
+                print(f"   {h.name} log: {line}")
+        ok = (not cached["A"] and not cached["B"] and cached["C"] and images["C"] == images["A"]
+              and images["B"] != images["A"])
+        print("PASS: other weights under the same name computed their own image; identical files shared" if ok
+              else "FAIL: see above")
+        return ok
+    finally:
+        for h in hosts.values():
+            h.stop()
+
+
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--scenario", choices=("share", "identity", "all"), default="all")
+    args = ap.parse_args()
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
         print("skipped: set COMFYUI_DIR to a ComfyUI checkout with the CacheProvider API")
         return 0
     comfy = Path(comfy_dir).resolve()
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    mesh_port = free_port()
-    secret = uuid.uuid4().hex
+    ok = True
     with tempfile.TemporaryDirectory(prefix="comfy-mesh-e2e-") as tmp:
-        work = Path(tmp)
-        common = {"MESH_SECRET": secret, "MESH_MIN_FREE_RAM": "0", "MESH_CLUSTER": "e2e"}
-        a = Instance("A", comfy, python, work, {**common, "MESH_LISTEN": f"127.0.0.1:{mesh_port}",
-                                               "MESH_NODE_ID": "comfy-a"})
-        b = Instance("B", comfy, python, work, {**common, "MESH_LISTEN": "127.0.0.1:0", "MESH_NODE_ID": "comfy-b",
-                                               "MESH_SEEDS": f"127.0.0.1:{mesh_port}"})
-        try:
-            a.wait_ready()
-            b.wait_ready()
-            seed = int(time.time()) % 100000
-            t_a = a.run(workflow(seed))
-            time.sleep(2.0)  # stores run as A's prompt loop shuts down, then cross the mesh
-            t_b = b.run(workflow(seed))
-            print(f"A: {t_a:.2f} s, slow node executed {a.executions()} time(s)")
-            print(f"B: {t_b:.2f} s, slow node executed {b.executions()} time(s)")
-            for inst in (a, b):
-                for line in inst.mesh_lines()[-4:]:
-                    print(f"   {inst.name} log: {line}")
-            ok = a.executions() == 1 and b.executions() == 0
-            print("PASS: B got the slow node's output from the mesh" if ok else "FAIL: B executed the slow node")
-            return 0 if ok else 1
-        finally:
-            a.stop()
-            b.stop()
+        if args.scenario in ("share", "all"):
+            print("== share: a slow node executed on A is served to B")
+            ok = share(comfy, python, Path(tmp)) and ok
+        if args.scenario in ("identity", "all"):
+            print("== identity: same model name, other weights")
+            ok = identity(comfy, python, Path(tmp)) and ok
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from provider.cache_provider import MeshCacheProvider
 from provider.config import ProviderConfig
 from provider.policy import Policy, value_tree
 from provider.runtime import namespace_for
-from tests.support.comfy_harness import (STANDARD_LOCAL, STANDARD_SHARED, CacheValue, Engine, HarnessProcess,
+from tests.support.comfy_harness import (API, STANDARD_LOCAL, STANDARD_SHARED, CacheValue, Engine, HarnessProcess,
                                          b_is_served_what_a_computed, chain_prompt, parser, standard_prompt,
                                          start_runtime, traits_lookup)
 from tests.conftest import Collect, free_port, poll
@@ -294,8 +294,12 @@ def test_namespaces_do_not_share(tmp_path: Path) -> None:
 
 
 class _Context:
+    """A context whose digest came through ComfyUI's key function, as every real one does (so the provider's
+    identity hook has seen it: a digest it never saw is not shared)."""
+
     def __init__(self, class_type: str, key: str = "k") -> None:
-        self.node_id, self.class_type, self.cache_key_hash = "1", class_type, key
+        digest = API._serialize_cache_key(frozenset({(0, frozenset({(0, class_type), (1, ("key", key))}))}))
+        self.node_id, self.class_type, self.cache_key_hash = "1", class_type, digest
 
 
 def _run(coro: Any) -> Any:
@@ -503,10 +507,13 @@ nodes.NODE_CLASS_MAPPINGS = {}
 nodes.load_custom_node = lambda *a: None
 sys.modules["nodes"] = nodes
 if sys.argv[1] == "api":
-    from tests.support.comfy_harness import CacheProvider, CacheValue
+    from pathlib import Path
+    from tests.support.comfy_harness import CacheProvider, CacheValue, fake_folder_paths, serialize_cache_key
+    sys.modules["folder_paths"] = fake_folder_paths(Path(sys.argv[2]))
     api = types.ModuleType("comfy_execution.cache_provider")
     registered = []
     api.CacheProvider, api.CacheValue = CacheProvider, CacheValue
+    api._serialize_cache_key = serialize_cache_key
     api.register_cache_provider = registered.append
     api.unregister_cache_provider = registered.remove
     pkg = types.ModuleType("comfy_execution")
@@ -516,6 +523,7 @@ import provider
 if sys.argv[1] == "api":
     assert provider.RUNTIME is not None and registered == [provider.RUNTIME.provider]
     assert isinstance(registered[0], CacheProvider)
+    assert provider.RUNTIME.identities.installed  # the key function is watched: values can be shared
     print("REGISTERED", provider.RUNTIME.provider.namespace)
 else:
     assert provider.RUNTIME is None
@@ -526,9 +534,10 @@ else:
 @pytest.mark.parametrize("api", ["api", "no-api"])
 def test_loads_inside_comfyui(api: str, tmp_path: Path) -> None:
     env = {"MESH_SECRET": SECRET, "MESH_LISTEN": "127.0.0.1:0", "MESH_NAMESPACE": "fleet-a", "MESH_MIN_FREE_RAM": "0",
-           "PATH": "/usr/bin:/bin"}
+           "PATH": "/usr/bin:/bin", "MESH_IDENTITY_CACHE": str(tmp_path / "identities.json")}
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", FAKE_COMFY, api], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([sys.executable, "-c", FAKE_COMFY, api, str(tmp_path)], capture_output=True, text=True,
+                          timeout=60,
                           cwd=root, env={**env, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr
     if api == "api":

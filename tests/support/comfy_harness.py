@@ -351,15 +351,135 @@ class Broken:
         raise RuntimeError("this node always fails")
 
 
+# -------------------------------------------------------------- model folders (ComfyUI's folder_paths) and files
+
+PT_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
+MODEL_FOLDERS = ("checkpoints", "loras", "vae", "upscale_models", "embeddings", "controlnet", "text_encoders",
+                 "diffusion_models")
+
+
+def fake_folder_paths(root: Path) -> types.ModuleType:
+    """What `import folder_paths` is inside ComfyUI, for the parts the provider reads: model folders under `root`
+    (listed recursively, by extension, as relative paths) and custom nodes in `root/custom_nodes`."""
+    fp = types.ModuleType("folder_paths")
+    names: dict[str, tuple[list[str], set[str]]] = {f: ([str(root / f)], PT_EXTENSIONS) for f in MODEL_FOLDERS}
+    names["custom_nodes"] = ([str(root / "custom_nodes")], set())
+
+    def get_folder_paths(folder: str) -> list[str]:
+        return list(names[folder][0])
+
+    def get_filename_list(folder: str) -> list[str]:
+        found: set[str] = set()
+        for base in names[folder][0]:
+            for dirpath, _, files in os.walk(base):
+                found.update(os.path.relpath(os.path.join(dirpath, f), base) for f in files
+                             if os.path.splitext(f)[1].lower() in names[folder][1])
+        return sorted(found)
+
+    def get_full_path(folder: str, name: str) -> Optional[str]:
+        if folder not in names:
+            return None
+        name = os.path.relpath(os.path.join("/", name), "/")
+        for base in names[folder][0]:
+            path = os.path.join(base, name)
+            if os.path.isfile(path):
+                return path
+        return None
+
+    fp.folder_names_and_paths = names  # type: ignore[attr-defined]
+    fp.get_folder_paths = get_folder_paths  # type: ignore[attr-defined]
+    fp.get_filename_list = get_filename_list  # type: ignore[attr-defined]
+    fp.get_full_path = get_full_path  # type: ignore[attr-defined]
+    return fp
+
+
+FOLDER_PATHS: Optional[types.ModuleType] = None  # set by --models: this "ComfyUI"'s model folders
+LOADED_MODULE_DIRS: dict[str, str] = {}           # as nodes.LOADED_MODULE_DIRS: custom-node pack -> its folder
+
+
+def _file_factor(folder: str, name: str) -> float:
+    """A number that depends on every byte of a model file, as a model's effect on an image does."""
+    path = FOLDER_PATHS.get_full_path(folder, name) if FOLDER_PATHS is not None else None
+    if path is None:
+        raise FileNotFoundError(f"Model in folder '{folder}' with filename '{name}' not found.")
+    return 0.5 + int(hashlib.sha256(Path(path).read_bytes()).hexdigest()[:8], 16) / 2**32
+
+
+class UpscaleModelLoader:
+    """Loads a model file by name (ComfyUI's input is the name; the weights are whatever the file holds)."""
+    RETURN_TYPES = ("UPSCALE_MODEL",)
+    FUNCTION = "run"
+
+    def run(self, model_name: str) -> tuple:
+        model = ModelLike(model_name)
+        model.weights = {"w": torch.full((4,), _file_factor("upscale_models", model_name))}
+        return (model,)
+
+
+class ImageUpscaleWithModel:
+    """A cacheable IMAGE whose pixels depend on the loaded file's bytes."""
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+
+    def run(self, upscale_model: ModelLike, image: torch.Tensor) -> tuple:
+        up = torch.nn.functional.interpolate(image.movedim(-1, 1), scale_factor=2).movedim(1, -1)
+        return (torch.clamp(up * float(upscale_model.weights["w"][0]), 0, 1),)
+
+
+class CLIPTextEncode:
+    """CONDITIONING from text, where `embedding:NAME` loads embeddings/NAME(.pt|.safetensors|.bin) when present
+    (as ComfyUI's tokenizer does; an absent embedding is left out)."""
+    RETURN_TYPES = ("CONDITIONING",)
+    FUNCTION = "run"
+
+    def run(self, text: str) -> tuple:
+        factor = 1.0
+        for word in text.split():
+            if word.startswith("embedding:") and FOLDER_PATHS is not None:
+                name = word[len("embedding:"):].strip(",")
+                for ext in ("", ".safetensors", ".pt", ".bin"):
+                    if FOLDER_PATHS.get_full_path("embeddings", name + ext):
+                        factor *= _file_factor("embeddings", name + ext)
+                        break
+        seed = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+        return ([[torch.rand(1, 4, 8, generator=_gen(seed)) * factor, {"pooled_output": torch.ones(1, 8) * factor}]],)
+
+
 NODE_CLASS_MAPPINGS: dict[str, type] = {cls.__name__: cls for cls in (
     MakeImage, SlowBlur, MakeLatent, MakeConditioning, MakeBF16, MakeFP8, MakeScalars, LoadModel, ApplyModel,
-    SaveImage, RandomNoise, AlwaysChanged, Opaque, BigTensor, CheapInt, Broken)}
+    SaveImage, RandomNoise, AlwaysChanged, Opaque, BigTensor, CheapInt, Broken, UpscaleModelLoader,
+    ImageUpscaleWithModel, CLIPTextEncode)}
+
+
+def load_custom_nodes(folder: Path) -> list[str]:
+    """What ComfyUI's `load_custom_node` does for each pack in `folder`: import it from its path, register its
+    NODE_CLASS_MAPPINGS, stamp each class with RELATIVE_PYTHON_MODULE and record the pack's folder."""
+    import importlib.util
+
+    loaded = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        init = entry / "__init__.py" if entry.is_dir() else entry
+        if not init.is_file() or init.suffix != ".py":
+            continue
+        name = entry.stem if entry.is_file() else entry.name
+        spec = importlib.util.spec_from_file_location(str(entry).replace(".", "_x_"), init)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        LOADED_MODULE_DIRS[name] = os.path.abspath(entry if entry.is_dir() else entry.parent)
+        for class_type, cls in getattr(module, "NODE_CLASS_MAPPINGS", {}).items():
+            NODE_CLASS_MAPPINGS[class_type] = cls
+            cls.RELATIVE_PYTHON_MODULE = f"custom_nodes.{name}"
+        loaded.append(name)
+    return loaded
 
 
 def fake_nodes_module(mappings: Mapping[str, type] | None = None) -> types.ModuleType:
     """What `import nodes` is inside ComfyUI, as far as provider.comfy._traits reads it."""
     module = types.ModuleType("nodes")
     module.NODE_CLASS_MAPPINGS = dict(NODE_CLASS_MAPPINGS if mappings is None else mappings)  # type: ignore[attr-defined]
+    module.LOADED_MODULE_DIRS = dict(LOADED_MODULE_DIRS)  # type: ignore[attr-defined]
     return module
 
 
@@ -773,14 +893,22 @@ def provider_config(args: argparse.Namespace) -> Any:
         cache_output_nodes=args.cache_output_nodes, max_value_size=args.max_value_size,
         lookup_timeout=args.lookup_timeout, store_timeout=args.store_timeout, store_queue=args.store_queue,
         direct=not args.no_direct, fast_keys=args.fast_keys, warm_memory=args.warm_memory,
+        identity=not args.no_identity, identity_cache=args.identity_cache,
     )
 
 
 def start_runtime(args: argparse.Namespace, base: type | None = None) -> Any:
     from provider import runtime
 
+    global FOLDER_PATHS
+    if args.models:
+        FOLDER_PATHS = fake_folder_paths(Path(args.models))
+        load_custom_nodes(Path(args.models) / "custom_nodes")
+    # As in ComfyUI: the provider sees the key functions' module (the identity hook and the fast keys install
+    # there), the model folders and the node classes with their packs.
     return runtime.start(provider_config(args), cache_value=CacheValue, traits=traits_lookup(),
-                         comfy_version=COMFY_VERSION, base=base, api=API if args.fast_keys else None)
+                         comfy_version=COMFY_VERSION, base=base, api=API, folder_paths=FOLDER_PATHS,
+                         nodes=fake_nodes_module())
 
 
 def parser() -> argparse.ArgumentParser:
@@ -808,6 +936,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-direct", action="store_true")
     p.add_argument("--fast-keys", action="store_true", help="install provider/fastkeys.py, as in a real ComfyUI")
     p.add_argument("--no-provider", action="store_true", help="a ComfyUI without any provider")
+    p.add_argument("--models", default="", help="this ComfyUI's base folder: model folders and custom_nodes/")
+    p.add_argument("--no-identity", action="store_true", help="MESH_IDENTITY=0: keys by names alone")
+    p.add_argument("--identity-cache", default="", help="MESH_IDENTITY_CACHE: where file identities are kept")
     p.add_argument("--store-tasks", choices=("deferred", "immediate"), default="deferred")
     p.add_argument("--serve", action="store_true", help="JSON commands on stdin, JSON replies on stdout")
     p.add_argument("--workflow", default="standard", choices=sorted(WORKFLOWS))
@@ -859,9 +990,8 @@ class Process:
 
     def contexts(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         ctxs = self.engine.contexts(build_prompt(spec))
-        ns = self.runtime.provider.namespace if self.runtime else ""
-        return {nid: (None if c is None else {**c.__dict__, "key": f"{ns}/{c.cache_key_hash}"})
-                for nid, c in ctxs.items()}
+        key = self.runtime.provider.key if self.runtime else (lambda c: None)
+        return {nid: (None if c is None else {**c.__dict__, "key": key(c)}) for nid, c in ctxs.items()}
 
     def flush(self, timeout: float) -> bool:
         return self.runtime.bridge.flush(timeout) if self.runtime else True

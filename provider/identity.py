@@ -1,0 +1,230 @@
+"""The identity of a computation: what a cache key must carry beyond ComfyUI's digest, so a hit is never wrong.
+
+ComfyUI's key for a node is its input signature and its ancestors': class types and inputs as typed. Two hosts
+that both have `upscale_models/tiny2x.safetensors`, with different weights, produce equal keys and different
+images; so do two versions of one custom-node pack. A mesh key is therefore ComfyUI's digest *and* this
+identity: the content identity (filehash.py) of every model file a string of the key names (models.py, which
+covers every ancestor, since their signatures are part of the key) and the code identity of every custom-node
+pack whose class appears in it (packs.py). Byte-identical files and code give equal identities on every host,
+so those hosts still share; anything else gives a different key, so they never do.
+
+Where the key object is seen: a provider is handed only `cache_key_hash`. ComfyUI makes that digest by calling
+`comfy_execution.cache_provider._serialize_cache_key(key)` right before each provider call, so this module wraps
+that function (after the fast keys, fastkeys.py, when they are installed): it returns the digest unchanged and
+remembers the digest's identity for the calls that follow. A digest whose identity was not seen, or that
+depends on a file still being hashed or a pack that cannot be read, is not shared at all (`of()` says so and the
+provider answers a miss and stores nothing): never under the bare name.
+
+An identity is worked out once per digest per prompt (files can change between prompts; a prompt asks for the
+same digest three times), so a prompt's cost is one walk of each key plus one stat per model file it names.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from .filehash import FileHashes
+from .models import ModelFolders
+from .packs import PackIdentities
+
+log = logging.getLogger("comfy_mesh")
+
+MAX_REMEMBERED = 65536   # digests whose identity is kept (a prompt of thousands of nodes fits many times)
+MAX_DESCRIPTION = 4096   # bytes of the identity written into a value's meta
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What a key depends on beyond its names. `parts` are sorted "label=identity" strings."""
+
+    parts: tuple[str, ...] = ()
+    pending: tuple[str, ...] = ()     # model files whose identity is not known yet (being hashed)
+    unknown: tuple[str, ...] = ()     # what cannot be identified at all (an unreadable file or pack)
+    suffix: str = field(default="", compare=False)
+
+    @classmethod
+    def of(cls, parts: set[str], pending: set[str], unknown: set[str]) -> Identity:
+        ordered = tuple(sorted(parts))
+        suffix = xxhash.xxh3_128("\n".join(ordered).encode()).hexdigest() if ordered else ""
+        return cls(ordered, tuple(sorted(pending)), tuple(sorted(unknown)), suffix)
+
+    @property
+    def shareable(self) -> bool:
+        return not self.pending and not self.unknown
+
+    def describe(self) -> str:
+        text = "; ".join(self.parts) if self.parts else "comfyui"
+        return text if len(text) <= MAX_DESCRIPTION else text[:MAX_DESCRIPTION - 1] + "…"
+
+
+@dataclass
+class IdentityCounters:
+    keys: int = 0                  # identities worked out (once per digest per prompt)
+    with_files: int = 0            # of those, keys that name at least one model file
+    with_packs: int = 0            # of those, keys holding a custom-node class
+    failed: int = 0                # keys that could not be walked (counted, never shared)
+
+
+class KeyIdentities:
+    """Wraps ComfyUI's `_serialize_cache_key` to learn each digest's identity; `of(digest)` answers for it."""
+
+    def __init__(self, models: ModelFolders, files: FileHashes, packs: PackIdentities,
+                 class_types: Callable[[str], bool]) -> None:
+        self.models = models
+        self.files = files
+        self.packs = packs
+        self.is_class = class_types
+        self.counters = IdentityCounters()
+        self.installed = False
+        self._api: Any = None
+        self._inner: Callable[[Any], str | None] | None = None
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._by_digest: OrderedDict[str, tuple[int, Identity]] = OrderedDict()
+        self._file_memo: dict[str, str | None] = {}       # path -> identity this prompt (None: pending)
+
+    # -- installing ------------------------------------------------------------------------------------------
+
+    def install(self, api: Any) -> bool:
+        inner = getattr(api, "_serialize_cache_key", None)
+        if not callable(inner):
+            log.warning("comfy-mesh: this ComfyUI has no _serialize_cache_key, so the models and code behind a "
+                        "cache key cannot be seen: nothing is shared (MESH_IDENTITY=0 shares by names alone)")
+            return False
+        self._api, self._inner = api, inner
+        api._serialize_cache_key = self.serialize
+        self.installed = True
+        return True
+
+    def uninstall(self) -> None:
+        if self.installed and self._api is not None:
+            if self._api._serialize_cache_key == self.serialize:
+                self._api._serialize_cache_key = self._inner
+            self.installed = False
+
+    # -- the hook ------------------------------------------------------------------------------------------------
+
+    def serialize(self, cache_key: Any) -> str | None:
+        inner = self._inner
+        assert inner is not None
+        digest = inner(cache_key)
+        if digest is None or not self.installed:
+            return digest
+        with self._lock:
+            seen = self._by_digest.get(digest)
+            if seen is not None and seen[0] == self._generation:
+                return digest
+            generation = self._generation
+        try:
+            identity = self.identify(cache_key)
+        except Exception as e:  # never break ComfyUI's key; such a key is simply not shared
+            self.counters.failed += 1
+            log.debug("cannot work out the identity of a key: %r", e)
+            identity = Identity.of(set(), set(), {"the key itself"})
+        with self._lock:
+            self._by_digest[digest] = (generation, identity)
+            self._by_digest.move_to_end(digest)
+            while len(self._by_digest) > MAX_REMEMBERED:
+                self._by_digest.popitem(last=False)
+        return digest
+
+    def of(self, digest: str) -> Identity | None:
+        """The identity the key with this digest was seen with; None when it never passed the hook."""
+        with self._lock:
+            seen = self._by_digest.get(digest)
+        return None if seen is None else seen[1]
+
+    # -- working an identity out -------------------------------------------------------------------------------
+
+    def identify(self, cache_key: Any) -> Identity:
+        parts: set[str] = set()
+        pending: set[str] = set()
+        unknown: set[str] = set()
+        files = packs = False
+        for text in strings_in(cache_key):
+            for label, path in self.models.files_named(text) + self.models.embeddings_in(text):
+                files = True
+                found = self._file_identity(path)
+                if found is None:
+                    pending.add(label)
+                elif found == "":
+                    unknown.add(label)
+                else:
+                    parts.add(f"{label}=xxh3:{found}")
+            if self.is_class(text):
+                pack = self.packs.of_class(text)
+                if pack is None:
+                    unknown.add(f"class {text}")
+                elif pack:
+                    packs = True
+                    parts.add(f"pack:{pack}")
+        self.counters.keys += 1
+        self.counters.with_files += files
+        self.counters.with_packs += packs
+        return Identity.of(parts, pending, unknown)
+
+    def _file_identity(self, path: str) -> str | None:
+        """The file's identity, None while it is being hashed, "" if it cannot be read; one stat per prompt."""
+        with self._lock:
+            if path in self._file_memo:
+                return self._file_memo[path]
+        try:
+            found = self.files.identity(path)
+        except OSError:
+            found = ""
+        with self._lock:
+            self._file_memo[path] = found
+        return found
+
+    # -- prompt life ----------------------------------------------------------------------------------------------
+
+    def on_prompt_start(self) -> None:
+        """Files may have changed since the last prompt: every identity is worked out again once."""
+        with self._lock:
+            self._generation += 1
+            self._file_memo.clear()
+        try:
+            self.models.refresh()
+        except Exception:
+            log.debug("refreshing the model folders failed", exc_info=True)
+
+    def stats(self) -> dict[str, float]:
+        out = {f"provider_identity_{k}": float(v) for k, v in self.counters.__dict__.items()}
+        out["provider_identity_installed"] = float(self.installed)
+        out.update(self.files.stats())
+        return out
+
+    def close(self) -> None:
+        self.uninstall()
+        self.files.close()
+
+
+def strings_in(obj: Any) -> set[str]:
+    """Every string anywhere in a key (ComfyUI keys are frozensets, tuples, lists, dicts and scalars)."""
+    found: set[str] = set()
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        t = type(item)
+        if t is str:
+            found.add(item)
+        elif t is tuple or t is frozenset or t is list or t is set:
+            stack.extend(item)
+        elif t is dict:
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, str):
+            found.add(str(item))
+        elif isinstance(item, (tuple, frozenset, list, set)):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+    return found

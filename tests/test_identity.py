@@ -1,0 +1,234 @@
+"""The identity of a computation, piece by piece: file identities (remembered across restarts), names in model
+folders and prompt text, custom-node pack code, and the hook that ties a digest to its identity."""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xxhash
+
+from provider.filehash import FileHashes, Stamp, hash_file
+from provider.identity import Identity, KeyIdentities, strings_in
+from provider.models import ModelFolders
+from provider.packs import PackIdentities, hash_pack
+from tests.support.comfy_harness import fake_folder_paths, serialize_cache_key
+
+WAIT = 30.0
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+# -- file identities ---------------------------------------------------------------------------------------------
+
+
+def test_a_file_identity_is_the_xxh3_128_of_its_bytes_and_equal_for_equal_bytes(tmp_path: Path) -> None:
+    a = write(tmp_path / "a" / "model.safetensors", b"weights" * 100_000)
+    b = write(tmp_path / "b" / "model.safetensors", b"weights" * 100_000)
+    c = write(tmp_path / "c" / "model.safetensors", b"weights" * 99_999 + b"Weights")
+    files = FileHashes(None)
+    try:
+        assert files.identity(str(a)) is None  # not known yet: queued, never hashed on the caller's thread
+        ida, idb, idc = (files.wait(str(p), WAIT) for p in (a, b, c))
+    finally:
+        files.close()
+    assert ida == xxhash.xxh3_128(a.read_bytes()).hexdigest() == hash_file(str(a))
+    assert ida == idb != idc
+
+
+def test_identities_are_remembered_across_restarts_and_a_changed_file_is_hashed_again(tmp_path: Path) -> None:
+    model = write(tmp_path / "m.safetensors", os.urandom(3 << 20))
+    table = tmp_path / "state" / "identities.json"
+    first = FileHashes(table)
+    try:
+        known = first.wait(str(model), WAIT)
+    finally:
+        first.close()
+    assert known and json.loads(table.read_text())["files"][Stamp.of(str(model)).slot()]["xxh3_128"] == known
+
+    again = FileHashes(table)  # a restart: answered from the table at once, the file is not read
+    try:
+        assert again.identity(str(model)) == known
+        assert again.counters.hashed == 0 and again.counters.remembered == 1
+        data = bytearray(model.read_bytes())
+        data[-1] ^= 0xFF
+        model.write_bytes(bytes(data))
+        os.utime(model, ns=(Stamp.of(str(model)).mtime_ns + 1_000_000,) * 2)
+        assert again.identity(str(model)) is None  # other bytes: never the old identity
+        changed = again.wait(str(model), WAIT)
+    finally:
+        again.close()
+    assert changed == xxhash.xxh3_128(bytes(data)).hexdigest() != known
+    assert again.counters.hashed == 1
+
+
+def test_a_damaged_table_costs_a_rehash_not_a_wrong_identity(tmp_path: Path) -> None:
+    model = write(tmp_path / "m.bin", b"abc")
+    table = write(tmp_path / "identities.json", b"{not json")
+    files = FileHashes(table)
+    try:
+        assert files.wait(str(model), WAIT) == xxhash.xxh3_128(b"abc").hexdigest()
+    finally:
+        files.close()
+    assert json.loads(table.read_text())["format"] == 1
+
+
+def test_an_unreadable_table_location_is_contained(tmp_path: Path) -> None:
+    blocker = write(tmp_path / "file", b"")  # a file where the table's folder should be
+    model = write(tmp_path / "m.bin", b"abc")
+    files = FileHashes(blocker / "identities.json")
+    try:
+        assert files.wait(str(model), WAIT) == xxhash.xxh3_128(b"abc").hexdigest()
+    finally:
+        files.close()
+    assert files.counters.save_errors == 1
+
+
+# -- names in model folders and in prompt text -------------------------------------------------------------------
+
+
+def test_strings_naming_model_files_and_embeddings_are_found(tmp_path: Path) -> None:
+    write(tmp_path / "loras" / "style.safetensors", b"l")
+    write(tmp_path / "checkpoints" / "style.safetensors", b"c")
+    write(tmp_path / "checkpoints" / "sd" / "base.ckpt", b"b")
+    write(tmp_path / "embeddings" / "easyneg.pt", b"e")
+    write(tmp_path / "embeddings" / "bad,name.safetensors", b"x")
+    models = ModelFolders(fake_folder_paths(tmp_path))
+    models.refresh()
+    assert sorted(label for label, _ in models.files_named("style.safetensors")) == [
+        "checkpoints/style.safetensors", "loras/style.safetensors"]
+    assert [label for label, _ in models.files_named(os.path.join("sd", "base.ckpt"))] == [
+        f"checkpoints/{os.path.join('sd', 'base.ckpt')}"]
+    assert models.files_named("a cat") == [] and models.files_named("missing.safetensors") == []
+    assert [label for label, _ in models.embeddings_in("a photo, embedding:easyneg, (embedding:easyneg:1.2)")] == [
+        "embeddings/easyneg.pt"] * 2
+    assert [label for label, _ in models.embeddings_in("embedding:easyneg,")] == ["embeddings/easyneg.pt"]
+    assert models.embeddings_in("no embeddings here") == []
+    assert models.embeddings_in("embedding:../../etc/passwd") == []
+
+
+# -- custom-node packs ----------------------------------------------------------------------------------------
+
+
+def pack(root: Path, name: str, code: str) -> Path:
+    write(root / name / "__init__.py", code.encode())
+    write(root / name / "nodes" / "impl.py", b"X = 1\n")
+    write(root / name / "__pycache__" / "impl.cpython-311.pyc", os.urandom(64))
+    return root / name
+
+
+def node_class(pack_name: str | None) -> type:
+    cls = type("Node", (), {})
+    if pack_name is not None:
+        cls.RELATIVE_PYTHON_MODULE = f"custom_nodes.{pack_name}"  # what ComfyUI's load_custom_node stamps
+    return cls
+
+
+def test_a_pack_identity_follows_its_code_and_ignores_caches(tmp_path: Path) -> None:
+    v1 = pack(tmp_path / "host1", "my-pack", "VERSION = 1\n")
+    v1_again = pack(tmp_path / "host2", "my-pack", "VERSION = 1\n")
+    v2 = pack(tmp_path / "host3", "my-pack", "VERSION = 2\n")
+    assert hash_pack(str(v1)) == hash_pack(str(v1_again)) != hash_pack(str(v2))
+    mappings = {"Custom": node_class("my-pack"), "KSampler": node_class(None)}
+    packs = PackIdentities(mappings, {"my-pack": str(v1)})
+    assert packs.of_class("Custom") == f"my-pack@{hash_pack(str(v1))}"
+    assert packs.of_class("KSampler") == ""      # core: covered by ComfyUI's version
+    assert packs.of_class("Nope") is None        # unknown: never shared
+    assert PackIdentities(mappings, {}).of_class("Custom") is None
+
+
+def test_a_single_file_pack_is_that_file(tmp_path: Path) -> None:
+    write(tmp_path / "custom_nodes" / "solo.py", b"A = 1\n")
+    write(tmp_path / "custom_nodes" / "other" / "__init__.py", b"B = 1\n")
+    packs = PackIdentities({"Solo": node_class("solo")}, {"solo": str(tmp_path / "custom_nodes")})
+    assert packs.of_class("Solo") == f"solo@{hash_pack(str(tmp_path / 'custom_nodes' / 'solo.py'))}"
+
+
+# -- the hook -----------------------------------------------------------------------------------------------
+
+
+def key_of(*nodes: list[Any]) -> frozenset:
+    """A key shaped like ComfyUI's: frozenset of (index, frozenset of (position, element))."""
+    return frozenset((i, frozenset(enumerate(n))) for i, n in enumerate(nodes))
+
+
+def identities(models_root: Path, table: Path | None = None, mappings: dict[str, type] | None = None,
+               dirs: dict[str, str] | None = None) -> tuple[KeyIdentities, Any]:
+    mappings = mappings or {}
+    api = types.SimpleNamespace(_serialize_cache_key=serialize_cache_key)  # ComfyUI's own digest
+    ids = KeyIdentities(ModelFolders(fake_folder_paths(models_root)), FileHashes(table),
+                        PackIdentities(mappings, dirs or {}), mappings.__contains__)
+    assert ids.install(api)
+    ids.on_prompt_start()
+    return ids, api
+
+
+def settle(ids: KeyIdentities, api: Any, key: Any) -> Identity:
+    """Serialise until no file of the key is still being hashed (a new prompt each time, as ComfyUI would)."""
+    for path in [p for s in strings_in(key) for _, p in ids.models.files_named(s) + ids.models.embeddings_in(s)]:
+        ids.files.wait(path, WAIT)
+    ids.on_prompt_start()
+    found = ids.of(api._serialize_cache_key(key))
+    assert found is not None
+    return found
+
+
+def test_the_hook_keeps_the_digest_and_ties_it_to_the_files_and_code_behind_the_key(tmp_path: Path) -> None:
+    write(tmp_path / "a" / "upscale_models" / "tiny2x.safetensors", b"weights A")
+    write(tmp_path / "b" / "upscale_models" / "tiny2x.safetensors", b"weights B")
+    write(tmp_path / "c" / "upscale_models" / "tiny2x.safetensors", b"weights A")
+    key = key_of(["ImageUpscaleWithModel", False, ("image", ("ANCESTOR", 1, 0))],
+                 ["UpscaleModelLoader", False, ("model_name", "tiny2x.safetensors")])
+    plain = key_of(["EmptyImage", False, ("width", 64)])
+    found = {}
+    for host in "abc":
+        ids, api = identities(tmp_path / host)
+        try:
+            inner_digest = ids._inner(key)  # type: ignore[misc]
+            digest = api._serialize_cache_key(key)
+            assert digest == inner_digest  # ComfyUI's digest is never changed
+            first = ids.of(digest)
+            assert first is not None and first.pending == ("upscale_models/tiny2x.safetensors",)
+            assert not first.shareable  # until the file's identity is known: not shared under the bare name
+            found[host] = settle(ids, api, key)
+            assert ids.of(api._serialize_cache_key(plain)) == Identity()  # no files: the digest alone
+        finally:
+            ids.close()
+        assert api._serialize_cache_key is ids._inner  # uninstalled
+    assert all(i.shareable and i.suffix for i in found.values())
+    assert found["a"].suffix == found["c"].suffix != found["b"].suffix
+    assert found["a"].parts == (f"upscale_models/tiny2x.safetensors=xxh3:{xxhash.xxh3_128(b'weights A').hexdigest()}",)
+
+
+def test_embeddings_in_prompt_text_and_custom_classes_enter_the_identity(tmp_path: Path) -> None:
+    write(tmp_path / "embeddings" / "neg.pt", b"embedding")
+    v1 = pack(tmp_path / "custom_nodes", "pack", "V = 1\n")
+    mappings = {"PackNode": node_class("pack"), "CLIPTextEncode": node_class(None)}
+    ids, api = identities(tmp_path, mappings=mappings, dirs={"pack": str(v1)})
+    try:
+        key = key_of(["PackNode", False, ("conditioning", ("ANCESTOR", 1, 0))],
+                     ["CLIPTextEncode", False, ("text", "a cat, embedding:neg")])
+        found = settle(ids, api, key)
+        without = ids.of(api._serialize_cache_key(key_of(["CLIPTextEncode", False, ("text", "a cat, embedding:x")])))
+    finally:
+        ids.close()
+    assert found.parts == (f"embeddings/neg.pt=xxh3:{xxhash.xxh3_128(b'embedding').hexdigest()}",
+                           f"pack:pack@{hash_pack(str(v1))}")
+    assert without == Identity()
+
+
+def test_unknown_classes_and_unreadable_keys_are_never_shared(tmp_path: Path) -> None:
+    ids, api = identities(tmp_path, mappings={"Gone": node_class("vanished")})
+    try:
+        assert not ids.of(api._serialize_cache_key(key_of(["Gone", False]))).shareable  # type: ignore[union-attr]
+        assert ids.of("0" * 64) is None  # a digest the hook never saw: the provider must not share it
+    finally:
+        ids.close()
