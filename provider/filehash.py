@@ -18,10 +18,12 @@ known is not shared (see identity.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import queue
+import stat
 import tempfile
 import threading
 import time
@@ -153,6 +155,8 @@ class FileHashes:
     def _hash_one(self, path: str) -> None:
         try:
             before = Stamp.of(path)
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
+                raise OSError(f"{path} is not a regular file")
             with self._lock:
                 if self._lookup(before) is not None:
                     return  # hashed meanwhile under another name (a link) or by an earlier request
@@ -197,6 +201,7 @@ class FileHashes:
     def _save(self, table: dict[str, dict[str, object]]) -> None:
         if self.table_path is None:
             return
+        tmp = None
         try:
             self.table_path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".identities-", dir=self.table_path.parent)
@@ -206,6 +211,9 @@ class FileHashes:
                 os.fsync(f.fileno())
             os.replace(tmp, self.table_path)
         except OSError as e:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             self.counters.save_errors += 1
             log.warning("comfy-mesh: cannot remember file identities in %s (%s): they are hashed again after a "
                         "restart", self.table_path, e.strerror or e)

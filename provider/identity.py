@@ -89,6 +89,8 @@ class KeyIdentities:
         self._generation = 0
         self._by_digest: OrderedDict[str, tuple[int, Identity]] = OrderedDict()
         self._file_memo: dict[str, str | None] = {}       # path -> identity this prompt (None: pending)
+        self._names: dict[str, Any] = {}                  # key string -> what it names, this prompt (_named_by)
+        self._names_nothing: set[str] = set()             # key strings that name nothing, this prompt
 
     # -- installing ------------------------------------------------------------------------------------------
 
@@ -148,8 +150,19 @@ class KeyIdentities:
         pending: set[str] = set()
         unknown: set[str] = set()
         files = packs = False
-        for text in strings_in(cache_key):
-            for label, path in self.models.files_named(text) + self.models.embeddings_in(text):
+        with self._lock:
+            texts = strings_in(cache_key) - self._names_nothing  # most strings name nothing: one set difference
+        for text in texts:
+            named = self._names.get(text)
+            if named is None:
+                named = self._names[text] = self._named_by(text)
+                if not named:
+                    with self._lock:
+                        self._names_nothing.add(text)
+            if not named:
+                continue
+            files_here, pack = named
+            for label, path in files_here:
                 files = True
                 found = self._file_identity(path)
                 if found is None:
@@ -158,17 +171,24 @@ class KeyIdentities:
                     unknown.add(label)
                 else:
                     parts.add(f"{label}=xxh3:{found}")
-            if self.is_class(text):
-                pack = self.packs.of_class(text)
-                if pack is None:
-                    unknown.add(f"class {text}")
-                elif pack:
-                    packs = True
-                    parts.add(f"pack:{pack}")
+            if pack is None:
+                unknown.add(f"class {text}")
+            elif pack:
+                packs = True
+                parts.add(f"pack:{pack}")
         self.counters.keys += 1
         self.counters.with_files += files
         self.counters.with_packs += packs
         return Identity.of(parts, pending, unknown)
+
+    def _named_by(self, text: str) -> tuple[list[tuple[str, str]], str | None] | tuple[()]:
+        """What one string of a key names: model files (label, path) and, for a class type, its pack identity
+        ("" for ComfyUI's own); () for a string that names nothing. Remembered for the prompt."""
+        files_here = self.models.files_named(text) + self.models.embeddings_in(text)
+        pack: str | None = ""
+        if self.is_class(text):
+            pack = self.packs.of_class(text)
+        return (files_here, pack) if files_here or pack != "" else ()
 
     def _file_identity(self, path: str) -> str | None:
         """The file's identity, None while it is being hashed, "" if it cannot be read; one stat per prompt."""
@@ -190,6 +210,8 @@ class KeyIdentities:
         with self._lock:
             self._generation += 1
             self._file_memo.clear()
+            self._names = {}
+            self._names_nothing = set()
         try:
             self.models.refresh()
         except Exception:
@@ -207,24 +229,34 @@ class KeyIdentities:
 
 
 def strings_in(obj: Any) -> set[str]:
-    """Every string anywhere in a key (ComfyUI keys are frozensets, tuples, lists, dicts and scalars)."""
+    """Every string anywhere in a key (ComfyUI keys are frozensets, tuples, lists, dicts and scalars).
+
+    A loop over each container's items that pushes only containers: about twice as fast as popping every item,
+    and this runs for every node of every prompt (a 30-node chain's keys hold some 5,000 objects)."""
+    if isinstance(obj, str):
+        return {str(obj)}
+    if not isinstance(obj, (tuple, frozenset, list, set, dict)):
+        return set()
     found: set[str] = set()
-    stack = [obj]
+    stack: list[Any] = [tuple(obj.items()) if isinstance(obj, dict) else obj]
+    push = stack.append
     while stack:
-        item = stack.pop()
-        t = type(item)
-        if t is str:
-            found.add(item)
-        elif t is tuple or t is frozenset or t is list or t is set:
-            stack.extend(item)
-        elif t is dict:
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, str):
-            found.add(str(item))
-        elif isinstance(item, (tuple, frozenset, list, set)):
-            stack.extend(item)
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
+        for item in stack.pop():
+            t = type(item)
+            if t is str:
+                found.add(item)
+            elif t is tuple or t is frozenset:
+                push(item)
+            elif t is int or t is bool or t is float or item is None:
+                continue
+            elif t is list or t is set:
+                push(item)
+            elif t is dict:
+                push(tuple(item.items()))
+            elif isinstance(item, str):
+                found.add(str(item))
+            elif isinstance(item, dict):
+                push(tuple(item.items()))
+            elif isinstance(item, (tuple, frozenset, list, set)):
+                push(item)
     return found

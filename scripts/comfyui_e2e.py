@@ -267,6 +267,8 @@ def identity(comfy: Path, python: str, work: Path) -> bool:
             h.wait_ready()
         for h in hosts.values():  # each sees the file once (that queues its hash), then waits for the identity
             h.run(upscale_workflow(1))
+            if os.environ.get("MESH_IDENTITY") == "0":
+                continue  # keys by names alone: nothing is hashed (run so, this scenario shows the wrong image)
             deadline = time.monotonic() + 60
             while h.provider_stats().get("provider_identity_files_hashed", 0) < 1:
                 if time.monotonic() > deadline:

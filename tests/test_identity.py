@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import xxhash
 
 from provider.filehash import FileHashes, Stamp, hash_file
@@ -232,3 +234,46 @@ def test_unknown_classes_and_unreadable_keys_are_never_shared(tmp_path: Path) ->
         assert ids.of("0" * 64) is None  # a digest the hook never saw: the provider must not share it
     finally:
         ids.close()
+
+
+def test_a_file_that_is_not_regular_is_never_read(tmp_path: Path) -> None:
+    """A FIFO under a model's name would block the hashing thread for good: it is refused, and the next file is
+    still hashed."""
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    other = write(tmp_path / "other.safetensors", b"fine")
+    files = FileHashes(None)
+    try:
+        assert files.wait(str(fifo), WAIT) is None and files.counters.failed == 1
+        assert files.wait(str(other), WAIT) == xxhash.xxh3_128(b"fine").hexdigest()
+    finally:
+        files.close()
+
+
+def _every_string(obj: Any) -> set[str]:
+    """The plain, obviously right recursion strings_in must agree with."""
+    if isinstance(obj, str):
+        return {str(obj)}
+    if isinstance(obj, dict):
+        return set().union(*(_every_string(k) | _every_string(v) for k, v in obj.items()))
+    if isinstance(obj, (tuple, frozenset, list, set)):
+        return set().union(*(_every_string(i) for i in obj))
+    return set()
+
+
+class _Str(str):
+    pass
+
+
+scalars = st.one_of(st.text(max_size=8), st.integers(), st.floats(), st.booleans(), st.none(), st.binary(max_size=4),
+                    st.text(max_size=4).map(_Str))
+trees = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.lists(inner, max_size=4).map(tuple),
+    st.frozensets(st.text(max_size=4) | st.integers(), max_size=4),
+    st.dictionaries(st.text(max_size=4), inner, max_size=3)), max_leaves=30)
+
+
+@given(trees)
+@settings(max_examples=300, deadline=None)
+def test_strings_in_finds_every_string_of_any_key(tree: Any) -> None:
+    assert strings_in(tree) == _every_string(tree)
