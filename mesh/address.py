@@ -43,5 +43,16 @@ def routable_host() -> str | None:
     return None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether only this host can reach `host`: 127.0.0.0/8, ::1 or "localhost" (names are not resolved: a name
+    could point anywhere)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def join_hostport(host: str, port: int | str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

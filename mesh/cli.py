@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import argparse  # noqa: E402
+import base64  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
@@ -566,6 +567,31 @@ def cmd_tls_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_secret(args: argparse.Namespace) -> int:
+    """A new cluster secret (32 random bytes, base64) in a file only its owner can read, written in one step."""
+    path = Path(args.file)
+    if path.exists() and not args.force:
+        raise CliError(f"{path} exists: keep it, or --force to replace it (every node and ComfyUI then needs the new "
+                       "one; see README, Rotating the secret)", EXIT_USAGE)
+    secret = base64.b64encode(os.urandom(32)).decode()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secret + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {e.strerror or e}") from None
+    if args.json:
+        _emit_json({"written": str(path)})
+    else:
+        print(f"wrote a new cluster secret to {path} (readable by its owner only)")
+        print(f"nodes: mesh --secret-file {path} serve ...; ComfyUI: MESH_SECRET_FILE={path}; the CLI: "
+              f"mesh --secret-file {path} ...")
+    return 0
+
+
 def cmd_install_comfyui(args: argparse.Namespace) -> int:
     """Link (or copy) provider/ into ComfyUI's custom_nodes and optionally install this package there."""
     import shutil
@@ -745,6 +771,9 @@ def build_parser() -> argparse.ArgumentParser:
     ti.add_argument("--days", type=int, default=825, help="validity in days (default 825)")
     ti.add_argument("--force", action="store_true", help="overwrite existing files")
     ti.add_argument("--json", action="store_true", help="machine-readable output")
+    sc = command("secret", cmd_secret, "write a new cluster secret to FILE (0600), for every node and ComfyUI")
+    sc.add_argument("file")
+    sc.add_argument("--force", action="store_true", help="replace an existing file")
     ic = command("install-comfyui", cmd_install_comfyui, "add the comfy-mesh provider to a ComfyUI folder")
     ic.add_argument("comfyui_dir", help="the ComfyUI folder (with main.py and custom_nodes/)")
     ic.add_argument("--python", help="ComfyUI's Python: also pip-install comfy-mesh into it")

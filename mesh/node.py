@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2
 
 import mesh
-from mesh.address import WILDCARDS, join_hostport, routable_host, split_hostport
+from mesh.address import WILDCARDS, is_loopback, join_hostport, routable_host, split_hostport
 from mesh.transport.auth import AuthInterceptor, Secret, ServerAuth, as_keyring
 from mesh.cluster.routing import Cluster, ClusterConfig
 from mesh.storage.disk import DiskStore
@@ -97,6 +97,26 @@ def validate(config: NodeConfig) -> None:
                 split_hostport(address)
             except ValueError as e:
                 raise ConfigError(f"{name}: {e}") from None
+    if as_keyring(c.secret) is None:
+        open_node_only_on_loopback(c.listen, c.advertise, c.seeds, c.zeroconf)
+
+
+NO_SECRET_HELP = ("make one with `mesh secret /etc/comfy-mesh/secret` and give it to every node and ComfyUI "
+                  "(--secret-file / MESH_SECRET_FILE)")
+
+
+def open_node_only_on_loopback(listen: str, advertise: str, seeds: list[str] | tuple[str, ...],
+                               zeroconf: bool) -> None:
+    """Without a cluster secret anyone who can reach a node can read, replace and delete its values and stop it:
+    such a node serves this host alone and joins nothing. Anything more is refused before it starts."""
+    for name, address in (("--listen", listen), ("--advertise", advertise)):
+        if address and not is_loopback(split_hostport(address)[0]):
+            raise ConfigError(f"without a cluster secret a node listens on loopback only, not {name} {address}: "
+                              + NO_SECRET_HELP)
+    if seeds:
+        raise ConfigError("without a cluster secret a node joins no mesh (--seeds): " + NO_SECRET_HELP)
+    if zeroconf:
+        raise ConfigError("without a cluster secret a node joins no mesh (--zeroconf): " + NO_SECRET_HELP)
 
 
 def advertised_host(host: str, advertise: str) -> str:
@@ -184,8 +204,8 @@ class Node:
         server.start()
         self.server = server
         if self.auth is None:
-            log.warning("no cluster secret set: this node accepts any caller (set MESH_SECRET_FILE or MESH_SECRET; "
-                        "for mesh serve also --secret-file)")
+            log.warning("no cluster secret set: this node serves this host alone (loopback, no seeds), and every "
+                        "process on this host can read, replace and delete its values; " + NO_SECRET_HELP)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.membership.start()

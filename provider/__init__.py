@@ -28,5 +28,7 @@ if _inside_comfyui():
         RUNTIME = install()
     except ImportError as e:
         log.warning("comfy-mesh: cannot load (%s); install it into ComfyUI's Python: pip install comfy-mesh", e)
+    except ValueError as e:  # a setting that cannot work: one line, and ComfyUI runs on without the mesh
+        log.error("comfy-mesh: not started: %s", e)
     except Exception:
         log.exception("comfy-mesh: failed to start; ComfyUI runs without the mesh cache")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import secrets
 import socket
 import threading
 from collections.abc import Callable, Mapping
@@ -18,7 +19,7 @@ from mesh import codec
 from mesh.client import LocalClient, MeshClient, RemoteClient
 from mesh.cluster.routing import ClusterConfig
 from mesh.buffers import RESERVE
-from mesh.node import Node, NodeConfig
+from mesh.node import Node, NodeConfig, open_node_only_on_loopback
 from mesh.transport.wire import Limits
 
 from .bridge import Bridge
@@ -67,6 +68,7 @@ class Runtime:
     fast_keys: FastKeys | None = field(default=None, repr=False)
     identities: KeyIdentities | None = field(default=None, repr=False)
     _reporter: str = field(default_factory=lambda: f"comfyui@{socket.gethostname()}:{os.getpid()}", repr=False)
+    private: bool = False  # an embedded node with a random secret of this process: nothing else can call it
 
     def start_reporting(self) -> None:
         """Sidecar mode: the sidecar's `mesh stats` shows this provider's counters, as an embedded node's does."""
@@ -86,6 +88,9 @@ class Runtime:
     def describe(self) -> str:
         where = (f"embedded node {self.node.node_id} on {self.node.address}" if self.node
                  else f"sidecar at {self.config.node}")
+        if self.private:
+            where += (" (no MESH_SECRET_FILE: a secret of this process alone, so no other process can call it and "
+                      "it joins no fleet; `mesh secret FILE` makes one)")
         return (f"comfy-mesh: {where}, namespace {self.provider.namespace!r}, "
                 f"seeds {','.join(self.config.seeds) or 'none'}, zeroconf {'on' if self.config.zeroconf else 'off'}, "
                 f"lookup deadline {self.config.lookup_timeout:g} s")
@@ -112,6 +117,13 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
     install; `folder_paths` and `nodes`: ComfyUI's modules of those names (model folders; node classes and the
     folders of their packs). Without `api` and with the identity on, nothing is shared (see identity.py)."""
     secret = config.keyring()
+    private = config.mode == "embedded" and secret is None
+    if private:
+        # No secret configured: the embedded node serves this process alone. Seeds, zeroconf or a LAN address
+        # without a secret are refused (one line; ComfyUI runs without the mesh), and a random secret that only
+        # this process knows keeps every other local process out of it.
+        open_node_only_on_loopback(config.listen, config.advertise, config.seeds, config.zeroconf)
+        secret = secrets.token_bytes(32)
     tls = config.tls()
     RESERVE.configure(config.warm_memory)
     # No value larger than MESH_MAX_VALUE_SIZE is ever stored, so none larger is ever accepted off the wire.
@@ -151,7 +163,7 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
     cls = type("MeshCacheProvider", (MeshCacheProvider, base), {}) if base is not None else MeshCacheProvider
     provider = cls(bridge, policy, namespace=namespace_for(comfy_version, config.namespace),
                    cache_value=cache_value, lookup_timeout=config.lookup_timeout)
-    runtime = Runtime(provider, bridge, client, node, config)
+    runtime = Runtime(provider, bridge, client, node, config, private=private)
     if api is not None and config.fast_keys:
         fast = FastKeys(api)
         if fast.install():

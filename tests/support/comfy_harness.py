@@ -954,7 +954,11 @@ class Process:
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.runtime = None if args.no_provider else start_runtime(args)
+        try:
+            self.runtime = None if args.no_provider else start_runtime(args)
+        except ValueError as e:  # as provider/__init__.py: a setting that cannot work; "ComfyUI" runs without it
+            log.error("comfy-mesh: not started: %s", e)
+            self.runtime = None
         self.engine = Engine(self.runtime.provider if self.runtime else None, store_tasks=args.store_tasks)
 
     def ready(self) -> dict[str, Any]:
