@@ -153,6 +153,8 @@ class MeshCacheProvider:
         key = None
         outcome = 3  # index into by_class: 1 hit, 2 miss, 3 error
         try:
+            if self.identities is not None:
+                self.identities.running(context.cache_key_hash, context.class_type)  # the last lookup: it runs next
             key = self.key(context)
             log.debug("lookup of node %s (%s): %s", getattr(context, "node_id", "?"), context.class_type, key)
             if key is None:  # not shared: answered as a miss, and the node runs here
@@ -244,6 +246,9 @@ class MeshCacheProvider:
         # run as the prompt's loop shuts down, after on_prompt_end, so they count in the totals, not the prompt.
         try:
             key, identity = self._keyed(context)
+            if key is not None and identity is not None and self.identities is not None \
+                    and not self.identities.unchanged(identity):
+                key = None  # a file it names was replaced, or a node opened one its key does not name
             if key is None:
                 with self._lock:
                     self.totals["stores_unshared"] += 1

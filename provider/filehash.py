@@ -6,9 +6,9 @@ faster than any disk reads (about 20 GB/s per core), so the first identity of a 
 128 bits make an accidental collision between model files out of reach; it is not a defence against someone who
 crafts a file to collide (a host's own model folders are the operator's to trust).
 
-Why remembered by device, inode, size and mtime: a multi-GB checkpoint must not be read again on every prompt or
-every restart. A file whose stamp still matches the remembered one has that identity; any write changes the
-mtime (or the size, or the inode on a replace), so the next use hashes it again. The table lives in one small
+Why remembered by device, inode, size, mtime and ctime: a multi-GB checkpoint must not be read again on every
+prompt or every restart. A file whose stamp still matches the remembered one has that identity; any write moves
+its ctime (which, unlike mtime, no writer can set back), so the next use hashes it again. The table lives in one small
 JSON file (`MESH_IDENTITY_CACHE`), rewritten atomically after each new hash.
 
 Hashing never runs on ComfyUI's prompt thread: `identity()` answers from the table or queues the file for the
@@ -19,6 +19,7 @@ known is not shared (see identity.py).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -35,22 +36,24 @@ import xxhash
 log = logging.getLogger("comfy_mesh")
 
 READ_SIZE = 8 << 20   # bytes per read: large enough for disk speed, small enough to stay out of the way
-FORMAT = 1            # of the remembered table
+FORMAT = 2            # of the remembered table (2: stamps carry ctime)
 
 
 @dataclass(frozen=True)
 class Stamp:
-    """What says a file is still the one that was hashed."""
+    """What says a file is still the one that was hashed. ctime is in it because a writer can set mtime back
+    (`touch -d`, `cp -p`, `rsync -a`) but not ctime: any write, utime or new inode moves it."""
 
     dev: int
     ino: int
     size: int
     mtime_ns: int
+    ctime_ns: int
 
     @classmethod
     def of(cls, path: str) -> Stamp:
         st = os.stat(path)
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def slot(self) -> str:
         return f"{self.dev}:{self.ino}"
@@ -96,14 +99,14 @@ class FileHashes:
 
     # -- asking ------------------------------------------------------------------------------------------------
 
-    def identity(self, path: str) -> str | None:
+    def identity(self, path: str, stamp: Stamp | None = None) -> str | None:
         """The file's identity if it is known for its bytes as they are now; None (and hashing queued) if not.
 
         Raises OSError for a file that cannot be stat'ed (gone, no permission): the caller decides what a
         missing file means."""
-        stamp = Stamp.of(path)
+        stamp = stamp or Stamp.of(path)
         with self._lock:
-            known = self._lookup(stamp)
+            known = self._lookup(stamp, path)
             if known is not None:
                 self.counters.remembered += 1
                 return known
@@ -118,7 +121,7 @@ class FileHashes:
         found = self.identity(path)
         with self._lock:
             while found is None:
-                known = self._lookup(Stamp.of(path))
+                known = self._lookup(Stamp.of(path), path)
                 if known is not None:
                     return known
                 if path not in self._queued:
@@ -129,9 +132,9 @@ class FileHashes:
                 self._done.wait(left)
         return found
 
-    def _lookup(self, stamp: Stamp) -> str | None:
+    def _lookup(self, stamp: Stamp, path: str = "") -> str | None:
         row = self._table.get(stamp.slot())
-        if row is None or row.get("size") != stamp.size or row.get("mtime_ns") != stamp.mtime_ns:
+        if row is None or any(row.get(k) != v for k, v in asdict(stamp).items()):
             return None
         value = row.get("xxh3_128")
         return value if isinstance(value, str) else None
@@ -158,8 +161,8 @@ class FileHashes:
             if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
                 raise OSError(f"{path} is not a regular file")
             with self._lock:
-                if self._lookup(before) is not None:
-                    return  # hashed meanwhile under another name (a link) or by an earlier request
+                if self._lookup(before, path) is not None:
+                    return  # hashed meanwhile by an earlier request
             started = time.perf_counter()
             digest = hash_file(path)
             seconds = time.perf_counter() - started
@@ -183,7 +186,7 @@ class FileHashes:
 
     # -- the remembered table ------------------------------------------------------------------------------------
 
-    def _load(self) -> dict[str, dict[str, object]]:
+    def _load(self, quiet: bool = False) -> dict[str, dict[str, object]]:
         if self.table_path is None:
             return {}
         try:
@@ -191,25 +194,32 @@ class FileHashes:
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as e:
-            log.warning("comfy-mesh: cannot read the file identities in %s (%s): files are hashed again",
-                        self.table_path, e)
+            if not quiet:
+                log.warning("comfy-mesh: cannot read the file identities in %s (%s): files are hashed again",
+                            self.table_path, e)
             return {}
         if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
             return {}
         return {k: v for k, v in data["files"].items() if isinstance(v, dict)}
 
     def _save(self, table: dict[str, dict[str, object]]) -> None:
+        """Merged with what is on disk under a lock: two ComfyUIs of one user (one per GPU) share the table, and
+        neither may drop the other's rows."""
         if self.table_path is None:
             return
         tmp = None
         try:
             self.table_path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".identities-", dir=self.table_path.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"format": FORMAT, "files": table}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.table_path)
+            with open(self.table_path.with_name(self.table_path.name + ".lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                table = {**self._load(quiet=True), **table}
+                fd, tmp = tempfile.mkstemp(prefix=".identities-", dir=self.table_path.parent)
+                with os.fdopen(fd, "w") as f:
+                    json.dump({"format": FORMAT, "files": table}, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.table_path)
+                tmp = None
         except OSError as e:
             if tmp is not None:
                 with contextlib.suppress(OSError):

@@ -22,15 +22,16 @@ same digest three times), so a prompt's cost is one walk of each key plus one st
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import xxhash
 
-from .filehash import FileHashes
+from .filehash import FileHashes, Stamp
 from .models import ModelFolders
 from .packs import PackIdentities
 
@@ -48,12 +49,15 @@ class Identity:
     pending: tuple[str, ...] = ()     # model files whose identity is not known yet (being hashed)
     unknown: tuple[str, ...] = ()     # what cannot be identified at all (an unreadable file or pack)
     suffix: str = field(default="", compare=False)
+    paths: tuple[str, ...] = field(default=(), compare=False)  # the model files, checked again at store time
+    classes: frozenset[str] = field(default=frozenset(), compare=False)  # the node classes in the key
 
     @classmethod
-    def of(cls, parts: set[str], pending: set[str], unknown: set[str]) -> Identity:
+    def of(cls, parts: set[str], pending: set[str], unknown: set[str], paths: set[str] = frozenset(),
+           classes: frozenset[str] = frozenset()) -> Identity:
         ordered = tuple(sorted(parts))
         suffix = xxhash.xxh3_128("\n".join(ordered).encode()).hexdigest() if ordered else ""
-        return cls(ordered, tuple(sorted(pending)), tuple(sorted(unknown)), suffix)
+        return cls(ordered, tuple(sorted(pending)), tuple(sorted(unknown)), suffix, tuple(sorted(paths)), classes)
 
     @property
     def shareable(self) -> bool:
@@ -76,11 +80,11 @@ class KeyIdentities:
     """Wraps ComfyUI's `_serialize_cache_key` to learn each digest's identity; `of(digest)` answers for it."""
 
     def __init__(self, models: ModelFolders, files: FileHashes, packs: PackIdentities,
-                 class_types: Callable[[str], bool]) -> None:
+                 class_types: Mapping[str, Any]) -> None:
         self.models = models
         self.files = files
         self.packs = packs
-        self.is_class = class_types
+        self.class_types = class_types  # ComfyUI's NODE_CLASS_MAPPINGS (live: packs load after the provider)
         self.counters = IdentityCounters()
         self.installed = False
         self._api: Any = None
@@ -89,6 +93,13 @@ class KeyIdentities:
         self._generation = 0
         self._by_digest: OrderedDict[str, tuple[int, Identity]] = OrderedDict()
         self._file_memo: dict[str, str | None] = {}       # path -> identity this prompt (None: pending)
+        self._first: dict[str, Stamp] = {}                # path -> its stamp when this process first met it
+        # the node about to run: its identity, class and the thread that runs it (ComfyUI's prompt worker)
+        self._running: tuple[Identity | None, str, int] | None = None
+        self._tainted: set[str] = set()                   # classes seen opening a file their key did not name
+        self._prompt_tainted = False                      # this prompt opened such a file: none of it is stored
+        self._undo: list[tuple[Any, str, Any, Any]] = []  # what watch() wrapped
+        self._changed: set[str] = set()                   # paths changed since then: not shared until restart
         self._names: dict[str, Any] = {}                  # key string -> what it names, this prompt (_named_by)
         self._names_nothing: set[str] = set()             # key strings that name nothing, this prompt
 
@@ -149,9 +160,14 @@ class KeyIdentities:
         parts: set[str] = set()
         pending: set[str] = set()
         unknown: set[str] = set()
+        paths: set[str] = set()
         files = packs = False
+        every = strings_in(cache_key)
+        classes = frozenset(every & self.class_types.keys())
+        if self._tainted and classes & self._tainted:
+            unknown.update(f"class {c} opens model files by computed names" for c in classes & self._tainted)
         with self._lock:
-            texts = strings_in(cache_key) - self._names_nothing  # most strings name nothing: one set difference
+            texts = every - self._names_nothing  # most strings name nothing: one set difference
         for text in texts:
             named = self._names.get(text)
             if named is None:
@@ -164,6 +180,7 @@ class KeyIdentities:
             files_here, pack = named
             for label, path in files_here:
                 files = True
+                paths.add(path)
                 found = self._file_identity(path)
                 if found is None:
                     pending.add(label)
@@ -179,29 +196,89 @@ class KeyIdentities:
         self.counters.keys += 1
         self.counters.with_files += files
         self.counters.with_packs += packs
-        return Identity.of(parts, pending, unknown)
+        return Identity.of(parts, pending, unknown, paths, classes)
 
     def _named_by(self, text: str) -> tuple[list[tuple[str, str]], str | None] | tuple[()]:
         """What one string of a key names: model files (label, path) and, for a class type, its pack identity
         ("" for ComfyUI's own); () for a string that names nothing. Remembered for the prompt."""
         files_here = self.models.files_named(text) + self.models.embeddings_in(text)
         pack: str | None = ""
-        if self.is_class(text):
+        if text in self.class_types:
             pack = self.packs.of_class(text)
         return (files_here, pack) if files_here or pack != "" else ()
 
     def _file_identity(self, path: str) -> str | None:
-        """The file's identity, None while it is being hashed, "" if it cannot be read; one stat per prompt."""
+        """The file's identity, None while it is being hashed, "" if it cannot be read or changed since this
+        process first met it; one stat per prompt."""
         with self._lock:
             if path in self._file_memo:
                 return self._file_memo[path]
         try:
-            found = self.files.identity(path)
+            stamp = Stamp.of(path)
         except OSError:
-            found = ""
+            found: str | None = ""
+        else:
+            found = "" if self._changed_since_first(path, stamp) else self.files.identity(path, stamp)
         with self._lock:
             self._file_memo[path] = found
         return found
+
+    def _changed_since_first(self, path: str, stamp: Stamp) -> bool:
+        """Whether the file is other than when this process first met it. ComfyUI keeps a loaded model by its
+        name, so after a file is replaced under a running ComfyUI its results may come from either version:
+        nothing that depends on it is shared until a restart (logged once)."""
+        with self._lock:
+            first = self._first.setdefault(path, stamp)
+            if first == stamp:
+                return False
+            new = path not in self._changed
+            self._changed.add(path)
+        if new:
+            log.warning("comfy-mesh: %s changed while ComfyUI runs (it may still use the version it loaded): "
+                        "values that depend on it are not shared until ComfyUI restarts", path)
+        return True
+
+    # -- files the running node opens -----------------------------------------------------------------------------
+
+    def running(self, digest: str, class_type: str) -> None:
+        """The node ComfyUI is about to run (its lookup right before it runs; the prompt-start lookups come before
+        any node runs, so the last lookup is always the running node's)."""
+        self._running = (self.of(digest), class_type, threading.get_ident())
+
+    def opened(self, path: str) -> None:
+        """ComfyUI resolved a model file for the running node (folder_paths.get_full_path, load_embed). A file its
+        key does not name came from a computed name (a string built by another node, a name selector): its key
+        cannot carry the file's identity. Nothing of this prompt is stored, and no key holding that class is
+        shared by this process from now on (it may keep the loaded model by that class's inputs)."""
+        running = self._running
+        if running is None or running[2] != threading.get_ident():
+            return  # no node runs (keys being built) or another thread (the server validating a prompt)
+        identity, class_type, _ = running
+        if identity is not None and path in identity.paths:
+            return
+        with self._lock:
+            self._prompt_tainted = True
+            new = class_type not in self._tainted
+            self._tainted.add(class_type)
+        if new:
+            log.warning("comfy-mesh: %s opened %s, which its cache key does not name (a name computed by another "
+                        "node?): values with %s in their key are not shared by this ComfyUI until it restarts",
+                        class_type, path, class_type)
+
+    def unchanged(self, identity: Identity) -> bool:
+        """At store time: every model file the value's key named is still the one this process first met (a
+        file replaced during the prompt leaves the stored value's weights unknown), and no node of the prompt
+        opened a file by a name its key does not hold."""
+        if self._prompt_tainted or (identity.classes & self._tainted):
+            return False
+        for path in identity.paths:
+            try:
+                stamp = Stamp.of(path)
+            except OSError:
+                return False
+            if self._changed_since_first(path, stamp):
+                return False
+        return True
 
     # -- prompt life ----------------------------------------------------------------------------------------------
 
@@ -212,10 +289,40 @@ class KeyIdentities:
             self._file_memo.clear()
             self._names = {}
             self._names_nothing = set()
+            self._running = None
+            self._prompt_tainted = False
+
+    def watch(self, folder_paths: Any) -> None:
+        """Hear of every model file ComfyUI resolves for a running node: its `folder_paths.get_full_path` (every
+        loader of a model folder) and `comfy.sd1_clip.load_embed` (embeddings), each wrapped, never changed."""
+        if folder_paths is not None and callable(getattr(folder_paths, "get_full_path", None)):
+            resolve = folder_paths.get_full_path
+
+            def get_full_path(folder_name: str, filename: str) -> Any:
+                path = resolve(folder_name, filename)
+                if path is not None:
+                    self._heard(path)
+                return path
+
+            folder_paths.get_full_path = get_full_path
+            self._undo.append((folder_paths, "get_full_path", get_full_path, resolve))
+        sd1 = sys.modules.get("comfy.sd1_clip")
+        if sd1 is not None and callable(getattr(sd1, "load_embed", None)):
+            load = sd1.load_embed
+
+            def load_embed(embedding_name: str, *args: Any, **kwargs: Any) -> Any:
+                for _, path in self.models.embeddings_in(f"embedding:{embedding_name}"):
+                    self._heard(path)
+                return load(embedding_name, *args, **kwargs)
+
+            sd1.load_embed = load_embed
+            self._undo.append((sd1, "load_embed", load_embed, load))
+
+    def _heard(self, path: str) -> None:
         try:
-            self.models.refresh()
-        except Exception:
-            log.debug("refreshing the model folders failed", exc_info=True)
+            self.opened(path)
+        except Exception:  # never in ComfyUI's way
+            log.debug("watching an opened file failed", exc_info=True)
 
     def stats(self) -> dict[str, float]:
         out = {f"provider_identity_{k}": float(v) for k, v in self.counters.__dict__.items()}
@@ -225,7 +332,12 @@ class KeyIdentities:
 
     def close(self) -> None:
         self.uninstall()
+        for owner, name, ours, original in self._undo:
+            if getattr(owner, name, None) is ours:
+                setattr(owner, name, original)
+        self._undo.clear()
         self.files.close()
+        self.models.close()
 
 
 def strings_in(obj: Any) -> set[str]:

@@ -8,16 +8,23 @@ folder and its `pyproject.toml` (relative path and bytes, in sorted order), comp
 ComfyUI imports a pack's code once, at start, so the files read then are the code that runs.
 
 How a class finds its pack: ComfyUI's `load_custom_node` stamps each class it registers with
-`RELATIVE_PYTHON_MODULE = "custom_nodes.<name>"` and records `LOADED_MODULE_DIRS[<name>]`; a single-file pack
-(`custom_nodes/x.py`) is that file alone.
+`RELATIVE_PYTHON_MODULE = "custom_nodes.<name>"`; its pack is the entry of a custom_nodes folder that holds the
+file its class was defined in (a folder, or a single `.py` file), as `sys.modules` records it.
+
+A pack whose code changed on disk after ComfyUI loaded its custom nodes (a ComfyUI-Manager update, a `git pull`, without a
+restart) runs the code ComfyUI imported, not the code on disk: its outputs are not shared until a restart.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
+import stat
+import sys
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import xxhash
@@ -30,9 +37,11 @@ CORE = ""        # no identity beyond ComfyUI's version
 UNKNOWN = None   # a class this ComfyUI does not know: nothing it computes is shared
 
 
-def hash_pack(root: str) -> str:
-    """xxh3-128 of a pack's code: every .py file and pyproject.toml, by relative path and content."""
+def hash_pack(root: str) -> tuple[str, int]:
+    """xxh3-128 of a pack's code (every .py file and pyproject.toml, by relative path and content), and the newest
+    mtime among them (ns). Files that are not regular (a FIFO) are left out: reading one would never end."""
     h = xxhash.xxh3_128()
+    newest = 0
     if os.path.isfile(root):
         files = [(os.path.basename(root), root)]
     else:
@@ -44,22 +53,30 @@ def hash_pack(root: str) -> str:
                     full = os.path.join(dirpath, name)
                     files.append((os.path.relpath(full, root).replace(os.sep, "/"), full))
     for rel, full in sorted(files):
+        st = os.stat(full)
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        newest = max(newest, st.st_mtime_ns)
         with open(full, "rb") as f:
             data = f.read()
         h.update(f"{rel}\0{len(data)}\0".encode())
         h.update(data)
-    return h.hexdigest()
+    return h.hexdigest(), newest
 
 
 class PackIdentities:
-    """class type -> "" (a core node), "<pack>@<xxh3-128>" (a custom node), or None (unknown class)."""
+    """class type -> "" (a core node), "<pack>@<xxh3-128>" (a custom node), or None (unknown: not shared)."""
 
-    def __init__(self, class_mappings: Mapping[str, Any], loaded_dirs: Mapping[str, str]) -> None:
+    def __init__(self, class_mappings: Mapping[str, Any], custom_node_roots: Callable[[], Sequence[str]],
+                 started_ns: int | None = None) -> None:
         self.class_mappings = class_mappings
-        self.loaded_dirs = loaded_dirs
+        self.custom_node_roots = custom_node_roots
+        # When the provider started, as ComfyUI loaded its custom nodes: code changed after this is not the code
+        # that was imported.
+        self.started_ns = started_ns if started_ns is not None else time.time_ns()
         self._lock = threading.Lock()
         self._by_class: dict[str, str | None] = {}
-        self._by_pack: dict[str, str | None] = {}
+        self._by_root: dict[str, str | None] = {}
 
     def of_class(self, class_type: str) -> str | None:
         with self._lock:
@@ -77,25 +94,46 @@ class PackIdentities:
         module = getattr(cls, "RELATIVE_PYTHON_MODULE", None)
         if not isinstance(module, str) or not module.startswith(CUSTOM):
             return CORE
-        pack = module[len(CUSTOM):]
+        root = self._root_of(cls)
+        if root is None:
+            log.warning("comfy-mesh: cannot find the custom-node pack of %s (%s): its outputs are not shared",
+                        class_type, module)
+            return UNKNOWN
         with self._lock:
-            if pack in self._by_pack:
-                return self._by_pack[pack]
-        identity = self._hash(pack)
+            if root in self._by_root:
+                return self._by_root[root]
+        identity = self._hash(root)
         with self._lock:
-            self._by_pack[pack] = identity
+            self._by_root[root] = identity
         return identity
 
-    def _hash(self, pack: str) -> str | None:
-        folder = self.loaded_dirs.get(pack)
-        if folder is None:
-            log.warning("comfy-mesh: custom-node pack %s has no folder ComfyUI recorded: its outputs are not shared",
-                        pack)
-            return UNKNOWN
-        single = os.path.join(folder, pack + ".py")
-        root = single if os.path.isfile(single) and not os.path.isdir(os.path.join(folder, pack)) else folder
+    def _root_of(self, cls: type) -> str | None:
+        """The custom_nodes entry (folder or .py file) that holds the file `cls` was defined in."""
+        module = sys.modules.get(getattr(cls, "__module__", ""))
+        source = getattr(module, "__file__", None)
+        if not source:
+            try:
+                source = inspect.getsourcefile(cls)
+            except TypeError:
+                source = None
+        if not source:
+            return None
+        path = os.path.abspath(source)
+        for root in self.custom_node_roots():
+            root = os.path.abspath(root)
+            if path.startswith(root + os.sep):
+                return os.path.join(root, path[len(root) + 1:].split(os.sep, 1)[0])
+        return None
+
+    def _hash(self, root: str) -> str | None:
+        name = os.path.basename(root).removesuffix(".py")
         try:
-            return f"{pack}@{hash_pack(root)}"
+            digest, newest = hash_pack(root)
         except OSError as e:
-            log.warning("comfy-mesh: cannot read custom-node pack %s (%s): its outputs are not shared", pack, e)
+            log.warning("comfy-mesh: cannot read custom-node pack %s (%s): its outputs are not shared", name, e)
             return UNKNOWN
+        if newest > self.started_ns:
+            log.warning("comfy-mesh: custom-node pack %s changed on disk after ComfyUI started (it runs the code it "
+                        "imported): its outputs are not shared until ComfyUI restarts", name)
+            return UNKNOWN
+        return f"{name}@{digest}"

@@ -186,11 +186,12 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
 def identities_for(config: ProviderConfig, api: Any, folder_paths: Any, nodes: Any) -> KeyIdentities:
     """The identity hook over ComfyUI's key function (over the fast keys when those are installed)."""
     mappings = getattr(nodes, "NODE_CLASS_MAPPINGS", {}) if nodes is not None else {}
-    packs = PackIdentities(mappings, getattr(nodes, "LOADED_MODULE_DIRS", {}) if nodes is not None else {})
-    identities = KeyIdentities(ModelFolders(folder_paths), FileHashes(config.identity_cache_path()), packs,
-                               mappings.__contains__)
+    packs = PackIdentities(mappings, lambda: folder_paths.get_folder_paths("custom_nodes") if folder_paths else [])
+    identities = KeyIdentities(ModelFolders(folder_paths).start(), FileHashes(config.identity_cache_path()), packs,
+                               mappings)
     if api is None:
         log.warning("comfy-mesh: no ComfyUI key functions to watch: nothing is shared")
     else:
         identities.install(api)
+        identities.watch(folder_paths)
     return identities

@@ -3,8 +3,11 @@ folders and prompt text, custom-node pack code, and the hook that ties a digest 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -80,7 +83,7 @@ def test_a_damaged_table_costs_a_rehash_not_a_wrong_identity(tmp_path: Path) -> 
         assert files.wait(str(model), WAIT) == xxhash.xxh3_128(b"abc").hexdigest()
     finally:
         files.close()
-    assert json.loads(table.read_text())["format"] == 1
+    assert json.loads(table.read_text())["format"] == 2
 
 
 def test_an_unreadable_table_location_is_contained(tmp_path: Path) -> None:
@@ -111,26 +114,63 @@ def test_strings_naming_model_files_and_embeddings_are_found(tmp_path: Path) -> 
         f"checkpoints/{os.path.join('sd', 'base.ckpt')}"]
     assert models.files_named("a cat") == [] and models.files_named("missing.safetensors") == []
     assert [label for label, _ in models.embeddings_in("a photo, embedding:easyneg, (embedding:easyneg:1.2)")] == [
-        "embeddings/easyneg.pt"] * 2
+        "embeddings/easyneg.pt"]
     assert [label for label, _ in models.embeddings_in("embedding:easyneg,")] == ["embeddings/easyneg.pt"]
     assert models.embeddings_in("no embeddings here") == []
     assert models.embeddings_in("embedding:../../etc/passwd") == []
 
 
+def test_embeddings_are_found_in_every_folder_comfyui_searches(tmp_path: Path) -> None:
+    """ComfyUI's load_embed tries every folder under the embeddings roots, and `sub/../x` inside a root."""
+    write(tmp_path / "embeddings" / "negative" / "easyneg.safetensors", b"n")
+    write(tmp_path / "embeddings" / "top.pt", b"t")
+    write(tmp_path / "embeddings" / "a" / "b" / "deep.bin", b"d")
+    models = ModelFolders(fake_folder_paths(tmp_path))
+    models.refresh()
+    labels = lambda text: [label for label, _ in models.embeddings_in(text)]  # noqa: E731
+    assert labels("a cat, embedding:easyneg") == [f"embeddings/{os.path.join('negative', 'easyneg.safetensors')}"]
+    assert labels("embedding:negative/../top") == ["embeddings/top.pt"]
+    assert labels("(embedding:deep:0.8)") == [f"embeddings/{os.path.join('a', 'b', 'deep.bin')}"]
+    assert labels("embedding:b/deep") == [f"embeddings/{os.path.join('a', 'b', 'deep.bin')}"]  # from folder a
+
+
+def test_a_model_file_added_since_the_last_listing_is_still_found(tmp_path: Path) -> None:
+    models = ModelFolders(fake_folder_paths(tmp_path), refresh_seconds=3600).start()
+    try:
+        write(tmp_path / "loras" / "new.safetensors", b"fresh")  # after the listing
+        assert [label for label, _ in models.files_named("new.safetensors")] == ["loras/new.safetensors"]
+    finally:
+        models.close()
+
+
 # -- custom-node packs ----------------------------------------------------------------------------------------
 
 
-def pack(root: Path, name: str, code: str) -> Path:
-    write(root / name / "__init__.py", code.encode())
-    write(root / name / "nodes" / "impl.py", b"X = 1\n")
+def pack(root: Path, name: str, code: str, extra: str = "X = 1\n") -> Path:
+    write(root / name / "__init__.py", (code + "\nclass Node:\n    pass\n").encode())
+    write(root / name / "nodes" / "impl.py", extra.encode())
     write(root / name / "__pycache__" / "impl.cpython-311.pyc", os.urandom(64))
     return root / name
 
 
-def node_class(pack_name: str | None) -> type:
-    cls = type("Node", (), {})
-    if pack_name is not None:
-        cls.RELATIVE_PYTHON_MODULE = f"custom_nodes.{pack_name}"  # what ComfyUI's load_custom_node stamps
+_loaded = 0
+
+
+def node_class(entry: Path | None, pack_name: str | None = None) -> type:
+    """A class defined in a pack's file and imported from its path, as ComfyUI's load_custom_node does (and
+    stamped as it stamps them); `entry` None: a core class."""
+    global _loaded
+    if entry is None:
+        return type("Core", (), {})
+    source = entry / "__init__.py" if entry.is_dir() else entry
+    _loaded += 1
+    spec = importlib.util.spec_from_file_location(f"test_identity_pack_{_loaded}", source)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    cls = module.Node
+    cls.RELATIVE_PYTHON_MODULE = f"custom_nodes.{pack_name or entry.stem}"
     return cls
 
 
@@ -138,20 +178,42 @@ def test_a_pack_identity_follows_its_code_and_ignores_caches(tmp_path: Path) -> 
     v1 = pack(tmp_path / "host1", "my-pack", "VERSION = 1\n")
     v1_again = pack(tmp_path / "host2", "my-pack", "VERSION = 1\n")
     v2 = pack(tmp_path / "host3", "my-pack", "VERSION = 2\n")
-    assert hash_pack(str(v1)) == hash_pack(str(v1_again)) != hash_pack(str(v2))
-    mappings = {"Custom": node_class("my-pack"), "KSampler": node_class(None)}
-    packs = PackIdentities(mappings, {"my-pack": str(v1)})
-    assert packs.of_class("Custom") == f"my-pack@{hash_pack(str(v1))}"
+    deeper = pack(tmp_path / "host4", "my-pack", "VERSION = 1\n", extra="X = 2\n")  # only a submodule differs
+    digests = [hash_pack(str(p))[0] for p in (v1, v1_again, v2, deeper)]
+    assert digests[0] == digests[1] and len(set(digests)) == 3
+    mappings = {"Custom": node_class(v1), "KSampler": node_class(None)}
+    packs = PackIdentities(mappings, lambda: [str(tmp_path / "host1")])
+    assert packs.of_class("Custom") == f"my-pack@{digests[0]}"
     assert packs.of_class("KSampler") == ""      # core: covered by ComfyUI's version
     assert packs.of_class("Nope") is None        # unknown: never shared
-    assert PackIdentities(mappings, {}).of_class("Custom") is None
+    assert PackIdentities(mappings, lambda: []).of_class("Custom") is None  # no custom_nodes folder holds it
+
+
+def test_a_pack_holding_a_module_of_its_own_name_is_the_whole_folder(tmp_path: Path) -> None:
+    a = pack(tmp_path / "a", "tint", "from .tint import *\n")
+    b = pack(tmp_path / "b", "tint", "from .tint import *\n", extra="X = 2\n")
+    for root in (a, b):
+        write(root / "tint.py", b"Y = 1\n")
+    ids = [PackIdentities({"T": node_class(root)}, lambda r=root: [str(r.parent)]).of_class("T") for root in (a, b)]
+    assert ids[0] != ids[1]  # nodes/impl.py differs: not hidden behind tint/tint.py
 
 
 def test_a_single_file_pack_is_that_file(tmp_path: Path) -> None:
-    write(tmp_path / "custom_nodes" / "solo.py", b"A = 1\n")
+    solo = write(tmp_path / "custom_nodes" / "solo.py", b"A = 1\nclass Node:\n    pass\n")
     write(tmp_path / "custom_nodes" / "other" / "__init__.py", b"B = 1\n")
-    packs = PackIdentities({"Solo": node_class("solo")}, {"solo": str(tmp_path / "custom_nodes")})
-    assert packs.of_class("Solo") == f"solo@{hash_pack(str(tmp_path / 'custom_nodes' / 'solo.py'))}"
+    packs = PackIdentities({"Solo": node_class(solo)}, lambda: [str(tmp_path / "custom_nodes")])
+    assert packs.of_class("Solo") == f"solo@{hash_pack(str(solo))[0]}"
+
+
+def test_a_pack_changed_on_disk_after_start_is_not_shared(tmp_path: Path) -> None:
+    v1 = pack(tmp_path / "custom_nodes", "pack", "V = 1\n")
+    started = time.time_ns()
+    cls = node_class(v1)
+    time.sleep(0.01)
+    (v1 / "nodes" / "impl.py").write_text("X = 'updated by the manager'\n")
+    assert PackIdentities({"P": cls}, lambda: [str(tmp_path / "custom_nodes")], started).of_class("P") is None
+    later = PackIdentities({"P": cls}, lambda: [str(tmp_path / "custom_nodes")], time.time_ns())  # a restart
+    assert later.of_class("P") == f"pack@{hash_pack(str(v1))[0]}"
 
 
 # -- the hook -----------------------------------------------------------------------------------------------
@@ -162,12 +224,12 @@ def key_of(*nodes: list[Any]) -> frozenset:
     return frozenset((i, frozenset(enumerate(n))) for i, n in enumerate(nodes))
 
 
-def identities(models_root: Path, table: Path | None = None, mappings: dict[str, type] | None = None,
-               dirs: dict[str, str] | None = None) -> tuple[KeyIdentities, Any]:
+def identities(models_root: Path, table: Path | None = None, mappings: dict[str, type] | None = None
+               ) -> tuple[KeyIdentities, Any]:
     mappings = mappings or {}
     api = types.SimpleNamespace(_serialize_cache_key=serialize_cache_key)  # ComfyUI's own digest
-    ids = KeyIdentities(ModelFolders(fake_folder_paths(models_root)), FileHashes(table),
-                        PackIdentities(mappings, dirs or {}), mappings.__contains__)
+    ids = KeyIdentities(ModelFolders(fake_folder_paths(models_root)).start(), FileHashes(table),
+                        PackIdentities(mappings, lambda: [str(models_root / "custom_nodes")]), mappings)
     assert ids.install(api)
     ids.on_prompt_start()
     return ids, api
@@ -213,8 +275,8 @@ def test_the_hook_keeps_the_digest_and_ties_it_to_the_files_and_code_behind_the_
 def test_embeddings_in_prompt_text_and_custom_classes_enter_the_identity(tmp_path: Path) -> None:
     write(tmp_path / "embeddings" / "neg.pt", b"embedding")
     v1 = pack(tmp_path / "custom_nodes", "pack", "V = 1\n")
-    mappings = {"PackNode": node_class("pack"), "CLIPTextEncode": node_class(None)}
-    ids, api = identities(tmp_path, mappings=mappings, dirs={"pack": str(v1)})
+    mappings = {"PackNode": node_class(v1), "CLIPTextEncode": node_class(None)}
+    ids, api = identities(tmp_path, mappings=mappings)
     try:
         key = key_of(["PackNode", False, ("conditioning", ("ANCESTOR", 1, 0))],
                      ["CLIPTextEncode", False, ("text", "a cat, embedding:neg")])
@@ -223,12 +285,14 @@ def test_embeddings_in_prompt_text_and_custom_classes_enter_the_identity(tmp_pat
     finally:
         ids.close()
     assert found.parts == (f"embeddings/neg.pt=xxh3:{xxhash.xxh3_128(b'embedding').hexdigest()}",
-                           f"pack:pack@{hash_pack(str(v1))}")
+                           f"pack:pack@{hash_pack(str(v1))[0]}")
     assert without == Identity()
 
 
 def test_unknown_classes_and_unreadable_keys_are_never_shared(tmp_path: Path) -> None:
-    ids, api = identities(tmp_path, mappings={"Gone": node_class("vanished")})
+    gone = node_class(None)
+    gone.RELATIVE_PYTHON_MODULE = "custom_nodes.vanished"  # a custom class whose pack no folder holds
+    ids, api = identities(tmp_path, mappings={"Gone": gone})
     try:
         assert not ids.of(api._serialize_cache_key(key_of(["Gone", False]))).shareable  # type: ignore[union-attr]
         assert ids.of("0" * 64) is None  # a digest the hook never saw: the provider must not share it
@@ -277,3 +341,35 @@ trees = st.recursive(scalars, lambda inner: st.one_of(
 @settings(max_examples=300, deadline=None)
 def test_strings_in_finds_every_string_of_any_key(tree: Any) -> None:
     assert strings_in(tree) == _every_string(tree)
+
+
+def test_a_rewrite_that_sets_mtime_back_is_still_seen(tmp_path: Path) -> None:
+    """`cp -p`, `rsync -a`, `touch -d`: the same size and mtime, other bytes. ctime gives it away."""
+    model = write(tmp_path / "m.safetensors", b"A" * 4096)
+    before = os.stat(model)
+    files = FileHashes(None)
+    try:
+        old = files.wait(str(model), WAIT)
+        model.write_bytes(b"B" * 4096)
+        os.utime(model, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert os.stat(model).st_mtime_ns == before.st_mtime_ns and os.stat(model).st_size == before.st_size
+        assert files.identity(str(model)) is None  # not the old identity
+        assert files.wait(str(model), WAIT) == xxhash.xxh3_128(b"B" * 4096).hexdigest() != old
+    finally:
+        files.close()
+
+
+def test_two_processes_sharing_a_table_keep_each_others_rows(tmp_path: Path) -> None:
+    table = tmp_path / "identities.json"
+    a, b = write(tmp_path / "a.bin", b"a"), write(tmp_path / "b.bin", b"b")
+    first, second = FileHashes(table), FileHashes(table)  # both loaded the empty table
+    try:
+        assert first.wait(str(a), WAIT) and second.wait(str(b), WAIT)
+    finally:
+        first.close()
+        second.close()
+    again = FileHashes(table)
+    try:
+        assert again.identity(str(a)) and again.identity(str(b))  # neither write dropped the other's row
+    finally:
+        again.close()

@@ -197,3 +197,63 @@ def test_without_identity_the_same_name_serves_another_hosts_weights(tmp_path: P
             b.kill()
     finally:
         a.kill()
+
+
+def test_a_model_replaced_under_a_running_comfyui_is_not_shared_until_restart(tmp_path: Path) -> None:
+    """ComfyUI keeps a loaded model by its name: after the file is overwritten (a re-download, a LoRA trainer's
+    next epoch) this process may still compute with the old weights, so nothing that names the file is shared."""
+    old, new = os.urandom(4096), os.urandom(4096)
+    a_root = make_host(tmp_path / "a", model=old, embedding=b"e", pack_factor="0.5")
+    b_root = make_host(tmp_path / "b", model=new, embedding=b"e", pack_factor="0.5")
+    a = start(tmp_path, "a", a_root)
+    try:
+        b = start(tmp_path, "b", b_root, "--seeds", str(a.address))
+        try:
+            b.wait_members(2)
+            for host in (a, b):
+                settle_identities(host)
+            assert "up" in a.run(prompt=upscale(50))["executed"]  # the loader's model is now in A's local cache
+            (a_root / "upscale_models" / "tiny2x.safetensors").write_bytes(new)  # A now holds B's file
+            assert a.run(prompt=upscale(51))["errors"] == []  # the new bytes would be hashed meanwhile
+            poll(lambda: a.stats()["provider"].get("provider_identity_files_queued") == 0, "hashed", timeout=30)
+            ra = a.run(prompt=upscale(52))
+            assert "loader" in ra["local_hits"] and "up" in ra["executed"]  # computed with the old weights
+            assert a.flush(30)
+            rb = b.run(prompt=upscale(52))
+            assert "up" in rb["executed"] and "up" not in rb["provider_hits"]  # never served A's stale image
+            assert rb["outputs"]["up"] != ra["outputs"]["up"]
+            assert a.stats()["provider"]["provider_stores_unshared"] >= 1
+        finally:
+            b.kill()
+    finally:
+        a.kill()
+    assert "changed while ComfyUI runs" in (tmp_path / "a.log").read_text()
+
+
+def computed(seed: int) -> dict[str, Any]:
+    """The embedding's name is built by a node: no cache key holds "embedding:neg"."""
+    return {"s": {"class_type": "StringConcatenate", "inputs": {"string_a": f"a cat #{seed}, embedding:",
+                                                                 "string_b": "neg"}},
+            "cond": {"class_type": "CLIPTextEncode", "inputs": {"text": ["s", 0]}}}
+
+
+def test_a_file_opened_by_a_computed_name_is_never_shared(tmp_path: Path) -> None:
+    a_root = make_host(tmp_path / "a", model=b"m", embedding=os.urandom(512), pack_factor="0.5")
+    b_root = make_host(tmp_path / "b", model=b"m", embedding=os.urandom(512), pack_factor="0.5")
+    a = start(tmp_path, "a", a_root)
+    try:
+        b = start(tmp_path, "b", b_root, "--seeds", str(a.address))
+        try:
+            b.wait_members(2)
+            ra = a.run(prompt=computed(61))
+            assert ra["errors"] == [] and "cond" in ra["executed"] and a.flush(30)
+            rb = b.run(prompt=computed(61))
+            assert "cond" in rb["executed"] and rb["outputs"]["cond"] != ra["outputs"]["cond"]
+            again = a.run(prompt=computed(62))  # later prompts of A: its CLIPTextEncode keys stay unshared
+            assert a.flush(30) and "cond" in b.run(prompt=computed(62))["executed"]
+            assert "cond" in again["executed"] and a.stats()["provider"]["provider_stores_unshared"] >= 2
+        finally:
+            b.kill()
+    finally:
+        a.kill()
+    assert "which its cache key does not name" in (tmp_path / "a.log").read_text()

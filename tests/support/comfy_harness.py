@@ -445,10 +445,19 @@ class CLIPTextEncode:
         return ([[torch.rand(1, 4, 8, generator=_gen(seed)) * factor, {"pooled_output": torch.ones(1, 8) * factor}]],)
 
 
+class StringConcatenate:
+    """Text built by a node (as ComfyUI's core StringConcatenate): a name in it is in no cache key."""
+    RETURN_TYPES = ("STRING",)
+    FUNCTION = "run"
+
+    def run(self, string_a: str, string_b: str) -> tuple:
+        return (string_a + string_b,)
+
+
 NODE_CLASS_MAPPINGS: dict[str, type] = {cls.__name__: cls for cls in (
     MakeImage, SlowBlur, MakeLatent, MakeConditioning, MakeBF16, MakeFP8, MakeScalars, LoadModel, ApplyModel,
     SaveImage, RandomNoise, AlwaysChanged, Opaque, BigTensor, CheapInt, Broken, UpscaleModelLoader,
-    ImageUpscaleWithModel, CLIPTextEncode)}
+    ImageUpscaleWithModel, CLIPTextEncode, StringConcatenate)}
 
 
 def load_custom_nodes(folder: Path) -> list[str]:
@@ -467,7 +476,9 @@ def load_custom_nodes(folder: Path) -> list[str]:
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
-        LOADED_MODULE_DIRS[name] = os.path.abspath(entry if entry.is_dir() else entry.parent)
+        # ComfyUI records a folder pack under its name and a single-file pack under its path without ".py"
+        LOADED_MODULE_DIRS[name if entry.is_dir() else str(entry.with_suffix(""))] = os.path.abspath(
+            entry if entry.is_dir() else entry.parent)
         for class_type, cls in getattr(module, "NODE_CLASS_MAPPINGS", {}).items():
             NODE_CLASS_MAPPINGS[class_type] = cls
             cls.RELATIVE_PYTHON_MODULE = f"custom_nodes.{name}"
