@@ -32,6 +32,9 @@ class Watch:
         self.deadline = time.monotonic() + timeout
 
 
+LOG_EVERY = 10.0  # seconds between log lines about cancelled streams
+
+
 class Watchdog:
     def __init__(self, tick: float = 0.2) -> None:
         self._tick = tick
@@ -41,6 +44,8 @@ class Watchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.cancelled = 0
+        self._logged_at = -LOG_EVERY  # the last log line about cancelled streams
+        self._unlogged = 0            # cancelled since, not named in a line yet
 
     @contextmanager
     def watch(self, cancel: Callable[[], None], timeout: float, what: str) -> Iterator[Watch]:
@@ -67,12 +72,23 @@ class Watchdog:
                     del self._watches[k]
                     w.expired = True
                 self.cancelled += len(due)
+            if due:
+                self._log(now, [w.what for _, w, _ in due])
             for _, w, cancel in due:
-                log.info("cancelled a stalled stream: %s", w.what)
                 try:
                     cancel()
                 except Exception:  # pragma: no cover - a call that already ended
                     log.debug("cancel failed", exc_info=True)
+
+    def _log(self, now: float, what: list[str]) -> None:
+        """One line per LOG_EVERY seconds at most: a caller that opens silent streams as fast as they are cancelled
+        must not fill the log (1,242 lines in one squat, one per stream, before this)."""
+        self._unlogged += len(what)
+        if now - self._logged_at < LOG_EVERY:
+            return
+        log.info("cancelled %d stalled stream(s), e.g. %s (at most one such line per %.0f s)", self._unlogged,
+                 what[0], LOG_EVERY)
+        self._logged_at, self._unlogged = now, 0
 
     def stop(self) -> None:
         self._stop.set()

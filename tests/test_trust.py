@@ -402,15 +402,26 @@ def test_a_tls_mesh_shares_and_refuses_plaintext_and_strangers(serve: Callable[.
     with PeerClient(a.address, SECRET, tls=client_tls) as ca, PeerClient(b.address, SECRET, tls=client_tls) as cb:
         ca.put("over-tls", b"secret image" * 1000)
         assert cb.get("over-tls").data == b"secret image" * 1000  # type: ignore[union-attr]
+    # A refusal says it is TLS's, and why where gRPC tells (before: "failed to connect to all addresses").
     with PeerClient(a.address, SECRET, timeout=3) as plain:
-        with pytest.raises(Unreachable):
+        with pytest.raises(Unreachable, match="if it serves TLS, give --tls-cert"):
             plain.stats()
     other = tmp_path / "other"
     init_tls(other, ["x"])
     stranger = load_tls(str(other / "client.pem"), str(other / "client-key.pem"), str(other / "ca.pem"))
     with PeerClient(a.address, SECRET, timeout=3, tls=stranger) as c:
-        with pytest.raises(Unreachable):
+        with pytest.raises(Unreachable, match="TLS: its certificate is not signed by our CA"):
             c.stats()
+    half = load_tls(str(other / "client.pem"), str(other / "client-key.pem"), str(certs / "ca.pem"))
+    with PeerClient(a.address, SECRET, timeout=3, tls=half) as c:  # trusts the node; the node does not trust it
+        with pytest.raises(Unreachable, match="TLS: the node closed the connection during the handshake"):
+            c.stats()
+    plain_node = serve("--node-id", "plain")
+    with PeerClient(plain_node.address, SECRET, timeout=3, tls=client_tls) as c:
+        with pytest.raises(Unreachable, match="TLS: it does not speak TLS"):
+            c.stats()
+    refused = run_cli("status", node=a.address, env={"MESH_SECRET": SECRET.decode()}, timeout=30)
+    assert refused.returncode != 0 and "TLS" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
     env = dict(MESH_TLS_CERT=str(certs / "client.pem"), MESH_TLS_KEY=str(certs / "client-key.pem"),
                MESH_TLS_CA=str(certs / "ca.pem"), MESH_SECRET=SECRET.decode())
     out = run_cli("get", "over-tls", "-o", "-", node=b.address, env=env, text=False, timeout=30)

@@ -78,9 +78,37 @@ def channel_options(limits: Limits) -> list[tuple[str, int]]:
     ]
 
 
-def translate(err: grpc.RpcError, address: str) -> MeshError:
+# What gRPC's connection errors say about TLS, and what that means for whoever reads our one-line error.
+TLS_REASONS = (
+    ("CERTIFICATE_VERIFY_FAILED", "its certificate is not signed by our CA (--tls-ca) or does not name "
+                                  "--tls-server-name"),
+    ("CERTIFICATE_EXPIRED", "a certificate has expired"),
+    ("certificate has expired", "a certificate has expired"),
+    ("WRONG_VERSION_NUMBER", "it does not speak TLS (a plaintext node: drop --tls-*)"),
+    ("SSLV3_ALERT", "it refused our certificate (not signed by its CA?)"),
+)
+
+
+def tls_failure(detail: str, tls: bool | None) -> str | None:
+    """Why a connection failed, where it is TLS's doing; None where it is not (or cannot be told apart)."""
+    if "Tls handshake failed" in detail or "SSL_ERROR" in detail or "TSI_" in detail:
+        reason = next((why for marker, why in TLS_REASONS if marker in detail), "the TLS handshake failed")
+        return f"TLS: {reason}"
+    if "Socket closed" in detail and "failed to connect" in detail:
+        if tls:
+            return ("TLS: the node closed the connection during the handshake: it may refuse our client "
+                    "certificate (signed by another CA?), or it is down")
+        if tls is False:
+            return "the node closed the connection at once: if it serves TLS, give --tls-cert, --tls-key, --tls-ca"
+    return None
+
+
+def translate(err: grpc.RpcError, address: str, tls: bool | None = None) -> MeshError:
     code = err.code() if hasattr(err, "code") else None
     detail = err.details() if hasattr(err, "details") else str(err)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.UNKNOWN) and (why := tls_failure(detail or "", tls)):
+        return Unreachable(f"node {address} unreachable: {why} ({detail})", code)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         return Unreachable(f"node {address} unreachable: {detail or code}", code)
     if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -113,6 +141,7 @@ class PeerClient:
         self.timeout = timeout
         self._auth = ClientAuth(as_keyring(secret))
         self._closed = False
+        self._tls_on = tls is not None  # what a failed connection's error says about TLS (translate)
         options: list[tuple[str, Any]] = list(channel_options(self.limits))
         if tls is None:
             self._channel = grpc.insecure_channel(address, options=options)
@@ -154,7 +183,7 @@ class PeerClient:
             if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
                 raise Unauthenticated(f"node {self.address} cannot prove the cluster secret: {e.details()}",
                                       grpc.StatusCode.UNAUTHENTICATED) from None
-            raise translate(e, self.address) from None
+            raise translate(e, self.address, self._tls_on) from None
 
     def _md(self, method: str, timeout: float) -> Metadata:
         """This call's proof; says Hello first when there is no session yet (the node proves the secret then)."""
@@ -350,7 +379,7 @@ class PeerClient:
             if e.code() == grpc.StatusCode.CANCELLED and first_byte is not None and receiver is None:
                 raise Unreachable(f"node {self.address} did not answer within {first_byte:.2f} s",
                                   grpc.StatusCode.DEADLINE_EXCEEDED) from None
-            raise translate(e, self.address) from None
+            raise translate(e, self.address, self._tls_on) from None
         except TransferError as e:
             calls[-1].cancel()
             raise Refused(f"node {self.address} sent a bad blob for {key!r}: {e}", e.code) from None
@@ -460,7 +489,7 @@ class PeerClient:
                                                                         wait_for_ready=wait_for_ready),
                                          retry=isinstance(chunks, Sequence))
             except grpc.RpcError as e:
-                raise translate(e, self.address) from None
+                raise translate(e, self.address, self._tls_on) from None
         if not reply.existed:
             self.links.observe(self.address, header.raw_size, time.monotonic() - started,
                                compressed=compress or packed or sent_packed)
@@ -475,7 +504,7 @@ class PeerClient:
             return self._in_session(name, t, lambda md: method(request, timeout=t, metadata=md,
                                                                wait_for_ready=wait_for_ready))
         except grpc.RpcError as e:
-            raise translate(e, self.address) from None
+            raise translate(e, self.address, self._tls_on) from None
 
     def has(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> list[bool]:
         reply = self._unary("Has", pb.HasRequest(keys=keys, local_only=local_only), timeout)
@@ -533,7 +562,7 @@ class PeerClient:
         try:
             md, reply = self._in_session("Ping", t, ping)
         except grpc.RpcError as e:
-            raise translate(e, self.address) from None
+            raise translate(e, self.address, self._tls_on) from None
         if md:
             tag = reply.proof
             reply.ClearField("proof")
@@ -553,7 +582,7 @@ class PeerClient:
             return self._in_session("ListKeys", t,
                                     lambda md: list(self._stub.ListKeys(request, timeout=t, metadata=md)))
         except grpc.RpcError as e:
-            raise translate(e, self.address) from None
+            raise translate(e, self.address, self._tls_on) from None
 
     def health(self, timeout: float = 2.0) -> str:
         """The grpc.health.v1 status of the node's Mesh service (needs no secret)."""
@@ -563,7 +592,7 @@ class PeerClient:
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service="comfymesh.v1.Mesh"), timeout=timeout)
         except grpc.RpcError as e:
-            raise translate(e, self.address) from None
+            raise translate(e, self.address, self._tls_on) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
