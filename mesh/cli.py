@@ -15,13 +15,15 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import argparse  # noqa: E402
 import base64  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
+import stat  # noqa: E402
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,7 +119,7 @@ def _tls(args: argparse.Namespace) -> TlsConfig | None:
 
 def _client(args: argparse.Namespace) -> PeerClient:
     node = with_port(args.node, DEFAULT_PORT)  # `--node host` means the default port, not gRPC's 443
-    return PeerClient(node, load_keyring(args.secret_file), timeout=args.timeout, tls=_tls(args))
+    return PeerClient(node, load_keyring(args.secret_file), timeout=_call_timeout(args), tls=_tls(args))
 
 
 # -- commands ----------------------------------------------------------------------------------------------
@@ -201,7 +203,7 @@ def _member_rows(members: Sequence[Any]) -> list[dict[str, Any]]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as c:
-        health = c.health(timeout=min(args.timeout, 5.0))
+        health = c.health(timeout=min(_call_timeout(args), 5.0))
         s = c.stats()
     counters = dict(s.counters)
     members = _member_rows(s.members)
@@ -398,10 +400,13 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_put(args: argparse.Namespace) -> int:
     path = Path(args.file)
     try:
-        size = path.stat().st_size
+        st = path.stat()
         path.open("rb").close()
     except OSError as e:
         raise CliError(f"cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):  # a put reads the file twice (checksum, then sending): a device or pipe
+        raise CliError(f"{path} is not a regular file: save what you want to store to a file first", EXIT_USAGE)
+    size = st.st_size
     if any("=" not in m for m in args.meta):
         raise CliError("--meta takes NAME=VALUE", EXIT_USAGE)
     meta = dict(m.split("=", 1) for m in args.meta)
@@ -667,7 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "env MESH_TLS_SERVER_NAME)")
     p.add_argument("--config", default=None,
                    help=f"TOML settings file (env {CONFIG_ENV}); flags, then MESH_* variables, then it, win")
-    p.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds (default 60)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds the whole command may take (each call, and all of them); default: 60 per call")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("MESH_LOG_FORMAT", "text"),
                    help="log lines as text or as one JSON object each (env MESH_LOG_FORMAT)")
@@ -782,6 +788,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+CALL_TIMEOUT = 60.0  # seconds one call may take when --timeout is not given
+
+
+def _call_timeout(args: argparse.Namespace) -> float:
+    return args.timeout if args.timeout is not None else CALL_TIMEOUT
+
+
+class CommandTimeout(Exception):
+    """--timeout ran out for the command as a whole (a file that never ends, a long queue of calls)."""
+
+
+@contextlib.contextmanager
+def _whole_command_deadline(args: argparse.Namespace) -> Iterator[None]:
+    """With --timeout, the whole command ends by then: each call has that deadline, and a SIGALRM stops what no
+    call bounds (reading the file to put, many calls in turn). Not for `serve` and `top`, which run until
+    stopped."""
+    if args.timeout is None or args.command in ("serve", "top") or threading.current_thread() is not \
+            threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise CommandTimeout(f"the command ran past --timeout {args.timeout:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, max(args.timeout, 0.001))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -794,7 +833,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("serve", "config"):
             args.settings_sources = _resolve_settings(args)
-        return args.fn(args)
+        with _whole_command_deadline(args):
+            return args.fn(args)
+    except CommandTimeout as e:
+        print(f"mesh: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except SettingError as e:
         print(f"mesh: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -205,3 +206,24 @@ def test_install_comfyui_links_the_provider(tmp_path: Path) -> None:
     assert again.returncode == 0 and "already links" in again.stdout
     not_comfy = run_cli("install-comfyui", str(tmp_path / "nothing"))
     assert not_comfy.returncode == 1 and "does not look like a ComfyUI folder" in one_line_error(not_comfy)
+
+
+def test_timeout_bounds_the_whole_command(mesh: Callable[..., subprocess.CompletedProcess[str]],
+                                          served: ServeProcess, tmp_path: Path, secret_file: Path) -> None:
+    """`mesh --timeout T` is a deadline for the command, not only for each call: reading a large file to put it
+    counts too (before: `mesh --timeout 5 put KEY /dev/zero` ran past 30 s)."""
+    r = mesh("put", "z", "/dev/zero")
+    assert one_line_error(r) == "mesh: /dev/zero is not a regular file: save what you want to store to a file first"
+    assert r.returncode == 2
+    huge = tmp_path / "huge.bin"
+    with open(huge, "wb") as f:
+        f.truncate(3 << 30)  # sparse: costs no disk
+    assert "more than the largest value" in one_line_error(mesh("put", "h", str(huge)))
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate((2 << 30) - (64 << 20))  # under the limit: read in full for its checksum first
+    started = time.monotonic()
+    slow = run_cli("put", "b", str(big), node=served.address, rpc_timeout=0.05, secret_file=secret_file)
+    assert one_line_error(slow) == "mesh: the command ran past --timeout 0.05 s"
+    assert time.monotonic() - started < 10
+    assert mesh("status").returncode == 0  # the node is none the worse

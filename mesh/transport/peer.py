@@ -287,6 +287,10 @@ class PeerClient:
     def put_file(self, key: str, path: str | os.PathLike[str], meta: Mapping[str, str] | None = None,
                  timeout: float | None = None, progress: Progress | None = None) -> pb.PutReply:
         """Store a file's bytes in constant memory: read once for the checksum, once more as it is sent."""
+        size = os.stat(path).st_size
+        if size > self.limits.max_blob_size:  # refused before reading it (twice)
+            raise Refused(f"{path} holds {size} bytes, more than the largest value ({self.limits.max_blob_size})",
+                          grpc.StatusCode.RESOURCE_EXHAUSTED)
         header = file_header(key, path, self.limits.chunk_size, meta)
         compress = self.links.compress(self.address)
         return self._put_made(header, lambda planes: iter_file_chunks(path, self.limits.chunk_size, compress, planes),
