@@ -575,19 +575,35 @@ def cmd_tls_init(args: argparse.Namespace) -> int:
 def cmd_secret(args: argparse.Namespace) -> int:
     """A new cluster secret (32 random bytes, base64) in a file only its owner can read, written in one step."""
     path = Path(args.file)
-    if path.exists() and not args.force:
-        raise CliError(f"{path} exists: keep it, or --force to replace it (every node and ComfyUI then needs the new "
-                       "one; see README, Rotating the secret)", EXIT_USAGE)
+    if path.is_symlink() or path.exists():
+        if not args.force:
+            raise CliError(f"{path} exists: keep it, or --force to replace it (every node and ComfyUI then needs the "
+                           "new one; see README, Rotating the secret)", EXIT_USAGE)
+        if not path.is_symlink() and not path.is_file():  # --force replaces a secret file, never /dev/null
+            raise CliError(f"{path} is not a regular file: not replaced", EXIT_USAGE)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise CliError(f"cannot write {path}: {path.parent} is not a folder")
     secret = base64.b64encode(os.urandom(32)).decode()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)  # whatever the umask
             f.write(secret + "\n")
-        os.replace(tmp, path)
+            f.flush()
+            os.fsync(f.fileno())
+        if args.force:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails if FILE appeared meanwhile: never overwritten without --force
+    except FileExistsError:
+        raise CliError(f"{path} appeared while the secret was written: not replaced", EXIT_USAGE) from None
     except OSError as e:
         raise CliError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     if args.json:
         _emit_json({"written": str(path)})
     else:
@@ -672,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "env MESH_TLS_SERVER_NAME)")
     p.add_argument("--config", default=None,
                    help=f"TOML settings file (env {CONFIG_ENV}); flags, then MESH_* variables, then it, win")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", type=_seconds, default=None,
                    help="seconds the whole command may take (each call, and all of them); default: 60 per call")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("MESH_LOG_FORMAT", "text"),
@@ -789,6 +805,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CALL_TIMEOUT = 60.0  # seconds one call may take when --timeout is not given
+MAX_TIMEOUT = 1e6
+
+
+def _seconds(text: str) -> float:
+    """A --timeout: a finite number of seconds above 0, at most MAX_TIMEOUT."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value <= MAX_TIMEOUT:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most {MAX_TIMEOUT:g} seconds, not {text}")
+    return value
 
 
 def _call_timeout(args: argparse.Namespace) -> float:

@@ -98,7 +98,7 @@ def validate(config: NodeConfig) -> None:
             except ValueError as e:
                 raise ConfigError(f"{name}: {e}") from None
     if as_keyring(c.secret) is None:
-        open_node_only_on_loopback(c.listen, c.advertise, c.seeds, c.zeroconf)
+        open_node_only_on_loopback(c.listen, c.advertise, c.seeds, c.zeroconf, c.metrics_listen)
 
 
 NO_SECRET_HELP = ("make one with `mesh secret /etc/comfy-mesh/secret` and give it to every node and ComfyUI "
@@ -106,10 +106,10 @@ NO_SECRET_HELP = ("make one with `mesh secret /etc/comfy-mesh/secret` and give i
 
 
 def open_node_only_on_loopback(listen: str, advertise: str, seeds: list[str] | tuple[str, ...],
-                               zeroconf: bool) -> None:
+                               zeroconf: bool, metrics_listen: str = "") -> None:
     """Without a cluster secret anyone who can reach a node can read, replace and delete its values and stop it:
     such a node serves this host alone and joins nothing. Anything more is refused before it starts."""
-    for name, address in (("--listen", listen), ("--advertise", advertise)):
+    for name, address in (("--listen", listen), ("--advertise", advertise), ("--metrics-listen", metrics_listen)):
         if address and not is_loopback(split_hostport(address)[0]):
             raise ConfigError(f"without a cluster secret a node listens on loopback only, not {name} {address}: "
                               + NO_SECRET_HELP)

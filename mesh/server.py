@@ -412,6 +412,8 @@ class MeshServicer(pb_grpc.MeshServicer):
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
         if self.membership is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node runs without a cluster")
+        if self.auth is None:  # no secret: the node serves its host alone, and a Ping would make it a member
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this node has no cluster secret: it joins no mesh")
         try:
             reply = self.membership.handle_ping(request)
         except ValueError as e:

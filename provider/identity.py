@@ -15,6 +15,11 @@ remembers the digest's identity for the calls that follow. A digest whose identi
 depends on a file still being hashed or a pack that cannot be read, is not shared at all (`of()` says so and the
 provider answers a miss and stores nothing): never under the bare name.
 
+What a key cannot carry is caught where ComfyUI opens files: `watch()` wraps `folder_paths.get_full_path` and the
+tokenizer's `load_embed`, so a node that opens a model file its key does not name (a name another node built)
+is seen; nothing of that prompt is stored, and its class is not shared by this process again. A file changed
+under a running ComfyUI (which keeps what it loaded, by name) is not shared until a restart.
+
 An identity is worked out once per digest per prompt (files can change between prompts; a prompt asks for the
 same digest three times), so a prompt's cost is one walk of each key plus one stat per model file it names.
 """
@@ -94,12 +99,12 @@ class KeyIdentities:
         self._by_digest: OrderedDict[str, tuple[int, Identity]] = OrderedDict()
         self._file_memo: dict[str, str | None] = {}       # path -> identity this prompt (None: pending)
         self._first: dict[str, Stamp] = {}                # path -> its stamp when this process first met it
+        self._changed: set[str] = set()                   # paths changed since then: not shared until restart
         # the node about to run: its identity, class and the thread that runs it (ComfyUI's prompt worker)
         self._running: tuple[Identity | None, str, int] | None = None
         self._tainted: set[str] = set()                   # classes seen opening a file their key did not name
         self._prompt_tainted = False                      # this prompt opened such a file: none of it is stored
         self._undo: list[tuple[Any, str, Any, Any]] = []  # what watch() wrapped
-        self._changed: set[str] = set()                   # paths changed since then: not shared until restart
         self._names: dict[str, Any] = {}                  # key string -> what it names, this prompt (_named_by)
         self._names_nothing: set[str] = set()             # key strings that name nothing, this prompt
 

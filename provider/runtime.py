@@ -19,7 +19,8 @@ from mesh import codec
 from mesh.client import LocalClient, MeshClient, RemoteClient
 from mesh.cluster.routing import ClusterConfig
 from mesh.buffers import RESERVE
-from mesh.node import Node, NodeConfig, open_node_only_on_loopback
+from mesh.address import is_loopback, split_hostport, with_port
+from mesh.node import NO_SECRET_HELP, ConfigError, Node, NodeConfig, open_node_only_on_loopback
 from mesh.transport.wire import Limits
 
 from .bridge import Bridge
@@ -118,11 +119,17 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
     folders of their packs). Without `api` and with the identity on, nothing is shared (see identity.py)."""
     secret = config.keyring()
     private = config.mode == "embedded" and secret is None
+    if config.mode == "sidecar" and secret is None and not is_loopback(split_hostport(with_port(config.node,
+                                                                                                 8288))[0]):
+        # Whatever answers at that address would feed this ComfyUI values over an unauthenticated link.
+        raise ConfigError(f"without a cluster secret the sidecar must be on this host, not {config.node}: "
+                          + NO_SECRET_HELP)
     if private:
         # No secret configured: the embedded node serves this process alone. Seeds, zeroconf or a LAN address
         # without a secret are refused (one line; ComfyUI runs without the mesh), and a random secret that only
         # this process knows keeps every other local process out of it.
-        open_node_only_on_loopback(config.listen, config.advertise, config.seeds, config.zeroconf)
+        open_node_only_on_loopback(config.listen, config.advertise, config.seeds, config.zeroconf,
+                                   config.metrics_listen)
         secret = secrets.token_bytes(32)
     tls = config.tls()
     RESERVE.configure(config.warm_memory)

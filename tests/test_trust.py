@@ -416,6 +416,11 @@ def test_a_tls_mesh_shares_and_refuses_plaintext_and_strangers(serve: Callable[.
     with PeerClient(a.address, SECRET, timeout=3, tls=half) as c:  # trusts the node; the node does not trust it
         with pytest.raises(Unreachable, match="TLS: the node closed the connection during the handshake"):
             c.stats()
+    misnamed = load_tls(str(certs / "client.pem"), str(certs / "client-key.pem"), str(certs / "ca.pem"),
+                        "not-comfy-mesh", env={})
+    with PeerClient(a.address, SECRET, timeout=3, tls=misnamed) as c:
+        with pytest.raises(Unreachable, match="TLS: its certificate does not name --tls-server-name"):
+            c.stats()
     plain_node = serve("--node-id", "plain")
     with PeerClient(plain_node.address, SECRET, timeout=3, tls=client_tls) as c:
         with pytest.raises(Unreachable, match="TLS: it does not speak TLS"):

@@ -134,7 +134,9 @@ def load_secrets(secret_file: str | None = None, env: Mapping[str, str] | None =
             raise ValueError(f"cannot read the secret file {path}: {e.strerror or e}") from None
         return parse_secrets(data, path)
     value = env.get(SECRET_ENV)
-    return [value.encode()] if value else None
+    if value and not value.strip():
+        raise ValueError(f"{SECRET_ENV} is blank: set a real secret (`mesh secret FILE` makes one) or unset it")
+    return [value.strip().encode()] if value else None
 
 
 def load_keyring(secret_file: str | None = None, env: Mapping[str, str] | None = None) -> Keyring | None:

@@ -79,25 +79,30 @@ def channel_options(limits: Limits) -> list[tuple[str, int]]:
 
 
 # What gRPC's connection errors say about TLS, and what that means for whoever reads our one-line error.
+# The specific reasons first: OpenSSL reports most of them under CERTIFICATE_VERIFY_FAILED too.
 TLS_REASONS = (
-    ("CERTIFICATE_VERIFY_FAILED", "its certificate is not signed by our CA (--tls-ca) or does not name "
-                                  "--tls-server-name"),
+    ("certificate has expired", "its certificate has expired"),
     ("CERTIFICATE_EXPIRED", "a certificate has expired"),
-    ("certificate has expired", "a certificate has expired"),
+    ("not yet valid", "its certificate is not valid yet (check the clocks, or when it was issued)"),
+    ("unsupported certificate purpose", "its certificate is not for a server (serverAuth)"),
+    ("Hostname Verification Check failed", "its certificate does not name --tls-server-name"),
+    ("CERTIFICATE_VERIFY_FAILED", "its certificate is not signed by our CA (--tls-ca)"),
     ("WRONG_VERSION_NUMBER", "it does not speak TLS (a plaintext node: drop --tls-*)"),
-    ("SSLV3_ALERT", "it refused our certificate (not signed by its CA?)"),
+    ("SSLV3_ALERT", "it refused our certificate (not signed by its CA, expired, or not for a client?)"),
+    ("security handshaker", "our certificate or key cannot be used (--tls-cert, --tls-key)"),
 )
 
 
 def tls_failure(detail: str, tls: bool | None) -> str | None:
     """Why a connection failed, where it is TLS's doing; None where it is not (or cannot be told apart)."""
-    if "Tls handshake failed" in detail or "SSL_ERROR" in detail or "TSI_" in detail:
+    if ("Tls handshake failed" in detail or "SSL_ERROR" in detail or "TSI_" in detail
+            or "Hostname Verification" in detail or "security handshaker" in detail):
         reason = next((why for marker, why in TLS_REASONS if marker in detail), "the TLS handshake failed")
         return f"TLS: {reason}"
     if "Socket closed" in detail and "failed to connect" in detail:
         if tls:
             return ("TLS: the node closed the connection during the handshake: it may refuse our client "
-                    "certificate (signed by another CA?), or it is down")
+                    "certificate (signed by another CA, expired, or not for a client?), or it is down")
         if tls is False:
             return "the node closed the connection at once: if it serves TLS, give --tls-cert, --tls-key, --tls-ca"
     return None
@@ -273,7 +278,9 @@ class PeerClient:
         tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
         receiver: Receiver | None = None
         try:
-            with open(tmp, "wb") as f:
+            # O_EXCL | O_NOFOLLOW: a name planted in a shared folder (a link elsewhere) is never written through
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with open(fd, "wb") as f:
                 for receiver, _ in self._get_stream(key, timeout, False, progress=progress, sink=f.write):
                     pass
             os.replace(tmp, target)
