@@ -106,7 +106,7 @@ class FileHashes:
         missing file means."""
         stamp = stamp or Stamp.of(path)
         with self._lock:
-            known = self._lookup(stamp, path)
+            known = self._lookup(stamp)
             if known is not None:
                 self.counters.remembered += 1
                 return known
@@ -121,7 +121,7 @@ class FileHashes:
         found = self.identity(path)
         with self._lock:
             while found is None:
-                known = self._lookup(Stamp.of(path), path)
+                known = self._lookup(Stamp.of(path))
                 if known is not None:
                     return known
                 if path not in self._queued:
@@ -132,7 +132,7 @@ class FileHashes:
                 self._done.wait(left)
         return found
 
-    def _lookup(self, stamp: Stamp, path: str = "") -> str | None:
+    def _lookup(self, stamp: Stamp) -> str | None:
         row = self._table.get(stamp.slot())
         if row is None or any(row.get(k) != v for k, v in asdict(stamp).items()):
             return None
@@ -161,7 +161,7 @@ class FileHashes:
             if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or a device would block or never end
                 raise OSError(f"{path} is not a regular file")
             with self._lock:
-                if self._lookup(before, path) is not None:
+                if self._lookup(before) is not None:
                     return  # hashed meanwhile by an earlier request
             started = time.perf_counter()
             digest = hash_file(path)

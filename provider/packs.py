@@ -79,13 +79,17 @@ class PackIdentities:
         self._by_root: dict[str, str | None] = {}
 
     def of_class(self, class_type: str) -> str | None:
+        return self._remembered(self._by_class, class_type, self._identify)
+
+    def _remembered(self, table: dict[str, str | None], key: str, work: Callable[[str], str | None]) -> str | None:
+        """`work(key)` once per key and process (two threads may both work it out the first time: same answer)."""
         with self._lock:
-            if class_type in self._by_class:
-                return self._by_class[class_type]
-        identity = self._identify(class_type)
+            if key in table:
+                return table[key]
+        answer = work(key)
         with self._lock:
-            self._by_class[class_type] = identity
-        return identity
+            table[key] = answer
+        return answer
 
     def _identify(self, class_type: str) -> str | None:
         cls = self.class_mappings.get(class_type)
@@ -99,13 +103,7 @@ class PackIdentities:
             log.warning("comfy-mesh: cannot find the custom-node pack of %s (%s): its outputs are not shared",
                         class_type, module)
             return UNKNOWN
-        with self._lock:
-            if root in self._by_root:
-                return self._by_root[root]
-        identity = self._hash(root)
-        with self._lock:
-            self._by_root[root] = identity
-        return identity
+        return self._remembered(self._by_root, root, self._hash)
 
     def _root_of(self, cls: type) -> str | None:
         """The custom_nodes entry (folder or .py file) that holds the file `cls` was defined in."""
