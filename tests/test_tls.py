@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -280,6 +280,26 @@ def test_load_tls_encrypted_key(pki: Path, tmp_path: Path) -> None:
                                   serialization.BestAvailableEncryption(b"secret"))
     with pytest.raises(ValueError, match="encrypted"):
         load_tls(str(pki / "client.pem"), write(tmp_path / "enc.pem", encrypted), env={})
+
+
+@pytest.mark.parametrize("days, message", [((-30, -1), "expired on"), ((1, 30), "is not valid before")])
+def test_load_tls_refuses_a_certificate_outside_its_validity(tmp_path: Path, days: tuple[int, int],
+                                                               message: str) -> None:
+    """Every peer would refuse it with a handshake error of its own; the node says it once, at start."""
+    import datetime
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "comfy-mesh")])
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now + datetime.timedelta(days=days[0]))
+            .not_valid_after(now + datetime.timedelta(days=days[1])).sign(key, hashes.SHA256()))
+    cert_path = write(tmp_path / "c.pem", cert.public_bytes(serialization.Encoding.PEM))
+    key_path = write(tmp_path / "k.pem", key.private_bytes(serialization.Encoding.PEM,
+                                                             serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+    with pytest.raises(ValueError, match=rf"c\.pem \(--tls-cert\) {message}"):
+        load_tls(cert_path, key_path, env={})
 
 
 # ------------------------------------------------------------------------------------------------ real servers

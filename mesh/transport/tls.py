@@ -154,6 +154,15 @@ def _check_pair(cert: bytes, key: bytes, cert_from: tuple[str, str], key_from: t
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
         raise ValueError(f"{where} does not match the certificate {cert_from[0]} ({cert_from[1]})")
+    # Every peer would refuse it, each with a handshake error of its own: say it once, at start.
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert_where = f"{_WHAT['cert']} {cert_from[0]} ({cert_from[1]})"
+    if leaf.not_valid_after_utc < now:
+        raise ValueError(f"{cert_where} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: make new "
+                         "certificates (mesh tls init)")
+    if leaf.not_valid_before_utc > now:
+        raise ValueError(f"{cert_where} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC: "
+                         "is this host's clock right?")
 
 
 def init_tls(directory: Path, nodes: Sequence[str], hosts: Sequence[str] = (), days: int = 825, client: bool = True,
