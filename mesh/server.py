@@ -202,7 +202,7 @@ class MeshServicer(pb_grpc.MeshServicer):
             header, chunks = entry.header, entry.chunks
             compress = request.compress and any(c.codec == RAW for c in chunks)
             if compress or not request.planes4:
-                # The reader's link from here is slow (mesh/transport/link.py): pack raw chunks on the way, ahead of the wire.
+                # The reader's link from here is slow (transport/link.py): pack raw chunks ahead of the wire.
                 # A reader from before 4-byte planes (it does not say planes4) is sent no such chunk.
                 header = replace(header, stored_size=0) if compress else without_planes(header, chunks)
                 chunks = repack(chunks, compress, planes=request.planes4)  # type: ignore[assignment]

@@ -1,4 +1,4 @@
-"""Who is in the mesh: the threaded gRPC driver around the pure SWIM protocol (mesh/membership/swim.py, mesh/membership/members.py).
+"""Who is in the mesh: the threaded gRPC driver around the pure SWIM protocol (swim.py, members.py beside it).
 
 The protocol decides; this module only carries its Pings over gRPC, runs its clock on one thread, resolves
 seeds, and tells the node what changed. Why the split: the protocol's behaviour at a thousand members is
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import mesh
 from mesh.address import join_hostport
-from mesh.membership.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Forgotten, Joined, Limits,
-                          Member, MemberTable, Refuted, Restarted, StateChanged, plausible)
+from mesh.membership.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Forgotten, Joined,
+                                     Limits, Member, MemberTable, Refuted, Restarted, StateChanged, plausible)
 from mesh.transport.peer import MeshError, Unauthenticated
 from mesh.transport.peers import PeerPool
 from mesh.pb import mesh_pb2 as pb

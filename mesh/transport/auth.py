@@ -124,7 +124,8 @@ def parse_secrets(data: bytes, source: str) -> list[bytes]:
 
 
 def load_secrets(secret_file: str | None = None, env: Mapping[str, str] | None = None) -> list[bytes] | None:
-    """The secrets from a file (flag or MESH_SECRET_FILE) or MESH_SECRET; None means an open, dev-only node."""
+    """The secrets from a file (flag or MESH_SECRET_FILE) or MESH_SECRET; None means no secret: a node that
+    serves its own host alone (mesh/node.py)."""
     env = os.environ if env is None else env
     path = secret_file or env.get(SECRET_FILE_ENV)
     if path:

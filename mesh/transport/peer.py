@@ -26,9 +26,9 @@ from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.transport.turns import Turns
 from mesh.watchdog import Watchdog
-from mesh.transport.wire import (LZ4_PLANES4, MAX_KEY_BYTES, RAW, SERVICE, Header, Limits, Receiver, StoredChunk, TransferError,
-                       WireChunk, decode_chunk_message, file_header, iter_chunks, iter_file_chunks, make_header,
-                       serialize_message, repack, without_planes, Tee)
+from mesh.transport.wire import (LZ4_PLANES4, MAX_KEY_BYTES, RAW, SERVICE, Header, Limits, Receiver, StoredChunk,
+                                 TransferError, WireChunk, decode_chunk_message, file_header, iter_chunks,
+                                 iter_file_chunks, make_header, serialize_message, repack, without_planes, Tee)
 
 if TYPE_CHECKING:
     from mesh.transport.tls import TlsConfig
