@@ -211,6 +211,23 @@ class Instance:
             raise RuntimeError(f"{self.name}: mesh stats failed: {done.stderr.strip()}")
         return json.loads(done.stdout)["counters"]
 
+    def stores_settled(self, before: dict, timeout: float = 30.0) -> None:
+        """Wait until every store the last prompt handed off (`provider_stores` since `before`) has been pushed,
+        refused or failed: the stores run as the prompt's loop shuts down, then cross the mesh."""
+        def count(c: dict, *names: str) -> float:
+            return sum(c.get(f"provider_{n}", 0) - before.get(f"provider_{n}", 0) for n in names)
+
+        deadline = time.monotonic() + timeout
+        while True:
+            now = self.provider_stats()
+            handed = count(now, "stores")
+            if handed and count(now, "bridge_stores", "bridge_stores_refused", "bridge_store_errors",
+                                "bridge_stores_dropped") >= handed:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: stores not pushed in {timeout} s")
+            time.sleep(0.2)
+
     def executions(self) -> int:
         return len(self.exec_log.read_text().splitlines())
 
@@ -234,8 +251,9 @@ def share(comfy: Path, python: str, work: Path) -> bool:
         a.wait_ready()
         b.wait_ready()
         seed = int(time.time()) % 100000
+        before = a.provider_stats()
         t_a = a.run(workflow(seed))
-        time.sleep(2.0)  # stores run as A's prompt loop shuts down, then cross the mesh
+        a.stores_settled(before)
         t_b = b.run(workflow(seed))
         print(f"A: {t_a:.2f} s, slow node executed {a.executions()} time(s)")
         print(f"B: {t_b:.2f} s, slow node executed {b.executions()} time(s)")
@@ -275,8 +293,9 @@ def identity(comfy: Path, python: str, work: Path) -> bool:
                     raise TimeoutError(f"{h.name} did not identify its model file in 60 s")
                 time.sleep(0.5)
         color = int(time.time()) % 0xFFFFFF
+        before = a.provider_stats()
         _, ea = a.run_full(upscale_workflow(color))
-        time.sleep(2.0)  # stores run as A's prompt loop shuts down, then cross the mesh
+        a.stores_settled(before)
         _, eb = b.run_full(upscale_workflow(color))
         _, ec = c.run_full(upscale_workflow(color))
         images = {h.name: h.preview_sha256(e, "4") for h, e in ((a, ea), (b, eb), (c, ec))}
