@@ -29,6 +29,7 @@ from typing import Any
 
 import mesh  # noqa: E402
 from mesh.address import with_port
+from mesh.files import write_atomic
 from mesh.transport.auth import SECRET_FILE_ENV, Keyring, load_keyring, load_secrets
 from mesh.cluster.routing import ClusterConfig
 from mesh.transport.link import AUTO, MODES
@@ -583,27 +584,14 @@ def cmd_secret(args: argparse.Namespace) -> int:
             raise CliError(f"{path} is not a regular file: not replaced", EXIT_USAGE)
     if path.parent.exists() and not path.parent.is_dir():
         raise CliError(f"cannot write {path}: {path.parent} is not a folder")
-    secret = base64.b64encode(os.urandom(32)).decode()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    secret = base64.b64encode(os.urandom(32)) + b"\n"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), 0o600)  # whatever the umask
-            f.write(secret + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if args.force:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails if FILE appeared meanwhile: never overwritten without --force
+        write_atomic(path, secret, 0o600, exclusive=not args.force)  # never overwritten without --force
     except FileExistsError:
         raise CliError(f"{path} appeared while the secret was written: not replaced", EXIT_USAGE) from None
     except OSError as e:
         raise CliError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
     if args.json:
         _emit_json({"written": str(path)})
     else:

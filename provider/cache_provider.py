@@ -153,9 +153,9 @@ class MeshCacheProvider:
         key = None
         outcome = 3  # index into by_class: 1 hit, 2 miss, 3 error
         try:
+            key, identity = self._keyed(context)
             if self.identities is not None:
-                self.identities.running(context.cache_key_hash, context.class_type)  # the last lookup: it runs next
-            key = self.key(context)
+                self.identities.running(identity, context.class_type)  # the last lookup: this node runs next
             log.debug("lookup of node %s (%s): %s", getattr(context, "node_id", "?"), context.class_type, key)
             if key is None:  # not shared: answered as a miss, and the node runs here
                 prompt.misses += 1

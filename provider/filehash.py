@@ -18,20 +18,20 @@ known is not shared (see identity.py).
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import logging
 import os
 import queue
 import stat
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import xxhash
+
+from mesh.files import write_atomic
 
 log = logging.getLogger("comfy_mesh")
 
@@ -207,23 +207,13 @@ class FileHashes:
         neither may drop the other's rows."""
         if self.table_path is None:
             return
-        tmp = None
         try:
             self.table_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.table_path.with_name(self.table_path.name + ".lock"), "a") as lock:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 table = {**self._load(quiet=True), **table}
-                fd, tmp = tempfile.mkstemp(prefix=".identities-", dir=self.table_path.parent)
-                with os.fdopen(fd, "w") as f:
-                    json.dump({"format": FORMAT, "files": table}, f)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.table_path)
-                tmp = None
+                write_atomic(self.table_path, json.dumps({"format": FORMAT, "files": table}).encode(), 0o600)
         except OSError as e:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
             self.counters.save_errors += 1
             log.warning("comfy-mesh: cannot remember file identities in %s (%s): they are hashed again after a "
                         "restart", self.table_path, e.strerror or e)

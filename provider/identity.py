@@ -245,10 +245,11 @@ class KeyIdentities:
 
     # -- files the running node opens -----------------------------------------------------------------------------
 
-    def running(self, digest: str, class_type: str) -> None:
-        """The node ComfyUI is about to run (its lookup right before it runs; the prompt-start lookups come before
-        any node runs, so the last lookup is always the running node's)."""
-        self._running = (self.of(digest), class_type, threading.get_ident())
+    def running(self, identity: Identity | None, class_type: str) -> None:
+        """The node ComfyUI is about to run, by the identity its key was seen with (its lookup right before it
+        runs; the prompt-start lookups come before any node runs, so the last lookup is always the running
+        node's)."""
+        self._running = (identity, class_type, threading.get_ident())
 
     def opened(self, path: str) -> None:
         """ComfyUI resolved a model file for the running node (folder_paths.get_full_path, load_embed). A file its

@@ -20,7 +20,7 @@ from mesh.client import LocalClient, MeshClient, RemoteClient
 from mesh.cluster.routing import ClusterConfig
 from mesh.buffers import RESERVE
 from mesh.address import is_loopback, split_hostport, with_port
-from mesh.node import NO_SECRET_HELP, ConfigError, Node, NodeConfig, open_node_only_on_loopback
+from mesh.node import DEFAULT_PORT, NO_SECRET_HELP, ConfigError, Node, NodeConfig, open_node_only_on_loopback
 from mesh.transport.wire import Limits
 
 from .bridge import Bridge
@@ -119,8 +119,8 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
     folders of their packs). Without `api` and with the identity on, nothing is shared (see identity.py)."""
     secret = config.keyring()
     private = config.mode == "embedded" and secret is None
-    if config.mode == "sidecar" and secret is None and not is_loopback(split_hostport(with_port(config.node,
-                                                                                                 8288))[0]):
+    if config.mode == "sidecar" and secret is None and \
+            not is_loopback(split_hostport(with_port(config.node, DEFAULT_PORT))[0]):
         # Whatever answers at that address would feed this ComfyUI values over an unauthenticated link.
         raise ConfigError(f"without a cluster secret the sidecar must be on this host, not {config.node}: "
                           + NO_SECRET_HELP)

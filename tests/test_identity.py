@@ -209,10 +209,11 @@ def test_a_pack_changed_on_disk_after_start_is_not_shared(tmp_path: Path) -> Non
     v1 = pack(tmp_path / "custom_nodes", "pack", "V = 1\n")
     started = time.time_ns()
     cls = node_class(v1)
-    time.sleep(0.01)
-    (v1 / "nodes" / "impl.py").write_text("X = 'updated by the manager'\n")
+    impl = v1 / "nodes" / "impl.py"
+    impl.write_text("X = 'updated by the manager'\n")
+    os.utime(impl, ns=(started + 10**9, started + 10**9))  # written after ComfyUI started, whatever the clock's grain
     assert PackIdentities({"P": cls}, lambda: [str(tmp_path / "custom_nodes")], started).of_class("P") is None
-    later = PackIdentities({"P": cls}, lambda: [str(tmp_path / "custom_nodes")], time.time_ns())  # a restart
+    later = PackIdentities({"P": cls}, lambda: [str(tmp_path / "custom_nodes")], started + 2 * 10**9)  # restarted
     assert later.of_class("P") == f"pack@{hash_pack(str(v1))[0]}"
 
 

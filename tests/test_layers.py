@@ -18,7 +18,7 @@ PACKAGE = ROOT / "mesh"
 
 # Each layer and the layers it may import (its own always included). Read top to bottom as floors of a house.
 ALLOWED: dict[str, set[str]] = {
-    "ground": set(),                                   # mesh, address, units, watchdog, buffers, pb
+    "ground": set(),                                   # mesh, address, units, watchdog, buffers, files, pb
     "codec": {"ground"},                               # values <-> bytes; only the top floor and the provider load it
     "transport": {"ground"},
     "storage": {"ground", "transport.wire"},           # a stored blob is its wire frames, and nothing more of a peer
@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "cluster": {"ground", "transport", "storage", "membership"},
     "top": {"ground", "codec", "transport", "storage", "membership", "cluster"},
 }
-GROUND = {"mesh", "mesh.address", "mesh.units", "mesh.watchdog", "mesh.buffers"}
+GROUND = {"mesh", "mesh.address", "mesh.units", "mesh.watchdog", "mesh.buffers", "mesh.files"}
 TOP = {"mesh.node", "mesh.server", "mesh.client", "mesh.cli", "mesh.settings", "mesh.metrics"}
 
 

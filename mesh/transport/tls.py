@@ -18,12 +18,10 @@ Environment (used when the corresponding argument is not given): MESH_TLS_CERT, 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import ipaddress
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from mesh.files import write_atomic
 
 __all__ = ["ENV", "TLS_SERVER_NAME", "TlsConfig", "init_tls", "load_tls"]
 
@@ -224,7 +224,7 @@ def init_tls(directory: Path, nodes: Sequence[str], hosts: Sequence[str] = (), d
 
     directory.mkdir(parents=True, exist_ok=True)
     for path, data in zip(files, contents):
-        _write_atomic(path, data, private=path.name.endswith("-key.pem"))
+        write_atomic(path, data, 0o600 if path.name.endswith("-key.pem") else 0o644)
     return files
 
 
@@ -290,19 +290,3 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-
-
-def _write_atomic(path: Path, data: bytes, private: bool) -> None:
-    """Write to a temporary file in the same directory, then rename over `path`: readers see all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mkstemp: mode 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600 if private else 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

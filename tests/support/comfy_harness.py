@@ -394,7 +394,6 @@ def fake_folder_paths(root: Path) -> types.ModuleType:
 
 
 FOLDER_PATHS: Optional[types.ModuleType] = None  # set by --models: this "ComfyUI"'s model folders
-LOADED_MODULE_DIRS: dict[str, str] = {}           # as nodes.LOADED_MODULE_DIRS: custom-node pack -> its folder
 
 
 def _file_factor(folder: str, name: str) -> float:
@@ -462,7 +461,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {cls.__name__: cls for cls in (
 
 def load_custom_nodes(folder: Path) -> list[str]:
     """What ComfyUI's `load_custom_node` does for each pack in `folder`: import it from its path, register its
-    NODE_CLASS_MAPPINGS, stamp each class with RELATIVE_PYTHON_MODULE and record the pack's folder."""
+    NODE_CLASS_MAPPINGS and stamp each class with RELATIVE_PYTHON_MODULE (sys.modules records its file)."""
     import importlib.util
 
     loaded = []
@@ -476,9 +475,6 @@ def load_custom_nodes(folder: Path) -> list[str]:
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
-        # ComfyUI records a folder pack under its name and a single-file pack under its path without ".py"
-        LOADED_MODULE_DIRS[name if entry.is_dir() else str(entry.with_suffix(""))] = os.path.abspath(
-            entry if entry.is_dir() else entry.parent)
         for class_type, cls in getattr(module, "NODE_CLASS_MAPPINGS", {}).items():
             NODE_CLASS_MAPPINGS[class_type] = cls
             cls.RELATIVE_PYTHON_MODULE = f"custom_nodes.{name}"
@@ -490,7 +486,6 @@ def fake_nodes_module(mappings: Mapping[str, type] | None = None) -> types.Modul
     """What `import nodes` is inside ComfyUI, as far as provider.comfy._traits reads it."""
     module = types.ModuleType("nodes")
     module.NODE_CLASS_MAPPINGS = dict(NODE_CLASS_MAPPINGS if mappings is None else mappings)  # type: ignore[attr-defined]
-    module.LOADED_MODULE_DIRS = dict(LOADED_MODULE_DIRS)  # type: ignore[attr-defined]
     return module
 
 
