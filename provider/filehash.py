@@ -134,7 +134,7 @@ class FileHashes:
 
     def _lookup(self, stamp: Stamp) -> str | None:
         row = self._table.get(stamp.slot())
-        if row is None or any(row.get(k) != v for k, v in asdict(stamp).items()):
+        if row is None or any(row.get(k) != v for k, v in vars(stamp).items()):
             return None
         value = row.get("xxh3_128")
         return value if isinstance(value, str) else None
