@@ -153,6 +153,7 @@ def _serve_config(args: argparse.Namespace) -> NodeConfig:
         zeroconf_interfaces=[i for i in (args.zeroconf_interfaces or "").split(",") if i] or None,
         timing=Timing(interval=args.heartbeat, suspect_after=args.suspect_after, dead_after=args.dead_after),
         compress=args.compress,
+        revoked=[n.strip() for n in (args.revoke or "").split(",") if n.strip()],
     )
 
 
@@ -217,7 +218,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             "near_max_memory": int(counters.get("near_max_memory", 0)),
             "repair": {"passes": int(counters.get("repair_passes", 0)), "repaired": int(counters.get("repaired", 0)),
                        "under_replicated": int(counters.get("under_replicated", 0)),
-                       "pending": int(counters.get("repair_pending", 0))},
+                       "pending": int(counters.get("repair_pending", 0)),
+                       "hints": int(counters.get("hints", 0)),
+                       "hinted_puts": int(counters.get("hinted_puts", 0))},
             "warnings": list(s.warnings)}
     if args.json:
         _emit_json(data)
@@ -232,6 +235,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             ("repair", f"{data['repair']['passes']} passes, {data['repair']['repaired']} copies repaired, "
                        f"{data['repair']['under_replicated']} missing at the last pass, "
                        f"{data['repair']['pending']} pending"),
+            ("hints", f"{data['repair']['hints']} keys held for owners that lack them "
+                      f"({data['repair']['hinted_puts']} puts taken while no owner was reachable)"),
             ("memory", f"{format_size(data['bytes_used'])} of {format_size(data['max_memory'])} owned, "
                        f"{format_size(data['near_bytes_used'])} of {format_size(data['near_max_memory'])} near "
                        f"cache ({format_size(data['max_memory'] + data['near_max_memory'])} budget)"),
@@ -385,15 +390,17 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.limit:
         keys = keys[:args.limit]
     rows = [{"key": k.key, "raw_size": k.raw_size, "stored_size": k.stored_size,
-             "age_seconds": round(k.age_seconds, 1), "meta": dict(k.meta)} for k in keys]
+             "age_seconds": round(k.age_seconds, 1), "meta": dict(k.meta), "writers": list(k.writers)}
+            for k in keys]
     if args.json:
         _emit_json(rows)
     else:
         _table(f"{len(rows)} keys" + ("" if args.full else " (hashes shortened: --full shows them whole)"),
-               ["key", "class", "identity", "size", "stored", "age"], [
+               ["key", "class", "identity", "size", "stored", "age", "written by"], [
                    (r["key"] if args.full else _short_key(r["key"]), r["meta"].get("class_type", ""),
                     _identity(r["meta"].get("identity", ""), args.full),
-                    format_size(r["raw_size"]), format_size(r["stored_size"]), _duration(r["age_seconds"]))
+                    format_size(r["raw_size"]), format_size(r["stored_size"]), _duration(r["age_seconds"]),
+                    " > ".join(r["writers"]))
                    for r in rows])
     return 0
 
@@ -417,12 +424,15 @@ def cmd_put(args: argparse.Namespace) -> int:
         reply = c.put_file(args.key, path, meta, progress=bar)  # streamed: constant memory, whatever the size
     seconds = time.perf_counter() - started
     result = {"key": args.key, "bytes": size, "stored": reply.stored, "existed": reply.existed,
-              "replicas": reply.replicas, "seconds": round(seconds, 4)}
+              "replicas": reply.replicas, "hinted": reply.hinted, "seconds": round(seconds, 4)}
     if args.json:
         _emit_json(result)
     else:
         verb = "already stored" if reply.existed else "stored"
         print(safe(f"{verb} {args.key}: {format_size(size)} in {seconds:.3f} s"))
+        if reply.hinted:
+            print(safe(f"no owner of {args.key} was reachable: the node keeps it and hands it to them when they "
+                       f"are back (mesh status: hints)"), file=sys.stderr)
     return 0
 
 
@@ -514,6 +524,17 @@ def cmd_delete(args: argparse.Namespace) -> int:
         print(f"deleted {len(keys) - len(missing)} of {len(keys)} keys"
               + (f"; not found: {', '.join(safe(k) for k in missing)}" if missing else ""))
     return EXIT_NOT_FOUND if missing else 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Delete, on every member, each value whose provenance names the writer: what a revoked member wrote."""
+    with _client(args) as c:
+        deleted = c.purge(args.writer, timeout=_call_timeout(args))
+    if args.json:
+        _emit_json({"writer": args.writer, "deleted": deleted})
+    else:
+        print(safe(f"purged {deleted} values written by {args.writer} (every member answered)"))
+    return 0
 
 
 _FILE_GLOBALS = {"secret_file": SECRET_FILE_ENV, "tls_cert": "MESH_TLS_CERT", "tls_key": "MESH_TLS_KEY",
@@ -729,6 +750,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seeds", default="",
                    help="comma-separated HOST:PORT or dns:NAME:PORT of nodes to join (env MESH_SEEDS)")
     s.add_argument("--zeroconf", action="store_true", help="advertise and discover peers with mDNS")
+    s.add_argument("--revoke", default="",
+                   help="comma-separated certificate names of members this node refuses, with what they wrote "
+                        "(needs mutual TLS; env MESH_REVOKE)")
     s.add_argument("--zeroconf-interfaces", help="comma-separated addresses for mDNS (default: all)")
     s.add_argument("--replicas", type=int, default=2, help="owners per key (default 2)")
     s.add_argument("--write-acks", type=int, default=1, help="owners a put waits for (default 1)")
@@ -767,6 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--describe", action="store_true", help="print the structure of a ComfyUI value blob")
     d = command("delete", cmd_delete, "delete KEYs")
     d.add_argument("keys", nargs="+")
+    pg = command("purge", cmd_purge, "delete on every member what one writer wrote (`mesh keys` shows who wrote what)")
+    pg.add_argument("--writer", required=True, help="a member id or certificate name from a value's provenance")
     command("peers", cmd_peers, "members of the mesh as a node sees them")
     command("ring", cmd_ring, "ownership share of each member")
     command("drain", cmd_drain, "make a node leave: hand its keys to their new owners, then stop")

@@ -26,7 +26,7 @@ from mesh.node import Node
 from mesh.transport.peer import MeshError, PeerClient, Unreachable
 from mesh.transport.peers import PeerPool
 from mesh.cluster.ring import Ring
-from mesh.storage.store import Entry
+from mesh.storage.store import Entry, fresh_write_id
 from mesh.transport.wire import Limits, Tee, iter_chunks, make_header, raw_parts
 
 if TYPE_CHECKING:
@@ -97,8 +97,10 @@ class LocalClient:
         # Stored raw unless the operator asked for lz4 everywhere: each transfer to a slow link compresses on the way.
         chunks = tuple(iter_chunks(data, self.limits.chunk_size, self.node.config.compress == LZ4))
         stored = sum(len(c.data) for c in chunks)
-        entry = Entry(replace(header, stored_size=stored, created_unix=time.time()), chunks)
-        return self.cluster.put(entry, timeout=timeout)
+        entry = Entry(replace(header, stored_size=stored, created_unix=time.time(), write_id=fresh_write_id(),
+                              writers=(self.node.node_id,)), chunks)
+        replicas, hinted = self.cluster.put(entry, timeout=timeout)
+        return max(replicas, int(hinted))  # a hint is held: the provider counts the store as done
 
     def stats(self) -> dict[str, float]:
         out = self.node.store.stats()

@@ -24,10 +24,10 @@ PREFIX = "comfy_mesh_"
 # Monotonic counts among the node's counters (mesh stats); everything else is a gauge.
 COUNTERS = {
     "hits", "misses", "puts", "duplicate_puts", "evictions", "pressure_evictions", "deletes", "bytes_in",
-    "bytes_out", "refused", "conflicts_resolved", "tombstoned", "transfer_errors", "busy_refusals",
+    "bytes_out", "refused", "conflicts_kept", "tombstoned", "transfer_errors", "busy_refusals",
     "inflight_refusals", "stalled_streams", "remote_hits", "remote_misses", "previous_owner_hits", "near_hits",
     "owner_failures", "replica_write_failures", "uncached_reads", "repair_passes", "repaired", "handed_off",
-    "repair_errors", "repair_deletes_applied", "disk_errors", "disk_corrupt", "disk_evictions",
+    "repair_errors", "repair_deletes_applied", "hinted_puts", "disk_errors", "disk_corrupt", "disk_evictions",
     "provider_lookups", "provider_hits", "provider_misses", "provider_errors", "provider_stores",
     "provider_stores_dropped", "provider_store_errors", "provider_bytes_in", "provider_bytes_out",
     "provider_breaker_trips",

@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2
 import mesh
 from mesh.address import WILDCARDS, is_loopback, join_hostport, routable_host, split_hostport
 from mesh.transport.auth import AuthInterceptor, Secret, ServerAuth, as_keyring
+from mesh.transport.revocation import RevocationInterceptor
 from mesh.cluster.routing import Cluster, ClusterConfig
 from mesh.storage.disk import DiskStore
 from mesh.transport.link import AUTO, MODES, Links
@@ -66,6 +67,7 @@ class NodeConfig:
     timing: Timing = field(default_factory=Timing)
     compress: str = AUTO              # lz4 per transfer: auto (where a measured link is slow), off, or lz4 (always,
                                       # and values written through this node are stored compressed)
+    revoked: list[str] = field(default_factory=list)  # certificate names refused (mesh/transport/revocation.py)
 
 
 class ConfigError(ValueError):
@@ -97,6 +99,9 @@ def validate(config: NodeConfig) -> None:
                 split_hostport(address)
             except ValueError as e:
                 raise ConfigError(f"{name}: {e}") from None
+    if c.revoked and (c.tls is None or c.tls.ca is None):
+        raise ConfigError("--revoke needs mutual TLS (--tls-cert, --tls-key and --tls-ca): without it every member "
+                          "holds the same secret and none can be told apart; rotate the secret instead")
     if as_keyring(c.secret) is None:
         open_node_only_on_loopback(c.listen, c.advertise, c.seeds, c.zeroconf, c.metrics_listen)
 
@@ -163,7 +168,9 @@ class Node:
         validate(c)
         host, port = split_hostport(c.listen)
         ad_host = advertised_host(host, c.advertise)  # refuse before binding anything
-        interceptors = [AuthInterceptor(self.auth)] if self.auth is not None else []
+        interceptors: list[grpc.ServerInterceptor] = [RevocationInterceptor(c.revoked)] if c.revoked else []
+        if self.auth is not None:
+            interceptors.append(AuthInterceptor(self.auth))
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=MeshServicer.threads(c.limits), thread_name_prefix="mesh-rpc"),
             interceptors=interceptors,
@@ -195,6 +202,11 @@ class Node:
                                directory=self.membership, peers=self.peers, config=c.cluster)
         self.servicer = MeshServicer(self.node_id, self.address, self.store, c.limits, self.cluster, self.auth,
                                      membership=self.membership)
+        self.servicer.revoked = frozenset(c.revoked)
+        self.membership.revoked = frozenset(c.revoked)
+        for name in c.revoked:  # what a revoked member wrote before: gone here, whatever purge missed
+            if purged := self.store.delete(self.store.written_by(name), tombstone=True):
+                log.warning("dropped %d values written by revoked member %s", purged, name)
         self.servicer.on_drain = self._drain_rpc
         self.metrics.watch(self.servicer.counters, self.membership.members_pb)
         self.servicer.rpc_seconds = self.metrics.rpc_seconds

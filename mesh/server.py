@@ -32,10 +32,11 @@ from mesh.transport.auth import METADATA_KEY, AuthError, ServerAuth
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.storage.budget import ByteBudget
-from mesh.storage.store import BlobStore, Entry, StoreFull
+from mesh.storage.store import BlobStore, Entry, StoreFull, fresh_write_id
+from mesh.transport.tls import caller_name
 from mesh.watchdog import Watch, Watchdog
-from mesh.transport.wire import (MAX_KEY_BYTES, SERVICE, Header, Limits, RAW, Receiver, TransferError, WireChunk,
-                       decode_chunk_message, serialize_message, repack, without_planes)
+from mesh.transport.wire import (MAX_KEY_BYTES, MAX_WRITER_BYTES, MAX_WRITERS, SERVICE, Header, Limits, RAW, Receiver, TransferError, WireChunk,
+                       decode_chunk_message, serialize_message, repack, validate_header, without_planes)
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ class Cluster(Protocol):
     """What the servicer needs from the cluster layer (mesh/cluster/routing.py)."""
 
     def get(self, key: str, timeout: float) -> Entry | None: ...
-    def put(self, entry: Entry, timeout: float | None = None) -> int: ...
+    def put(self, entry: Entry, timeout: float | None = None) -> tuple[int, bool]: ...
+    def purge(self, writer: str, timeout: float) -> tuple[int, list[str]]: ...
     def has(self, keys: list[str], timeout: float) -> list[bool]: ...
     def delete(self, keys: list[str], timeout: float) -> list[bool]: ...
     def delete_local(self, keys: list[str]) -> list[bool]: ...
@@ -89,6 +91,7 @@ class MeshServicer(pb_grpc.MeshServicer):
         self.limits = limits
         self.cluster = cluster
         self.membership = membership
+        self.revoked: frozenset[str] = frozenset()  # member names refused: their calls and what they wrote
         self.on_drain: Callable[[], pb.DrainReply] | None = None
         self.stats_sources: list[Callable[[], dict[str, float]]] = []  # e.g. an embedded ComfyUI provider
         self._reports: dict[str, tuple[float, dict[str, float]]] = {}  # reporter -> (when, counters): sidecar clients
@@ -243,10 +246,11 @@ class MeshServicer(pb_grpc.MeshServicer):
         taken = 0
         try:
             header = Header.from_pb(first.header)
-            if not local_only or not header.created_unix:
-                # A new value: stamped here, once, then carried by every copy. A caller's own stamp is ignored:
-                # it decides which value of a key wins (store.precedes), so no client may claim "first".
-                header = replace(header, created_unix=time.time())
+            validate_header(header, self.limits)  # before anything is derived from it
+            header = self._provenance(header, first.local_only, context)
+            if self.revoked and self.revoked.intersection(header.writers):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                              f"refused: written by a revoked member ({', '.join(sorted(self.revoked & set(header.writers)))})")
             if not self.store.would_take(header):
                 self.store.counters.duplicate_puts += 1
                 return pb.PutReply(existed=True, replicas=1)
@@ -255,11 +259,11 @@ class MeshServicer(pb_grpc.MeshServicer):
             if local_only:
                 stored = self.store.put(entry)
                 return pb.PutReply(stored=stored, existed=not stored, replicas=1)
-            replicas = self.cluster.put(entry, timeout=self._deadline(context))
+            replicas, hinted = self.cluster.put(entry, timeout=self._deadline(context))
             held = self.store.header(header.key)
-            if held is not None and held != entry.header:  # a concurrent put of the same key stored it first
+            if held is not None and held != entry.header and not hinted:  # a concurrent put stored it first
                 return pb.PutReply(existed=True, replicas=replicas)
-            return pb.PutReply(stored=True, replicas=replicas)
+            return pb.PutReply(stored=True, replicas=replicas, hinted=hinted)
         except TransferError as e:
             with self._lock:
                 self.transfer_errors += 1
@@ -270,6 +274,23 @@ class MeshServicer(pb_grpc.MeshServicer):
         finally:
             self.inflight.give(taken)  # stored now (the store counts it) or dropped
         raise AssertionError("unreachable")
+
+    def _provenance(self, header: Header, replica: bool, context: grpc.ServicerContext) -> Header:
+        """The header as this node stores it: who wrote it, and a write id given once.
+
+        A new write (from a client) is given a fresh write id and this node's id as its first writer, whatever the
+        caller sent: no caller picks an id or a provenance. A copy from another node keeps both and gains the
+        authenticated name of the node that handed it on (its mTLS certificate), so a member that lies about
+        where a value came from is still named in it; the newest names are kept when the list is full.
+        """
+        caller = caller_name(context)
+        if not replica or not header.write_id:
+            writers = tuple(dict.fromkeys(w for w in (caller, self.node_id) if w))
+            return replace(header, write_id=fresh_write_id(), writers=writers, created_unix=time.time())
+        writers = header.writers[-(MAX_WRITERS - 1):]
+        if caller and (not writers or writers[-1] != caller):
+            writers = (*writers, caller)
+        return replace(header, writers=writers[-MAX_WRITERS:], created_unix=header.created_unix or time.time())
 
     def _receive(self, header: Header, requests: Iterator[pb.PutRequest | WireChunk],
                  watch: Watch) -> tuple[Entry, int]:
@@ -317,12 +338,18 @@ class MeshServicer(pb_grpc.MeshServicer):
             if request.versions:
                 reply.checksums.extend(h.checksum if h else 0 for h in held)
                 reply.created_unix.extend(h.created_unix if h else 0.0 for h in held)
-                reply.deleted_unix.extend(self.store.deleted_at(k) for k in keys)
+                reply.deleted_unix.extend(0.0 for _ in keys)  # nodes before write ids read this; no clock decides
+                reply.write_ids.extend(h.write_id if h else 0 for h in held)
+                if len(request.write_ids) == len(keys):
+                    reply.deleted.extend(self.store.deleted(Header(k, 0, 1, 0, 0, write_id=w))
+                                         for k, w in zip(keys, request.write_ids))
             return reply
         with self._admit(context, self._routed, "too many routed calls"):
             return pb.HasReply(present=self.cluster.has(keys, self._deadline(context)))
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteReply:
+        if request.writer:
+            return self._purge(request, context)
         keys = list(request.keys)
         self._check_keys(keys, context)
         if self.cluster is None:
@@ -333,6 +360,23 @@ class MeshServicer(pb_grpc.MeshServicer):
             with self._admit(context, self._routed, "too many routed calls"):
                 existed = self.cluster.delete(keys, self._deadline(context))
         return pb.DeleteReply(deleted=sum(existed), existed=existed)
+
+    def _purge(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteReply:
+        """Delete, with tombstones, every value whose provenance names `writer`: here, or on every member."""
+        if request.keys or len(request.writer.encode()) > MAX_WRITER_BYTES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a purge names one writer of at most "
+                                                            f"{MAX_WRITER_BYTES} bytes, and no keys")
+        if request.local_only or self.cluster is None:
+            keys = self.store.written_by(request.writer)
+            deleted = self.store.delete(keys, tombstone=True) if keys else 0
+            log.warning("purged %d values written by %s", deleted, request.writer)
+            return pb.DeleteReply(deleted=deleted)
+        with self._admit(context, self._routed, "too many routed calls"):
+            deleted, failed = self.cluster.purge(request.writer, self._deadline(context))
+        if failed:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"purged {deleted} values, but these members did not answer "
+                                                       f"(run it again when they are back): {', '.join(failed)}")
+        return pb.DeleteReply(deleted=deleted)
 
     def Digest(self, request: pb.DigestRequest, context: grpc.ServicerContext) -> pb.DigestReply:
         if self.cluster is None:
@@ -407,7 +451,7 @@ class MeshServicer(pb_grpc.MeshServicer):
             for h, stored_at in listed[:request.limit] if request.limit else listed:
                 watch.touch(self.limits.idle_timeout)
                 yield pb.KeyInfo(key=h.key, raw_size=h.raw_size, stored_size=h.stored_size,
-                                 age_seconds=now - stored_at, meta=dict(h.meta))
+                                 age_seconds=now - stored_at, meta=dict(h.meta), writers=h.writers)
 
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
         if self.membership is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,6 @@ from tests.support.serve import ServeProcess
 def entry(key: str, data: bytes, created: float = 1.0) -> Entry:
     header = make_header(key, data, 64 * KiB)
     chunks = tuple(iter_chunks(data, 64 * KiB))
-    from dataclasses import replace
 
     return Entry(replace(header, created_unix=created, stored_size=sum(len(c.data) for c in chunks)), chunks)
 
@@ -152,15 +152,24 @@ def test_the_store_reads_back_what_ram_evicted_and_deletes_files(tmp_path: Path)
 
 
 def test_conflict_rule_holds_across_ram_and_disk(tmp_path: Path) -> None:
+    """A held value is never replaced, and a delete refuses copies of its write, wherever the copy lives."""
     store = BlobStore(200 * KiB, disk=DiskStore(tmp_path, 10 << 20))
-    late, early = entry("k", b"late" * 1000, created=20.0), entry("k", b"early" * 1000, created=10.0)
-    assert store.put(late)
+    first = replace_id(entry("k", b"first" * 1000, created=20.0), 7)
+    early = replace_id(entry("k", b"early" * 1000, created=10.0), 8)
+    assert store.put(first)
     for i in range(3):  # push k out of RAM: only the disk holds it
         store.put(entry(f"filler{i}", os.urandom(90 * KiB)))
-    assert store.put(early)  # the first written wins, wherever the other copy lives
-    assert not store.put(late)
+    assert not store.put(early)  # an earlier claim does not win, on disk either
     fresh = BlobStore(200 * KiB, disk=DiskStore(tmp_path, 10 << 20))
-    assert fresh.header("k") == early.header
+    assert fresh.header("k") == first.header  # write id and provenance survive a restart
+    store.delete(["k"], tombstone=True)
+    for i in range(3, 6):
+        store.put(entry(f"filler{i}", os.urandom(90 * KiB)))
+    assert not store.put(first) and store.put(early)
+
+
+def replace_id(e: Entry, write_id: int) -> Entry:
+    return Entry(replace(e.header, write_id=write_id, writers=("n1", "cn-a")), e.chunks)
 
 
 # -- a real `mesh serve` ----------------------------------------------------------------------------------------

@@ -175,12 +175,15 @@ def test_a_delete_sticks_and_reaches_near_copies(three: LocalMesh) -> None:
             assert all(c.get(k) is None for k in keys + near_keys)
 
 
-def test_concurrent_puts_of_one_key_converge_to_one_value(three: LocalMesh) -> None:
-    """Different content entering at both owners at once: once 6 of 10 keys ended with different replicas."""
+def test_concurrent_puts_of_one_key_each_owner_keeps_what_it_took_first(three: LocalMesh) -> None:
+    """Different content entering at both owners at once. Values are never replaced (the conflict rule in
+    mesh/storage/store.py), so each owner keeps the value that reached it first, repair never overwrites one with
+    the other, and every read returns one of the two values, whole."""
     ring = ring_of(three, three.nodes[0])
     by_id = {n.node_id: n for n in three.nodes}
     keys = [f"race/{i}" for i in range(10)]
     barrier = threading.Barrier(2)
+    values = {k: {b"A" * 5000 + k.encode(), b"B" * 5000 + k.encode()} for k in keys}
 
     def put_through(node: LocalNode, key: str, value: bytes) -> None:
         with three.client(node) as c:
@@ -189,32 +192,43 @@ def test_concurrent_puts_of_one_key_converge_to_one_value(three: LocalMesh) -> N
 
     for key in keys:
         first, second = (by_id[o] for o in ring.owners(key, 2))
-        threads = [threading.Thread(target=put_through, args=(first, key, b"A" * 5000 + key.encode())),
-                   threading.Thread(target=put_through, args=(second, key, b"B" * 5000 + key.encode()))]
+        a, b = sorted(values[key])
+        threads = [threading.Thread(target=put_through, args=(first, key, a)),
+                   threading.Thread(target=put_through, args=(second, key, b))]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=30)
 
-    def converged() -> bool:
+    def held() -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
         for key in keys:
-            versions = set()
             for o in ring.owners(key, 2):
                 with three.client(by_id[o]) as c:
-                    versions.add(c.versions([key])[0][:2])
-            if len(versions) != 1 or (0, 0.0) in versions:
-                return False
+                    out.setdefault(key, {})[o] = c.versions([key], [0])[0][0]
+        return out
+
+    poll(lambda: all(all(held()[k].values()) for k in keys), "both owners of every key hold a copy", timeout=60)
+    before = held()
+    passes = {}
+    for node in three.nodes:
+        with three.client(node) as c:
+            passes[node.node_id] = c.stats().counters["repair_passes"]
+
+    def two_more_passes() -> bool:
+        for node in three.nodes:
+            with three.client(node) as c:
+                if c.stats().counters["repair_passes"] < passes[node.node_id] + 2:
+                    return False
         return True
 
-    poll(converged, "both owners of every key hold the same version", timeout=60)
-    for key in keys:  # and every node reads that one value
-        seen = set()
+    poll(two_more_passes, "two repair passes everywhere", timeout=60)
+    assert held() == before  # repair replaced nothing: no rule a writer could game picks a "winner"
+    for key in keys:
         for node in three.nodes:
             with three.client(node) as c:
                 got = c.get(key)
-                assert got is not None
-                seen.add(bytes(got.data))
-        assert len(seen) == 1
+                assert got is not None and bytes(got.data) in values[key]
 
 
 def test_the_sidecar_client_keeps_working_while_its_sidecar_is_down(three: LocalMesh) -> None:
@@ -266,3 +280,36 @@ def test_a_delete_an_owner_missed_is_not_undone(three: LocalMesh) -> None:
     for node in three.nodes:
         with three.client(node) as c:
             assert c.get(key) is None
+
+
+def test_a_put_no_owner_can_take_is_kept_as_a_hint_and_reaches_the_owners_later(three: LocalMesh) -> None:
+    """Once such a put answered replicas=0 as a success and parked the value in a near cache, from which it never
+    reached its owners: 38 keys lost after a 90 s partition. Now it is a hint that repair hands on."""
+    entry_node = three.nodes[0]
+    ring = ring_of(three, entry_node)
+    others = {n.node_id: n for n in three.nodes[1:]}
+    key = next(k for k in (f"hint/{i}" for i in range(10_000)) if set(ring.owners(k, 2)) == set(others))
+    value = _value(7)
+    for node in others.values():  # both owners frozen: they accept connections and answer nothing
+        node.process.send_signal(signal.SIGSTOP)
+    try:
+        with three.client(entry_node, timeout=4) as c:
+            reply = c.put(key, value)
+        assert reply.replicas == 0 and reply.hinted and reply.stored
+        with three.client(entry_node) as c:
+            assert c.has([key], local_only=True) == [True]
+            assert c.stats().counters["hinted_puts"] == 1
+    finally:
+        for node in others.values():
+            node.process.send_signal(signal.SIGCONT)
+    poll(lambda: copies(three, [key])[key] == 2 and not has_local(three, entry_node, key),
+         "the hint reached both owners and left the node that kept it", timeout=60)
+    for node in others.values():
+        with three.client(node) as c:
+            got = c.get(key, local_only=True)
+            assert got is not None and bytes(got.data) == value
+
+
+def has_local(mesh: LocalMesh, node: LocalNode, key: str) -> bool:
+    with mesh.client(node) as c:
+        return c.has([key], local_only=True)[0]

@@ -9,7 +9,7 @@ what they hold is repaired onto the new owners; writes go to every owner; delete
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
@@ -17,7 +17,7 @@ from mesh.cluster.routing import Cluster, ClusterConfig
 from mesh.transport.peer import Unreachable
 from mesh.transport.peers import PeerPool
 from mesh.cluster.ring import Ring
-from mesh.storage.store import BlobStore, Entry
+from mesh.storage.store import BlobStore, Entry, StoreFull
 from mesh.transport.wire import RAW, Header, Limits, MiB, StoredChunk, Tee, make_header, raw_parts
 from tests.conftest import Collect
 
@@ -194,8 +194,8 @@ def test_a_miss_everywhere_is_a_miss(mesh: Mesh) -> None:
 def test_a_write_reaches_every_owner(mesh: Mesh) -> None:
     mine = mesh.key({ME, "b"})
     theirs = mesh.key({"a", "c"})
-    assert mesh.cluster.put(entry(mine)) >= 1
-    assert mesh.cluster.put(entry(theirs)) >= 1
+    assert mesh.cluster.put(entry(mine))[0] >= 1
+    assert mesh.cluster.put(entry(theirs))[0] >= 1
     assert mesh.cluster.flush(timeout=5)
     assert mine in mesh.cluster.store and mine in mesh.peer("b").store
     assert theirs in mesh.peer("a").store and theirs in mesh.peer("c").store
@@ -203,12 +203,24 @@ def test_a_write_reaches_every_owner(mesh: Mesh) -> None:
     assert mesh.cluster.has([mine, theirs, "absent"], timeout=5) == [True, True, False]
 
 
-def test_no_owner_reachable_keeps_the_write_here_rather_than_lose_it(mesh: Mesh) -> None:
+def test_no_owner_reachable_keeps_the_write_here_as_a_hint(mesh: Mesh) -> None:
     key = mesh.key({"a", "c"})
     mesh.peer("a").down = mesh.peer("c").down = True
-    assert mesh.cluster.put(entry(key), timeout=5) == 0
-    assert key in mesh.cluster.near
-    assert mesh.cluster.counters["replica_write_failures"] == 2
+    assert mesh.cluster.put(entry(key), timeout=5) == (0, True)
+    # in the store, not the near cache: durable as any value, and repair hands on what it does not own
+    assert key in mesh.cluster.store and key not in mesh.cluster.near
+    assert mesh.cluster.counters["replica_write_failures"] == 2 and mesh.cluster.counters["hinted_puts"] == 1
+
+
+def test_a_hint_that_cannot_be_kept_is_an_error_not_an_acknowledgement(mesh: Mesh) -> None:
+    key = mesh.key({"a", "c"})
+    mesh.peer("a").down = mesh.peer("c").down = True
+    held = entry(key, b"x" * 1000)
+    mesh.cluster.store.put(held)
+    mesh.cluster.store.delete([key], tombstone=True)  # this very write was deleted here: no hint can be kept
+    with pytest.raises(StoreFull):
+        mesh.cluster.put(held, timeout=5)
+    assert mesh.cluster.counters["hinted_puts"] == 0
 
 
 def test_after_a_ring_change_previous_owners_are_asked_and_the_new_owners_repaired(mesh: Mesh) -> None:
@@ -246,3 +258,19 @@ def test_drain_leaves_the_directory_and_hands_every_blob_to_its_owners(mesh: Mes
     ring = Ring({n: 1.0 for n in ("a", "b", "c")})
     for key in mine:
         assert all(key in mesh.peer(o).store for o in ring.owners(key, 2))
+
+
+def test_a_copy_of_a_write_deleted_here_is_not_served_from_an_owner_that_missed_the_delete(mesh: Mesh) -> None:
+    """The window after a delete where a co-owner is back with the old copy and repair has not run yet."""
+    key = mesh.key({ME, "b"})
+    old = Entry(replace(entry(key).header, write_id=41), entry(key).chunks)
+    mesh.cluster.store.put(old)
+    mesh.peer("b").store.put(old)  # b was away when the key was deleted: it still holds the old write
+    mesh.cluster.store.delete([key], tombstone=True)
+    assert mesh.cluster.get(key, timeout=5) is None
+    assert key not in mesh.cluster.store and key not in mesh.cluster.near
+    fresh = Entry(replace(old.header, write_id=42), old.chunks)  # a put after the delete is served at once
+    mesh.peer("b").store.delete([key])
+    mesh.peer("b").store.put(fresh)
+    got = mesh.cluster.get(key, timeout=5)
+    assert got is not None and got.header.write_id == 42

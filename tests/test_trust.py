@@ -572,7 +572,8 @@ def test_forged_gossip_incarnations_break_nothing(serve: Callable[..., ServeProc
 
 
 def test_a_client_cannot_claim_to_be_first(serve: Callable[..., ServeProcess]) -> None:
-    """The conflict rule picks the earliest creation time: a put's own stamp is ignored, the node stamps it."""
+    """Once the earliest creation time won a conflict, and a member claiming 1970 replaced any value. Now a held
+    value is never replaced (mesh/storage/store.py), whatever the put claims; a nonsense stamp is still refused."""
     node = serve()
     from dataclasses import replace as dc_replace
 

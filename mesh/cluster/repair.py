@@ -7,11 +7,13 @@ until it is gone. Here every node, every `interval` seconds and at once after a 
 member's restart, compares notes with each peer it shares keys with:
 
 1. Both sides summarise the keys they hold that *both* own (by the ring) into BUCKETS hash buckets: per bucket
-   a count and the xor of a hash of (key, checksum, created). Equal buckets need nothing more; a summary costs
+   a count and the xor of a hash of (key, write id, checksum). Equal buckets need nothing more; a summary costs
    a few KiB whatever the number of keys.
-2. For the buckets that differ, this node asks the peer for the versions of its own keys there (one batched
-   Has), and pushes the ones the peer lacks or holds in a losing version (`store.precedes`). The peer's pass
-   does the same the other way, so both converge.
+2. For the buckets that differ, this node asks the peer about its own keys there (one batched Has naming the
+   write id of each copy): it drops a copy the peer has deleted (a tombstone for that write id) and pushes the
+   keys the peer lacks. A key the peer holds with another value stays as each has it: values are never replaced
+   (mesh/storage/store.py says why), so no writer and no clock decides between them. The peer's pass does
+   the same the other way, so both converge.
 3. Keys this node holds but no longer owns (it was an owner before the ring changed) are pushed to owners that
    lack them, then dropped here: that is the rebalance, retried every pass until it completes.
 
@@ -33,7 +35,7 @@ import xxhash
 from mesh.transport.peer import MeshError, Unreachable
 from mesh.transport.peers import PeerPool
 from mesh.cluster.ring import Ring
-from mesh.storage.store import BlobStore, Entry, precedes
+from mesh.storage.store import BlobStore, Entry
 from mesh.transport.wire import Header
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,8 @@ def bucket_of(key: str, buckets: int = BUCKETS) -> int:
 
 
 def version_hash(header: Header) -> int:
-    """Key and content only: two owners holding the same bytes agree, whenever each stored them."""
-    return xxhash.xxh3_64_intdigest(f"{header.key}\0{header.checksum}".encode())
+    """Key, write and content: two owners holding copies of one write agree, whenever each stored them."""
+    return xxhash.xxh3_64_intdigest(f"{header.key}\0{header.write_id}\0{header.checksum}".encode())
 
 
 def digest(headers: Iterable[Header], shared: Callable[[str], bool], buckets: int = BUCKETS
@@ -80,11 +82,13 @@ class Placement(Protocol):
 @dataclass
 class RepairStats:
     passes: int = 0
-    repaired: int = 0            # copies pushed to an owner that lacked the key (or held a losing version)
+    repaired: int = 0            # copies pushed to an owner that lacked the key
     handed_off: int = 0          # keys this node no longer owns, dropped once their owners held them
     under_replicated: int = 0    # copies found missing in the last pass (before it pushed them)
     pending: int = 0             # copies the last pass could not push (peer unusable, budget spent)
-    deletes_applied: int = 0     # copies dropped because a co-owner had deleted the key since they were made
+    deletes_applied: int = 0     # copies dropped because a co-owner had deleted that write
+    divergent: int = 0           # keys found with another value at a co-owner in the last pass (both kept)
+    hints: int = 0               # keys held here for owners that lacked them, in the last pass
     last_pass_seconds: float = 0.0
     errors: int = 0
 
@@ -100,6 +104,7 @@ class AntiEntropy:
         self.timeout = timeout
         self.retry_after = retry_after
         self.stats = RepairStats()
+        self._divergent = 0
         self._kick = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -167,6 +172,7 @@ class AntiEntropy:
                 not_ours.append((header, owners))
         budget = [self.max_push_bytes]
         missing = pending = repaired = 0
+        self._divergent = 0
         for peer, headers in by_peer.items():
             m, unpushed, done = self._sync_peer(peer, headers, budget)
             missing, pending, repaired = missing + m, pending + len(unpushed), repaired + done
@@ -191,6 +197,7 @@ class AntiEntropy:
         s.repaired += repaired
         s.handed_off += handed
         s.under_replicated, s.pending = missing, pending
+        s.divergent, s.hints = self._divergent, len(not_ours)
         s.last_pass_seconds = time.monotonic() - started
         if repaired or handed:
             log.info("repair: pushed %d copies to owners that lacked them, handed off %d keys (%.1f s)",
@@ -228,19 +235,23 @@ class AntiEntropy:
         client = self.placement.peers.client(address)
         lacking: list[Header] = []
         tombstoned: list[Header] = []
+        divergent = 0
         try:
             for i in range(0, len(headers), HAS_BATCH):
                 batch = headers[i:i + HAS_BATCH]
-                versions = client.versions([h.key for h in batch], timeout=self.timeout)
-                for h, (checksum, created, deleted) in zip(batch, versions):
-                    if deleted and h.created_unix <= deleted:
-                        tombstoned.append(h)  # the peer deleted it after this copy was made: it goes here too
-                    elif checksum == 0 or (checksum != h.checksum and precedes(
-                            h, Header(h.key, 0, 1, 0, checksum, created_unix=created))):
+                versions = client.versions([h.key for h in batch], [h.write_id for h in batch],
+                                           timeout=self.timeout)
+                for h, (held, deleted) in zip(batch, versions):
+                    if deleted:
+                        tombstoned.append(h)  # the peer deleted this very write: it goes here too
+                    elif held == 0:
                         lacking.append(h)
+                    elif held != h.write_id:
+                        divergent += 1
         except MeshError as e:
             self._failed(address, e)
             return 0, all_keys, 0
+        self._divergent += divergent
         for h in tombstoned:
             if self.store.header(h.key) == h:
                 self.store.delete([h.key], tombstone=True)

@@ -74,7 +74,7 @@ class Cluster:
         self.repair = AntiEntropy(self, store, interval=config.repair_interval, timeout=config.read_timeout)
         self.counters: dict[str, int] = {"remote_hits": 0, "remote_misses": 0, "previous_owner_hits": 0,
                                          "near_hits": 0, "owner_failures": 0, "replica_write_failures": 0,
-                                         "uncached_reads": 0}
+                                         "uncached_reads": 0, "hinted_puts": 0}
 
     # -- the ring ------------------------------------------------------------------------------------------------
 
@@ -167,8 +167,8 @@ class Cluster:
             entry = self._fetch_from(node_id, key, deadline, tee)
             if entry is None:
                 continue
-            if self.store.deleted_since(entry.header):
-                continue  # a copy from before a delete this node saw (its owner missed the delete)
+            if self.store.deleted(entry.header) or self.near.deleted(entry.header):
+                continue  # a copy of a value deleted here (its owner missed the delete)
             if node_id in previous:
                 self._count("previous_owner_hits")
                 self._submit_write(self._repair, entry, [o for o in owners if o != self.node_id])
@@ -244,11 +244,14 @@ class Cluster:
 
     # -- writes ------------------------------------------------------------------------------------------------
 
-    def put(self, entry: Entry, timeout: float | None = None) -> int:
-        """Store on the owners; returns how many hold it when the call returns (at least write_acks if able).
+    def put(self, entry: Entry, timeout: float | None = None) -> tuple[int, bool]:
+        """Store on the owners: (how many hold it when the call returns, whether this node keeps it as a hint).
 
         Waits at most `timeout` (default: the write timeout) for the acknowledgements; copies still under way
-        then finish in the background."""
+        then finish in the background. When no owner took it (all unreachable, say behind a partition), this node
+        keeps it in its store although it does not own it: a hint, durable as any stored value (on disk with a
+        data dir), that repair hands to the owners once they are reachable and only then drops (repair.py, step
+        3). A hint that cannot be kept raises StoreFull: a put is never acknowledged for a value held nowhere."""
         wait = self.config.write_timeout + 1 if timeout is None else timeout
         owners = self.owners(entry.header.key)
         acks = 0
@@ -265,9 +268,46 @@ class Cluster:
                         break
             except futures.TimeoutError:
                 pass
-        if acks == 0:
-            self.near.put(entry)  # no owner took it: keep it here rather than lose it
-        return acks
+        if acks:
+            return acks, False
+        self.store.put(entry)  # StoreFull when it can never fit: the caller is told, not acknowledged
+        if self.store.header(entry.header.key) is None:
+            raise StoreFull(f"no owner of {entry.header.key[:80]} is reachable, and this node could not keep it "
+                            f"to hand on later (deleted here, or evicted at once)")
+        self._count("hinted_puts")
+        self.repair.kick()
+        return 0, True
+
+    def purge(self, writer: str, timeout: float) -> tuple[int, list[str]]:
+        """Delete what `writer` wrote on every member: (values deleted, members that did not answer)."""
+        deadline = time.monotonic() + timeout
+        keys = self.store.written_by(writer)
+        deleted = self.store.delete(keys, tombstone=True) if keys else 0
+        deleted += self.near.delete(self.near.written_by(writer), tombstone=True)
+        failed: list[str] = []
+        others = [m for m in self.directory.ring_members() if m != self.node_id]
+        jobs = {self._pool.submit(self._purge_at, m, writer, deadline): m for m in others}
+        for job, member in jobs.items():
+            try:
+                got = job.result(timeout=max(0.0, deadline - time.monotonic()) + 1)
+            except futures.TimeoutError:
+                got = None
+            if got is None:
+                failed.append(member)
+            else:
+                deleted += got
+        return deleted, failed
+
+    def _purge_at(self, node_id: str, writer: str, deadline: float) -> int | None:
+        address = self.directory.address_of(node_id)
+        remaining = deadline - time.monotonic()
+        if address is None or remaining <= 0:
+            return None
+        try:
+            return self.peers.client(address).purge(writer, timeout=remaining, local_only=True)
+        except MeshError as e:
+            log.info("purge at %s failed: %s", node_id, e)
+            return None
 
     def _submit_write(self, fn: Callable[..., int | None], *args: object) -> futures.Future[int | None]:
         """A background copy; counted, so a stopping node can wait for the queue to empty (`flush`)."""
@@ -381,7 +421,7 @@ class Cluster:
         out.update(repair_passes=r.passes, repaired=r.repaired, handed_off=r.handed_off,
                    under_replicated=r.under_replicated, repair_pending=r.pending,
                    repair_last_pass_seconds=r.last_pass_seconds, repair_errors=r.errors,
-                   repair_deletes_applied=r.deletes_applied)
+                   repair_deletes_applied=r.deletes_applied, hints=r.hints, divergent_keys=r.divergent)
         return out
 
     def close(self, flush_timeout: float = 5.0) -> None:

@@ -115,6 +115,7 @@ class Membership:
         self._on_restart = on_restart
         self._local_stats = local_stats
         self._lock = threading.RLock()
+        self.revoked: frozenset[str] = frozenset()  # member ids kept out of the ring (certificate names)
         self._epoch = time.monotonic()
         self.table = MemberTable(me, self.timing.limits(), wall_offset_ms=time.time() * 1000.0)
         self.swim = Swim(self.table, self, self.timing.swim(cluster))
@@ -143,11 +144,15 @@ class Membership:
     # -- views -------------------------------------------------------------------------------------------------
 
     def ring_members(self) -> dict[str, int]:
-        """node id -> capacity of every member that owns keys: ALIVE or SUSPECT, ourselves unless leaving."""
+        """node id -> capacity of every member that owns keys: ALIVE or SUSPECT, ourselves unless leaving, and
+        never a revoked one (mesh/transport/revocation.py): no key is routed to it."""
         with self._lock:
-            return self.table.ring()
+            ring = self.table.ring()
+        return {k: v for k, v in ring.items() if k not in self.revoked} if self.revoked else ring
 
     def address_of(self, node_id: str) -> str | None:
+        if node_id in self.revoked:
+            return None  # nothing is fetched from, nor written to, a revoked member
         with self._lock:
             if node_id == self.table.me.node_id:
                 return self.table.me.address

@@ -1,5 +1,16 @@
 """The node's local blob store: verified blobs under a byte budget, LRU eviction, RAM-pressure eviction.
 
+The conflict rule, one for puts and deletes, with no clock in it (a skewed node, or a member that claims any
+time it likes, must not be able to win a conflict or undo a delete):
+
+- A stored value is never replaced. A put of a key held here is a no-op, whoever sends it and whatever it claims.
+  Values of one key are interchangeable for a cache (the key names the computation), so two owners that took
+  different values in a race may keep them; repair copies a key only to an owner that lacks it.
+- Every value carries a `write_id`, random, given once by the node that took the write. A delete tombstones the
+  write ids it removed (for TOMBSTONE_TTL on this host's monotonic clock), so a copy of a deleted value (an
+  in-flight replica write, a co-owner that missed the delete) is refused and dropped, while a new put of the
+  key (a new write id) is taken at once.
+
 Blobs are kept as the chunks they arrived in (compressed where that paid), so a Get streams them out with no
 recompression, and the budget counts what is really held. Besides the budget, the store keeps at least
 `min_free_ram` of the machine's memory available (as ComfyUI's RAM_PRESSURE cache does): the node shares the
@@ -8,6 +19,7 @@ host with ComfyUI, whose models matter more than our cache.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -21,17 +33,13 @@ from mesh.transport.wire import Header, StoredChunk, meta_size
 
 ENTRY_OVERHEAD = 512  # bytes of bookkeeping charged per blob, so many tiny blobs cannot exceed the budget
 CHUNK_OVERHEAD = 64
-TOMBSTONE_TTL = 120.0  # seconds a deleted key refuses copies made before the delete (> any write deadline)
+TOMBSTONE_TTL = 600.0  # seconds (this host's monotonic clock) a delete refuses copies of what it removed
 MAX_TOMBSTONES = 100_000
 
 
-def precedes(a: Header, b: Header) -> bool:
-    """The conflict rule: of two values stored under one key, the first written wins.
-
-    "First" is the earlier `created_unix` (set by the node that first stored the value), ties broken by the
-    lower checksum, so every replica picks the same value whatever order the copies arrive in.
-    """
-    return (a.created_unix, a.checksum) < (b.created_unix, b.checksum)
+def fresh_write_id() -> int:
+    """A write id: random, so no writer can pick one that wins or that collides with a tombstone on purpose."""
+    return int.from_bytes(os.urandom(8), "little") or 1
 
 
 class StoreFull(Exception):
@@ -47,7 +55,7 @@ class Entry:
     @property
     def size(self) -> int:
         h = self.header
-        return (ENTRY_OVERHEAD + len(h.key) + meta_size(h.meta)
+        return (ENTRY_OVERHEAD + len(h.key) + meta_size(h.meta) + sum(len(w) for w in h.writers)
                 + sum(len(c.data) + CHUNK_OVERHEAD for c in self.chunks))
 
 
@@ -63,8 +71,8 @@ class Counters:
     bytes_in: int = 0
     bytes_out: int = 0
     refused: int = 0
-    conflicts_resolved: int = 0
-    tombstoned: int = 0
+    conflicts_kept: int = 0    # puts of a different value for a key held here: the held one stays
+    tombstoned: int = 0       # copies refused because their write was deleted here
 
 
 def available_ram() -> int:
@@ -85,7 +93,8 @@ class BlobStore:
         self._probe = ram_probe
         self._lock = threading.Lock()
         self._entries: OrderedDict[str, tuple[Entry, int]] = OrderedDict()
-        self._tombstones: OrderedDict[str, float] = OrderedDict()  # key -> unix time of the delete
+        # key -> (write ids deleted, monotonic time of the last delete), oldest first
+        self._tombstones: OrderedDict[str, tuple[frozenset[int], float]] = OrderedDict()
         self._used = 0
         self.counters = Counters()
 
@@ -133,7 +142,7 @@ class BlobStore:
                 return None
             entry = Entry(*found)
             with self._lock:
-                if self._deleted_after(entry.header):
+                if self._deleted(entry.header):
                     return None
                 if entry.size <= self.max_memory and key not in self._entries:
                     self._insert(entry, entry.size)
@@ -163,38 +172,26 @@ class BlobStore:
     def would_take(self, header: Header) -> bool:
         """Whether a put of this header could change the store (a cheap check before receiving the chunks)."""
         with self._lock:
-            if self._deleted_after(header):
+            if self._deleted(header):
                 return False
-        held = self.header(header.key)
-        return held is None or (held.checksum != header.checksum and precedes(header, held))
+        return self.header(header.key) is None
 
-    def deleted_at(self, key: str) -> float:
-        """When `key` was deleted here, if its tombstone is still alive; else 0."""
+    def deleted(self, header: Header) -> bool:
+        """Whether this copy's write was deleted here (within TOMBSTONE_TTL): it must be neither kept nor served."""
         with self._lock:
-            at = self._tombstones.get(key, 0.0)
-        return at if at and time.time() - at <= TOMBSTONE_TTL else 0.0
+            return self._deleted(header)
 
-    def deleted_since(self, header: Header) -> bool:
-        """Whether this copy was made before a delete of its key that this node still remembers."""
-        with self._lock:
-            return self._deleted_after(header)
-
-    def _deleted_after(self, header: Header) -> bool:
-        deleted_at = self._tombstones.get(header.key)
-        if deleted_at is None:
+    def _deleted(self, header: Header) -> bool:
+        held = self._tombstones.get(header.key)
+        if held is None:
             return False
-        if time.time() - deleted_at > TOMBSTONE_TTL:
+        if time.monotonic() - held[1] > TOMBSTONE_TTL:
             del self._tombstones[header.key]
             return False
-        return bool(header.created_unix) and header.created_unix <= deleted_at
+        return header.write_id in held[0]
 
     def put(self, entry: Entry) -> bool:
-        """Store a verified blob; False if nothing changed.
-
-        A key holds one value: a second put of it is a no-op unless it carries a different value that wins by
-        `precedes` (concurrent puts of one key converge on every replica). A copy made before the key was
-        deleted is refused for TOMBSTONE_TTL, so an in-flight replica write cannot undo a delete.
-        """
+        """Store a verified blob; False if nothing changed (the key is held, or this write was deleted here)."""
         size = entry.size
         if size > self.max_memory:
             with self._lock:
@@ -203,15 +200,18 @@ class BlobStore:
         key = entry.header.key
         with self._key_locks[hash(key) % len(self._key_locks)]:
             with self._lock:
-                if self._deleted_after(entry.header):
+                if self._deleted(entry.header):
                     self.counters.tombstoned += 1
                     return False
             held = self.header(key)
-            if held is not None and (held.checksum == entry.header.checksum or not precedes(entry.header, held)):
+            if held is not None:
                 with self._lock:
                     if key in self._entries:
                         self._entries.move_to_end(key)
-                    self.counters.duplicate_puts += 1
+                    if held.write_id == entry.header.write_id:
+                        self.counters.duplicate_puts += 1
+                    else:
+                        self.counters.conflicts_kept += 1
                 return False
             if self.disk is not None:
                 self.disk.put(entry.header, entry.chunks)  # on disk before the put returns
@@ -219,8 +219,6 @@ class BlobStore:
                 old = self._entries.pop(key, None)
                 if old is not None:
                     self._used -= old[1]
-                if held is not None:
-                    self.counters.conflicts_resolved += 1
                 self._insert(entry, size)
                 self.counters.puts += 1
                 self.counters.bytes_in += size
@@ -235,21 +233,21 @@ class BlobStore:
         self._used += size
 
     def delete(self, keys: list[str], tombstone: bool = False) -> int:
-        """Drop keys; with `tombstone`, also refuse copies of them made before now, for TOMBSTONE_TTL."""
-        now = time.time()
-        on_disk: set[str] = set()
+        """Drop keys; with `tombstone`, also refuse copies of the values dropped, for TOMBSTONE_TTL."""
         locks = sorted({hash(k) % len(self._key_locks) for k in keys})
         for i in locks:  # in order, so two deletes never deadlock; a put of a key in flight finishes first
             self._key_locks[i].acquire()
         try:
-            return self._delete(keys, tombstone, now, on_disk)
+            return self._delete(keys, tombstone)
         finally:
             for i in locks:
                 self._key_locks[i].release()
 
-    def _delete(self, keys: list[str], tombstone: bool, now: float, on_disk: set[str]) -> int:
+    def _delete(self, keys: list[str], tombstone: bool) -> int:
         deleted = 0
-        on_disk |= {k for k in keys if self.disk is not None and self.disk.delete(k)}
+        held = {k: h for k in keys if (h := self.header(k)) is not None}
+        on_disk = {k for k in keys if self.disk is not None and self.disk.delete(k)}
+        now = time.monotonic()
         with self._lock:
             for key in keys:
                 item = self._entries.pop(key, None)
@@ -258,14 +256,18 @@ class BlobStore:
                 if item is not None or key in on_disk:
                     deleted += 1
                     on_disk.discard(key)
-                if tombstone:
-                    self._tombstones.pop(key, None)
-                    self._tombstones[key] = now
+                if tombstone and key in held:
+                    ids, _ = self._tombstones.pop(key, (frozenset(), 0.0))
+                    self._tombstones[key] = (ids | {held[key].write_id}, now)
             while len(self._tombstones) > MAX_TOMBSTONES or (
-                    self._tombstones and now - next(iter(self._tombstones.values())) > TOMBSTONE_TTL):
+                    self._tombstones and now - next(iter(self._tombstones.values()))[1] > TOMBSTONE_TTL):
                 self._tombstones.popitem(last=False)
             self.counters.deletes += deleted
         return deleted
+
+    def written_by(self, writer: str) -> list[str]:
+        """Keys whose value names `writer` in its provenance (what `mesh purge --writer` removes)."""
+        return [h.key for h, _ in self.catalog() if writer in h.writers]
 
     def relieve_pressure(self) -> int:
         """Evict LRU blobs until the bytes freed cover the shortfall of available RAM. Returns evictions.

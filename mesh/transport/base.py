@@ -36,8 +36,9 @@ class PeerTransport(Protocol):
         """Anti-entropy: per bucket, a digest and a count of the keys the peer holds for `requester`."""
         ...
 
-    def versions(self, keys: list[str], timeout: float | None = None) -> list[tuple[int, float, float]]:
-        """Per key: (checksum or 0, created_unix, deleted_unix) as the peer holds it."""
+    def versions(self, keys: list[str], write_ids: list[int], timeout: float | None = None
+                 ) -> list[tuple[int, bool]]:
+        """Per key: (the peer's write id or 0, whether the peer deleted the write named in `write_ids`)."""
         ...
 
     def close(self) -> None: ...

@@ -536,16 +536,22 @@ class PeerClient:
             raise Refused(f"node {self.address} answered {len(existed)} of {len(keys)} keys")
         return existed
 
-    def versions(self, keys: list[str], timeout: float | None = None) -> list[tuple[int, float, float]]:
-        """(checksum, created_unix, deleted_unix) of each key on this node: (0, 0.0, _) where it holds none,
-        deleted_unix > 0 where it deleted the key recently (a tombstone)."""
-        reply = self._unary("Has", pb.HasRequest(keys=keys, local_only=True, versions=True), timeout,
-                            wait_for_ready=True)
-        checksums, created = list(reply.checksums), list(reply.created_unix)  # type: ignore[attr-defined]
-        deleted = list(reply.deleted_unix)  # type: ignore[attr-defined]
-        if not len(checksums) == len(created) == len(deleted) == len(keys):
-            raise Refused(f"node {self.address} answered versions of {len(checksums)} of {len(keys)} keys")
-        return list(zip(checksums, created, deleted))
+    def versions(self, keys: list[str], write_ids: list[int], timeout: float | None = None
+                 ) -> list[tuple[int, bool]]:
+        """Per key: (the write id of the copy this node holds, 0 if none; whether it deleted the asker's copy,
+        named by `write_ids`, recently: a tombstone)."""
+        request = pb.HasRequest(keys=keys, local_only=True, versions=True, write_ids=write_ids)
+        reply = self._unary("Has", request, timeout, wait_for_ready=True)
+        held, deleted = list(reply.write_ids), list(reply.deleted)  # type: ignore[attr-defined]
+        if not len(held) == len(deleted) == len(keys):
+            raise Refused(f"node {self.address} answered versions of {len(held)} of {len(keys)} keys "
+                          f"(a node from before write ids: upgrade it)")
+        return list(zip(held, deleted))
+
+    def purge(self, writer: str, timeout: float | None = None, local_only: bool = False) -> int:
+        """Delete every value whose provenance names `writer` (on every member, or with local_only on this node)."""
+        reply = self._unary("Delete", pb.DeleteRequest(writer=writer, local_only=local_only), timeout)
+        return int(reply.deleted)  # type: ignore[attr-defined]
 
     def digest(self, requester: str, buckets: int, timeout: float | None = None) -> tuple[list[int], list[int]]:
         """The node's anti-entropy summary of the keys it and `requester` both own (mesh/cluster/repair.py)."""

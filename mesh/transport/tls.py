@@ -74,6 +74,17 @@ class TlsConfig:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
 
+def caller_name(context: grpc.ServicerContext) -> str | None:
+    """The authenticated name of a caller: the common name of its client certificate (mutual TLS), else None.
+
+    Only a certificate the fleet's CA signed gets this far, so the name is as good as the CA: it is what
+    provenance records and what revocation refuses. Without mutual TLS every member holds the same secret and
+    no call can be told apart from another member's.
+    """
+    names = context.auth_context().get("x509_common_name") or ()
+    return names[0].decode("utf-8", "replace") if names else None
+
+
 def load_tls(cert: str | None = None, key: str | None = None, ca: str | None = None,
              server_name: str | None = None, env: Mapping[str, str] | None = None) -> TlsConfig | None:
     """Paths from arguments, else from MESH_TLS_* env vars (env defaults to os.environ). None when neither cert nor key given.

@@ -56,6 +56,8 @@ _PACK_AHEAD = 4        # chunks compressed ahead of the one on the wire, on the 
 MAX_KEY_BYTES = 1024     # UTF-8 bytes of a key, for every RPC (ComfyUI provider keys are ~100)
 MAX_META_BYTES = 16 * KiB  # all names and values of a blob's meta together; counted against the store budget
 MAX_META_ITEMS = 64
+MAX_WRITERS = 16           # provenance names a copy carries; a receiver keeps the newest and adds its caller
+MAX_WRITER_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -98,14 +100,16 @@ class Header:
     checksum: int
     stored_size: int = 0   # 0 when a sender streams before it knows (compression is lazy)
     meta: Mapping[str, str] = field(default_factory=dict)
-    created_unix: float = 0.0
+    created_unix: float = 0.0   # for display (a value's age): no clock decides anything (mesh/storage/store.py)
     codec: str = CODEC
+    write_id: int = 0           # given once by the node that took the write; 0 from nodes before it existed
+    writers: tuple[str, ...] = ()  # provenance, oldest first (proto/mesh.proto BlobHeader.writers)
 
     def to_pb(self) -> pb.BlobHeader:
         return pb.BlobHeader(
             key=self.key, raw_size=self.raw_size, stored_size=self.stored_size, codec=self.codec,
             chunk_size=self.chunk_size, chunk_count=self.chunk_count, checksum=self.checksum,
-            meta=dict(self.meta), created_unix=self.created_unix,
+            meta=dict(self.meta), created_unix=self.created_unix, write_id=self.write_id, writers=self.writers,
         )
 
     @classmethod
@@ -113,7 +117,7 @@ class Header:
         return cls(
             key=h.key, raw_size=h.raw_size, chunk_size=h.chunk_size, chunk_count=h.chunk_count,
             checksum=h.checksum, stored_size=h.stored_size, meta=dict(h.meta), created_unix=h.created_unix,
-            codec=h.codec,
+            codec=h.codec, write_id=h.write_id, writers=tuple(h.writers),
         )
 
 
@@ -444,6 +448,8 @@ def validate_header(h: Header, limits: Limits) -> None:
         raise TransferError(bad, f"key longer than {MAX_KEY_BYTES} bytes")
     if not (math.isfinite(h.created_unix) and 0 <= h.created_unix <= time.time() + 86_400):
         raise TransferError(bad, "created_unix must be a time between 1970 and tomorrow")
+    if len(h.writers) > 4 * MAX_WRITERS or any(len(w.encode()) > MAX_WRITER_BYTES for w in h.writers):
+        raise TransferError(bad, f"more than {4 * MAX_WRITERS} writers, or one longer than {MAX_WRITER_BYTES} bytes")
     if len(h.meta) > MAX_META_ITEMS or meta_size(h.meta) > MAX_META_BYTES:
         raise TransferError(bad, f"meta larger than {MAX_META_ITEMS} items or {MAX_META_BYTES} bytes")
     if h.codec != CODEC:
