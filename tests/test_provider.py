@@ -465,6 +465,27 @@ def test_should_cache_policy() -> None:
 # -- configuration --------------------------------------------------------------------------------------------
 
 
+def test_the_shipped_default_does_not_cache_output_nodes(tmp_path: Path) -> None:
+    """An operator who sets nothing must not get SaveImage served from the mesh (a hit skips the node: no file
+    written on this instance). The harness always passes its own flag and test_should_cache_policy builds a
+    Policy with Policy's default, so the default that ships (ProviderConfig's, read from an empty environment)
+    is checked here, through the provider that runtime.start builds from it as comfy.install() does."""
+    from provider import runtime as provider_runtime
+    from tests.support.comfy_harness import COMFY_VERSION, fake_nodes_module
+
+    assert ProviderConfig.load({}).cache_output_nodes is False
+    # Only what keeps the test to itself: a free port, and file identities kept under tmp_path.
+    config = ProviderConfig.load({"MESH_LISTEN": "127.0.0.1:0", "MESH_IDENTITY_CACHE": str(tmp_path / "ids.json")})
+    assert config.cache_output_nodes is False
+    rt = provider_runtime.start(config, cache_value=CacheValue, traits=traits_lookup(), comfy_version=COMFY_VERSION,
+                                api=API, nodes=fake_nodes_module())
+    try:
+        assert not rt.provider.should_cache(_Context("SaveImage"))  # an OUTPUT_NODE of the fake ComfyUI
+        assert rt.provider.should_cache(_Context("MakeImage"))       # while a plain node is cached
+    finally:
+        rt.close()
+
+
 def test_config_from_env_and_file(tmp_path: Path) -> None:
     assert ProviderConfig.load({}) == ProviderConfig()
     path = tmp_path / "mesh.toml"
