@@ -420,8 +420,24 @@ def cmd_put(args: argparse.Namespace) -> int:
     meta = dict(m.split("=", 1) for m in args.meta)
     meta.setdefault("content", "bytes")
     started = time.perf_counter()
-    with _client(args) as c, _ProgressBar(f"put {args.key}", not args.json) as bar:
-        reply = c.put_file(args.key, path, meta, progress=bar)  # streamed: constant memory, whatever the size
+    with _client(args) as c:
+        # The node's limit, not this client's: a node started with another --max-blob-size would otherwise be
+        # sent the whole file (read once for its checksum first) only to refuse it. 0: a node from before the
+        # field, whose limit this client cannot know (its own stands, and the node still checks).
+        limit = c.stats().max_blob_size or c.limits.max_blob_size
+        if size > limit:
+            raise CliError(f"{path} holds {format_size(size)}, more than the largest value node {c.address} "
+                           f"accepts ({format_size(limit)}, its --max-blob-size)")
+        with _ProgressBar(f"put {args.key}", not args.json) as bar:
+            try:
+                reply = c.put_file(args.key, path, meta, progress=bar, max_size=limit)  # streamed: constant memory
+            except MeshError:
+                # The file is read twice (checksum, then sending): written to meanwhile, what was sent does not
+                # match what was announced, and the node says DATA_LOSS or a wrong chunk count. That is the file.
+                if _changed(st, path):
+                    raise CliError(f"{path} changed while it was read: nothing was stored; put it again once it "
+                                   "is written") from None
+                raise
     seconds = time.perf_counter() - started
     result = {"key": args.key, "bytes": size, "stored": reply.stored, "existed": reply.existed,
               "replicas": reply.replicas, "hinted": reply.hinted, "seconds": round(seconds, 4)}
@@ -434,6 +450,15 @@ def cmd_put(args: argparse.Namespace) -> int:
             print(safe(f"no owner of {args.key} was reachable: the node keeps it and hands it to them when they "
                        f"are back (mesh status: hints)"), file=sys.stderr)
     return 0
+
+
+def _changed(before: os.stat_result, path: Path) -> bool:
+    """Whether the file at `path` is no longer the one `before` described (size, modification time, inode)."""
+    try:
+        now = path.stat()
+    except OSError:
+        return True  # removed or replaced by something unreadable meanwhile
+    return (now.st_size, now.st_mtime_ns, now.st_ino) != (before.st_size, before.st_mtime_ns, before.st_ino)
 
 
 def cmd_get(args: argparse.Namespace) -> int:

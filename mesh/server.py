@@ -390,7 +390,8 @@ class MeshServicer(pb_grpc.MeshServicer):
         if request.reporter:
             self._take_report(request, context)
         reply = pb.StatsReply(node_id=self.node_id, address=self.address, version=mesh.__version__,
-                              uptime_seconds=time.time() - self.started, counters=self.counters(), replicas=1)
+                              uptime_seconds=time.time() - self.started, counters=self.counters(), replicas=1,
+                              max_blob_size=self.limits.max_blob_size)
         if self.cluster is not None:
             reply.replicas = self.cluster.replicas
             reply.cluster = self.cluster.cluster_name

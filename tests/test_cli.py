@@ -227,3 +227,60 @@ def test_timeout_bounds_the_whole_command(mesh: Callable[..., subprocess.Complet
     assert one_line_error(slow) == "mesh: the command ran past --timeout 0.05 s"
     assert time.monotonic() - started < 10
     assert mesh("status").returncode == 0  # the node is none the worse
+
+
+def test_put_is_refused_at_the_node_s_own_size_limit_before_anything_is_sent(
+        serve: Callable[..., ServeProcess], secret_file: Path, tmp_path: Path) -> None:
+    """`mesh put` knew only this client's limit (2 GiB): a node started with a smaller --max-blob-size was sent
+    the file anyway (after a whole read for its checksum) and refused it mid-transfer. The node says its limit
+    (StatsReply.max_blob_size) and the command refuses with it, in one line, before a byte of the value moves."""
+    small = serve("--max-blob-size", "1MiB")
+    src = tmp_path / "two-mib.bin"
+    src.write_bytes(os.urandom(2 << 20))
+    r = run_mesh(small.address, "put", "too/big", str(src), secret_file=secret_file)
+    assert r.returncode == 1
+    line = one_line_error(r)
+    assert "more than the largest value" in line and small.address in line and "1.0 MiB" in line, line
+    fits = tmp_path / "half-mib.bin"
+    fits.write_bytes(os.urandom(512 << 10))
+    assert run_mesh(small.address, "put", "fits", str(fits), secret_file=secret_file).returncode == 0
+    stats = json.loads(run_mesh(small.address, "stats", "--json", secret_file=secret_file).stdout)
+    assert stats["counters"]["puts"] == 1  # the one that fits, and nothing of the other reached the node:
+    assert stats["counters"]["transfer_errors"] == 0 and stats["counters"]["bytes_in"] < (512 + 64) << 10
+
+
+@pytest.mark.parametrize("change", ["grows", "shrinks"])
+def test_a_file_that_changes_while_it_is_put_is_a_clear_client_error(
+        served: ServeProcess, secret_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], change: str) -> None:
+    """A put reads the file twice (checksum, then sending): a file written to meanwhile read as the node's
+    DATA_LOSS, as if the network or the node had broken bytes. It is the file: said so, nonzero, nothing stored.
+    The CLI runs in this process so the file can be changed exactly between the two reads (the node is real)."""
+    from mesh import cli
+    from mesh.transport import peer
+    from mesh.transport.peer import PeerClient
+    from tests.conftest import SECRET
+
+    src = tmp_path / "moving.bin"
+    src.write_bytes(os.urandom(3 << 20))
+    real_file_header = peer.file_header
+
+    def then_change(*args: object, **kwargs: object) -> object:
+        header = real_file_header(*args, **kwargs)  # type: ignore[arg-type]
+        with open(src, "r+b") as f:  # another program writes the file after the checksum was taken
+            if change == "grows":
+                f.seek(0, os.SEEK_END)
+                f.write(os.urandom(100_000))
+            else:
+                f.truncate(1 << 20)
+        return header
+
+    monkeypatch.setattr(peer, "file_header", then_change)
+    code = cli.main(["--node", served.address, "--secret-file", str(secret_file), "put", "moving", str(src),
+                     "--json"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err == [f"mesh: {src} changed while it was read: nothing was stored; put it again once it is written"], \
+        err
+    with PeerClient(served.address, SECRET) as c:
+        assert c.get("moving") is None

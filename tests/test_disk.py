@@ -223,3 +223,104 @@ def test_the_disk_lru_follows_reads_served_from_ram(tmp_path: Path) -> None:
     assert store.get("a") is not None  # a RAM hit
     store.put(entry("d", os.urandom(200 * KiB)))
     assert "a" in store.disk and "b" not in store.disk  # type: ignore[operator]
+
+
+# -- crash safety of a put, observed ------------------------------------------------------------------------------
+
+def _what_fd_is(fd: int, directory: Path) -> str:
+    """Name an fsynced descriptor: the data directory itself, or a regular file (by inode, to match the rename)."""
+    import stat
+
+    st = os.fstat(fd)
+    if stat.S_ISDIR(st.st_mode):
+        return "dir" if os.path.samestat(st, os.stat(directory)) else f"other dir {st.st_ino}"
+    return f"file {st.st_ino}"
+
+
+def test_a_put_fsyncs_the_file_before_the_rename_and_the_directory_after(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The order is the whole of crash safety, and nothing else observes it: without the file's fsync a crash
+    right after the rename can leave the real name on a file whose blocks never reached the disk (a torn or
+    empty blob); without the directory's fsync the rename itself may be lost. So the calls are recorded."""
+    from mesh.storage import disk
+
+    store = DiskStore(tmp_path, 10 << 20)
+    calls: list[str] = []
+    real_fsync, real_replace = disk.os.fsync, disk.os.replace
+
+    def fsync(fd: int) -> None:
+        calls.append("fsync " + _what_fd_is(fd, tmp_path))
+        real_fsync(fd)
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str], **_: object) -> None:
+        calls.append(f"rename {os.stat(src).st_ino} -> {Path(dst).name}")
+        real_replace(src, dst)  # os.rename and os.replace are the same rename(2) here
+
+    monkeypatch.setattr(disk.os, "fsync", fsync)
+    monkeypatch.setattr(disk.os, "replace", rename)
+    monkeypatch.setattr(disk.os, "rename", rename)
+    e = entry("k", value(200 * KiB))
+    assert store.put(e.header, e.chunks)
+    monkeypatch.undo()
+    inode = (tmp_path / file_name("k")).stat().st_ino  # the file now under the real name
+    assert calls == [f"fsync file {inode}", f"rename {inode} -> {file_name('k')}", "fsync dir"], calls
+    assert DiskStore(tmp_path, 10 << 20).get("k") is not None
+
+
+@pytest.mark.parametrize("fails", ["write", "fsync"])
+def test_a_failed_put_over_a_key_leaves_the_stored_file_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                fails: str) -> None:
+    """A disk that fills up (or fails to sync) while a key is written again must not cost the copy already on
+    disk: written in place, the failed write truncated the good file and its clean-up then unlinked it."""
+    import errno
+
+    from mesh.storage import disk
+
+    store = DiskStore(tmp_path, 10 << 20)
+    old, new = entry("k", value(300 * KiB, 1), created=1.0), entry("k", value(300 * KiB, 2), created=2.0)
+    assert store.put(old.header, old.chunks)
+    path = tmp_path / file_name("k")
+    good = path.read_bytes()
+    real_open = open
+
+    class FullDisk:
+        """A file whose writes fail with ENOSPC once 64 KiB went in: a disk that filled up mid-blob."""
+
+        def __init__(self, f: object) -> None:
+            self._f, self._written = f, 0
+
+        def write(self, data: bytes | memoryview) -> int:
+            if self._written + len(data) > 64 * KiB:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self._written += len(data)
+            return self._f.write(data)  # type: ignore[attr-defined,no-any-return]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._f, name)
+
+        def __enter__(self) -> FullDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._f.close()  # type: ignore[attr-defined]
+
+    def failing_open(file: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        f = real_open(file, mode, *args, **kwargs)  # type: ignore[call-overload]
+        return FullDisk(f) if "w" in mode else f
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    if fails == "write":
+        monkeypatch.setattr(disk, "open", failing_open, raising=False)
+    else:
+        monkeypatch.setattr(disk.os, "fsync", failing_fsync)
+    assert not store.put(new.header, new.chunks)
+    monkeypatch.undo()
+    assert store.errors == 1
+    assert path.read_bytes() == good  # the old file, whole, under its name
+    assert [p.name for p in tmp_path.iterdir()] == [file_name("k")]  # and no temporary left behind
+    for reader in (store, DiskStore(tmp_path, 10 << 20)):  # this process, and a restarted node
+        got = reader.get("k")
+        assert got is not None and got[0] == old.header
+        assert b"".join(_raw(c) for c in got[1]) == b"".join(_raw(c) for c in old.chunks)

@@ -7,6 +7,7 @@ Two ComfyUI-like processes share a real mesh on 127.0.0.1; in-process engines ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -221,6 +222,92 @@ def test_silent_sidecar_costs_one_deadline_then_the_breaker_opens() -> None:
         listener.close()
 
 
+@contextlib.contextmanager
+def _silent_node(kind: str) -> Iterator[str]:
+    """The address of a node that takes every connection and never answers: `tcp`, a socket that accepts and
+    reads nothing (no HTTP/2 handshake: a hung process); `grpc`, a real gRPC server whose handler of every
+    method blocks (the handshake is done: a node whose handlers are stuck). Released when the test ends."""
+    release = threading.Event()
+    if kind == "grpc":
+        import grpc
+        from concurrent import futures as cf
+
+        def block(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+            while context.is_active() and not release.wait(0.05):  # until the caller's deadline cancels it
+                pass
+            return iter(())
+
+        class Stuck(grpc.GenericRpcHandler):
+            def service(self, details: Any) -> Any:  # every method, whatever its kind: nothing ever comes back
+                return grpc.stream_stream_rpc_method_handler(block)
+
+        server = grpc.server(cf.ThreadPoolExecutor(max_workers=32), handlers=[Stuck()])
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        try:
+            yield f"127.0.0.1:{port}"
+        finally:
+            release.set()
+            server.stop(0)
+        return
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.1)
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        while not release.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        release.set()
+        thread.join(5)
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+@pytest.mark.parametrize("keys", [1, 3], ids=["get", "has"])
+@pytest.mark.parametrize("kind", ["tcp", "grpc"])
+def test_the_bridge_answers_within_mesh_lookup_timeout_from_a_node_that_never_answers(kind: str, keys: int) -> None:
+    """Every lookup the bridge makes (a Get for one key, a batched Has for several) is a miss within
+    MESH_LOOKUP_TIMEOUT, however the sidecar hangs: the provider's own timer only stops the prompt waiting,
+    while a call without that deadline would hold the bridge's lookup thread (and every later prompt's
+    lookups queued behind it). Configured as an operator does, through the environment."""
+    from concurrent import futures as cf
+
+    from provider import runtime as provider_runtime
+    from tests.support.comfy_harness import COMFY_VERSION
+
+    lookup_timeout, margin = 0.5, 1.0
+    with _silent_node(kind) as address:
+        config = ProviderConfig.load({"MESH_MODE": "sidecar", "MESH_NODE": address, "MESH_SECRET": SECRET,
+                                      "MESH_LOOKUP_TIMEOUT": str(lookup_timeout), "MESH_IDENTITY": "0"})
+        assert config.lookup_timeout == lookup_timeout
+        rt = provider_runtime.start(config, cache_value=CacheValue, traits=traits_lookup(),
+                                    comfy_version=COMFY_VERSION)
+        try:
+            batch: list[tuple[str, cf.Future[Any]]] = [(f"silent/{i}", cf.Future()) for i in range(keys)]
+            started = time.monotonic()
+            rt.bridge.submit(batch)
+            done, waiting = cf.wait([f for _, f in batch], timeout=lookup_timeout + margin)
+            seconds = time.monotonic() - started
+            assert not waiting, f"{len(waiting)} of {keys} lookups unanswered after {seconds:.2f} s"
+            assert [f.result() for _, f in batch] == [None] * keys  # misses, never errors
+            assert lookup_timeout * 0.9 <= seconds < lookup_timeout + margin  # the deadline's miss: nobody said no
+            assert rt.bridge.counters.hits == 0 and rt.bridge.counters.misses + rt.bridge.counters.errors == keys
+        finally:
+            rt.close()
+
+
 # -- the provider's contract, in process ------------------------------------------------------------------------
 
 
@@ -428,19 +515,45 @@ def test_a_lookup_never_answered_is_a_miss_at_the_deadline() -> None:
     provider = MeshCacheProvider(bridge, Policy(traits_lookup()), namespace="ns",  # type: ignore[arg-type]
                                  cache_value=CacheValue, lookup_timeout=0.3)
 
-    async def prompt() -> tuple[list[Any], float]:
+    async def prompt() -> list[Any]:
         provider.on_prompt_start("p")
-        started = time.monotonic()
-        found = await asyncio.gather(*(provider.on_lookup(_Context("MakeImage", str(i))) for i in range(5)))
-        return list(found), time.monotonic() - started
+        return list(await asyncio.gather(*(provider.on_lookup(_Context("MakeImage", str(i))) for i in range(5))))
 
-    found, seconds = asyncio.run(prompt())
+    # Bounded here, in seconds: were the deadline lost, asyncio.run would never return, and only pytest's own
+    # 300 s timeout would end the test (a hang that reads as a slow suite, not as this bug).
+    found, seconds = _run_bounded(prompt, 0.3 + 2.0)
     assert found == [None] * 5 and len(bridge.batches) == 1 and len(bridge.batches[0]) == 5  # one batch
     assert 0.3 <= seconds < 0.3 + 2.0  # one deadline for the batch, not one per lookup
     assert provider.prompt.errors == 5 and provider.prompt.hits == 0
-    # a key that timed out is not paid for again in the same prompt
-    again = asyncio.run(provider.on_lookup(_Context("MakeImage", "0")))
-    assert again is None and len(bridge.batches) == 1
+
+    async def again() -> Any:
+        return await provider.on_lookup(_Context("MakeImage", "0"))
+
+    # a key that timed out is not paid for again in the same prompt: answered at once, the bridge not asked
+    answer, seconds = _run_bounded(again, 0.3)
+    assert answer is None and len(bridge.batches) == 1
+
+
+def _run_bounded(coroutine: Any, limit: float) -> tuple[Any, float]:
+    """asyncio.run(coroutine()) on a thread of its own, failing the test once `limit` seconds passed without an
+    answer (the thread is left to itself: a daemon); returns the answer and the seconds it took."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = asyncio.run(coroutine())
+        except BaseException as e:  # handed to the test's thread
+            outcome["error"] = e
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True, name="bounded-prompt")
+    thread.start()
+    thread.join(limit)
+    seconds = time.monotonic() - started
+    assert not thread.is_alive(), f"no answer within {limit} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"], seconds
 
 
 def test_should_cache_policy() -> None:
@@ -463,6 +576,27 @@ def test_should_cache_policy() -> None:
 
 
 # -- configuration --------------------------------------------------------------------------------------------
+
+
+def test_the_shipped_default_does_not_cache_output_nodes(tmp_path: Path) -> None:
+    """An operator who sets nothing must not get SaveImage served from the mesh (a hit skips the node: no file
+    written on this instance). The harness always passes its own flag and test_should_cache_policy builds a
+    Policy with Policy's default, so the default that ships (ProviderConfig's, read from an empty environment)
+    is checked here, through the provider that runtime.start builds from it as comfy.install() does."""
+    from provider import runtime as provider_runtime
+    from tests.support.comfy_harness import COMFY_VERSION, fake_nodes_module
+
+    assert ProviderConfig.load({}).cache_output_nodes is False
+    # Only what keeps the test to itself: a free port, and file identities kept under tmp_path.
+    config = ProviderConfig.load({"MESH_LISTEN": "127.0.0.1:0", "MESH_IDENTITY_CACHE": str(tmp_path / "ids.json")})
+    assert config.cache_output_nodes is False
+    rt = provider_runtime.start(config, cache_value=CacheValue, traits=traits_lookup(), comfy_version=COMFY_VERSION,
+                                api=API, nodes=fake_nodes_module())
+    try:
+        assert not rt.provider.should_cache(_Context("SaveImage"))  # an OUTPUT_NODE of the fake ComfyUI
+        assert rt.provider.should_cache(_Context("MakeImage"))       # while a plain node is cached
+    finally:
+        rt.close()
 
 
 def test_config_from_env_and_file(tmp_path: Path) -> None:

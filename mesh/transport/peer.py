@@ -292,11 +292,15 @@ class PeerClient:
         return receiver.header
 
     def put_file(self, key: str, path: str | os.PathLike[str], meta: Mapping[str, str] | None = None,
-                 timeout: float | None = None, progress: Progress | None = None) -> pb.PutReply:
-        """Store a file's bytes in constant memory: read once for the checksum, once more as it is sent."""
+                 timeout: float | None = None, progress: Progress | None = None,
+                 max_size: int | None = None) -> pb.PutReply:
+        """Store a file's bytes in constant memory: read once for the checksum, once more as it is sent.
+        `max_size`: the largest value the node said it accepts (StatsReply.max_blob_size), when the caller asked
+        it; else this client's own limit."""
         size = os.stat(path).st_size
-        if size > self.limits.max_blob_size:  # refused before reading it (twice)
-            raise Refused(f"{path} holds {size} bytes, more than the largest value ({self.limits.max_blob_size})",
+        limit = max_size or self.limits.max_blob_size
+        if size > limit:  # refused before reading it (twice)
+            raise Refused(f"{path} holds {size} bytes, more than the largest value ({limit})",
                           grpc.StatusCode.RESOURCE_EXHAUSTED)
         header = file_header(key, path, self.limits.chunk_size, meta)
         compress = self.links.compress(self.address)
