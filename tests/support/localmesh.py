@@ -12,6 +12,7 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,14 +54,15 @@ class LocalMesh:
 
     def start_node(self, *, seeds: list[str] | None = None, args: list[str] | None = None,
                    node_id: str | None = None, listen: str = "127.0.0.1:0",
-                   timeout: float = READY_TIMEOUT) -> LocalNode:
+                   timeout: float = READY_TIMEOUT, env: Mapping[str, str] | None = None) -> LocalNode:
+        """`env`: the node's whole environment (default: this process's), e.g. a faked clock."""
         index = len(self.nodes)
         if seeds is None:
             seeds = [self.nodes[0].address] if self.nodes else []
         node_args = ["--node-id", node_id or f"node{index}"] + (["--seeds", ",".join(seeds)] if seeds else []) \
             + self.extra_args + list(args or [])
         started = start_serve(self.workdir, f"node{index}", *node_args, secret_file=self.secret_file,
-                              listen=listen, timeout=timeout)
+                              listen=listen, timeout=timeout, env=env)
         base = {f.name: getattr(started, f.name) for f in dataclasses.fields(ServeProcess)}
         node = LocalNode(**base, index=index, args=node_args, own_args=list(args or []))
         self.nodes.append(node)
