@@ -1,0 +1,228 @@
+"""Bounds that hold per member and per source, tried as an attacker would against real `mesh serve` processes.
+
+Each attack keeps its calls open for the whole test: a `Squat` reopens every call the node ends (cancelled by
+its watchdog or refused), as a real attacker would, while another client checks that the node still answers.
+Every squat is bounded (a number of openings, a stop event), every wait is a bounded poll.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+import mesh
+from mesh.pb import mesh_pb2 as pb
+from mesh.pb import mesh_pb2_grpc as pb_grpc
+from mesh.transport.admission import Gate, peer_host
+from mesh.transport.auth import HELLO_KEY, ClientAuth, Keyring
+from mesh.server import MeshServicer
+from mesh.transport.peer import PeerClient
+from mesh.transport.wire import SERVICE, Limits, MiB, make_header
+from tests.conftest import SECRET, poll
+from tests.support.serve import ServeProcess
+
+Metadata = tuple[tuple[str, str], ...]
+MAX_OPENED = 4000  # calls one squat opens at most, whatever happens
+
+
+@dataclass
+class Squat:
+    """Keeps `count` calls open on `address`, each reopened once it ends; `make(i)` says what call i is:
+    (method, its messages before it falls silent, its metadata)."""
+
+    address: str
+    count: int
+    make: Callable[[int], tuple[str, Sequence[bytes], Metadata]]
+    opened: int = 0
+    ended: dict[str, int] = field(default_factory=dict)  # status code name -> calls that ended with it
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Squat:
+        self._channel = grpc.insecure_channel(self.address)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _open(self, i: int) -> grpc.Future:
+        method, first, md = self.make(i)
+        done = threading.Event()
+
+        def silent() -> Iterator[bytes]:
+            yield from first
+            done.wait(60)  # silent until the call ends: then this client thread is free again
+
+        call = self._channel.stream_unary(method, request_serializer=None, response_deserializer=None)
+        future = call.future(silent(), timeout=60, metadata=md)
+        future.add_done_callback(lambda _f: done.set())
+        self.opened += 1
+        return future
+
+    def _run(self) -> None:
+        calls = [self._open(i) for i in range(self.count)]
+        while not self._stop.wait(0.02) and self.opened < MAX_OPENED:
+            for i, f in enumerate(calls):
+                if f.done() and self.opened < MAX_OPENED:
+                    code = f.code()
+                    self.ended[code.name] = self.ended.get(code.name, 0) + 1
+                    calls[i] = self._open(i)
+        for f in calls:
+            f.cancel()
+
+    def finished(self) -> int:
+        return sum(self.ended.values())
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._channel.close()
+
+
+def one_session(address: str) -> Callable[[str], Metadata]:
+    """proof(method): a fresh proof for one call of `method`, all in one session (one Hello)."""
+    channel = grpc.insecure_channel(address)
+    stub = pb_grpc.MeshStub(channel)
+    auth = ClientAuth(Keyring([SECRET]))
+    auth.handshake(lambda r, md=(): stub.Hello(r, timeout=5, metadata=md))
+    channel.close()
+
+    def proof(method: str) -> Metadata:
+        return auth.metadata(f"/{SERVICE}/{method}", lambda r, md=(): pytest.fail("no second Hello expected"))
+
+    return proof
+
+
+def ping_request() -> pb.PingRequest:
+    return pb.PingRequest(cluster="default", protocol=mesh.PROTOCOL_VERSION)
+
+
+def answers_everything(address: str, rounds: int, tag: str) -> float:
+    """Health, Ping, Stats, a small and a streamed put, and gets, from a session of their own: the seconds the
+    slowest round took. Each call has 3 s (5 s for the streamed put); any refusal or timeout raises."""
+    slowest = 0.0
+    big = os.urandom(2 * MiB)
+    with PeerClient(address, SECRET, timeout=3) as c:
+        for i in range(rounds):
+            started = time.monotonic()
+            assert c.health(timeout=3) == "SERVING"
+            c.ping(ping_request(), timeout=3)
+            assert c.stats(timeout=3).node_id
+            c.put(f"{tag}/small/{i}", b"small value %d" % i, timeout=3)
+            c.put(f"{tag}/big/{i}", big, timeout=5, compress=False)
+            assert bytes(c.get(f"{tag}/small/{i}", timeout=3).data) == b"small value %d" % i  # type: ignore[union-attr]
+            assert bytes(c.get(f"{tag}/big/{i}", timeout=5).data) == big  # type: ignore[union-attr]
+            slowest = max(slowest, time.monotonic() - started)
+    return slowest
+
+
+UNARY = ("Has", "Stats", "PutSmall", "Ping", "Digest", "Delete", "Drain")
+
+
+def test_silent_unary_calls_of_one_member_leave_control_and_data_calls_answering(
+        serve: Callable[..., ServeProcess]) -> None:
+    """Finding: 120 unary calls with valid proofs that never sent their message froze a node (health
+    DEADLINE_EXCEEDED, Stats/get/put Unreachable while they were held; with 40, health failed after 13 s).
+    200 here: more than the node's threads (MeshServicer.threads), so the calls cannot simply fit."""
+    node = serve("--node-id", "n")
+    proof = one_session(node.address)
+    assert MeshServicer.threads(Limits()) < 200
+    squat = Squat(node.address, 200, lambda i: (f"/{SERVICE}/{UNARY[i % len(UNARY)]}", (),
+                                                proof(UNARY[i % len(UNARY)]))).start()
+    try:
+        poll(lambda: squat.opened >= 200, "the 200 silent calls are open")
+        slowest = answers_everything(node.address, rounds=3, tag="unary")
+        assert slowest < 10, slowest
+        poll(lambda: squat.ended.get("CANCELLED", 0) >= 1, "the watchdog cut admitted silent calls")
+    finally:
+        squat.stop()
+    assert set(squat.ended) <= {"RESOURCE_EXHAUSTED", "CANCELLED"}, squat.ended
+    assert squat.ended.get("RESOURCE_EXHAUSTED", 0) >= 1  # one session's share: the rest were refused at once
+    with PeerClient(node.address, SECRET, timeout=5) as c:
+        counters = c.stats().counters
+    assert counters["busy_refusals"] >= 1 and counters["stalled_streams"] >= 1
+
+
+def test_hello_squatters_lock_out_neither_new_handshakes_nor_renewals(serve: Callable[..., ServeProcess]) -> None:
+    """Finding: 16 silent Hello streams from an outsider, reopened as the watchdog cancelled them: 0 of 20 new
+    handshakes succeeded, and an existing client's session renewal was refused until the squat paused."""
+    node = serve("--node-id", "n")
+    member = PeerClient(node.address, SECRET, timeout=3)
+    channel = grpc.insecure_channel(node.address)
+    stub = pb_grpc.MeshStub(channel)
+
+    def hello_as_message(request: pb.HelloRequest, metadata: Metadata = ()) -> pb.HelloReply:
+        """A Hello whose request comes only as a message (as an older client's), so it waits at a gate."""
+        return stub.Hello(request, timeout=3, metadata=tuple(kv for kv in metadata if kv[0] != HELLO_KEY))
+
+    old = ClientAuth(Keyring([SECRET]))
+    try:
+        assert member.stats().node_id == "n"  # sessions made before the squat
+        old.handshake(hello_as_message)
+        squat = Squat(node.address, 16, lambda i: (f"/{SERVICE}/Hello", (), ())).start()
+        try:
+            # The squat is on: the node has cut silent Hellos and the squatter reopened them.
+            poll(lambda: squat.ended.get("CANCELLED", 0) >= 8 and squat.opened >= 24, "the Hello squat is on")
+            fresh = 0
+            for _ in range(20):
+                with PeerClient(node.address, SECRET, timeout=3) as c:
+                    fresh += c.stats(timeout=3).node_id == "n"
+            assert fresh == 20
+            assert member._auth._session is not None
+            member._auth._session.renew_at = time.monotonic()  # its 240 s are up: the next call renews
+            before = member._auth._session.token
+            assert member.stats(timeout=3).node_id == "n"
+            assert member._auth._session.token != before  # renewed, not refused
+            # A renewal read as a message: its proof admits it at a gate of its own, which strangers cannot fill.
+            assert old._session is not None
+            old._session.renew_at = time.monotonic()
+            renewed = old.handshake(hello_as_message)
+            assert renewed.token and renewed is old._session
+            assert squat.opened > 24  # still squatting while all of this answered
+        finally:
+            squat.stop()
+        counters = member.stats().counters
+        assert counters["session_renewals"] >= 2 and counters["busy_refusals"] >= 1
+    finally:
+        member.close()
+        channel.close()
+
+
+def test_idle_put_streams_of_one_member_leave_room_for_real_puts_and_gets(
+        serve: Callable[..., ServeProcess]) -> None:
+    """Finding: 40 idle Put streams from a member refused real puts and gets for 10-30 s, and could be renewed
+    forever. Half never send a header, half stop after it (each then holds a transfer slot)."""
+    node = serve("--node-id", "n")
+    proof = one_session(node.address)
+    header = pb.PutRequest(header=make_header("idle", b"x" * (3 * MiB), 1 * MiB).to_pb()).SerializeToString()
+    squat = Squat(node.address, 40, lambda i: (f"/{SERVICE}/Put", () if i % 2 else (header,), proof("Put"))).start()
+    try:
+        poll(lambda: squat.opened >= 40, "the 40 idle streams are open")
+        poll(lambda: squat.ended.get("RESOURCE_EXHAUSTED", 0) >= 1, "the squat filled its session's share")
+        slowest = answers_everything(node.address, rounds=3, tag="idle")
+        assert slowest < 15, slowest
+    finally:
+        squat.stop()
+    assert set(squat.ended) <= {"RESOURCE_EXHAUSTED", "CANCELLED"}, squat.ended
+
+
+# -- the gate itself -----------------------------------------------------------------------------------------------
+
+def test_a_gate_bounds_each_session_and_each_host() -> None:
+    gate = Gate("calls", 8)  # one session: 4, one host: 6
+    assert all(gate.try_enter("s1", "h1") == "" for _ in range(4))
+    assert "in this session" in gate.try_enter("s1", "h1")
+    assert all(gate.try_enter("s2", "h1") == "" for _ in range(2))
+    assert "from this host" in gate.try_enter("s3", "h1")
+    assert gate.try_enter("s4", "h2") == "" and gate.try_enter("s5", "h2") == ""
+    assert "8 calls in progress" in gate.try_enter("s6", "h3")
+    gate.leave("s1", "h1")
+    assert gate.try_enter("s6", "h3") == ""  # a place given back is a place for anyone
+    assert gate.refusals == 3
+    assert peer_host("ipv4:10.0.0.5:5123") == "ipv4:10.0.0.5" and peer_host("ipv6:[::1]:80") == "ipv6:[::1]"
