@@ -24,7 +24,7 @@ from mesh.transport.auth import HELLO_KEY, ClientAuth, Keyring
 from mesh.server import MeshServicer
 from mesh.transport.peer import PeerClient
 from mesh.transport.wire import SERVICE, Limits, MiB, make_header
-from tests.conftest import SECRET, poll
+from tests.conftest import SECRET, free_port, poll
 from tests.support.serve import ServeProcess
 
 Metadata = tuple[tuple[str, str], ...]
@@ -226,3 +226,35 @@ def test_a_gate_bounds_each_session_and_each_host() -> None:
     assert gate.try_enter("s6", "h3") == ""  # a place given back is a place for anyone
     assert gate.refusals == 3
     assert peer_host("ipv4:10.0.0.5:5123") == "ipv4:10.0.0.5" and peer_host("ipv6:[::1]:80") == "ipv6:[::1]"
+
+
+def test_one_source_host_leaves_room_for_another(serve: Callable[..., ServeProcess]) -> None:
+    """Per source, not only per session: an outsider's silent health checks and Hellos, and a member's silent
+    Stats calls in 40 sessions of their own, all from one host (127.0.0.1), reopened as they end; from another
+    source (::1, the same node listening on both), health, an older client's Hello (a message, not headers),
+    Ping and Stats answer every time."""
+    port = free_port()
+    node = serve("--node-id", "n", "--listen", f"[::]:{port}", "--advertise", f"127.0.0.1:{port}")
+    v4, v6 = f"127.0.0.1:{port}", f"[::1]:{port}"
+    proofs = [one_session(v4) for _ in range(40)]
+    squats = [Squat(v4, 16, lambda i: ("/grpc.health.v1.Health/Check", (), ())),
+              Squat(v4, 16, lambda i: (f"/{SERVICE}/Hello", (), ())),
+              Squat(v4, 40, lambda i: (f"/{SERVICE}/Stats", (), proofs[i]("Stats")))]
+    channel = grpc.insecure_channel(v6)
+    stub = pb_grpc.MeshStub(channel)
+    try:
+        for squat in squats:
+            squat.start()
+        poll(lambda: all(s.ended.get("RESOURCE_EXHAUSTED", 0) >= 1 for s in squats), "each squat filled its share")
+        with PeerClient(v6, SECRET, timeout=3) as c:
+            for _ in range(5):
+                assert c.health(timeout=3) == "SERVING"
+                auth = ClientAuth(Keyring([SECRET]))  # a fresh handshake, read as a message
+                auth.handshake(lambda r, md=(): stub.Hello(r, timeout=3))
+                c.ping(ping_request(), timeout=3)
+                assert c.stats(timeout=3).node_id == "n"
+        assert all(s.opened > s.count for s in squats)  # every squat was still reopening meanwhile
+    finally:
+        for squat in squats:
+            squat.stop()
+        channel.close()
