@@ -11,20 +11,26 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from concurrent import futures
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import grpc
+import lz4.block
+import psutil
 import pytest
 
 import mesh
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.transport.admission import Gate, peer_host
-from mesh.transport.auth import HELLO_KEY, ClientAuth, Keyring
+from mesh.client import RemoteClient
 from mesh.server import MeshServicer
-from mesh.transport.peer import PeerClient
-from mesh.transport.wire import SERVICE, Limits, MiB, make_header
+from mesh.transport.auth import HELLO_KEY, ClientAuth, Keyring, ServerAuth
+from mesh.transport.peer import PeerClient, Refused
+from mesh.transport.wire import LZ4, SERVICE, GiB, Limits, MiB, encode_chunk_message, make_header
 from tests.conftest import SECRET, free_port, poll
+from tests.support.cli import run_cli
 from tests.support.serve import ServeProcess
 
 Metadata = tuple[tuple[str, str], ...]
@@ -258,3 +264,92 @@ def test_one_source_host_leaves_room_for_another(serve: Callable[..., ServeProce
         for squat in squats:
             squat.stop()
         channel.close()
+
+
+# -- clients against a member that lies about its values -------------------------------------------------------
+
+@dataclass
+class LyingMember:
+    """A node that holds the secret (its Hello proves it) and answers every Get with `reply(key)`: the
+    messages of a Get stream, as a malicious or broken member would frame them."""
+
+    reply: Callable[[str], list[bytes]]
+    address: str = ""
+    chunks_sent: int = 0
+
+    def start(self) -> LyingMember:
+        auth = ServerAuth(Keyring([SECRET]), node_id="liar")
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.address = auth.address = f"127.0.0.1:{port}"
+
+        def get(request: pb.GetRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
+            for i, message in enumerate(self.reply(request.key)):
+                self.chunks_sent += i > 0
+                yield message
+
+        handlers = {
+            "Hello": grpc.unary_unary_rpc_method_handler(lambda r, _c: auth.hello(r), pb.HelloRequest.FromString,
+                                                         pb.HelloReply.SerializeToString),
+            "Get": grpc.unary_stream_rpc_method_handler(get, pb.GetRequest.FromString, None),
+        }
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop(0.5).wait()
+
+
+def _lies(key: str) -> list[bytes]:
+    """"huge": a header of 2 GiB of zeros (8 MiB of lz4 on the wire), then its chunks; "inflating": a 1 MiB value
+    whose one chunk (256 KiB of lz4) decompresses to 64 MiB; "oversized": a chunk that claims more raw bytes
+    than the header gives it."""
+    zeros = lz4.block.compress(bytes(1 * MiB), store_size=False)
+    if key == "huge":
+        header = replace(make_header(key, b"", 1 * MiB), raw_size=2 * GiB, chunk_count=2048)
+        return [pb.GetReply(header=header.to_pb()).SerializeToString(),
+                *(encode_chunk_message(i, LZ4, 1 * MiB, zeros) for i in range(2048))]
+    header = make_header(key, bytes(1 * MiB), 1 * MiB)
+    if key == "inflating":
+        bomb = lz4.block.compress(bytes(64 * MiB), store_size=False)
+        return [pb.GetReply(header=header.to_pb()).SerializeToString(), encode_chunk_message(0, LZ4, 1 * MiB, bomb)]
+    return [pb.GetReply(header=header.to_pb()).SerializeToString(), encode_chunk_message(0, LZ4, 64 * MiB, zeros)]
+
+
+def test_every_client_refuses_a_value_above_its_maximum_and_chunks_that_inflate(
+        tmp_path: Path, secret_file: Path) -> None:
+    """Finding: 8 MiB on the wire carried a 2 GiB value of zeros, and a reader grew by 2 GiB. PeerClient.get,
+    `mesh get` (to a file and to stdout) and the sidecar client (mesh/client.py) each refuse a header above their
+    maximum before allocating or asking for a chunk, and refuse a chunk that inflates past its declared size."""
+    liar = LyingMember(_lies).start()
+    rss = psutil.Process()
+    try:
+        before = rss.memory_info().rss
+        small = Limits(max_blob_size=64 * MiB)
+        with PeerClient(liar.address, SECRET, limits=small, timeout=10) as c:
+            with pytest.raises(Refused) as e:
+                c.get("huge")
+            assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "exceeds max blob size" in str(e.value)
+            for key in ("inflating", "oversized"):
+                with pytest.raises(Refused) as e:
+                    c.get(key)
+                assert e.value.code == grpc.StatusCode.DATA_LOSS, e.value
+        sidecar = RemoteClient(liar.address, SECRET, small, direct=False)
+        try:
+            for key, code in (("huge", grpc.StatusCode.RESOURCE_EXHAUSTED), ("inflating", grpc.StatusCode.DATA_LOSS)):
+                with pytest.raises(Refused) as e:
+                    sidecar.get(key, timeout=10)
+                assert e.value.code == code
+        finally:
+            sidecar.close()
+        assert rss.memory_info().rss - before < 256 * MiB
+        for output in (str(tmp_path / "out"), "-"):
+            out = run_cli("get", "huge", "-o", output, "--max-size", "64MiB", node=liar.address,
+                          secret_file=secret_file, timeout=30)
+            assert out.returncode != 0 and "exceeds max blob size" in out.stderr, out.stderr
+            assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+        out = run_cli("get", "inflating", "-o", "-", node=liar.address, secret_file=secret_file, timeout=30)
+        assert out.returncode != 0 and "does not decompress" in out.stderr, out.stderr
+    finally:
+        liar.stop()
