@@ -118,9 +118,9 @@ def _tls(args: argparse.Namespace) -> TlsConfig | None:
     return load_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
 
 
-def _client(args: argparse.Namespace) -> PeerClient:
+def _client(args: argparse.Namespace, limits: Limits | None = None) -> PeerClient:
     node = with_port(args.node, DEFAULT_PORT)  # `--node host` means the default port, not gRPC's 443
-    return PeerClient(node, load_keyring(args.secret_file), timeout=_call_timeout(args), tls=_tls(args))
+    return PeerClient(node, load_keyring(args.secret_file), limits, timeout=_call_timeout(args), tls=_tls(args))
 
 
 # -- commands ----------------------------------------------------------------------------------------------
@@ -465,9 +465,15 @@ def cmd_get(args: argparse.Namespace) -> int:
     if not args.output and not args.describe:
         raise CliError("give -o FILE to write the value, or --describe to show its structure", EXIT_USAGE)
     started = time.perf_counter()
+    # A value above --max-size is refused from its header, before a byte of it is allocated or written: a node
+    # may hold a value far larger on disk than on the wire (2 GiB of zeros crosses as 8 MiB).
+    try:
+        limits = Limits(max_blob_size=parse_size(args.max_size))
+    except ValueError as e:
+        raise CliError(f"--max-size: {e}", EXIT_USAGE) from None
     if args.output and args.output != "-" and not args.describe:
         # Streamed to a file beside the target, renamed once verified: constant memory, never a partial file.
-        with _client(args) as c, _ProgressBar(f"get {args.key}", not args.json) as bar:
+        with _client(args, limits) as c, _ProgressBar(f"get {args.key}", not args.json) as bar:
             header = c.get_to_file(args.key, args.output, progress=bar)
         if header is None:
             raise CliError(f"key not found: {safe(args.key)}", EXIT_NOT_FOUND)
@@ -477,7 +483,7 @@ def cmd_get(args: argparse.Namespace) -> int:
         else:
             print(f"wrote {format_size(header.raw_size)} to {args.output} in {seconds:.3f} s")
         return 0
-    with _client(args) as c, _ProgressBar(f"get {args.key}", not args.json) as bar:
+    with _client(args, limits) as c, _ProgressBar(f"get {args.key}", not args.json) as bar:
         blob = c.get(args.key, progress=bar)
     if blob is None:
         raise CliError(f"key not found: {safe(args.key)}", EXIT_NOT_FOUND)
@@ -814,6 +820,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("key")
     g.add_argument("-o", "--output", help="file to write ('-' for stdout)")
     g.add_argument("--describe", action="store_true", help="print the structure of a ComfyUI value blob")
+    g.add_argument("--max-size", default="2GiB",
+                   help="largest value to accept, refused before it is allocated (default 2GiB)")
     d = command("delete", cmd_delete, "delete KEYs")
     d.add_argument("keys", nargs="+")
     pg = command("purge", cmd_purge, "delete on every member what one writer wrote (`mesh keys` shows who wrote what)")

@@ -28,7 +28,9 @@ from grpc_health.v1.health import SERVICE_NAME as HEALTH_SERVICE
 from grpc_health.v1.health import HealthServicer
 
 import mesh
-from mesh.transport.auth import METADATA_KEY, AuthError, ServerAuth
+from mesh.transport.admission import Gate, peer_host
+from mesh.transport.auth import HELLO_KEY, HELLO_METHOD, METADATA_KEY, AuthError, ServerAuth, parse_hello_header, \
+    parse_proof
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.storage.budget import ByteBudget
@@ -43,8 +45,11 @@ log = logging.getLogger(__name__)
 SLOT_WAIT = 5.0  # seconds a transfer waits for a free slot before RESOURCE_EXHAUSTED
 ROUTED_CALLS = 16        # concurrent Has/Delete that may wait on other nodes
 CONTROL_THREADS = 16     # server threads no stream or routed call can take: Ping, Stats, Drain, Digest
+UNARY_CALLS = 16         # concurrent PutSmall/Has/Delete calls (a routed one also takes a ROUTED_CALLS place)
+OPENINGS = 16            # Get/ListKeys calls waiting for their one request message
 OPEN_CALLS = 8           # concurrent calls of each open method (Hello, health) that anyone may make
-FIRST_MESSAGE = 2.0      # seconds an open call may take to send its one message
+SPARE_THREADS = 16       # threads for refusals: a refused call runs for microseconds, but it runs on one
+FIRST_MESSAGE = 2.0      # seconds a call may take to send its one request message
 MAX_BATCH = 10_000       # keys in one Has or Delete
 MAX_DIGEST_BUCKETS = 4096
 REPORT_TTL = 60.0        # seconds a sidecar client's reported counters count after it last reported
@@ -96,18 +101,28 @@ class MeshServicer(pb_grpc.MeshServicer):
         self.stats_sources: list[Callable[[], dict[str, float]]] = []  # e.g. an embedded ComfyUI provider
         self._reports: dict[str, tuple[float, dict[str, float]]] = {}  # reporter -> (when, counters): sidecar clients
         self.started = time.time()
-        self._slots = threading.BoundedSemaphore(limits.max_transfers)
+        # Every gate bounds its calls as a whole, per session and per source host (mesh/transport/admission.py):
+        # what one member or one outsider holds, the others can still take.
+        self._slots = Gate("transfers", limits.max_transfers)
         # Streams admitted at all (transferring, or waiting for a slot or a header): never more threads than this.
-        self._streams = threading.BoundedSemaphore(2 * limits.max_transfers)
-        self._routed = threading.BoundedSemaphore(ROUTED_CALLS)
-        self._hellos = threading.BoundedSemaphore(OPEN_CALLS)
-        self._health_calls = threading.BoundedSemaphore(OPEN_CALLS)
-        self._reflections = threading.BoundedSemaphore(OPEN_CALLS)
+        self._streams = Gate("streams", 2 * limits.max_transfers)
+        self._routed = Gate("routed calls", ROUTED_CALLS)
+        self._unary = Gate("unary calls", UNARY_CALLS)
+        self._control = Gate("control calls", CONTROL_THREADS)
+        self._openings = Gate("calls waiting for their request", OPENINGS)
+        # Hello: strangers who send their request as a message, strangers who send it in headers (answered at
+        # once: nothing to wait for), and members renewing a session (their proof admits them apart).
+        self._hellos = Gate("Hello calls", OPEN_CALLS)
+        self._quick_hellos = Gate("Hello calls", OPEN_CALLS)
+        self._renewals = Gate("session renewals", OPEN_CALLS)
+        self._health_calls = Gate("health calls", OPEN_CALLS)
+        self._reflections = Gate("reflection calls", OPEN_CALLS)
         self.inflight = ByteBudget(limits.max_inflight or store.max_memory)
         self.watchdog = Watchdog()
         self._lock = threading.Lock()
         self.transfer_errors = 0
         self.busy_refusals = 0
+        self.session_renewals = 0
         self.accepting = True  # False while draining: puts go to other nodes
         self.rpc_seconds: Any = None  # a labelled prometheus Histogram (mesh/metrics.py), when the node has one
 
@@ -122,32 +137,54 @@ class MeshServicer(pb_grpc.MeshServicer):
 
     @staticmethod
     def threads(limits: Limits) -> int:
-        """Server threads: every admitted stream and routed call, plus a reserve they can never take."""
-        return 2 * limits.max_transfers + ROUTED_CALLS + CONTROL_THREADS + 3 * OPEN_CALLS
+        """Server threads: a place at every gate that a handler holds while it runs (transfer slots and routed
+        calls nest inside streams and unary calls), and spares for refusals. Gates are taken first thing in every
+        handler and never waited for (a transfer slot aside, inside its stream's place), so the pool never runs
+        dry and each gate's room is really there: control calls and members' Hellos answer whatever streams,
+        unary calls or strangers hold."""
+        return (2 * limits.max_transfers + UNARY_CALLS + CONTROL_THREADS + OPENINGS + 5 * OPEN_CALLS
+                + SPARE_THREADS)
 
     def _busy(self, context: grpc.ServicerContext, what: str) -> None:
         with self._lock:
             self.busy_refusals += 1
         context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"node busy: {what}")
 
+    @staticmethod
+    def _keys(context: grpc.ServicerContext) -> tuple[str, str]:
+        """(session, source host) a call counts against at a gate. The session is that of the call's proof,
+        which the interceptor checked ("" for open calls); the host is the peer's address without its port."""
+        session = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == METADATA_KEY:
+                parsed = parse_proof(value)
+                session = parsed[1] if parsed else ""
+                break
+        return session, peer_host(context.peer())
+
     @contextmanager
-    def _admit(self, context: grpc.ServicerContext, gate: threading.BoundedSemaphore, what: str) -> Iterator[None]:
-        """Take a place at `gate` at once or refuse: a handler never waits for one, so threads stay free."""
-        if not gate.acquire(blocking=False):
-            self._busy(context, what)
+    def _admit(self, context: grpc.ServicerContext, gate: Gate, what: str) -> Iterator[None]:
+        """Take a place at `gate` at once or refuse: a handler never waits for one, so threads stay free. One
+        session, and one source host, get only their share of the gate (mesh/transport/admission.py)."""
+        session, host = self._keys(context)
+        why = gate.try_enter(session, host)
+        if why:
+            self._busy(context, f"{what} ({why})")
         try:
             yield
         finally:
-            gate.release()
+            gate.leave(session, host)
 
     @contextmanager
     def _slot(self, context: grpc.ServicerContext) -> Iterator[None]:
-        if not self._slots.acquire(timeout=SLOT_WAIT):
-            self._busy(context, f"{self.limits.max_transfers} transfers in progress")
+        session, host = self._keys(context)
+        why = self._slots.try_enter(session, host, timeout=SLOT_WAIT)
+        if why:
+            self._busy(context, why)
         try:
             yield
         finally:
-            self._slots.release()
+            self._slots.leave(session, host)
 
     @staticmethod
     def _check_key(key: str, context: grpc.ServicerContext) -> None:
@@ -165,21 +202,60 @@ class MeshServicer(pb_grpc.MeshServicer):
         return 30.0 if remaining is None else max(0.0, remaining - 0.05)
 
     def first_message(self, requests: Iterator[object], context: grpc.ServicerContext,
-                      gate: threading.BoundedSemaphore, what: str) -> Iterator[object]:
-        """The one message of an open call, read under a gate and a watchdog. gRPC's synchronous server would
-        otherwise wait on a pool thread for a unary request that never comes: anyone could hold every thread."""
-        with self._admit(context, gate, f"too many {what} calls"), \
-                self.watchdog.watch(context.cancel, FIRST_MESSAGE, f"{what} from {context.peer()}"):
-            try:
-                request = next(requests, None)
-            except grpc.RpcError:
+                      gate: Gate, what: str, whole_call: bool = False) -> Iterator[object]:
+        """The one message of a call, read under a gate and a watchdog. gRPC's synchronous server would
+        otherwise wait on a pool thread for a unary request that never comes: anyone could hold every thread.
+
+        The place at `gate` is held until the caller's loop ends (the reply); the watchdog only while reading,
+        unless `whole_call` (a health Watch, which would otherwise hold its place for as long as it likes)."""
+        with self._admit(context, gate, f"too many {what} calls"):
+            with self.watchdog.watch(context.cancel, FIRST_MESSAGE, f"{what} from {context.peer()}") as watch:
+                try:
+                    request = next(requests, None)
+                except grpc.RpcError:
+                    return
+                if request is None:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a {what} call carries one message")
+                if whole_call:
+                    yield request
+                    return
+            if watch.expired:  # the message came as the watchdog cancelled the call: it is over
                 return
-            if request is None:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a {what} call carries one message")
             yield request
 
+    def read_first(self, requests: Iterator[object], context: grpc.ServicerContext, gate: Gate,
+                   what: str) -> object | None:
+        """The one request message of a call, read under a place at `gate` and a watchdog, both given back once
+        it came (None: the call ended or was cancelled first). For a call whose handler then takes places of
+        its own (Get, ListKeys): reading is what a silent caller could stretch, so only reading is bounded here."""
+        for request in self.first_message(requests, context, gate, what):
+            return request
+        return None
+
     def HelloStream(self, requests: Iterator[pb.HelloRequest], context: grpc.ServicerContext) -> pb.HelloReply:
-        for request in self.first_message(requests, context, self._hellos, "Hello"):
+        """Hello, admitted three ways so that no stranger can lock members out:
+
+        - a renewal (the call carries a valid proof of a session of this node) takes a place of its own, which
+          no caller without the secret can reach;
+        - a stranger that sends its request in headers (HELLO_KEY) is answered at once, before any message:
+          nothing to wait for, so squatting holds nothing (a stateless challenge: the node keeps no state
+          between the caller's nonce and its answer);
+        - any other (an older client) is read as before, under a gate and a first-message watchdog.
+        """
+        metadata = dict(context.invocation_metadata() or ())
+        proof, quick = metadata.get(METADATA_KEY, ""), metadata.get(HELLO_KEY)
+        gate, what = (self._quick_hellos if quick is not None else self._hellos), "too many Hello calls"
+        if proof and self.auth is not None and self.auth.check(HELLO_METHOD, proof) is None:
+            gate, what = self._renewals, "too many session renewals"
+            with self._lock:
+                self.session_renewals += 1
+        if quick is not None:
+            request = parse_hello_header(quick)
+            if request is None:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {HELLO_KEY} header")
+            with self._admit(context, gate, what):
+                return self.Hello(request, context)
+        for request in self.first_message(requests, context, gate, "Hello"):
             return self.Hello(request, context)  # type: ignore[arg-type]
         return pb.HelloReply()  # cancelled: nobody reads it
 
@@ -405,6 +481,7 @@ class MeshServicer(pb_grpc.MeshServicer):
         clients'. What `mesh stats` and the Prometheus endpoint (mesh/metrics.py) show."""
         counters = self.store.stats()
         counters.update(transfer_errors=self.transfer_errors, busy_refusals=self.busy_refusals,
+                        session_renewals=self.session_renewals,
                         inflight_bytes=self.inflight.used, inflight_refusals=self.inflight.refusals,
                         stalled_streams=self.watchdog.cancelled)
         for source in self.stats_sources:
@@ -483,38 +560,69 @@ def _parse_put_request(data: bytes) -> pb.PutRequest | WireChunk:
     return decode_chunk_message(data, pb.PutRequest)  # type: ignore[return-value]
 
 
+def _unary_as_stream(servicer: MeshServicer, method: Callable[[Any, grpc.ServicerContext], Any], gate: Gate,
+                     what: str, empty: Callable[[], Any]) -> Callable[[Iterator[Any], grpc.ServicerContext], Any]:
+    """A unary method served as request-streaming. gRPC's synchronous server reads a unary request on a pool
+    thread before the handler runs, with no bound but the caller's deadline: 120 calls with valid proofs that never
+    sent their message once held every thread of a node (health DEADLINE_EXCEEDED, peers saw it dead). Here the
+    handler starts at once, takes a place at `gate` (bounded per session and per host) and reads the message
+    under a watchdog; the place is held until the reply, so the gates bound the threads (MeshServicer.threads)."""
+
+    def handler(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        for request in servicer.first_message(requests, context, gate, what):
+            return method(request, context)
+        return empty()  # cancelled before its message: nobody reads it
+
+    return handler
+
+
+def _unary_stream_as_stream(servicer: MeshServicer, method: Callable[[Any, grpc.ServicerContext], Iterator[Any]]
+                            ) -> Callable[[Iterator[Any], grpc.ServicerContext], Iterator[Any]]:
+    """A unary-request stream (Get, ListKeys) served as request-streaming: its request is read under a place of
+    its own and a watchdog; the method then takes its stream place as before."""
+
+    def handler(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        request = servicer.read_first(requests, context, servicer._openings, "calls waiting for their request")
+        if request is not None:
+            yield from method(request, context)
+
+    return handler
+
+
 def add_to_server(servicer: MeshServicer, server: grpc.Server) -> None:
-    """Like the generated `add_MeshServicer_to_server`, with hand-framed chunks in Get replies and Put requests.
+    """Like the generated `add_MeshServicer_to_server`, with hand-framed chunks in Get replies and Put requests,
+    and every method read as a request stream (the wire is the same: a client sends one message either way).
 
     Every other method keeps the generated protobuf (de)serializers.
     """
-    unary = grpc.unary_unary_rpc_method_handler
+    s = servicer
+    stream_unary, stream_stream = grpc.stream_unary_rpc_method_handler, grpc.stream_stream_rpc_method_handler
+
+    def unary(method: Callable[[Any, grpc.ServicerContext], Any], gate: Gate, request: Any, reply: Any,
+              what: str) -> grpc.RpcMethodHandler:
+        return stream_unary(_unary_as_stream(s, method, gate, what, reply), request_deserializer=request.FromString,
+                            response_serializer=reply.SerializeToString)
+
+    data, control = s._unary, s._control
     handlers = {
         # Open to anyone: read as a stream, so a caller that never sends its message holds no thread for long.
-        "Hello": grpc.stream_unary_rpc_method_handler(servicer.HelloStream,
-                                                      request_deserializer=pb.HelloRequest.FromString,
-                                                      response_serializer=pb.HelloReply.SerializeToString),
-        "Get": grpc.unary_stream_rpc_method_handler(servicer.Get, request_deserializer=pb.GetRequest.FromString,
-                                                    response_serializer=serialize_message),
-        "Put": grpc.stream_unary_rpc_method_handler(servicer.Put, request_deserializer=_parse_put_request,
-                                                    response_serializer=pb.PutReply.SerializeToString),
-        "PutSmall": unary(servicer.PutSmall, request_deserializer=pb.PutSmallRequest.FromString,
-                          response_serializer=pb.PutReply.SerializeToString),
-        "Has": unary(servicer.Has, request_deserializer=pb.HasRequest.FromString,
-                     response_serializer=pb.HasReply.SerializeToString),
-        "Delete": unary(servicer.Delete, request_deserializer=pb.DeleteRequest.FromString,
-                        response_serializer=pb.DeleteReply.SerializeToString),
-        "Digest": unary(servicer.Digest, request_deserializer=pb.DigestRequest.FromString,
-                        response_serializer=pb.DigestReply.SerializeToString),
-        "Stats": unary(servicer.Stats, request_deserializer=pb.StatsRequest.FromString,
-                       response_serializer=pb.StatsReply.SerializeToString),
-        "ListKeys": grpc.unary_stream_rpc_method_handler(servicer.ListKeys,
-                                                         request_deserializer=pb.ListKeysRequest.FromString,
-                                                         response_serializer=pb.KeyInfo.SerializeToString),
-        "Ping": unary(servicer.Ping, request_deserializer=pb.PingRequest.FromString,
-                      response_serializer=pb.PingReply.SerializeToString),
-        "Drain": unary(servicer.Drain, request_deserializer=pb.DrainRequest.FromString,
-                       response_serializer=pb.DrainReply.SerializeToString),
+        "Hello": stream_unary(s.HelloStream, request_deserializer=pb.HelloRequest.FromString,
+                              response_serializer=pb.HelloReply.SerializeToString),
+        "Get": stream_stream(_unary_stream_as_stream(s, s.Get), request_deserializer=pb.GetRequest.FromString,
+                             response_serializer=serialize_message),
+        "Put": stream_unary(s.Put, request_deserializer=_parse_put_request,
+                            response_serializer=pb.PutReply.SerializeToString),
+        "PutSmall": unary(s.PutSmall, data, pb.PutSmallRequest, pb.PutReply, "PutSmall"),
+        "Has": unary(s.Has, data, pb.HasRequest, pb.HasReply, "Has"),
+        "Delete": unary(s.Delete, data, pb.DeleteRequest, pb.DeleteReply, "Delete"),
+        # Control: a gate of their own, which no transfer or data call can take.
+        "Digest": unary(s.Digest, control, pb.DigestRequest, pb.DigestReply, "Digest"),
+        "Stats": unary(s.Stats, control, pb.StatsRequest, pb.StatsReply, "Stats"),
+        "ListKeys": stream_stream(_unary_stream_as_stream(s, s.ListKeys),
+                                  request_deserializer=pb.ListKeysRequest.FromString,
+                                  response_serializer=pb.KeyInfo.SerializeToString),
+        "Ping": unary(s.Ping, control, pb.PingRequest, pb.PingReply, "Ping"),
+        "Drain": unary(s.Drain, control, pb.DrainRequest, pb.DrainReply, "Drain"),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
@@ -564,7 +672,7 @@ def add_health_to_server(servicer: MeshServicer, health: HealthServicer, server:
 
     def watch(requests: Iterator[health_pb2.HealthCheckRequest], context: grpc.ServicerContext
               ) -> Iterator[health_pb2.HealthCheckResponse]:
-        for request in servicer.first_message(requests, context, servicer._health_calls, "health"):
+        for request in servicer.first_message(requests, context, servicer._health_calls, "health", whole_call=True):
             yield from health.Watch(request, context)
 
     handlers = {

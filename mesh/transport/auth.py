@@ -36,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -53,6 +53,10 @@ REPLAY_WINDOW = 4096         # counters tracked per session: calls may arrive ou
 MAX_SESSIONS = 16384         # sessions with replay state one node keeps (only callers with the secret add any)
 STALE = "stale session"      # status detail that tells a caller to say Hello again (node restarted, TTL passed)
 HELLO_METHOD = "/comfymesh.v1.Mesh/Hello"
+# A Hello's request in headers, "<key id>.<nonce hex>": a node answers it before reading any message, so callers
+# that open Hellos and never send anything (a squat) hold nothing this Hello would wait for. Sent beside the
+# message, which older nodes read (and which newer ones read from older callers).
+HELLO_KEY = "x-mesh-hello"
 # Open to anyone: health, the handshake itself, and reflection (it describes only the public proto/ contract).
 _OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", HELLO_METHOD, "/grpc.reflection.")
 _NONCE_BYTES = (16, 64)
@@ -170,6 +174,22 @@ def call_tag(secret: bytes, method: str, session: str, counter: int) -> str:
     return _mac(secret, b"comfy-mesh/2/call", method.encode(), session.encode(), b"%d" % counter).hex()
 
 
+def hello_header(request: pb.HelloRequest) -> str:
+    """The HELLO_KEY header that carries `request` (its key id and nonce)."""
+    return f"{request.key_id}.{request.client_nonce.hex()}"
+
+
+def parse_hello_header(value: str) -> pb.HelloRequest | None:
+    """The Hello request a HELLO_KEY header carries, or None if it is not one."""
+    kid, dot, nonce = value.partition(".")
+    if not dot or len(value) > _MAX_HEADER:
+        return None
+    try:
+        return pb.HelloRequest(key_id=kid, client_nonce=bytes.fromhex(nonce))
+    except ValueError:
+        return None
+
+
 # -- the caller's side ---------------------------------------------------------------------------------------
 
 @dataclass
@@ -183,7 +203,14 @@ class _Session:
     counter: Iterable[int] = field(default_factory=lambda: itertools.count(1))
 
 
-Hello = Callable[[pb.HelloRequest], pb.HelloReply]
+Metadata = tuple[tuple[str, str], ...]
+
+
+class Hello(Protocol):
+    """Sends a Hello to the node: the request, and headers to send beside it (the request again, in HELLO_KEY;
+    on a renewal, a proof of the session being renewed, which admits it ahead of strangers)."""
+
+    def __call__(self, request: pb.HelloRequest, metadata: Metadata = ()) -> pb.HelloReply: ...
 
 
 class ClientAuth:
@@ -233,7 +260,12 @@ class ClientAuth:
             kid, _ = self.keyring.current
             nonce = _random.token_bytes(_NONCE_BYTES[0])
             started = time.monotonic()
-            reply = hello(pb.HelloRequest(client_nonce=nonce, key_id=kid))
+            request = pb.HelloRequest(client_nonce=nonce, key_id=kid)
+            metadata: Metadata = ((HELLO_KEY, hello_header(request)),)
+            if s is not None and not force:  # a renewal: the session still holds, and its proof says so
+                n = next(s.counter)  # type: ignore[call-overload]
+                metadata += ((METADATA_KEY, f"{s.kid}.{s.token}.{n}.{call_tag(s.secret, HELLO_METHOD, s.token, n)}"),)
+            reply = hello(request, metadata)
             secret = self.keyring.lookup(reply.key_id)
             if secret is None:
                 raise AuthError(f"we do not share a cluster secret (the node proves key {reply.key_id or '(none)'}, "
@@ -308,7 +340,10 @@ class ServerAuth:
             return None
         return int(issued, 16)
 
-    def hello(self, request: pb.HelloRequest) -> pb.HelloReply:
+    def hello(self, request: pb.HelloRequest, metadata: Metadata = ()) -> pb.HelloReply:
+        """The answer to a Hello. `metadata` (what a caller sends beside it) is the servicer's to admit by
+        (mesh/server.py); accepted here so that this method can stand in for a node's Hello (a ClientAuth's
+        `hello`) in process."""
         if not _NONCE_BYTES[0] <= len(request.client_nonce) <= _NONCE_BYTES[1]:
             raise AuthError(f"a Hello nonce has {_NONCE_BYTES[0]} to {_NONCE_BYTES[1]} bytes")
         secret = self.keyring.lookup(request.key_id) if len(request.key_id) <= 64 else None

@@ -181,9 +181,9 @@ class PeerClient:
         """The address the node proved it advertises (None before a handshake, or without a secret)."""
         return self._auth.address
 
-    def _hello(self, request: pb.HelloRequest, timeout: float) -> pb.HelloReply:
+    def _hello(self, request: pb.HelloRequest, timeout: float, metadata: Metadata = ()) -> pb.HelloReply:
         try:
-            return self._stub.Hello(request, timeout=min(timeout, HELLO_TIMEOUT))
+            return self._stub.Hello(request, timeout=min(timeout, HELLO_TIMEOUT), metadata=metadata)
         except grpc.RpcError as e:
             if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
                 raise Unauthenticated(f"node {self.address} cannot prove the cluster secret: {e.details()}",
@@ -193,7 +193,7 @@ class PeerClient:
     def _md(self, method: str, timeout: float) -> Metadata:
         """This call's proof; says Hello first when there is no session yet (the node proves the secret then)."""
         try:
-            return self._auth.metadata(f"/{SERVICE}/{method}", lambda r: self._hello(r, timeout))
+            return self._auth.metadata(f"/{SERVICE}/{method}", lambda r, md=(): self._hello(r, timeout, md))
         except AuthError as e:
             raise Unauthenticated(f"node {self.address} is not trusted: {e}", grpc.StatusCode.UNAUTHENTICATED) from None
 
