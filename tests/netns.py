@@ -44,6 +44,7 @@ import pytest
 _NAME = re.compile(r"^cm-(\d+)-(\d+)-([0-9a-f]{4})-(sw|probe|h\d+)$")
 _SUBNET = "10.213.{x}.0/24"
 IP_TIMEOUT = 10.0
+_NOWHERE = "02:00:5e:00:00:01"  # a locally administered MAC no host of a lab has: frames to it are dropped
 
 
 @dataclass
@@ -140,6 +141,7 @@ class NetLab:
         self._namespaces: list[str] = []
         self._procs: list[subprocess.Popen[Any]] = []
         self._etc: list[str] = []  # /etc/netns/NS folders we made
+        self._cuts: list[tuple[Host, Host]] = []  # (host, address it cannot reach) while a `cut` holds
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 
@@ -237,6 +239,24 @@ class NetLab:
 
     def link_up(self, host: Host) -> None:
         _ip("-n", self.switch_ns, "link", "set", host.bridge_port, "up")
+
+    def cut(self, side_a: list[Host], side_b: list[Host]) -> None:
+        """Partition: every packet between the two sides is dropped silently, both ways, as a failed switch or
+        firewall does (no reset, no ICMP: connections time out). Each host is told a MAC address for the other
+        side's addresses that nobody has (a permanent neighbour entry), so its frames reach no one; iptables and
+        tc actions are not available on this kernel. `heal` undoes it."""
+        for here, there in ((side_a, side_b), (side_b, side_a)):
+            for h in here:
+                for other in there:
+                    _ip("-n", h.ns, "neigh", "replace", other.addr, "lladdr", _NOWHERE, "nud", "permanent",
+                        "dev", h.ifname)
+                    self._cuts.append((h, other))
+
+    def heal(self) -> None:
+        """Undo every `cut`: the hosts learn the real addresses again (ARP) on their next packet."""
+        while self._cuts:
+            h, other = self._cuts.pop()
+            _ip("-n", h.ns, "neigh", "del", other.addr, "dev", h.ifname, check=False)
 
     def shape(self, host: Host, rate: str = "1gbit", *, burst: str = "1mb", latency: str = "10ms") -> None:
         """Limit host's link to `rate` in both directions with tc tbf (netem is not available here)."""
