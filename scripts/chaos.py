@@ -4,6 +4,8 @@
     .venv/bin/python scripts/chaos.py --scenario rolling-restart
     .venv/bin/python scripts/chaos.py --scenario kill9 --duration 60
     .venv/bin/python scripts/chaos.py --scenario freeze
+    .venv/bin/python scripts/chaos.py --scenario partition --partition-seconds 30
+    .venv/bin/python scripts/chaos.py --scenario skew
     .venv/bin/python scripts/chaos.py --scenario all --json bench-results/chaos.json
 
 Every value is derived from its key (a seeded PRNG), so every get is checked byte for byte (sha256) against
@@ -15,6 +17,13 @@ what was put: a wrong byte is counted, never hidden. Scenarios:
   Keys lost among those put at least 10 s before the last fault.
 - freeze: one node SIGSTOPped (its port still accepts) for 6 s; gets of keys whose first owner it is, through
   another node, against the same gets before the freeze: added latency and hits turned into misses.
+- partition: five hosts in network namespaces (root), a verifying load from a sixth host that reaches both
+  sides, packets between {n0,n1} and {n2,n3,n4} dropped silently for --partition-seconds, then healed. Keys lost
+  (on the owners the ring names after the heal), wrong bytes, misses during the cut, seconds for each side to
+  hold the other DEAD, seconds to agreement after the heal.
+- skew: three owners of every key, one 10 minutes fast and one 10 minutes slow (libfaketime): conflicts written
+  0.3 s apart through differently skewed nodes (copies the later write won: target 0), and deletes through a
+  skewed node followed at once by re-puts (re-puts lost: target 0).
 
 Everything is bounded in time; every process started is stopped at the end. Each node's peak RSS is sampled
 against its budget.
@@ -30,6 +39,7 @@ import random
 import signal
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -319,13 +329,149 @@ def freeze(fleet: Fleet, a: argparse.Namespace) -> dict:
             "misses_before": base_misses, "misses_during": during_misses}
 
 
+def partition(a: argparse.Namespace) -> dict:
+    """Five hosts in network namespaces (production timings), a verifying load from a sixth host that reaches
+    both sides, a 2|3 cut for `--partition-seconds`, then a heal."""
+    from tests.netns import NetLab, netns_available
+    from tests.support.netfleet import NetFleet
+
+    if (why := netns_available()) is not None:
+        return {"scenario": "partition", "skipped": why}
+    n, side = 5, 2
+    with tempfile.TemporaryDirectory(prefix="chaos-partition-") as tmp, NetLab(n + 1) as lab:
+        work = Path(tmp)
+        secret = work / "secret"
+        secret.write_bytes(os.urandom(32).hex().encode())
+        args = ["--replicas", str(a.replicas), "--max-memory", a.max_memory,
+                *(["--data-dir", str(work / "data")] if a.data_dir else [])]
+        fleet = NetFleet(lab, n, 7441, secret, work, args)
+        poll_until(fleet.agreed, 60)
+        fleet.start_load(a.partition_seconds + 300, "--size", str(a.value_size))
+        time.sleep(5.0)  # load before the cut
+        views: dict[int, list[tuple[float, dict[str, int]]]] = {i: [] for i in range(n)}
+        stop = threading.Event()
+
+        def watch(i: int) -> None:
+            while not stop.is_set():
+                views[i].append((time.time(), fleet.states(i)))
+                stop.wait(0.25)
+
+        watchers = [threading.Thread(target=watch, args=(i,), daemon=True) for i in range(n)]
+        for t in watchers:
+            t.start()
+        lab.cut(fleet.hosts[:side], fleet.hosts[side:])
+        cut_at = time.time()
+        time.sleep(a.partition_seconds)
+        lab.heal()
+        healed_at = time.time()
+        agreed = poll_until(fleet.agreed, 120)
+        agreed_after = time.time() - healed_at if agreed else None
+        time.sleep(5.0)  # load after the heal
+        record = fleet.stop_load()
+        stop.set()
+        for t in watchers:
+            t.join(timeout=30)
+        settled = poll_until(lambda: all(fleet.status(i)["repair"]["hints"] == 0 for i in range(n)), 180)
+        result = fleet.verify(a.replicas)
+
+    def detected(i: int) -> float | None:
+        """Seconds from the cut until node i held every member of the other side DEAD."""
+        other = n - side if i < side else side
+        for at, states in views[i]:
+            if cut_at <= at <= healed_at and states.get("DEAD", 0) >= other:
+                return round(at - cut_at, 1)
+        return None
+
+    reads = [r for at, r in record["reads"] if cut_at <= at <= healed_at]
+    acked = record["acked"]
+    return {"scenario": "partition", "partition_s": a.partition_seconds, "acked": len(acked),
+            "acked_during": sum(1 for v in acked.values() if cut_at <= v["at"] <= healed_at),
+            "hinted": sum(1 for v in acked.values() if v["hinted"]), "put_errors": record["put_errors"],
+            "keys_lost": len(result["lost"]), "under_replicated": len(result["under_replicated"]),
+            "wrong_bytes": len(result["wrong"]) + sum(1 for _, r in record["reads"] if r == "wrong"),
+            "reads_during": len(reads), "misses_during": sum(1 for r in reads if r == "miss"),
+            "errors_during": sum(1 for r in reads if r == "error"),
+            "minority_detected_s": [detected(i) for i in range(side)],
+            "majority_detected_s": [detected(i) for i in range(side, n)],
+            "agreement_after_heal_s": round(agreed_after, 1) if agreed_after is not None else None,
+            "hints_settled": settled}
+
+
+def skew(a: argparse.Namespace) -> dict:
+    """Three owners of every key, one 10 minutes fast and one 10 minutes slow (libfaketime): conflicts written
+    0.3 s apart through differently skewed nodes, and deletes through a skewed node followed at once by re-puts."""
+    from tests.support.clock import skewed_env
+
+    mesh = LocalMesh()
+    try:
+        names = {"normal": None, "fast": "+10m", "slow": "-10m"}
+        nodes = {name: mesh.start_node(node_id=name, args=["--replicas", "3", "--repair-interval", "2", *FAST],
+                                       env=skewed_env(offset) if offset else None) for name, offset in names.items()}
+        mesh.wait_members(3, timeout=30)
+
+        def held(key: str) -> list[bytes | None]:
+            out = []
+            for node in nodes.values():
+                with mesh.client(node) as c:
+                    blob = c.get(key, local_only=True)
+                    out.append(bytes(blob.data) if blob is not None else None)
+            return out
+
+        def put(name: str, key: str, value: bytes) -> None:
+            with mesh.client(nodes[name]) as c:
+                c.put(key, value)
+
+        rng = random.Random(7)
+        later_won = wrong = 0
+        pairs = [(x, y) for x in names for y in names if x != y]
+        for i in range(a.keys // 4):
+            first, second = pairs[i % len(pairs)]
+            key = f"skew/conflict/{i}"
+            put(first, key, b"first" + value_for(key, 2000))
+            poll_until(lambda key=key: set(held(key)) == {b"first" + value_for(key, 2000)}, 10)
+            time.sleep(0.3)
+            put(second, key, b"second" + value_for(key, 2000))
+            values = held(key)
+            later_won += sum(1 for v in values if v is not None and v.startswith(b"second"))
+            wrong += sum(1 for v in values if v is not None and not v.endswith(value_for(key, 2000)))
+        reput = [f"skew/delete/{i}" for i in range(a.keys // 4)]
+        for key in reput:
+            put("normal", key, b"old" + value_for(key, 2000))
+        poll_until(lambda: all(set(held(k)) == {b"old" + value_for(k, 2000)} for k in reput), 30)
+        for key in reput:
+            with mesh.client(nodes[rng.choice(["fast", "slow"])]) as c:
+                c.delete([key])
+            put("normal", key, b"new" + value_for(key, 2000))
+        poll_until(lambda: all(set(held(k)) == {b"new" + value_for(k, 2000)} for k in reput), 30)
+        final = {k: held(k) for k in reput}
+        lost = sum(1 for v in final.values() if all(x is None for x in v))
+        not_everywhere = sum(1 for k, v in final.items() if set(v) != {b"new" + value_for(k, 2000)})
+        wrong += sum(1 for k, v in final.items() for x in v if x is not None and not x.endswith(value_for(k, 2000)))
+        return {"scenario": "skew", "conflicts": a.keys // 4, "copies_won_by_the_later_write": later_won,
+                "reputs_after_delete": len(reput), "reputs_lost": lost, "reputs_missing_on_an_owner": not_everywhere,
+                "wrong_bytes": wrong}
+    finally:
+        mesh.close()
+
+
+def poll_until(check: Callable[[], bool], limit: float) -> bool:
+    """Whether `check` held within `limit` seconds (polled; a scenario reports a miss rather than failing)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
 SCENARIOS: dict[str, Callable[[Fleet, argparse.Namespace], dict]] = {
     "rolling-restart": rolling_restart, "kill9": kill9, "freeze": freeze}
+STANDALONE: dict[str, Callable[[argparse.Namespace], dict]] = {"partition": partition, "skew": skew}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenario", choices=[*SCENARIOS, "all"], default="all")
+    p.add_argument("--scenario", choices=[*SCENARIOS, *STANDALONE, "all"], default="all")
     p.add_argument("--nodes", type=int, default=3)
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--keys", type=int, default=200)
@@ -335,12 +481,18 @@ def main() -> int:
     p.add_argument("--fault-every", type=float, default=20.0, help="kill9: seconds between faults")
     p.add_argument("--lookup-timeout", type=float, default=3.0, help="freeze: deadline of each get")
     p.add_argument("--data-dir", action="store_true", help="give every node a --data-dir (the disk tier)")
+    p.add_argument("--partition-seconds", type=float, default=30.0, help="partition: how long the cut lasts")
     p.add_argument("--json", help="write the results here too")
     a = p.parse_args()
     a.value_size = parse_size(a.value_size)
     results = {"loadavg_start": os.getloadavg(), "data_dir": a.data_dir, "nodes": a.nodes, "replicas": a.replicas, "keys": a.keys,
                "value_size": a.value_size, "max_memory": a.max_memory, "runs": []}
-    for name in (SCENARIOS if a.scenario == "all" else [a.scenario]):
+    for name in ([*SCENARIOS, *STANDALONE] if a.scenario == "all" else [a.scenario]):
+        if name in STANDALONE:
+            run = STANDALONE[name](a)
+            print(json.dumps(run, indent=2))
+            results["runs"].append(run)
+            continue
         args = ["--replicas", str(a.replicas), "--max-memory", a.max_memory, *FAST]
         fleet = Fleet(a.nodes, args, None, data_dir=a.data_dir)
         try:

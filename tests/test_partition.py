@@ -6,75 +6,40 @@ parked the value where repair never looked; after a 90 s partition 38 acknowledg
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 from pathlib import Path
 
 from tests.conftest import poll
-from tests.netns import NetLab, netlab_or_skip
-from tests.support.cli import run_cli
-from tests.support.serve import start_serve
+from tests.netns import netlab_or_skip
+from tests.support.netfleet import NetFleet
 
 PORT = 7431
-REPO = Path(__file__).resolve().parent.parent
 FAST = ["--heartbeat", "0.2", "--suspect-after", "1.0", "--dead-after", "2.0", "--replicas", "2",
         "--repair-interval", "1"]
-NODES = 5
 PARTITION_SECONDS = 12.0
 
 
-def status(lab: NetLab, node: int, secret: Path) -> dict:
-    out = run_cli("status", "--json", node=f"{lab.hosts[node].addr}:{PORT}", secret_file=secret, rpc_timeout=5,
-                  wrap=lab.argv(lab.hosts[NODES], []), check=True)
-    return json.loads(out.stdout)
-
-
 def test_a_partition_with_writes_on_both_sides_loses_no_acknowledged_put(tmp_path: Path, secret_file: Path) -> None:
-    with netlab_or_skip(NODES + 1) as lab:  # five mesh hosts, and a client host that reaches both sides
-        addresses = [f"{h.addr}:{PORT}" for h in lab.hosts[:NODES]]
-        for i in range(NODES):
-            seeds = ",".join(a for j, a in enumerate(addresses) if j != i)
-            node = start_serve(tmp_path, f"n{i}", "--node-id", f"n{i}", "--seeds", seeds, *FAST,
-                               secret_file=secret_file, listen=f"0.0.0.0:{PORT}", wrap=lab.argv(lab.hosts[i], []),
-                               cwd=REPO)
-            lab.adopt(node.process)
-        poll(lambda: all(status(lab, i, secret_file)["members"]["ALIVE"] == NODES for i in range(NODES)),
-             "the five hosts formed one mesh", timeout=30)
-        stop, out = tmp_path / "stop", tmp_path / "load.json"
-        load = lab.popen(lab.hosts[NODES], [sys.executable, "-m", "tests.support.verifying_load", "load",
-                                            "--nodes", ",".join(addresses), "--secret-file", str(secret_file),
-                                            "--stop-file", str(stop), "--out", str(out), "--limit", "120"],
-                         cwd=REPO)
-        minority, majority = lab.hosts[:2], lab.hosts[2:NODES]
+    with netlab_or_skip(6) as lab:  # five mesh hosts, and a client host that reaches both sides
+        fleet = NetFleet(lab, 5, PORT, secret_file, tmp_path, FAST)
+        poll(fleet.agreed, "the five hosts formed one mesh", timeout=30)
+        fleet.start_load(limit=120)
+        minority, majority = fleet.hosts[:2], fleet.hosts[2:]
         time.sleep(2.0)  # load before the cut (a duration of the scenario, not a wait for a condition)
         lab.cut(minority, majority)
         cut_at = time.time()
         time.sleep(PARTITION_SECONDS)  # the partition lasts this long, with writes on both sides
         lab.heal()
         healed_at = time.time()
-        poll(lambda: all(status(lab, i, secret_file)["members"]["ALIVE"] == NODES for i in range(NODES)),
-             "every node sees all five ALIVE again", timeout=30)
+        poll(fleet.agreed, "every node sees all five ALIVE again", timeout=30)
         agreed_after = time.time() - healed_at
-        stop.touch()
-        assert load.wait(timeout=60) == 0
-        record = json.loads(out.read_text())
+        record = fleet.stop_load()
         acked = record["acked"]
         during = [k for k, v in acked.items() if cut_at <= v["at"] <= healed_at]
         assert len(during) > 20, f"too few puts during the partition to judge ({len(during)})"
-        assert any(v["hinted"] or v["replicas"] < 2 for k, v in acked.items() if k in during)
-
-        def settled() -> bool:
-            return all(status(lab, i, secret_file)["repair"]["hints"] == 0 for i in range(NODES))
-
-        poll(settled, "every hint handed to its owners", timeout=60)
-        verified = tmp_path / "verify.json"
-        run_cli_python = lab.run(lab.hosts[NODES], [sys.executable, "-m", "tests.support.verifying_load", "verify",
-                                                    "--nodes", ",".join(addresses), "--secret-file",
-                                                    str(secret_file), "--keys", str(out), "--out", str(verified)],
-                                 cwd=REPO, timeout=300)
-        assert run_cli_python.returncode == 0
-        result = json.loads(verified.read_text())
+        poll(lambda: all(fleet.status(i)["repair"]["hints"] == 0 for i in range(5)),
+             "every hint handed to its owners", timeout=60)
+        result = fleet.verify(replicas=2)
         wrong_reads = sum(1 for _, r in record["reads"] if r == "wrong")
         hinted = sum(1 for v in acked.values() if v["hinted"])
         print(f"acked {len(acked)} ({len(during)} during the partition, {hinted} as hints), lost "

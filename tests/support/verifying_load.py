@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-file", default="")
     p.add_argument("--keys", default="", help="verify: the load's output file")
     p.add_argument("--prefix", default="load")
-    p.add_argument("--size", type=int, default=20_000)
+    p.add_argument("--size", type=int, default=20_000, help="load: bytes per value (verify reads it from --keys)")
     p.add_argument("--writers", type=int, default=2)
     p.add_argument("--readers", type=int, default=2)
     p.add_argument("--pace", type=float, default=0.05, help="seconds each worker waits between calls")
@@ -150,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.mode == "load":
         record = run_load(nodes, secret, Path(a.stop_file), a.prefix, a.size, a.writers, a.readers, a.pace,
                           a.timeout, a.limit)
-        Path(a.out).write_text(json.dumps(asdict(record)))
+        Path(a.out).write_text(json.dumps({**asdict(record), "size": a.size}))
     else:
-        keys = list(json.loads(Path(a.keys).read_text())["acked"])
-        Path(a.out).write_text(json.dumps(run_verify(nodes, secret, keys, a.size, a.timeout, a.replicas)))
+        loaded = json.loads(Path(a.keys).read_text())
+        Path(a.out).write_text(json.dumps(run_verify(nodes, secret, list(loaded["acked"]), loaded["size"], a.timeout,
+                                                     a.replicas)))
     return 0
 
 
