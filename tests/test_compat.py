@@ -179,3 +179,11 @@ def test_a_mixed_mesh_replicates_to_the_older_member(older_node: ServeProcess,
     assert codecs_held(older_node.address, "replicated") <= {LZ4, RAW}
     with PeerClient(older_node.address, SECRET) as reader:
         assert bytes(reader.get("replicated", local_only=True).data) == data
+
+
+def test_repair_asks_an_older_member_what_it_holds(older_node: ServeProcess) -> None:
+    """A node from before write ids answers Has versions with checksums only: repair reads that as "holds the
+    key" or "lacks it" (so it fills what the older member lacks), not as a refusal that stops repair with it."""
+    with PeerClient(older_node.address, SECRET) as c:
+        c.put("held", b"v" * 100)
+        assert c.versions(["held", "absent"], [7, 8]) == [(1, False), (0, False)]

@@ -547,9 +547,13 @@ class PeerClient:
         request = pb.HasRequest(keys=keys, local_only=True, versions=True, write_ids=write_ids)
         reply = self._unary("Has", request, timeout, wait_for_ready=True)
         held, deleted = list(reply.write_ids), list(reply.deleted)  # type: ignore[attr-defined]
+        checksums = list(reply.checksums)  # type: ignore[attr-defined]
+        if not held and len(checksums) == len(keys):
+            # A node from before write ids (a rolling upgrade): it tells only whether it holds each key. Its
+            # copies count as other writes (never deleted here), so repair fills what it lacks and no more.
+            return [(1 if c else 0, False) for c in checksums]
         if not len(held) == len(deleted) == len(keys):
-            raise Refused(f"node {self.address} answered versions of {len(held)} of {len(keys)} keys "
-                          f"(a node from before write ids: upgrade it)")
+            raise Refused(f"node {self.address} answered versions of {len(held)} of {len(keys)} keys")
         return list(zip(held, deleted))
 
     def purge(self, writer: str, timeout: float | None = None, local_only: bool = False) -> int:
