@@ -262,6 +262,8 @@ class PartitionResult:
     minority_all_dead: float = float("nan")   # s from the cut until every minority member had every majority one DEAD
     majority_all_dead: float = float("nan")   # the same for the majority side (nan: not within the cut)
     minority_dead_p50: float = float("nan")   # median over minority members of their own time to mark all DEAD
+    minority_least: int = 0                   # fewest majority members a minority member held DEAD at the heal
+    majority_least: int = 0                   # fewest minority members a majority member held DEAD at the heal
     false_dead_within: int = 0                # DEAD marks of a member on one's own side, during the cut
     false_dead_after_heal: int = 0            # DEAD marks of anyone after the heal (everyone is alive)
     all_alive_after: float = float("nan")     # s from the heal until every table had every member ALIVE
@@ -348,6 +350,8 @@ def simulate_partition(n: int, minority: int, seed: int = 1, loss: float = 0.0,
             res.minority_dead_p50 = pct(times, 0.5) if pct(times, 0.5) != float("inf") else float("nan")
         else:
             res.majority_all_dead = worst if worst != float("inf") else float("nan")
+    res.minority_least = min(dead_other[nd.node_id] for nd in nodes if side[nd.node_id] == 0)
+    res.majority_least = min(dead_other[nd.node_id] for nd in nodes if side[nd.node_id] == 1)
     phase["now"] = "healed"
     net.side = {}
     step = config.period
@@ -370,14 +374,14 @@ def partition_main(args: argparse.Namespace) -> int:
     print(f"partition: loss {args.loss:.0%}, cut {args.cut_for:g} s then healed {args.heal_for:g} s, "
           f"reads {'on' if not args.no_reads else 'off'}")
     print(f"{'split':>9} {'seed':>4} {'minority->all DEAD s':>20} {'majority->all DEAD s':>20} "
-          f"{'false D in':>10} {'false D heal':>12} {'all ALIVE s':>11} {'left':>5} {'wall s':>6}")
+          f"{'least':>5} {'least':>5} {'false D in':>10} {'false D heal':>12} {'all ALIVE s':>11} {'left':>5} {'wall s':>6}")
     for n, m in zip(sizes, minority):
         for seed in range(args.seed, args.seed + args.seeds):
             r = simulate_partition(n, m, seed, args.loss, (lo, hi), cut_for=args.cut_for, heal_for=args.heal_for,
                                    reads=not args.no_reads)
             out.append(r)
             print(f"{f'{m}|{n - m}':>9} {seed:>4} {r.minority_all_dead:>20.2f} {r.majority_all_dead:>20.2f} "
-                  f"{r.false_dead_within:>10} {r.false_dead_after_heal:>12} {r.all_alive_after:>11.2f} "
+                  f"{r.minority_least:>5} {r.majority_least:>5} {r.false_dead_within:>10} {r.false_dead_after_heal:>12} {r.all_alive_after:>11.2f} "
                   f"{r.not_alive_at_end:>5} {r.wall_seconds:>6.1f}", flush=True)
         runs = [r for r in out if r.n == n and r.minority == m]
         for name in ("minority_all_dead", "majority_all_dead", "all_alive_after"):

@@ -269,6 +269,22 @@ def test_a_member_can_be_probed_out_of_turn_at_no_extra_cost() -> None:
     assert len(fake.take()) == 1
 
 
+def test_a_member_probed_out_of_turn_again_and_again_is_still_suspected_when_silent() -> None:
+    # The driver calls probe_soon every interval while a member's breaker is open: those probes must be full
+    # ones, or a member that reads fail at is never suspected (issue 20: a partition's minority kept the
+    # unreachable owners ALIVE until the heal).
+    swim, fake = node()
+    changes = []
+    for step in range(40):
+        now = step / 10
+        swim.probe_soon("c")
+        changes += swim.tick(now)
+        for address, request, seq in fake.take():
+            if request.HasField("probe"):  # helpers are reachable and nack: c is silent, we are fine
+                swim.handle_reply(seq, pb.PingReply(responder=rec(address.split(":")[0]), nack=True), now)
+    assert StateChanged("c", ALIVE, SUSPECT, INC) in changes
+
+
 def test_no_ack_asks_helpers_and_a_helper_ack_prevents_suspicion() -> None:
     swim, fake = node()
     swim.tick(0.0)

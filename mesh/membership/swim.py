@@ -473,9 +473,15 @@ class Swim:
 
     def probe_soon(self, node_id: str) -> None:
         """Probe this member next (in place of a round-robin turn: no extra message), e.g. because a read
-        just failed at it and only its answer will let readers use it again."""
+        just failed at it and only its answer will let readers use it again.
+
+        A full probe (helpers, then suspicion on silence), like its round-robin turn would be. It was a direct
+        one that could never suspect: the driver asks again every interval while the member's breaker is
+        open, so a member that reads failed at was probed directly, forever, and never suspected. That is
+        why, in a partition, the side whose clients read across the cut kept the unreachable owners ALIVE in
+        its ring until the heal (issue 20)."""
         if node_id in self.table.members:
-            self._to_probe.setdefault(node_id, False)
+            self._to_probe.setdefault(node_id, True)
 
     def add_candidate(self, address: str, now: float, trusted: bool = True) -> bool:
         """A seed or a zeroconf advert: worth a dial (which is what admits it, or not)."""
