@@ -328,6 +328,26 @@ def test_helpers_that_do_not_even_nack_lower_our_health() -> None:
     assert p.end - 1.0 == pytest.approx(CFG.period * (1 + CFG.indirect_k))
 
 
+@pytest.mark.parametrize("fresh_nacks", [True, False])
+def test_only_helpers_we_heard_from_lately_count_against_our_health(fresh_nacks: bool) -> None:
+    # A partition: c and d went silent long ago (across the cut), b still answers. A failed probe of a, with b
+    # and a silent stale helper asked, is no sign that we are slow when b nacks; b's own silence still is.
+    swim, fake = node()
+    swim.handle_request(pb.PingRequest(sender=rec("b")), "tok", 9.9)
+    swim.probe_soon("a")
+    swim.tick(10.0)
+    fake.take()
+    swim.tick(10.3)
+    helpers = [(address, seq) for address, request, seq in fake.take() if request.HasField("probe")]
+    assert sorted(a for a, _ in helpers)[0] == "b:1" and len(helpers) == CFG.indirect_k  # fresh ones first
+    for address, seq in helpers:
+        if address == "b:1" and fresh_nacks:
+            swim.handle_reply(seq, pb.PingReply(responder=rec("b"), nack=True), 10.5)
+    swim.tick(11.0)
+    assert swim.table.get("a").state == SUSPECT
+    assert swim.awareness == (0 if fresh_nacks else 1)
+
+
 def test_a_suspicion_of_us_is_refuted_by_our_next_message() -> None:
     swim, fake = node()
     changes = swim.handle_request(pb.PingRequest(sender=rec("a"), updates=[rec("me", SUSPECT, suspecter="b")]),

@@ -18,7 +18,9 @@ retransmit_mult * log10(n) times. A push-pull exchange of whole member tables wi
 what gossip missed; its period grows with n so that its cost per node stays flat.
 
 Lifeguard: a local health score (0..max_awareness) stretches our probe timeouts while we miss acks and nacks
-(a slow node must not accuse others of its own slowness), and helpers nack so we can tell the two apart.
+(a slow node must not accuse others of its own slowness), and helpers nack so we can tell the two apart. Only
+the silence of helpers we heard from lately counts (Swim._health): members across a partition are silent to
+everyone on our side, and blaming ourselves for that slowed the minority's detection of the cut eightfold.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class Config:
     dials_per_period: int = 4       # candidate dials: bounds what a flood of gossiped addresses can cost
     dial_timeout: float = 1.0
     retry_dead_every: float = 10.0  # one probe of a DEAD member: heals partitions without gossip
+    fresh_periods: int = 3          # a helper heard from directly within this many periods is "fresh"
 
 
 @dataclass
@@ -69,6 +72,8 @@ class _Probe:
     acked: bool = False
     helpers_asked: int = 0
     nacks: int = 0
+    fresh: set[int] | None = None   # seqs of the helpers we had just heard from (their silence is ours)
+    fresh_nacks: int = 0
 
 
 @dataclass
@@ -319,6 +324,8 @@ class Swim:
         elif p.kind == "helper" and probe is not None and p.key == self._probe_seq:
             if reply.nack:
                 probe.nacks += 1
+                if probe.fresh is not None and seq in probe.fresh:
+                    probe.fresh_nacks += 1
             elif not probe.acked:
                 probe.acked = True
                 self._awareness(-1)
@@ -394,17 +401,27 @@ class Swim:
             if probe.indirect and not probe.helpers_asked and now >= probe.deadline:
                 helpers = [m for m in self.table.members.values()
                            if m.state == ALIVE and m.node_id != probe.target]
+                # Members we heard from lately first: they are the ones that can relay for us, and only their
+                # silence says something about our own health (see _health below).
+                fresh_after = now - c.fresh_periods * c.period
+                fresh = [m for m in helpers if m.last_heard >= fresh_after]
+                stale = [m for m in helpers if m.last_heard < fresh_after]
+                chosen = self.rng.sample(fresh, min(c.indirect_k, len(fresh)))
+                chosen += self.rng.sample(stale, min(c.indirect_k - len(chosen), len(stale)))
+                probe.fresh = set()
                 target = self.table.get(probe.target)
                 if target is not None:
                     # A second direct try alongside the helpers (memberlist's TCP fallback): one lost
                     # datagram should not be all it takes to need three others.
                     self._send(probe.address, self._request(now, probe.target), "probe", probe.end - now, now,
                                key=self._probe_seq)
-                for h in self.rng.sample(helpers, min(c.indirect_k, len(helpers))) if target else []:
+                for h in chosen if target else []:
                     self.counters.indirect += 1
-                    self._send(h.address, self._request(now, h.node_id, probe=target.record()), "helper",
-                               probe.end - now, now, key=self._probe_seq)
+                    seq = self._send(h.address, self._request(now, h.node_id, probe=target.record()), "helper",
+                                     probe.end - now, now, key=self._probe_seq)
                     probe.helpers_asked += 1
+                    if h.last_heard >= fresh_after:
+                        probe.fresh.add(seq)
                 if not probe.helpers_asked:
                     probe.helpers_asked = -1  # nobody to ask: wait for the end
             if now >= probe.end:
@@ -423,9 +440,7 @@ class Swim:
                     changes += self._react(got, now)
                     self._to_probe[probe.target] = False
                 if probe.indirect:  # retries of suspects and DEAD members say nothing about our own health
-                    # Lifeguard: helpers that do not even nack point at us; with no helper, any failure does.
-                    asked = max(0, probe.helpers_asked)
-                    self._awareness(asked - probe.nacks if asked else 1)
+                    self._awareness(self._health(probe))
         elif probe is not None and now >= probe.end:
             self._probe = None
             known = self.table.get(probe.target)
@@ -445,6 +460,27 @@ class Swim:
                                      now + self._scaled(c.period), indirect)
                 self._next_probe = self._probe.end
         return changes
+
+    @staticmethod
+    def _health(probe: _Probe) -> int:
+        """What a failed probe says about our own health: Lifeguard's local health multiplier counts the
+        helpers that did not even nack (a slow node misses those answers too); with no helper, the failure
+        itself counts.
+
+        Only helpers we heard from directly in the last `fresh_periods` periods count, when there are any.
+        Why: in a partition every member across the cut is silent to us, as helper as well as target, so
+        counting them saturated the minority's awareness within a few probes and stretched its probe period
+        by max_awareness (8x): the minority took minutes, not seconds, to finish detecting the cut (issue 20).
+        A helper we just heard from and that stays silent still points at us, so a slow or overloaded node
+        (Lifeguard's case: it misses the acks and nacks of members that are fine) still slows down: its fresh
+        helpers miss their nacks as before, and a node that hears from nobody has no fresh helper and counts
+        every silent helper as before. What changes is only that a silence we already had reason to expect
+        (nothing heard from that member lately) is not blamed on us."""
+        asked = max(0, probe.helpers_asked)
+        fresh = len(probe.fresh or ())
+        if fresh:
+            return fresh - probe.fresh_nacks
+        return asked - probe.nacks if asked else 1
 
     def _pick_target(self, now: float) -> tuple[str | None, bool]:
         members = self.table.members
