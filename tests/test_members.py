@@ -78,6 +78,14 @@ def test_hearsay_of_a_newer_life_only_asks_us_to_probe() -> None:
     assert t.get("a").state == SUSPECT and t.pop_hint() == "a"  # type: ignore[union-attr]
 
 
+def test_hearsay_that_a_member_we_hold_dead_is_alive_asks_us_to_probe_it() -> None:
+    # After a partition heals, the other side holds ALIVE, at the incarnation it died at, a member we hold DEAD.
+    t = table(members=("a",))
+    t.apply(rec("a", DEAD), 1.0, authentic=False)
+    assert t.apply(rec("a"), 2.0, authentic=False) == []
+    assert t.get("a").state == DEAD and t.pop_hint() == "a"  # type: ignore[union-attr]
+
+
 def test_hearsay_of_a_restart_asks_us_to_probe_a_refutation_of_nothing_does_not() -> None:
     t = table(members=("a",))
     assert t.apply(rec("a", inc=INC + 2), 1.0, authentic=False) == [] and t.pop_hint() is None
@@ -418,6 +426,44 @@ def test_push_pull_sends_the_whole_table_and_learns_only_candidates() -> None:
     swim.handle_reply(seq, pb.PingReply(responder=rec(peer), members=[rec(peer), rec("new")]), 5.1)
     assert swim.table.get("new") is None and "new:1" in swim.table.candidates
     assert swim.sync_period() == pytest.approx(30.0)
+
+
+def test_push_pull_suspicion_or_death_of_a_member_we_hold_alive_is_probed_not_applied() -> None:
+    # A table from across a healed partition holds DEAD, at the incarnation we hold ALIVE, members we reach.
+    swim, fake = node()
+    swim.handle_request(pb.PingRequest(sender=rec("a"), sync=True,
+                                       members=[rec("a"), rec("b", DEAD), rec("c", SUSPECT)]), "tok", 1.0)
+    assert swim.table.get("b").state == ALIVE and swim.table.get("c").state == ALIVE  # type: ignore[union-attr]
+    swim.tick(1.0)
+    assert [address for address, _, _ in fake.take() if address in ("b:1", "c:1")] == ["b:1"]  # probed first
+
+
+def test_a_member_back_from_dead_is_told_so_and_its_news_is_not_applied() -> None:
+    swim, fake = node()
+    swim.handle_request(pb.PingRequest(sender=rec("a"), updates=[rec("b", DEAD)]), "tok", 1.0)
+    assert swim.table.get("b").state == DEAD  # type: ignore[union-attr]
+    swim.handle_request(pb.PingRequest(sender=rec("c"), updates=[rec("d", DEAD)]), "tok", 1.1)
+    # b comes back (the partition healed) with what it believed while cut off: that a, c and d are DEAD.
+    changes = swim.handle_request(pb.PingRequest(sender=rec("b"), updates=[rec("a", DEAD), rec("c", SUSPECT)]),
+                                  "tok", 20.0)
+    assert StateChanged("b", DEAD, ALIVE, INC) in changes
+    assert swim.table.get("a").state == ALIVE and swim.table.get("c").state == ALIVE  # type: ignore[union-attr]
+    _, reply = fake.replies[-1]
+    told = [u for u in reply.updates if u.node_id == "b"]
+    assert (DEAD, INC) in [(u.state, u.incarnation) for u in told]  # so it refutes and outbids stale DEADs
+    assert all(u.node_id != "d" for u in reply.updates)  # our own DEAD of d, built while cut off, is dropped
+    swim.handle_reply(*_sent_to(swim, fake, "b"), pb.PingReply(responder=rec("b", inc=INC + 1)), 20.5)
+    assert swim.table.get("b").incarnation == INC + 1  # type: ignore[union-attr]
+    swim.probe_soon("b")
+    swim.tick(21.0)
+    assert all(u.node_id != "b" or u.state == ALIVE for _, r, _ in fake.take() for u in r.updates)
+
+
+def _sent_to(swim: Swim, fake: FakeTransport, node_id: str) -> tuple[int]:
+    swim.probe_soon(node_id)
+    swim.tick(swim._next_probe)
+    (seq,) = [seq for address, _, seq in fake.take() if address == f"{node_id}:1"]
+    return (seq,)
 
 
 def test_a_graceful_leave_goes_to_every_member_directly() -> None:

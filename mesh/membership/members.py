@@ -289,7 +289,10 @@ class MemberTable:
             # A newer life (a refutation of what we believe, a restart) or another address can only be
             # checked by probing the member itself.
             restart = m.incarnation > known.incarnation + NEW_LIFE_GAP
-            if newer_life and (known.state != ALIVE or restart or m.address != known.address):
+            # A member we hold DEAD that others hold ALIVE (at the incarnation it died at: a healed partition,
+            # the other side never saw it die) is worth a probe too: its answer brings it back.
+            back = known.state == DEAD and m.incarnation == known.incarnation
+            if back or newer_life and (known.state != ALIVE or restart or m.address != known.address):
                 self._hint(m.node_id)
                 if m.address != known.address:
                     self.add_candidate(m.address, now)

@@ -15,7 +15,10 @@ own answer clears the suspicion where it was heard, and a dead one's silence con
 
 Gossip rides on every message: at most `max_piggyback` recent changes, the least-sent first, each sent about
 retransmit_mult * log10(n) times. A push-pull exchange of whole member tables with one random member repairs
-what gossip missed; its period grows with n so that its cost per node stays flat.
+what gossip missed; its period grows with n so that its cost per node stays flat. A partition's heal is where
+stale news is most dangerous (each side holds the other DEAD at the incarnation the other holds ALIVE, and DEAD
+wins a tie): a member back from DEAD is told so and refutes, and its news and ours from the cut are not
+applied (Swim._revived).
 
 Lifeguard: a local health score (0..max_awareness) stretches our probe timeouts while we miss acks and nacks
 (a slow node must not accuse others of its own slowness), and helpers nack so we can tell the two apart. Only
@@ -128,6 +131,9 @@ class Swim:
         # (the first probe of a suspect can confirm it; later ones only wait for its own answer).
         self._to_probe: dict[str, bool] = {}
         self._queue: dict[tuple[str, str], _Broadcast] = {}
+        # Members we brought back from DEAD at the incarnation they died at: told so in what we send them
+        # until they refute (see _revived).
+        self._tell_dead: dict[str, int] = {}
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
@@ -182,6 +188,13 @@ class Swim:
                 rec = known.record()
                 rec.suspecter = self.table.me.node_id
                 out.append(rec)
+            dead_at = self._tell_dead.get(to)
+            if dead_at is not None:
+                if known is None or known.state != ALIVE or known.incarnation > dead_at:
+                    del self._tell_dead[to]  # it refuted (or is gone again): nothing left to tell
+                else:
+                    out.append(pb.Member(node_id=to, address=known.address, state=DEAD, incarnation=dead_at,
+                                         capacity=known.capacity))
         if not self._queue:
             return out
         chosen = sorted(self._queue.items(), key=lambda kv: kv[1].transmits)[:limit - len(out)]
@@ -244,6 +257,39 @@ class Swim:
         self._take_hints()
         return changes
 
+    def _apply_own(self, record: pb.Member, now: float) -> tuple[list[Change], bool]:
+        """A member's own record, from itself. Also says whether we held it DEAD: then the rest of what it
+        brings is stale (see _revived) and is not applied."""
+        known = self.table.get(record.node_id)
+        dead_at = known.incarnation if known is not None and known.state == DEAD else None
+        changes = self._react(self.table.apply(record, now, authentic=True), now)
+        if dead_at is None:
+            return changes, False
+        known = self.table.get(record.node_id)
+        if known is not None and known.state == ALIVE:
+            self._revived(known.node_id, dead_at if known.incarnation == dead_at else None)
+        return changes, True
+
+    def _revived(self, node_id: str, dead_at: int | None) -> None:
+        """A member we held DEAD answered: a partition between us healed (or it restarted).
+
+        Why the care: DEAD beats ALIVE at equal incarnation, and after a partition each side holds the other
+        DEAD at the incarnation everyone else still holds ALIVE. So (1) what a member we held DEAD tells us
+        about others is not applied (it was cut off from us: its SUSPECT and DEAD records are news from the
+        other side of the cut, about members we can reach), only its own record; (2) we drop our own queued
+        SUSPECT and DEAD records, built while we could not reach it, before they reach members who never
+        stopped hearing from the accused; (3) a member brought back at the incarnation it died at is told so
+        in what we send it next, so that it refutes with a higher incarnation that outbids every stale DEAD
+        still held or in flight elsewhere (the buddy system, for DEAD). A member whose stale DEAD or SUSPECT
+        still reaches us by a push-pull is probed, not marked (_merge_table)."""
+        for key in [k for k, b in self._queue.items() if b.record.state in (SUSPECT, DEAD)]:
+            del self._queue[key]
+        if dead_at is not None:
+            self._tell_dead[node_id] = dead_at
+
+    def _about(self, updates: list[pb.Member], node_ids: tuple[str, ...]) -> list[pb.Member]:
+        return [u for u in updates if u.node_id in node_ids]
+
     def _take_hints(self) -> None:
         """Members whose newer life hearsay announced: probed next, where their own answer can prove it."""
         for node_id in self.table.hints:
@@ -257,15 +303,19 @@ class Swim:
         indirect probe, once the member answered us or stayed silent past the nack time."""
         sender = request.sender
         changes: list[Change] = []
-        authentic = False
+        authentic = stale = False
         if sender.node_id and sender.node_id != self.table.me.node_id:
             authentic = self.table.authentic_sender(sender)
             if authentic:
-                changes += self._react(self.table.apply(sender, now, authentic=True), now)
+                got, stale = self._apply_own(sender, now)
+                changes += got
             elif sender.state in IN_RING:
                 self.table.add_candidate(sender.address, now)  # admitted once it answers our own probe
-        changes += self._merge(sender, authentic, list(request.updates), now)
-        if request.sync:
+        updates = list(request.updates)
+        if stale:
+            updates = self._about(updates, (sender.node_id, self.table.me.node_id))
+        changes += self._merge(sender, authentic, updates, now)
+        if request.sync and not stale:
             changes += self._merge_table(sender, list(request.members), now)
         if request.HasField("probe"):
             # Only members we know, where we know them: nobody can make us dial an address of their choice.
@@ -286,11 +336,20 @@ class Swim:
         return changes
 
     def _merge_table(self, sender: pb.Member, members: list[pb.Member], now: float) -> list[Change]:
-        """Push-pull: a whole table is hearsay, but for the sender's own record."""
+        """Push-pull: a whole table is hearsay, but for the sender's own record; SUSPECT and DEAD in it only make
+        us probe (below)."""
         self.counters.syncs += 1
         changes: list[Change] = []
         for m in members[: self.table.limits.max_members]:
             if m.node_id == sender.node_id:
+                continue
+            known = self.table.get(m.node_id)
+            if m.state in (SUSPECT, DEAD) and known is not None and known.state in IN_RING:
+                # A whole table is old news: its SUSPECT or DEAD of a member we still hold in the ring may
+                # be from a partition that since healed (and DEAD would win at equal incarnation). Our own
+                # probe of it decides, and counts as a confirmation if it is silent.
+                if len(self._to_probe) < self.table.limits.max_hints:
+                    self._to_probe.setdefault(m.node_id, True)
                 continue
             changes += self._react(self.table.apply(m, now, authentic=False, source=sender.node_id), now, m)
         self._take_hints()
@@ -311,10 +370,15 @@ class Swim:
             if r.node_id == self.table.me.node_id:
                 self.table.is_me(str(p.key))
                 return []
+        stale = False
         if r.node_id and r.node_id != self.table.me.node_id:
-            changes += self._react(self.table.apply(r, now, authentic=True), now)
-        changes += self._merge(r, True, list(reply.updates), now)
-        if reply.members:
+            got, stale = self._apply_own(r, now)
+            changes += got
+        updates = list(reply.updates)
+        if stale:
+            updates = self._about(updates, (r.node_id, self.table.me.node_id))
+        changes += self._merge(r, True, updates, now)
+        if reply.members and not stale:
             changes += self._merge_table(r, list(reply.members), now)
         probe = self._probe
         if p.kind == "probe" and probe is not None and p.key == self._probe_seq:
