@@ -339,7 +339,7 @@ def test_helpers_that_do_not_even_nack_lower_our_health() -> None:
 @pytest.mark.parametrize("fresh_nacks", [True, False])
 def test_only_helpers_we_heard_from_lately_count_against_our_health(fresh_nacks: bool) -> None:
     # A partition: c and d went silent long ago (across the cut), b still answers. A failed probe of a, with b
-    # and a silent stale helper asked, is no sign that we are slow when b nacks; b's own silence still is.
+    # and a silent stale helper asked, is no sign that we are slow when b nacks; b's silence too still is.
     swim, fake = node()
     swim.handle_request(pb.PingRequest(sender=rec("b")), "tok", 9.9)
     swim.probe_soon("a")
@@ -353,7 +353,27 @@ def test_only_helpers_we_heard_from_lately_count_against_our_health(fresh_nacks:
             swim.handle_reply(seq, pb.PingReply(responder=rec("b"), nack=True), 10.5)
     swim.tick(11.0)
     assert swim.table.get("a").state == SUSPECT
-    assert swim.awareness == (0 if fresh_nacks else 1)
+    assert swim.awareness == (0 if fresh_nacks else CFG.indirect_k)  # no nack at all: every silence counts
+
+
+def test_a_helper_that_went_silent_is_not_asked_while_others_answer() -> None:
+    # After a cut, members across it fail us as targets and as helpers; asking them again only adds silences.
+    swim, fake = node(config=Config(**{**CFG.__dict__, "indirect_k": 1}))
+
+    def helpers_asked(target: str, now: float) -> list[str]:
+        swim.probe_soon(target)
+        swim.tick(now)
+        fake.take()
+        probe = swim._probe
+        assert probe is not None and probe.target == target
+        swim.tick(probe.deadline)  # past the direct deadline: one helper is asked
+        asked = [a for a, r, _ in fake.take() if r.HasField("probe")]
+        swim.tick(probe.end)  # nobody answers: the probe fails
+        return asked
+
+    swim.handle_request(pb.PingRequest(sender=rec("d")), "tok", 9.5)  # d was heard from last...
+    assert helpers_asked("b", 10.0) == ["d:1"]                           # ...then stayed silent as a helper
+    assert helpers_asked("c", 20.0) == ["a:1"]  # heard from longer ago than d, but it never failed us
 
 
 def test_a_suspicion_of_us_is_refuted_by_our_next_message() -> None:

@@ -28,6 +28,7 @@ everyone on our side, and blaming ourselves for that slowed the minority's detec
 
 from __future__ import annotations
 
+import heapq
 import math
 import random
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ class _Probe:
     nacks: int = 0
     fresh: set[int] | None = None   # seqs of the helpers we had just heard from (their silence is ours)
     fresh_nacks: int = 0
+    helpers: dict[int, str] | None = None   # seq -> helper node id, until it answers
 
 
 @dataclass
@@ -134,6 +136,7 @@ class Swim:
         # Members we brought back from DEAD at the incarnation they died at: told so in what we send them
         # until they refute (see _revived).
         self._tell_dead: dict[str, int] = {}
+        self._silent: dict[str, float] = {}   # node id -> when it last failed to answer us (probe or helper)
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
@@ -386,6 +389,8 @@ class Swim:
                 probe.acked = True
                 self._awareness(-1)
         elif p.kind == "helper" and probe is not None and p.key == self._probe_seq:
+            if probe.helpers is not None:
+                probe.helpers.pop(seq, None)
             if reply.nack:
                 probe.nacks += 1
                 if probe.fresh is not None and seq in probe.fresh:
@@ -465,14 +470,18 @@ class Swim:
             if probe.indirect and not probe.helpers_asked and now >= probe.deadline:
                 helpers = [m for m in self.table.members.values()
                            if m.state == ALIVE and m.node_id != probe.target]
-                # Members we heard from lately first: they are the ones that can relay for us, and only their
+                # Members we heard from lately: they are the ones that can relay for us, and only their
                 # silence says something about our own health (see _health below).
                 fresh_after = now - c.fresh_periods * c.period
-                fresh = [m for m in helpers if m.last_heard >= fresh_after]
-                stale = [m for m in helpers if m.last_heard < fresh_after]
+                fresh = [m for m in helpers if m.last_heard >= fresh_after and self._answers(m)]
+                stale = [m for m in helpers if not (m.last_heard >= fresh_after and self._answers(m))]
                 chosen = self.rng.sample(fresh, min(c.indirect_k, len(fresh)))
-                chosen += self.rng.sample(stale, min(c.indirect_k - len(chosen), len(stale)))
-                probe.fresh = set()
+                # Short of fresh ones, those that answered us last: after a cut, the members on our side
+                # (whoever answers is), which keeps them fresh; random ones would mostly be across the cut.
+                chosen += heapq.nlargest(c.indirect_k - len(chosen), stale,
+                                         key=lambda m: (self._answers(m), m.last_heard))
+                fresh_ids = {m.node_id for m in fresh}
+                probe.fresh, probe.helpers = set(), {}
                 target = self.table.get(probe.target)
                 if target is not None:
                     # A second direct try alongside the helpers (memberlist's TCP fallback): one lost
@@ -484,12 +493,14 @@ class Swim:
                     seq = self._send(h.address, self._request(now, h.node_id, probe=target.record()), "helper",
                                      probe.end - now, now, key=self._probe_seq)
                     probe.helpers_asked += 1
-                    if h.last_heard >= fresh_after:
+                    probe.helpers[seq] = h.node_id
+                    if h.node_id in fresh_ids:
                         probe.fresh.add(seq)
                 if not probe.helpers_asked:
                     probe.helpers_asked = -1  # nobody to ask: wait for the end
             if now >= probe.end:
                 self._probe = None
+                self._went_silent([probe.target, *(probe.helpers or {}).values()], now)
                 known = self.table.get(probe.target)
                 if known is not None and known.state == SUSPECT:
                     self._to_probe[probe.target] = False  # only its own answer clears it here: ask again
@@ -525,26 +536,41 @@ class Swim:
                 self._next_probe = self._probe.end
         return changes
 
+    def _answers(self, m: object) -> bool:
+        """Whether it answered us since it last failed to: a helper that went silent (likely across a cut
+        from us) is a poor one until we hear from it again."""
+        return self._silent.get(m.node_id, -1.0) <= m.last_heard  # type: ignore[attr-defined]
+
+    def _went_silent(self, node_ids: list[str], now: float) -> None:
+        for node_id in node_ids:
+            self._silent[node_id] = now
+        if len(self._silent) > 2 * self.table.limits.max_members:
+            self._silent = {k: v for k, v in self._silent.items() if k in self.table.members}
+
     @staticmethod
     def _health(probe: _Probe) -> int:
         """What a failed probe says about our own health: Lifeguard's local health multiplier counts the
         helpers that did not even nack (a slow node misses those answers too); with no helper, the failure
         itself counts.
 
-        Only helpers we heard from directly in the last `fresh_periods` periods count, when there are any.
-        Why: in a partition every member across the cut is silent to us, as helper as well as target, so
-        counting them saturated the minority's awareness within a few probes and stretched its probe period
-        by max_awareness (8x): the minority took minutes, not seconds, to finish detecting the cut (issue 20).
-        A helper we just heard from and that stays silent still points at us, so a slow or overloaded node
-        (Lifeguard's case: it misses the acks and nacks of members that are fine) still slows down: its fresh
-        helpers miss their nacks as before, and a node that hears from nobody has no fresh helper and counts
-        every silent helper as before. What changes is only that a silence we already had reason to expect
-        (nothing heard from that member lately) is not blamed on us."""
+        Once some helper did nack in time (so we can send and hear within the deadline), only the silent
+        helpers we heard from directly in the last `fresh_periods` periods count. Why: in a partition every
+        member across the cut is silent to us, as helper as well as target, so counting them saturated the
+        minority's awareness within a few probes and stretched its probe period by max_awareness (8x): a
+        2|3 minority took twice the majority's time to detect the cut, a 10|990 one minutes (issue 20).
+        What stays: a slow or overloaded node (Lifeguard's case: it misses the acks and nacks of members that
+        are fine) misses the nacks of all its helpers, or of helpers it just heard from, and slows down as
+        before; a node that hears from nobody counts every silent helper as before. Only a silence we already
+        had reason to expect (nothing heard from that member lately), beside a helper that proved our own
+        path works, is not blamed on us; and such a round counts as healthy, like an ack (in a partition
+        acks are rare: most targets are across the cut)."""
         asked = max(0, probe.helpers_asked)
-        fresh = len(probe.fresh or ())
-        if fresh:
-            return fresh - probe.fresh_nacks
-        return asked - probe.nacks if asked else 1
+        if not asked:
+            return 1
+        if not probe.nacks:
+            return asked
+        silent = len(probe.fresh or ()) - probe.fresh_nacks
+        return silent if silent else -1  # a timely nack and no fresh silence: as healthy as an ack shows
 
     def _pick_target(self, now: float) -> tuple[str | None, bool]:
         members = self.table.members
