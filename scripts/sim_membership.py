@@ -264,6 +264,7 @@ class PartitionResult:
     minority_dead_p50: float = float("nan")   # median over minority members of their own time to mark all DEAD
     minority_least: int = 0                   # fewest majority members a minority member held DEAD at the heal
     majority_least: int = 0                   # fewest minority members a majority member held DEAD at the heal
+    dead_across: int = 0                      # DEAD marks of other-side members during the cut (flapping: all false)
     false_dead_within: int = 0                # DEAD marks of a member on one's own side, during the cut
     false_dead_after_heal: int = 0            # DEAD marks of anyone after the heal (everyone is alive)
     all_alive_after: float = float("nan")     # s from the heal until every table had every member ALIVE
@@ -273,15 +274,17 @@ class PartitionResult:
 
 def simulate_partition(n: int, minority: int, seed: int = 1, loss: float = 0.0,
                        latency: tuple[float, float] = (0.0005, 0.005), warmup: float = 3.0, cut_for: float = 60.0,
-                       heal_for: float = 60.0, reads: bool = True, config: Config | None = None) -> PartitionResult:
+                       heal_for: float = 60.0, reads: bool = True, config: Config | None = None,
+                       limits: Limits | None = None, flap: float = 0.0) -> PartitionResult:
     """A converged mesh of n is cut into `minority` | n - minority (no message crosses, in either direction),
     then healed. `reads`: every member also reads one random ring member per period, and a read at an
     unreachable one opens its breaker, which the driver (mesh/membership/driver.py) answers with probe_soon for
-    as long as the member stays ALIVE: what a node serving gets does, and what the chaos test had."""
+    as long as the member stays ALIVE: what a node serving gets does, and what the chaos test had. `flap`: the
+    link goes down and up every `flap` seconds during the cut instead (a flapping link: DEAD across is false)."""
     started = time.perf_counter()
     rng = random.Random(seed)
     config = config or Config()
-    limits = Limits(period=config.period)
+    limits = limits or Limits(period=config.period)
     net = Network(rng, loss, latency)
     nodes = [make_node(net, i, config, limits, rng) for i in range(n)]
     records = [nd.swim.table.me for nd in nodes]
@@ -313,6 +316,8 @@ def simulate_partition(n: int, minority: int, seed: int = 1, loss: float = 0.0,
                     res.false_dead_within += 1
                 elif phase["now"] == "healed":
                     res.false_dead_after_heal += 1
+            if other and c.new == DEAD and phase["now"] == "cut":
+                res.dead_across += 1
             if other and (c.new == DEAD) != (c.old == DEAD):
                 dead_other[node.node_id] += 1 if c.new == DEAD else -1
                 if phase["now"] == "cut" and dead_other[node.node_id] == size[1 - side[node.node_id]]:
@@ -340,7 +345,14 @@ def simulate_partition(n: int, minority: int, seed: int = 1, loss: float = 0.0,
             net.at(rng.uniform(0.0, config.period), read, nd)
     net.run_until(t_cut)
     phase["now"] = "cut"
-    net.side = {nd.address: side[nd.node_id] for nd in nodes}
+    cut_sides = {nd.address: side[nd.node_id] for nd in nodes}
+    net.side = cut_sides
+    if flap:
+        def toggle() -> None:
+            if phase["now"] == "cut":
+                net.side = {} if net.side else cut_sides
+                net.at(net.now + flap, toggle)
+        net.at(t_cut + flap, toggle)
     net.run_until(t_heal)
     for s in (0, 1):
         times = [all_dead_at.get(nd.node_id, float("inf")) for nd in nodes if side[nd.node_id] == s]
@@ -372,16 +384,21 @@ def partition_main(args: argparse.Namespace) -> int:
     sizes = [int(x) for x in args.sizes.split(",")]
     out = []
     print(f"partition: loss {args.loss:.0%}, cut {args.cut_for:g} s then healed {args.heal_for:g} s, "
-          f"reads {'on' if not args.no_reads else 'off'}")
+          f"reads {'on' if not args.no_reads else 'off'}, timing {args.timing}"
+          + (f", flapping every {args.flap:g} s" if args.flap else ""))
     print(f"{'split':>9} {'seed':>4} {'minority->all DEAD s':>20} {'majority->all DEAD s':>20} "
-          f"{'least':>5} {'least':>5} {'false D in':>10} {'false D heal':>12} {'all ALIVE s':>11} {'left':>5} {'wall s':>6}")
+          f"{'least':>5} {'least':>5} {'D acr':>6} {'false D in':>10} {'false D heal':>12} {'all ALIVE s':>11} {'left':>5} {'wall s':>6}")
     for n, m in zip(sizes, minority):
         for seed in range(args.seed, args.seed + args.seeds):
+            config, limits = None, None
+            if args.timing == "driver":  # mesh serve's defaults (driver.Timing): 0.5 s period, DEAD after >= 3 s
+                config = Config(period=0.5, probe_timeout=0.25)
+                limits = Limits(period=0.5, min_suspicion=3.0)
             r = simulate_partition(n, m, seed, args.loss, (lo, hi), cut_for=args.cut_for, heal_for=args.heal_for,
-                                   reads=not args.no_reads)
+                                   reads=not args.no_reads, config=config, limits=limits, flap=args.flap)
             out.append(r)
             print(f"{f'{m}|{n - m}':>9} {seed:>4} {r.minority_all_dead:>20.2f} {r.majority_all_dead:>20.2f} "
-                  f"{r.minority_least:>5} {r.majority_least:>5} {r.false_dead_within:>10} {r.false_dead_after_heal:>12} {r.all_alive_after:>11.2f} "
+                  f"{r.minority_least:>5} {r.majority_least:>5} {r.dead_across:>6} {r.false_dead_within:>10} {r.false_dead_after_heal:>12} {r.all_alive_after:>11.2f} "
                   f"{r.not_alive_at_end:>5} {r.wall_seconds:>6.1f}", flush=True)
         runs = [r for r in out if r.n == n and r.minority == m]
         for name in ("minority_all_dead", "majority_all_dead", "all_alive_after"):
@@ -406,6 +423,9 @@ def main() -> int:
     ap.add_argument("--cut-for", type=float, default=60.0, help="simulated seconds the partition lasts")
     ap.add_argument("--heal-for", type=float, default=60.0, help="simulated seconds after the heal")
     ap.add_argument("--no-reads", action="store_true", help="partition: no reads (no breakers, no probe_soon)")
+    ap.add_argument("--flap", type=float, default=0.0, help="partition: the link flaps, down/up every FLAP s")
+    ap.add_argument("--timing", choices=("sim", "driver"), default="sim",
+                    help="partition: the simulator's 0.4 s period, or mesh serve's defaults (0.5 s, DEAD >= 3 s)")
     args = ap.parse_args()
     if args.partition:
         return partition_main(args)

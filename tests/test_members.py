@@ -283,14 +283,37 @@ def test_a_member_probed_out_of_turn_again_and_again_is_still_suspected_when_sil
     # unreachable owners ALIVE until the heal).
     swim, fake = node()
     changes = []
-    for step in range(40):
+    for step in range(200):
         now = step / 10
         swim.probe_soon("c")
         changes += swim.tick(now)
         for address, request, seq in fake.take():
             if request.HasField("probe"):  # helpers are reachable and nack: c is silent, we are fine
                 swim.handle_reply(seq, pb.PingReply(responder=rec(address.split(":")[0]), nack=True), now)
+            elif address != "c:1":
+                ack(swim, address, seq, now)
     assert StateChanged("c", ALIVE, SUSPECT, INC) in changes
+
+
+def test_while_a_member_is_suspected_the_round_robin_still_gets_turns() -> None:
+    # A suspect is re-probed until it answers or turns DEAD; it used to take every turn meanwhile, so after a
+    # cut nothing but the current suspects was probed (issue 20).
+    fake = FakeTransport()
+    swim = Swim(table(Limits(period=CFG.period, min_suspicion=8.0), ("a", "b", "c", "d")), fake, CFG,
+                random.Random(7))
+    swim._next_sync = 1e9
+    swim.handle_request(pb.PingRequest(sender=rec("b"), updates=[rec("a", SUSPECT, suspecter="b")]), "tok", 0.0)
+    targets: list[str] = []
+    now = 0.0
+    while swim.table.get("a").state == SUSPECT:  # type: ignore[union-attr]
+        swim.tick(now)
+        for address, request, seq in fake.take():
+            if not request.HasField("probe"):
+                targets.append(address)
+                if address != "a:1":  # everyone but a answers
+                    ack(swim, address, seq, now + 0.01)
+        now = swim.next_wakeup()
+    assert targets.count("a:1") >= 2 and {"b:1", "c:1", "d:1"} & set(targets)
 
 
 def test_no_ack_asks_helpers_and_a_helper_ack_prevents_suspicion() -> None:
@@ -342,7 +365,7 @@ def test_only_helpers_we_heard_from_lately_count_against_our_health(fresh_nacks:
     # and a silent stale helper asked, is no sign that we are slow when b nacks; b's silence too still is.
     swim, fake = node()
     swim.handle_request(pb.PingRequest(sender=rec("b")), "tok", 9.9)
-    swim.probe_soon("a")
+    swim._to_probe["a"] = True  # a full probe of a next
     swim.tick(10.0)
     fake.take()
     swim.tick(10.3)
@@ -361,7 +384,7 @@ def test_a_helper_that_went_silent_is_not_asked_while_others_answer() -> None:
     swim, fake = node(config=Config(**{**CFG.__dict__, "indirect_k": 1}))
 
     def helpers_asked(target: str, now: float) -> list[str]:
-        swim.probe_soon(target)
+        swim._to_probe[target] = True  # a full probe of it next
         swim.tick(now)
         fake.take()
         probe = swim._probe
@@ -480,7 +503,7 @@ def test_a_member_back_from_dead_is_told_so_and_its_news_is_not_applied() -> Non
 
 
 def _sent_to(swim: Swim, fake: FakeTransport, node_id: str) -> tuple[int]:
-    swim.probe_soon(node_id)
+    swim._to_probe[node_id] = True
     swim.tick(swim._next_probe)
     (seq,) = [seq for address, _, seq in fake.take() if address == f"{node_id}:1"]
     return (seq,)
