@@ -419,6 +419,20 @@ def test_an_inbound_ping_speaks_for_its_sender_only_at_the_address_we_proved() -
     assert swim.table.get("b").state == LEFT  # type: ignore[union-attr]
 
 
+def test_gossip_to_a_member_that_went_silent_on_us_does_not_count_as_sent() -> None:
+    # After a cut most messages go across it and are lost; counting them used up a suspicion's transmits
+    # before it reached the members on our side, who must confirm it.
+    swim, fake = node()
+    swim._silent["d"] = 5.0  # d failed to answer us at 5.0 and has not been heard from since
+    swim.broadcast(rec("x", SUSPECT, suspecter="me"))
+    for _ in range(10):
+        assert any(u.node_id == "x" for u in swim._piggyback(6.0, "d"))
+    assert swim._queue[("x", "me")].transmits == 0
+    for _ in range(swim.retransmit_limit()):
+        assert any(u.node_id == "x" for u in swim._piggyback(6.0, "a"))
+    assert ("x", "me") not in swim._queue
+
+
 def test_each_change_is_piggybacked_a_bounded_number_of_times() -> None:
     swim, fake = node()
     for i in range(5):

@@ -157,7 +157,6 @@ class Suspicion:
     incarnation: int
     started: float
     confirmations: set[str] = field(default_factory=set)
-    restarted: bool = False   # once, by hearsay of its refutation (see MemberTable._hearsay)
 
 
 @dataclass
@@ -295,12 +294,6 @@ class MemberTable:
             back = known.state == DEAD and m.incarnation == known.incarnation
             if back or newer_life and (known.state != ALIVE or restart or m.address != known.address):
                 self._hint(m.node_id)
-                s = self.suspicions.get(m.node_id)
-                if newer_life and s is not None and not s.restarted:
-                    # Others heard it refute: our probe (the hint) will check, and must get the time to. Hearsay
-                    # cannot clear a suspicion, but it may restart its clock, once: a flapping link otherwise
-                    # turned a refuted suspicion into a DEAD where our re-probe fell in a down phase.
-                    s.started, s.restarted = now, True
                 if m.address != known.address:
                     self.add_candidate(m.address, now)
             return []
