@@ -238,6 +238,21 @@ class NetLab:
     def link_up(self, host: Host) -> None:
         _ip("-n", self.switch_ns, "link", "set", host.bridge_port, "up")
 
+    def partition(self, side: list[Host]) -> None:
+        """Cut `side` off the other hosts while its hosts still reach each other: their bridge ports move to a
+        second bridge. Packets in flight are dropped, connections stay open (as with a firewall rule)."""
+        sw = self.switch_ns
+        if "br1" not in _ip("-n", sw, "link", "show", check=False).stdout:
+            _ip("-n", sw, "link", "add", "br1", "type", "bridge", "mcast_snooping", "0")
+            _ip("-n", sw, "link", "set", "br1", "up")
+        for h in side:
+            _ip("-n", sw, "link", "set", h.bridge_port, "master", "br1")
+
+    def heal(self) -> None:
+        """Undo partition(): every host back on the one bridge."""
+        for h in self.hosts:
+            _ip("-n", self.switch_ns, "link", "set", h.bridge_port, "master", "br0")
+
     def shape(self, host: Host, rate: str = "1gbit", *, burst: str = "1mb", latency: str = "10ms") -> None:
         """Limit host's link to `rate` in both directions with tc tbf (netem is not available here)."""
         if shutil.which("tc") is None:
