@@ -516,6 +516,28 @@ def test_a_member_back_from_dead_is_told_so_and_its_news_is_not_applied() -> Non
     assert all(u.node_id != "b" or u.state == ALIVE for _, r, _ in fake.take() for u in r.updates)
 
 
+def test_a_healed_cut_withdraws_our_suspicions_and_a_revived_members_news_waits_for_its_refutation() -> None:
+    swim, fake = node()
+    swim.handle_request(pb.PingRequest(sender=rec("a"), updates=[rec("b", DEAD), rec("c", SUSPECT, suspecter="a")]),
+                        "tok", 1.0)
+    assert swim.table.get("c").state == SUSPECT  # type: ignore[union-attr]
+    # b answers at the incarnation we held it DEAD at: we were cut off from it, c's suspicion is as stale.
+    changes = swim.handle_request(pb.PingRequest(sender=rec("b")), "tok", 2.0)
+    assert StateChanged("c", SUSPECT, ALIVE, INC) in changes and "c" not in swim.table.suspicions
+    # Until b refutes (it is told it was DEAD), what it says about others is news from the other side.
+    swim.handle_request(pb.PingRequest(sender=rec("b"), updates=[rec("d", DEAD)]), "tok", 2.1)
+    assert swim.table.get("d").state == ALIVE  # type: ignore[union-attr]
+    swim.handle_request(pb.PingRequest(sender=rec("b", inc=INC + 1), updates=[rec("d", DEAD)]), "tok", 2.2)
+    assert swim.table.get("d").state == DEAD  # type: ignore[union-attr]
+
+
+def test_refuting_our_own_death_withdraws_our_suspicions() -> None:
+    swim, fake = node()
+    swim.handle_request(pb.PingRequest(sender=rec("a"), updates=[rec("c", SUSPECT, suspecter="a")]), "tok", 1.0)
+    changes = swim.handle_request(pb.PingRequest(sender=rec("a"), updates=[rec("me", DEAD)]), "tok", 2.0)
+    assert Refuted("me", INC + 1) in changes and StateChanged("c", SUSPECT, ALIVE, INC) in changes
+
+
 def _sent_to(swim: Swim, fake: FakeTransport, node_id: str) -> tuple[int]:
     swim._to_probe[node_id] = True
     swim.tick(swim._next_probe)

@@ -268,40 +268,58 @@ class Swim:
                     self.broadcast(u)  # a new independent confirmation: others should count it too
                 changes += self._react(got, now, u)
             else:
-                changes += self._react(self.table.apply(u, now, authentic=authentic, source=sender.node_id),
-                                       now, u)
+                got = self.table.apply(u, now, authentic=authentic, source=sender.node_id)
+                changes += self._react(got, now, u)
+                if u.state == DEAD and any(isinstance(c, Refuted) for c in got):
+                    changes += self._healed(now)  # declared DEAD while alive: someone was cut off from us
         self._take_hints()
         return changes
 
     def _apply_own(self, record: pb.Member, now: float) -> tuple[list[Change], bool]:
-        """A member's own record, from itself. Also says whether we held it DEAD: then the rest of what it
-        brings is stale (see _revived) and is not applied."""
+        """A member's own record, from itself. Also says whether the rest of what it brings is stale (see
+        _revived) and is not to be applied: we held it DEAD, or brought it back and it has not yet refuted."""
         known = self.table.get(record.node_id)
         dead_at = known.incarnation if known is not None and known.state == DEAD else None
+        told = self._tell_dead.get(record.node_id)
         changes = self._react(self.table.apply(record, now, authentic=True), now)
         if dead_at is None:
-            return changes, False
+            return changes, told is not None and record.incarnation <= told
         known = self.table.get(record.node_id)
         if known is not None and known.state == ALIVE:
-            self._revived(known.node_id, dead_at if known.incarnation == dead_at else None)
+            changes += self._revived(known.node_id, dead_at if known.incarnation == dead_at else None, now)
         return changes, True
 
-    def _revived(self, node_id: str, dead_at: int | None) -> None:
+    def _revived(self, node_id: str, dead_at: int | None, now: float) -> list[Change]:
         """A member we held DEAD answered: a partition between us healed (or it restarted).
 
         Why the care: DEAD beats ALIVE at equal incarnation, and after a partition each side holds the other
         DEAD at the incarnation everyone else still holds ALIVE. So (1) what a member we held DEAD tells us
         about others is not applied (it was cut off from us: its SUSPECT and DEAD records are news from the
-        other side of the cut, about members we can reach), only its own record; (2) we drop our own queued
-        SUSPECT and DEAD records, built while we could not reach it, before they reach members who never
-        stopped hearing from the accused; (3) a member brought back at the incarnation it died at is told so
-        in what we send it next, so that it refutes with a higher incarnation that outbids every stale DEAD
-        still held or in flight elsewhere (the buddy system, for DEAD). A member whose stale DEAD or SUSPECT
-        still reaches us by a push-pull is probed, not marked (_merge_table)."""
+        other side of the cut, about members we can reach), only its own record, until it refutes; (2) a
+        member brought back at the incarnation it died at is told so in what we send it next, so that it
+        refutes with a higher incarnation that outbids every stale DEAD still held or in flight elsewhere (the
+        buddy system, for DEAD), and its refutation is also how it learns that the cut healed; (3) on either
+        side of the heal (here, and where a DEAD of us is refuted) we drop our queued SUSPECT and DEAD records
+        and withdraw our running suspicions (_healed). A member whose stale DEAD or SUSPECT still reaches us
+        by a push-pull is probed, not marked (_merge_table)."""
+        if dead_at is None:
+            return []  # a new life: a restart, which says nothing about the others
+        self._tell_dead[node_id] = dead_at
+        return self._healed(now)
+
+    def _healed(self, now: float) -> list[Change]:
+        """Our view was cut off from part of the mesh and is whole again: a member answered at the incarnation
+        we held it DEAD at, or we had to refute our own DEAD. The SUSPECT and DEAD records we queued, and the
+        suspicions we hold, come from silence that the cut explains: dropped and withdrawn (back to ALIVE, and
+        re-probed), or they would reach, and expire into DEADs of, members that are back in reach, spreading
+        at equal incarnation. The cost, where this happens without a partition (a node paused past its
+        suspicion timeout), is that a failure under suspicion at that moment is detected one probe later."""
         for key in [k for k, b in self._queue.items() if b.record.state in (SUSPECT, DEAD)]:
             del self._queue[key]
-        if dead_at is not None:
-            self._tell_dead[node_id] = dead_at
+        withdrawn = self.table.withdraw_suspicions()
+        for c in withdrawn:
+            self._to_probe.setdefault(c.node_id, False)
+        return self._react(withdrawn, now)
 
     def _about(self, updates: list[pb.Member], node_ids: tuple[str, ...]) -> list[pb.Member]:
         return [u for u in updates if u.node_id in node_ids]
