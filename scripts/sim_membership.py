@@ -262,6 +262,7 @@ class PartitionResult:
     minority_all_dead: float = float("nan")   # s from the cut until every minority member had every majority one DEAD
     majority_all_dead: float = float("nan")   # the same for the majority side (nan: not within the cut)
     minority_dead_p50: float = float("nan")   # median over minority members of their own time to mark all DEAD
+    majority_dead_p50: float = float("nan")   # the same over majority members
     minority_least: int = 0                   # fewest majority members a minority member held DEAD at the heal
     majority_least: int = 0                   # fewest minority members a majority member held DEAD at the heal
     dead_across: int = 0                      # DEAD marks of other-side members during the cut (flapping: all false)
@@ -362,6 +363,7 @@ def simulate_partition(n: int, minority: int, seed: int = 1, loss: float = 0.0,
             res.minority_dead_p50 = pct(times, 0.5) if pct(times, 0.5) != float("inf") else float("nan")
         else:
             res.majority_all_dead = worst if worst != float("inf") else float("nan")
+            res.majority_dead_p50 = pct(times, 0.5) if pct(times, 0.5) != float("inf") else float("nan")
     res.minority_least = min(dead_other[nd.node_id] for nd in nodes if side[nd.node_id] == 0)
     res.majority_least = min(dead_other[nd.node_id] for nd in nodes if side[nd.node_id] == 1)
     phase["now"] = "healed"
