@@ -14,6 +14,17 @@ What it measures, per member count N (all members start knowing each other, prob
 
     .venv/bin/python scripts/sim_membership.py                 # N = 8, 64, 1000 with 5% loss
     .venv/bin/python scripts/sim_membership.py --sizes 64 --loss 0.05 --json out.json
+
+Partitions (issue 20; simulate_partition): the first M members cut from the rest, both ways, while every member
+reads from random ring members (failed reads open breakers, which the driver answers with probe_soon), then
+healed. Per side: the time until every member marks every member of the other side DEAD, the fewest it held
+DEAD at the heal; after the heal: DEAD marks (all false) and the time until every table is all ALIVE.
+`--flap S` makes the link go down and up every S seconds instead; `--timing driver` uses mesh serve's timing.
+Runs differ between processes with the same seed (string hashing): set PYTHONHASHSEED to repeat one.
+
+    PYTHONHASHSEED=0 .venv/bin/python scripts/sim_membership.py --sizes 5,1000 --partition 2,10 --seeds 3
+    PYTHONHASHSEED=0 .venv/bin/python scripts/sim_membership.py --sizes 5 --partition 2 --seeds 80 --flap 2 \
+        --timing driver --cut-for 40 --heal-for 20
 """
 
 from __future__ import annotations
