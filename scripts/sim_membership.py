@@ -14,6 +14,17 @@ What it measures, per member count N (all members start knowing each other, prob
 
     .venv/bin/python scripts/sim_membership.py                 # N = 8, 64, 1000 with 5% loss
     .venv/bin/python scripts/sim_membership.py --sizes 64 --loss 0.05 --json out.json
+
+Partitions (issue 20; simulate_partition): the first M members cut from the rest, both ways, while every member
+reads from random ring members (failed reads open breakers, which the driver answers with probe_soon), then
+healed. Per side: the time until every member marks every member of the other side DEAD, the fewest it held
+DEAD at the heal; after the heal: DEAD marks (all false) and the time until every table is all ALIVE.
+`--flap S` makes the link go down and up every S seconds instead; `--timing driver` uses mesh serve's timing.
+Runs differ between processes with the same seed (string hashing): set PYTHONHASHSEED to repeat one.
+
+    PYTHONHASHSEED=0 .venv/bin/python scripts/sim_membership.py --sizes 5,1000 --partition 2,10 --seeds 3
+    PYTHONHASHSEED=0 .venv/bin/python scripts/sim_membership.py --sizes 5 --partition 2 --seeds 80 --flap 2 \
+        --timing driver --cut-for 40 --heal-for 20
 """
 
 from __future__ import annotations
@@ -29,7 +40,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mesh.membership.members import DEAD, SUSPECT, Change, Joined, Limits, Member, MemberTable, StateChanged  # noqa: E402
+from mesh.membership.members import (ALIVE, DEAD, IN_RING, SUSPECT, Change, Joined, Limits, Member,  # noqa: E402
+                                     MemberTable, StateChanged)
 from mesh.pb import mesh_pb2 as pb  # noqa: E402
 from mesh.membership.swim import Config, Swim  # noqa: E402
 
@@ -71,6 +83,7 @@ class SimNode:
     swim: Swim = field(init=False)
     up: bool = True
     wake_at: float = float("inf")
+    broken: set[str] = field(default_factory=set)   # members whose breaker a failed read opened (reads model)
 
 
 class Network:
@@ -86,6 +99,11 @@ class Network:
         self.msgs = 0
         self.bytes = 0
         self.on_changes: list = []
+        # A partition: address -> side; messages between sides are dropped (both ways, also in flight).
+        self.side: dict[str, int] = {}
+
+    def cut(self, src: str, dst: str) -> bool:
+        return bool(self.side) and self.side.get(src) != self.side.get(dst)
 
     def at(self, t: float, fn: object, *args: object) -> None:
         self._n += 1
@@ -106,21 +124,23 @@ class Network:
         self.count(request)
         delay = self._leg()
         dst = self.nodes.get(address)
-        if delay is not None and dst is not None:
+        if delay is not None and dst is not None and not self.cut(src.address, address):
             self.at(self.now + delay, self._deliver_request, dst, request, (src, seq))
 
     def reply(self, src: SimNode, token: tuple[SimNode, int], reply: pb.PingReply) -> None:
         self.count(reply)
         delay = self._leg()
-        if delay is not None:
+        if delay is not None and not self.cut(src.address, token[0].address):
             self.at(self.now + delay, self._deliver_reply, token[0], token[1], reply)
 
     def _deliver_request(self, dst: SimNode, request: pb.PingRequest, token: tuple[SimNode, int]) -> None:
-        if dst.up:
+        if dst.up and not self.cut(token[0].address, dst.address):
+            dst.broken.discard(request.sender.node_id)
             self.changed(dst, dst.swim.handle_request(request, token, self.now))
 
     def _deliver_reply(self, dst: SimNode, seq: int, reply: pb.PingReply) -> None:
-        if dst.up:
+        if dst.up and not self.cut(reply.responder.address, dst.address):
+            dst.broken.discard(reply.responder.node_id)
             self.changed(dst, dst.swim.handle_reply(seq, reply, self.now))
 
     def _tick(self, node: SimNode) -> None:
@@ -243,6 +263,165 @@ def simulate(n: int, loss: float, seed: int = 1, latency: tuple[float, float] = 
     return res
 
 
+@dataclass
+class PartitionResult:
+    """One partition run: the minority side (the first `minority` members) cut from the rest, then healed."""
+    n: int
+    minority: int
+    seed: int
+    reads: bool
+    minority_all_dead: float = float("nan")   # s from the cut until every minority member had every majority one DEAD
+    majority_all_dead: float = float("nan")   # the same for the majority side (nan: not within the cut)
+    minority_dead_p50: float = float("nan")   # median over minority members of their own time to mark all DEAD
+    majority_dead_p50: float = float("nan")   # the same over majority members
+    minority_least: int = 0                   # fewest majority members a minority member held DEAD at the heal
+    majority_least: int = 0                   # fewest minority members a majority member held DEAD at the heal
+    dead_across: int = 0                      # DEAD marks of other-side members during the cut (flapping: all false)
+    false_dead_within: int = 0                # DEAD marks of a member on one's own side, during the cut
+    false_dead_after_heal: int = 0            # DEAD marks of anyone after the heal (everyone is alive)
+    all_alive_after: float = float("nan")     # s from the heal until every table had every member ALIVE
+    not_alive_at_end: int = 0                 # (observer, member) pairs still not ALIVE when the run ended
+    wall_seconds: float = 0.0
+
+
+def simulate_partition(n: int, minority: int, seed: int = 1, loss: float = 0.0,
+                       latency: tuple[float, float] = (0.0005, 0.005), warmup: float = 3.0, cut_for: float = 60.0,
+                       heal_for: float = 60.0, reads: bool = True, config: Config | None = None,
+                       limits: Limits | None = None, flap: float = 0.0) -> PartitionResult:
+    """A converged mesh of n is cut into `minority` | n - minority (no message crosses, in either direction),
+    then healed. `reads`: every member also reads one random ring member per period, and a read at an
+    unreachable one opens its breaker, which the driver (mesh/membership/driver.py) answers with probe_soon for
+    as long as the member stays ALIVE: what a node serving gets does, and what the chaos test had. `flap`: the
+    link goes down and up every `flap` seconds during the cut instead (a flapping link: DEAD across is false)."""
+    started = time.perf_counter()
+    rng = random.Random(seed)
+    config = config or Config()
+    limits = limits or Limits(period=config.period)
+    net = Network(rng, loss, latency)
+    nodes = [make_node(net, i, config, limits, rng) for i in range(n)]
+    records = [nd.swim.table.me for nd in nodes]
+    for nd in nodes:
+        table = nd.swim.table
+        for r in records:
+            if r.node_id != nd.node_id:
+                table.members[r.node_id] = Member(r.node_id, r.address, r.capacity, r.incarnation)
+        nd.swim._next_probe = rng.uniform(0.0, config.period)
+        net.changed(nd, [])
+    side = {nd.node_id: (0 if i < minority else 1) for i, nd in enumerate(nodes)}
+    size = {0: minority, 1: n - minority}
+    res = PartitionResult(n=n, minority=minority, seed=seed, reads=reads)
+    t_cut, t_heal = warmup, warmup + cut_for
+    phase = {"now": "before"}
+    dead_other: dict[str, int] = {nd.node_id: 0 for nd in nodes}     # other-side members it holds DEAD
+    all_dead_at: dict[str, float] = {}
+    not_alive = {"pairs": 0}
+
+    def watch(node: SimNode, changes: list[Change], now: float) -> None:
+        for c in changes:
+            if not isinstance(c, StateChanged):
+                continue
+            if (c.old == ALIVE) != (c.new == ALIVE):
+                not_alive["pairs"] += 1 if c.old == ALIVE else -1
+            other = side[c.node_id] != side[node.node_id]
+            if c.new == DEAD:
+                if phase["now"] == "cut" and not other:
+                    res.false_dead_within += 1
+                elif phase["now"] == "healed":
+                    res.false_dead_after_heal += 1
+            if other and c.new == DEAD and phase["now"] == "cut":
+                res.dead_across += 1
+            if other and (c.new == DEAD) != (c.old == DEAD):
+                dead_other[node.node_id] += 1 if c.new == DEAD else -1
+                if phase["now"] == "cut" and dead_other[node.node_id] == size[1 - side[node.node_id]]:
+                    all_dead_at.setdefault(node.node_id, now - t_cut)
+
+    def read(node: SimNode) -> None:
+        """One read at a random ring member; the driver's breaker scan: probe_soon every ALIVE broken one."""
+        if net.now >= t_heal + heal_for:
+            return
+        ring = [m for m in node.swim.table.members.values() if m.state in IN_RING]
+        if ring:
+            m = rng.choice(ring)
+            if net.cut(node.address, m.address):
+                node.broken.add(m.node_id)
+        for node_id in list(node.broken):
+            known = node.swim.table.get(node_id)
+            if known is not None and known.state == ALIVE:
+                node.swim.probe_soon(node_id)
+        net.changed(node, [])
+        net.at(net.now + config.period, read, node)
+
+    net.on_changes.append(watch)
+    if reads:
+        for nd in nodes:
+            net.at(rng.uniform(0.0, config.period), read, nd)
+    net.run_until(t_cut)
+    phase["now"] = "cut"
+    cut_sides = {nd.address: side[nd.node_id] for nd in nodes}
+    net.side = cut_sides
+    if flap:
+        def toggle() -> None:
+            if phase["now"] == "cut":
+                net.side = {} if net.side else cut_sides
+                net.at(net.now + flap, toggle)
+        net.at(t_cut + flap, toggle)
+    net.run_until(t_heal)
+    for s in (0, 1):
+        times = [all_dead_at.get(nd.node_id, float("inf")) for nd in nodes if side[nd.node_id] == s]
+        worst = max(times)
+        if s == 0:
+            res.minority_all_dead = worst if worst != float("inf") else float("nan")
+            res.minority_dead_p50 = pct(times, 0.5) if pct(times, 0.5) != float("inf") else float("nan")
+        else:
+            res.majority_all_dead = worst if worst != float("inf") else float("nan")
+            res.majority_dead_p50 = pct(times, 0.5) if pct(times, 0.5) != float("inf") else float("nan")
+    res.minority_least = min(dead_other[nd.node_id] for nd in nodes if side[nd.node_id] == 0)
+    res.majority_least = min(dead_other[nd.node_id] for nd in nodes if side[nd.node_id] == 1)
+    phase["now"] = "healed"
+    net.side = {}
+    step = config.period
+    t = t_heal
+    while t < t_heal + heal_for:
+        t += step
+        net.run_until(t)
+        if not_alive["pairs"] == 0 and res.all_alive_after != res.all_alive_after:
+            res.all_alive_after = t - t_heal
+    res.not_alive_at_end = not_alive["pairs"]
+    res.wall_seconds = time.perf_counter() - started
+    return res
+
+
+def partition_main(args: argparse.Namespace) -> int:
+    lo, hi = (float(x) / 1000 for x in args.latency_ms.split(","))
+    minority = [int(x) for x in args.partition.split(",")]
+    sizes = [int(x) for x in args.sizes.split(",")]
+    out = []
+    print(f"partition: loss {args.loss:.0%}, cut {args.cut_for:g} s then healed {args.heal_for:g} s, "
+          f"reads {'on' if not args.no_reads else 'off'}, timing {args.timing}"
+          + (f", flapping every {args.flap:g} s" if args.flap else ""))
+    print(f"{'split':>9} {'seed':>4} {'minority->all DEAD s':>20} {'majority->all DEAD s':>20} "
+          f"{'least':>5} {'least':>5} {'D acr':>6} {'false D in':>10} {'false D heal':>12} {'all ALIVE s':>11} {'left':>5} {'wall s':>6}")
+    for n, m in zip(sizes, minority):
+        for seed in range(args.seed, args.seed + args.seeds):
+            config, limits = None, None
+            if args.timing == "driver":  # mesh serve's defaults (driver.Timing): 0.5 s period, DEAD after >= 3 s
+                config = Config(period=0.5, probe_timeout=0.25)
+                limits = Limits(period=0.5, min_suspicion=3.0)
+            r = simulate_partition(n, m, seed, args.loss, (lo, hi), cut_for=args.cut_for, heal_for=args.heal_for,
+                                   reads=not args.no_reads, config=config, limits=limits, flap=args.flap)
+            out.append(r)
+            print(f"{f'{m}|{n - m}':>9} {seed:>4} {r.minority_all_dead:>20.2f} {r.majority_all_dead:>20.2f} "
+                  f"{r.minority_least:>5} {r.majority_least:>5} {r.dead_across:>6} {r.false_dead_within:>10} {r.false_dead_after_heal:>12} {r.all_alive_after:>11.2f} "
+                  f"{r.not_alive_at_end:>5} {r.wall_seconds:>6.1f}", flush=True)
+        runs = [r for r in out if r.n == n and r.minority == m]
+        for name in ("minority_all_dead", "majority_all_dead", "all_alive_after"):
+            v = sorted(getattr(r, name) for r in runs)
+            print(f"  {m}|{n - m} {name}: median {pct(v, 0.5):.2f} min {v[0]:.2f} max {v[-1]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in out], indent=2))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="8,64,1000")
@@ -251,7 +430,18 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--window", type=float, default=10.0, help="simulated seconds over which cost is measured")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--partition", help="minority sizes, one per --sizes entry (e.g. --sizes 5,1000 "
+                    "--partition 2,10): run the partition and heal scenario instead")
+    ap.add_argument("--seeds", type=int, default=1, help="partition runs per size, seeds from --seed on")
+    ap.add_argument("--cut-for", type=float, default=60.0, help="simulated seconds the partition lasts")
+    ap.add_argument("--heal-for", type=float, default=60.0, help="simulated seconds after the heal")
+    ap.add_argument("--no-reads", action="store_true", help="partition: no reads (no breakers, no probe_soon)")
+    ap.add_argument("--flap", type=float, default=0.0, help="partition: the link flaps, down/up every FLAP s")
+    ap.add_argument("--timing", choices=("sim", "driver"), default="sim",
+                    help="partition: the simulator's 0.4 s period, or mesh serve's defaults (0.5 s, DEAD >= 3 s)")
     args = ap.parse_args()
+    if args.partition:
+        return partition_main(args)
     lo, hi = (float(x) / 1000 for x in args.latency_ms.split(","))
     results = []
     print(f"loss {args.loss:.0%}, latency {lo * 1000:g}-{hi * 1000:g} ms one way, seed {args.seed}")

@@ -289,7 +289,10 @@ class MemberTable:
             # A newer life (a refutation of what we believe, a restart) or another address can only be
             # checked by probing the member itself.
             restart = m.incarnation > known.incarnation + NEW_LIFE_GAP
-            if newer_life and (known.state != ALIVE or restart or m.address != known.address):
+            # A member we hold DEAD that others hold ALIVE (at the incarnation it died at: a healed partition,
+            # the other side never saw it die) is worth a probe too: its answer brings it back.
+            back = known.state == DEAD and m.incarnation == known.incarnation
+            if back or newer_life and (known.state != ALIVE or restart or m.address != known.address):
                 self._hint(m.node_id)
                 if m.address != known.address:
                     self.add_candidate(m.address, now)
@@ -328,6 +331,18 @@ class MemberTable:
         if state in (DEAD, LEFT):
             self._dead_since[known.node_id] = now  # forget_after counts from here
         return [StateChanged(known.node_id, old, state, known.incarnation)]
+
+    def withdraw_suspicions(self) -> list[Change]:
+        """Our own view was cut off and has just healed (a member we held DEAD answered at the incarnation it
+        died at): every suspicion we hold was raised by silence that the cut explains, so back to ALIVE. Only
+        our own belief changes; a member that is really gone is suspected again by the next probe of it."""
+        changes: list[Change] = []
+        for node_id in list(self.suspicions):
+            known = self.members.get(node_id)
+            if known is not None and known.state == SUSPECT:
+                changes += self._set_state(known, ALIVE, 0.0)
+            self.suspicions.pop(node_id, None)
+        return changes
 
     def expire(self, now: float) -> list[Change]:
         """Suspicions past their timeout become DEAD; long-DEAD members are forgotten."""
