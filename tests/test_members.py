@@ -591,7 +591,10 @@ def test_simulated_partition_2_3_is_detected_on_both_sides_and_heals_without_fal
     assert r.majority_all_dead <= 12.0, r
     assert r.minority_all_dead <= 15.0, r
     assert r.false_dead_within == 0 and r.false_dead_after_heal == 0, r
-    assert r.all_alive_after <= 20.0 and r.not_alive_at_end == 0, r
+    # Each node pings a DEAD member every couple of seconds, an extra message (not a probe turn): every
+    # table has all five ALIVE within a few seconds of the heal (9-10 s when a DEAD member took a probe turn
+    # every 10 s).
+    assert r.all_alive_after <= 4.0 and r.not_alive_at_end == 0, r
 
 
 def test_dials_are_rate_limited_whatever_gossip_names() -> None:

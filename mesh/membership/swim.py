@@ -62,7 +62,12 @@ class Config:
     max_awareness: int = 8
     dials_per_period: int = 4       # candidate dials: bounds what a flood of gossiped addresses can cost
     dial_timeout: float = 1.0
-    retry_dead_every: float = 10.0  # one probe of a DEAD member: heals partitions without gossip
+    # Heal: each node pings one DEAD member (an extra message, not a probe turn) every
+    # max(retry_dead_min, ALIVE members / retry_dead_rate) s: about retry_dead_rate such pings a second across a
+    # side of a partition, whatever its size, so the first crossing comes within a second or so of a heal and
+    # gossip does the rest; a lone dead host gets as many connection attempts a second, no more.
+    retry_dead_min: float = 2.0
+    retry_dead_rate: float = 2.5
     fresh_periods: int = 3          # a helper heard from directly within this many periods is "fresh"
     soon_full_after: int = 10       # probe_soon probes fully a member not heard from for this many periods
     rr_every: int = 4               # the round robin has at least every rr_every-th probe (_pick_target)
@@ -110,6 +115,7 @@ class Counters:
     refutations: int = 0
     dials: int = 0
     syncs: int = 0
+    dead_retries: int = 0
 
 
 class Swim:
@@ -131,6 +137,7 @@ class Swim:
         self._next_dial = 0.0
         self._next_sync: float | None = None
         self._next_dead_retry = 0.0
+        self._jitter = random.Random(table.me.node_id)  # its own stream: the probe order's draws stay as they were
         # Suspects and hinted members; the flag: indirect probes too (the first probe of a suspect can confirm
         # it, and goes before everything; later ones only wait for its own answer: see _pick_target).
         self._to_probe: dict[str, bool] = {}
@@ -482,6 +489,15 @@ class Swim:
                 self._send(address, self._request(now, None, sync=joining,
                                                   members=self.full_table(now) if joining else []),
                            "dial", self.config.dial_timeout, now, key=address)
+        if now >= self._next_dead_retry:
+            c = self.config
+            every = max(c.retry_dead_min, self.table.alive_count() / c.retry_dead_rate)
+            self._next_dead_retry = now + self._jitter.uniform(0.5, 1.5) * every  # spread: a side does not beat
+            dead = [m for m in self.table.members.values() if m.state == DEAD]
+            if dead:
+                m = self._jitter.choice(dead)
+                self.counters.dead_retries += 1
+                self._send(m.address, self._request(now, m.node_id), "retry", self.config.dial_timeout, now)
         if self._next_sync is None:
             self._next_sync = now + self.rng.uniform(0.0, self.sync_period())
         elif now >= self._next_sync:
@@ -640,11 +656,6 @@ class Swim:
             if m is not None and m.state != LEFT:
                 self._to_probe.pop(node_id, None)
                 return node_id, False
-        if now >= self._next_dead_retry:
-            self._next_dead_retry = now + self.config.retry_dead_every
-            dead = [m.node_id for m in members.values() if m.state == DEAD]
-            if dead:
-                return self.rng.choice(dead), False
         while soon_turn and self._soon:
             node_id = next(iter(self._soon))
             del self._soon[node_id]
