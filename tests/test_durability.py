@@ -41,6 +41,23 @@ def ring_of(mesh: LocalMesh, node: LocalNode) -> Ring:
         return Ring(ring_weights(c.stats().members))
 
 
+def wait_repair_passes(mesh: LocalMesh, n: int) -> None:
+    """Until every node has run `n` more full repair passes than now."""
+    passes = {}
+    for node in mesh.nodes:
+        with mesh.client(node) as c:
+            passes[node.node_id] = c.stats().counters["repair_passes"]
+
+    def done() -> bool:
+        for node in mesh.nodes:
+            with mesh.client(node) as c:
+                if c.stats().counters["repair_passes"] < passes[node.node_id] + n:
+                    return False
+        return True
+
+    poll(done, f"{n} more repair passes everywhere", timeout=60)
+
+
 @pytest.fixture
 def three() -> Iterator[LocalMesh]:
     with LocalMesh(extra_args=FAST) as mesh:
@@ -155,20 +172,7 @@ def test_a_delete_sticks_and_reaches_near_copies(three: LocalMesh) -> None:
             assert all(c.get(k) is not None for k in near_keys)
     with three.client(three.nodes[2]) as c:
         assert c.delete_keys(near_keys + ["never-was"]) == [True] * 10 + [False]
-    # Two full repair passes on every node after the deletes: nothing brings them back.
-    passes = {}
-    for node in three.nodes:
-        with three.client(node) as c:
-            passes[node.node_id] = c.stats().counters["repair_passes"]
-
-    def two_more_passes() -> bool:
-        for node in three.nodes:
-            with three.client(node) as c:
-                if c.stats().counters["repair_passes"] < passes[node.node_id] + 2:
-                    return False
-        return True
-
-    poll(two_more_passes, "two repair passes everywhere", timeout=60)
+    wait_repair_passes(three, 2)  # two full passes on every node after the deletes: nothing brings them back
     for node in three.nodes:
         with three.client(node) as c:
             assert not any(c.has(keys + near_keys)), node.node_id
@@ -210,19 +214,7 @@ def test_concurrent_puts_of_one_key_each_owner_keeps_what_it_took_first(three: L
 
     poll(lambda: all(all(held()[k].values()) for k in keys), "both owners of every key hold a copy", timeout=60)
     before = held()
-    passes = {}
-    for node in three.nodes:
-        with three.client(node) as c:
-            passes[node.node_id] = c.stats().counters["repair_passes"]
-
-    def two_more_passes() -> bool:
-        for node in three.nodes:
-            with three.client(node) as c:
-                if c.stats().counters["repair_passes"] < passes[node.node_id] + 2:
-                    return False
-        return True
-
-    poll(two_more_passes, "two repair passes everywhere", timeout=60)
+    wait_repair_passes(three, 2)
     assert held() == before  # repair replaced nothing: no rule a writer could game picks a "winner"
     for key in keys:
         for node in three.nodes:
