@@ -22,7 +22,8 @@ from grpc_health.v1 import health, health_pb2
 import mesh
 from mesh.address import WILDCARDS, is_loopback, join_hostport, routable_host, split_hostport
 from mesh.transport.auth import AuthInterceptor, Secret, ServerAuth, as_keyring
-from mesh.transport.revocation import RevocationInterceptor
+from mesh.transport.revocation import RevocationInterceptor, certificate_name
+from mesh.transport.tls import subject_name
 from mesh.cluster.routing import Cluster, ClusterConfig
 from mesh.storage.disk import DiskStore
 from mesh.transport.link import AUTO, MODES, Links
@@ -191,6 +192,11 @@ class Node:
             raise OSError(f"cannot listen on {c.listen}: the port is taken or the address is not one of this host's")
         self.address = c.advertise or join_hostport(ad_host, bound)
         self.node_id = c.node_id or f"{socket.gethostname()}-{bound}"
+        if c.revoked and c.tls is not None and subject_name(c.tls.cert) != self.node_id:
+            server.stop(0)
+            raise ConfigError(f"with --revoke, a node's --node-id must be its certificate's name "
+                              f"({subject_name(c.tls.cert)!r}, not {self.node_id!r}): members are admitted to the "
+                              f"ring only under the name their certificate shows")
         if self.auth is not None:
             self.auth.node_id, self.auth.address = self.node_id, self.address
         me = Member(self.node_id, self.address, c.max_memory, incarnation=int(time.time() * 1000))
@@ -203,9 +209,12 @@ class Node:
         self.servicer = MeshServicer(self.node_id, self.address, self.store, c.limits, self.cluster, self.auth,
                                      membership=self.membership)
         self.servicer.revoked = frozenset(c.revoked)
-        self.membership.revoked = frozenset(c.revoked)
+        self.membership.revoked = self.cluster.revoked = frozenset(c.revoked)
+        if c.revoked and c.tls is not None:
+            tls = c.tls
+            self.membership.certificate_name = lambda address: certificate_name(address, tls)
         for name in c.revoked:  # what a revoked member wrote before: gone here, whatever purge missed
-            if purged := self.store.delete(self.store.written_by(name), tombstone=True):
+            if purged := self.cluster.purge_local(name):
                 log.warning("dropped %d values written by revoked member %s", purged, name)
         self.servicer.on_drain = self._drain_rpc
         self.metrics.watch(self.servicer.counters, self.membership.members_pb)

@@ -43,7 +43,7 @@ def alive(address: str, tls: TlsConfig) -> set[str]:
 @pytest.fixture
 def certs(tmp_path: Path) -> Path:
     d = tmp_path / "tls"
-    init_tls(d, ["a", "b", "m"])
+    init_tls(d, ["a", "b", "c", "m"])
     return d
 
 
@@ -116,8 +116,28 @@ def test_a_revoked_member_is_refused_everything_and_what_it_wrote_goes(serve: Ca
          "b admitted m and a heard of it")
     with PeerClient(a.address, SECRET, tls=client) as c:
         assert c.stats().counters["ring_members"] == 2
+    # A node id is only a claim: m under another id, gossiped by b and dialled by a as a seed, shows m's
+    # certificate at its address, so a keeps it out of the ring and routes it nothing.
+    evil = serve("--node-id", "evil", "--seeds", b.address, pre=tls_args(certs, "m"))
+    c_node = serve("--node-id", "c", "--seeds", f"{evil.address},{b.address}", "--revoke", "m",
+                   pre=tls_args(certs, "c"))
+    poll(lambda: all("evil" in alive(n.address, client) for n in (a, b, c_node)), "evil heard of on every node")
+    poll(lambda: {"a", "b", "c"} <= alive(c_node.address, client) and "c" in alive(a.address, client),
+         "c joined")
+    for node in (a, c_node):
+        with PeerClient(node.address, SECRET, tls=client) as cl:
+            assert cl.stats().counters["ring_members"] == 3  # a, b and c: neither m nor "evil"
+            for i in range(20):
+                cl.put(f"spread/{node.node_id}/{i}", b"v" * 100)
+    with PeerClient(evil.address, SECRET, tls=client) as cl:
+        handed_by_flagged = [k.key for k in cl.list_keys(prefix="spread/") if k.writers and k.writers[-1] in ("a", "c")]
+    assert handed_by_flagged == []
 
 
-def test_revoking_without_mutual_tls_is_refused_at_start(tmp_path: Path, secret_file: Path) -> None:
+def test_revoking_without_mutual_tls_or_under_another_name_is_refused_at_start(secret_file: Path,
+                                                                                 certs: Path) -> None:
     out = run_cli("--secret-file", str(secret_file), "serve", "--revoke", "m", timeout=30)
     assert out.returncode == 2 and "--revoke needs mutual TLS" in out.stderr, out.stderr
+    out = run_cli("--secret-file", str(secret_file), *tls_args(certs, "a"), "serve", "--listen", "127.0.0.1:0",
+                  "--node-id", "not-a", "--revoke", "m", timeout=30)
+    assert out.returncode == 2 and "must be its certificate's name ('a'" in out.stderr, out.stderr

@@ -37,6 +37,9 @@ class FixedDirectory:
     def address_of(self, node_id: str) -> str | None:
         return f"addr-{node_id}" if node_id in self.weights else None
 
+    def known_members(self) -> list[str]:
+        return list(self.weights)
+
     def leave(self) -> None:
         self.left = True
         self.weights.pop(ME, None)
@@ -85,6 +88,10 @@ class MemoryPeer:
     def delete_keys(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> list[bool]:
         self._call("delete")
         return [bool(self.store.delete([k], tombstone=True)) for k in keys]
+
+    def purge(self, writer: str, timeout: float | None = None, local_only: bool = False) -> int:
+        self._call("purge")
+        return self.store.delete(self.store.written_by(writer), tombstone=True)
 
     def close(self) -> None:
         pass
@@ -274,3 +281,27 @@ def test_a_copy_of_a_write_deleted_here_is_not_served_from_an_owner_that_missed_
     mesh.peer("b").store.put(fresh)
     got = mesh.cluster.get(key, timeout=5)
     assert got is not None and got.header.write_id == 42
+
+
+def test_a_purge_reaches_the_near_cache_and_names_the_members_that_did_not_answer(mesh: Mesh) -> None:
+    def by_m(key: str) -> Entry:
+        e = entry(key)
+        return Entry(replace(e.header, writers=("m", "a")), e.chunks)
+
+    mine, theirs = mesh.key({ME, "b"}), mesh.key({"a", "c"})
+    mesh.cluster.store.put(by_m(mine))
+    mesh.cluster.near.put(by_m(theirs))  # a copy read here earlier
+    mesh.peer("b").store.put(by_m(mine))
+    mesh.peer("c").down = True  # down, or cut off: it must be named, so the purge is run again
+    deleted, failed = mesh.cluster.purge("m", timeout=5)
+    assert deleted == 3 and failed == ["c"]
+    assert mine not in mesh.cluster.store and theirs not in mesh.cluster.near and mine not in mesh.peer("b").store
+
+
+def test_a_value_a_revoked_member_wrote_is_not_fetched_from_an_owner_without_the_flag(mesh: Mesh) -> None:
+    key = mesh.key({"a", "c"})
+    e = entry(key)
+    mesh.peer("a").store.put(Entry(replace(e.header, writers=("m", "a")), e.chunks))
+    mesh.cluster.revoked = frozenset({"m"})
+    assert mesh.cluster.get(key, timeout=5) is None
+    assert key not in mesh.cluster.near

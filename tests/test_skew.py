@@ -7,6 +7,7 @@ ahead, refused them, and repair then deleted the other owners' good copies)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -50,7 +51,13 @@ def skewed() -> Iterator[Skewed]:
                  "fast": mesh.start_node(node_id="fast", env=skewed_env("+10m")),
                  "slow": mesh.start_node(node_id="slow", env=skewed_env("-10m"))}
         mesh.wait_members(3)
-        yield Skewed(mesh, nodes)
+        skewed = Skewed(mesh, nodes)
+        for name, sign in (("fast", 1), ("slow", -1)):  # the clocks are really off (else this proves nothing)
+            skewed.put(name, f"clock/{name}", b"x")
+            with mesh.client(nodes[name]) as c:
+                got = c.get(f"clock/{name}", local_only=True)
+            assert got is not None and sign * (got.header.created_unix - time.time()) > 500, name
+        yield skewed
 
 
 @pytest.mark.parametrize("first,second", [("fast", "normal"), ("normal", "slow"), ("slow", "fast")])

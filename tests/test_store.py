@@ -62,7 +62,8 @@ def test_second_put_of_a_key_is_a_no_op() -> None:
     assert s.put(first)
     assert s.put(entry("a", 2000)) is False  # values are immutable: the first one stays
     assert s.get("a") is first and s.used == first.size
-    assert s.counters.duplicate_puts == 1 and s.counters.puts == 1
+    assert s.counters.conflicts_kept == 1 and s.counters.puts == 1  # another value: kept out, counted
+    assert s.put(entry("a", 1000)) is False and s.counters.duplicate_puts == 1  # the same write again
 
 
 def test_lru_evicts_least_recently_used_first() -> None:

@@ -294,7 +294,7 @@ def test_validate_header_accepts_empty_blob() -> None:
 
 def test_header_pb_round_trip() -> None:
     h = Header(key="k", raw_size=5, chunk_size=4, chunk_count=2, checksum=2**64 - 1, stored_size=3,
-               meta={"content": "bytes"}, created_unix=12.5)
+               meta={"content": "bytes"}, created_unix=12.5, write_id=2**64 - 3, writers=("a", "cn b"))
     assert Header.from_pb(h.to_pb()) == h
     assert h.codec == CODEC
 

@@ -18,6 +18,10 @@ class Directory(Protocol):
         """Where a member is dialled; None for a node the directory does not know (any more)."""
         ...
 
+    def known_members(self) -> list[str]:
+        """Every member but those that left: ALIVE, SUSPECT and DEAD ones (a fleet-wide purge must reach all)."""
+        ...
+
     def leave(self) -> None:
         """Tell the members this node leaves the ring (a drain), waiting briefly for them to hear it."""
         ...

@@ -253,8 +253,7 @@ class AntiEntropy:
             return 0, all_keys, 0
         self._divergent += divergent
         for h in tombstoned:
-            if self.store.header(h.key) == h:
-                self.store.delete([h.key], tombstone=True)
+            if self.store.delete_copy(h):
                 self.stats.deletes_applied += 1
         unpushed = {h.key for h in lacking}
         for h in lacking:

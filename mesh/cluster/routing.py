@@ -58,6 +58,7 @@ class Cluster:
         self.store = store
         self.near = near
         self.directory = directory
+        self.revoked: frozenset[str] = frozenset()  # writers whose values are never served (revocation.py)
         self.peers = peers
         self.config = config
         self._lock = threading.Lock()
@@ -169,6 +170,8 @@ class Cluster:
                 continue
             if self.store.deleted(entry.header) or self.near.deleted(entry.header):
                 continue  # a copy of a value deleted here (its owner missed the delete)
+            if self.revoked.intersection(entry.header.writers):
+                continue  # written by a revoked member: an owner without the flag yet still holds it
             if node_id in previous:
                 self._count("previous_owner_hits")
                 self._submit_write(self._repair, entry, [o for o in owners if o != self.node_id])
@@ -281,11 +284,11 @@ class Cluster:
     def purge(self, writer: str, timeout: float) -> tuple[int, list[str]]:
         """Delete what `writer` wrote on every member: (values deleted, members that did not answer)."""
         deadline = time.monotonic() + timeout
-        keys = self.store.written_by(writer)
-        deleted = self.store.delete(keys, tombstone=True) if keys else 0
-        deleted += self.near.delete(self.near.written_by(writer), tombstone=True)
+        deleted = self.purge_local(writer)
         failed: list[str] = []
-        others = [m for m in self.directory.ring_members() if m != self.node_id]
+        # Every member we know of but those that left: one that is DEAD now (down, or cut off) is named as not
+        # answering, so the operator runs the purge again once it is back, before its tombstones expire.
+        others = [m for m in self.directory.known_members() if m != self.node_id]
         jobs = {self._pool.submit(self._purge_at, m, writer, deadline): m for m in others}
         for job, member in jobs.items():
             try:
@@ -297,6 +300,11 @@ class Cluster:
             else:
                 deleted += got
         return deleted, failed
+
+    def purge_local(self, writer: str) -> int:
+        """Delete, with tombstones, what `writer` wrote from this node's store and near cache."""
+        return (self.store.delete(self.store.written_by(writer), tombstone=True)
+                + self.near.delete(self.near.written_by(writer), tombstone=True))
 
     def _purge_at(self, node_id: str, writer: str, deadline: float) -> int | None:
         address = self.directory.address_of(node_id)

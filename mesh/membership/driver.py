@@ -116,6 +116,10 @@ class Membership:
         self._local_stats = local_stats
         self._lock = threading.RLock()
         self.revoked: frozenset[str] = frozenset()  # member ids kept out of the ring (certificate names)
+        # With revocations: address -> certificate name (mesh/transport/revocation.py), and who passed.
+        self.certificate_name: Callable[[str], str | None] | None = None
+        self._verified: dict[str, str] = {}            # node id -> the address its certificate was seen at
+        self._verifying: set[tuple[str, str]] = set()
         self._epoch = time.monotonic()
         self.table = MemberTable(me, self.timing.limits(), wall_offset_ms=time.time() * 1000.0)
         self.swim = Swim(self.table, self, self.timing.swim(cluster))
@@ -145,10 +149,47 @@ class Membership:
 
     def ring_members(self) -> dict[str, int]:
         """node id -> capacity of every member that owns keys: ALIVE or SUSPECT, ourselves unless leaving, and
-        never a revoked one (mesh/transport/revocation.py): no key is routed to it."""
+        never a revoked one (mesh/transport/revocation.py): no key is routed to it. With revocations, only
+        members whose certificate was seen to carry their node id (`_verify`)."""
         with self._lock:
             ring = self.table.ring()
-        return {k: v for k, v in ring.items() if k not in self.revoked} if self.revoked else ring
+            if not self.revoked:
+                return ring
+            me = self.table.me.node_id
+            addresses = {k: (self.table.me.address if k == me else self.table.get(k).address)  # type: ignore[union-attr]
+                         for k in ring}
+        out: dict[str, int] = {}
+        for node_id, weight in ring.items():
+            if node_id in self.revoked:
+                continue
+            if node_id == me or self._verified.get(node_id) == addresses[node_id]:
+                out[node_id] = weight
+            else:
+                self._verify(node_id, addresses[node_id])
+        return out
+
+    def _verify(self, node_id: str, address: str) -> None:
+        """Check, once per member and address and in the background, that the certificate at `address` names
+        `node_id`; once it does, the ring is rebuilt with the member in it."""
+        if self.certificate_name is None or (node_id, address) in self._verifying:
+            return
+        self._verifying.add((node_id, address))
+
+        def check() -> None:
+            assert self.certificate_name is not None
+            name = self.certificate_name(address)
+            if name == node_id and name not in self.revoked:
+                self._verified[node_id] = address
+                self._pool_notify([Joined(node_id, address, 0)])  # the ring is rebuilt with it
+            else:
+                log.warning("not routing to member %s at %s: its certificate names %s", node_id, address,
+                            name or "nothing we trust")
+                self._verifying.discard((node_id, address))  # asked again on the next ring change
+
+        try:
+            self._pool.submit(check)
+        except RuntimeError:
+            pass  # stopping
 
     def address_of(self, node_id: str) -> str | None:
         if node_id in self.revoked:
@@ -158,6 +199,11 @@ class Membership:
                 return self.table.me.address
             m = self.table.get(node_id)
             return m.address if m else None
+
+    def known_members(self) -> list[str]:
+        with self._lock:
+            ids = [self.table.me.node_id] + [m.node_id for m in self.table.members.values() if m.state != LEFT]
+        return [i for i in ids if i not in self.revoked]
 
     def members(self) -> list[Member]:
         with self._lock:

@@ -7,9 +7,10 @@ time it likes, must not be able to win a conflict or undo a delete):
   Values of one key are interchangeable for a cache (the key names the computation), so two owners that took
   different values in a race may keep them; repair copies a key only to an owner that lacks it.
 - Every value carries a `write_id`, random, given once by the node that took the write. A delete tombstones the
-  write ids it removed (for TOMBSTONE_TTL on this host's monotonic clock), so a copy of a deleted value (an
+  write ids it removed here (for TOMBSTONE_TTL on this host's monotonic clock), so a copy of a deleted value (an
   in-flight replica write, a co-owner that missed the delete) is refused and dropped, while a new put of the
-  key (a new write id) is taken at once.
+  key (a new write id) is taken at once. A node that held nothing when the delete came keeps no tombstone; a
+  late copy it takes is dropped by its next repair pass with an owner that did (repair asks by write id).
 
 Blobs are kept as the chunks they arrived in (compressed where that paid), so a Get streams them out with no
 recompression, and the budget counts what is really held. Besides the budget, the store keeps at least
@@ -242,6 +243,14 @@ class BlobStore:
         finally:
             for i in locks:
                 self._key_locks[i].release()
+
+    def delete_copy(self, header: Header) -> bool:
+        """Drop this very copy, with a tombstone for its write, if it is still the one held (repair applies a
+        co-owner's delete so: a put of a new value meanwhile must not be the one deleted)."""
+        with self._key_locks[hash(header.key) % len(self._key_locks)]:
+            if self.header(header.key) != header:
+                return False
+            return self._delete([header.key], True) > 0
 
     def _delete(self, keys: list[str], tombstone: bool) -> int:
         deleted = 0

@@ -93,7 +93,7 @@ class Gate:
                         table[key] = left
                     else:
                         del table[key]  # no key outlives its calls: the tables stay as small as what is in progress
-            self._cond.notify()
+            self._cond.notify_all()
 
     @contextmanager
     def place(self, session: str = "", host: str = "") -> Iterator[bool]:

@@ -85,6 +85,12 @@ def caller_name(context: grpc.ServicerContext) -> str | None:
     return names[0].decode("utf-8", "replace") if names else None
 
 
+def subject_name(pem: bytes) -> str | None:
+    """The common name of the first certificate in a PEM chain (a member's name under mutual TLS)."""
+    names = x509.load_pem_x509_certificate(pem).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
 def load_tls(cert: str | None = None, key: str | None = None, ca: str | None = None,
              server_name: str | None = None, env: Mapping[str, str] | None = None) -> TlsConfig | None:
     """Paths from arguments, else from MESH_TLS_* env vars (env defaults to os.environ). None when neither cert nor key given.

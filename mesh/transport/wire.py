@@ -91,6 +91,12 @@ class TransferError(Exception):
         self.code = code
 
 
+def legacy_write_id(key: str, checksum: int) -> int:
+    """The write id of a value stored before write ids (from a node or a disk tier of that time): named by its
+    key and content, so every owner holding it agrees on its id, and its copies never pass for other writes."""
+    return xxhash.xxh3_64_intdigest(f"{key}\0{checksum}".encode()) | 1
+
+
 @dataclass(frozen=True)
 class Header:
     key: str
@@ -102,8 +108,12 @@ class Header:
     meta: Mapping[str, str] = field(default_factory=dict)
     created_unix: float = 0.0   # for display (a value's age): no clock decides anything (mesh/storage/store.py)
     codec: str = CODEC
-    write_id: int = 0           # given once by the node that took the write; 0 from nodes before it existed
+    write_id: int = 0           # given once by the node that took the write (0: see __post_init__)
     writers: tuple[str, ...] = ()  # provenance, oldest first (proto/mesh.proto BlobHeader.writers)
+
+    def __post_init__(self) -> None:
+        if not self.write_id:  # a header from before write ids (a node, a disk tier, a client of that time)
+            object.__setattr__(self, "write_id", legacy_write_id(self.key, self.checksum))
 
     def to_pb(self) -> pb.BlobHeader:
         return pb.BlobHeader(
