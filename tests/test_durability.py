@@ -17,6 +17,7 @@ import pytest
 from mesh.membership.driver import ring_weights
 from mesh.cluster.ring import Ring
 from tests.conftest import poll
+from tests.support.cli import run_cli
 from tests.support.localmesh import LocalMesh, LocalNode
 
 FAST = ["--heartbeat", "0.2", "--suspect-after", "1.0", "--dead-after", "2.5", "--repair-interval", "1",
@@ -291,6 +292,13 @@ def test_a_put_no_owner_can_take_is_kept_as_a_hint_and_reaches_the_owners_later(
         with three.client(entry_node) as c:
             assert c.has([key], local_only=True) == [True]
             assert c.stats().counters["hinted_puts"] == 1
+        # The CLI says so too: a hint is not an ordinary store.
+        second = next(k for k in (f"hint-cli/{i}" for i in range(10_000)) if set(ring.owners(k, 2)) == set(others))
+        file = three.workdir / "value"
+        file.write_bytes(value)
+        out = run_cli("--timeout", "8", "put", second, str(file), node=entry_node.address,
+                      secret_file=three.secret_file, timeout=30)
+        assert out.returncode == 0 and f"no owner of {second} was reachable" in out.stderr, out.stderr
     finally:
         for node in others.values():
             node.process.send_signal(signal.SIGCONT)
