@@ -81,3 +81,16 @@ def test_a_skewed_clock_neither_undoes_a_delete_nor_swallows_a_later_put(skewed:
         skewed.put("normal", key, b"new" * 200)  # at once: well inside any tombstone's lifetime
     poll(lambda: all(skewed.everywhere(k) == {b"new" * 200} for k in keys),
          "every owner holds every acknowledged re-put", timeout=30)
+
+
+def test_a_copy_stamped_by_a_clock_days_ahead_is_still_taken(skewed: Skewed) -> None:
+    """created_unix is only shown: a bound read from this host's clock once refused such a member's copies."""
+    from dataclasses import replace
+
+    from mesh.transport.wire import Limits, iter_chunks, make_header
+
+    value = b"from the future" * 10
+    header = replace(make_header("future", value, Limits().chunk_size), created_unix=4_000_000_000.0)
+    with skewed.mesh.client(skewed.nodes["normal"]) as c:
+        assert c.put_chunks(header, tuple(iter_chunks(value, Limits().chunk_size)), local_only=True).stored
+    assert skewed.held("normal", "future") == value

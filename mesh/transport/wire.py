@@ -26,7 +26,6 @@ import collections
 import math
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, replace
@@ -456,8 +455,10 @@ def validate_header(h: Header, limits: Limits) -> None:
         raise TransferError(bad, "empty key")
     if len(h.key.encode()) > MAX_KEY_BYTES:
         raise TransferError(bad, f"key longer than {MAX_KEY_BYTES} bytes")
-    if not (math.isfinite(h.created_unix) and 0 <= h.created_unix <= time.time() + 86_400):
-        raise TransferError(bad, "created_unix must be a time between 1970 and tomorrow")
+    # Any finite time after 1970, with no upper bound: it is only shown (a value's age), and a bound read from
+    # this host's clock would refuse the copies of a member whose clock runs ahead.
+    if not (math.isfinite(h.created_unix) and h.created_unix >= 0):
+        raise TransferError(bad, "created_unix must be a finite time after 1970")
     if len(h.writers) > 4 * MAX_WRITERS or any(len(w.encode()) > MAX_WRITER_BYTES for w in h.writers):
         raise TransferError(bad, f"more than {4 * MAX_WRITERS} writers, or one longer than {MAX_WRITER_BYTES} bytes")
     if len(h.meta) > MAX_META_ITEMS or meta_size(h.meta) > MAX_META_BYTES:
