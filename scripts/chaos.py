@@ -20,7 +20,8 @@ what was put: a wrong byte is counted, never hidden. Scenarios:
 - partition: five hosts in network namespaces (root), a verifying load from a sixth host that reaches both
   sides, packets between {n0,n1} and {n2,n3,n4} dropped silently for --partition-seconds, then healed. Keys lost
   (on the owners the ring names after the heal), wrong bytes, misses during the cut, seconds for each side to
-  hold the other DEAD, seconds to agreement after the heal.
+  hold the other DEAD, seconds to agreement after the heal. With --flap 2 the link goes down and up every 2 s
+  instead: `most_dead_in_a_view` counts the false DEADs (target 0).
 - skew: three owners of every key, one 10 minutes fast and one 10 minutes slow (libfaketime): conflicts written
   0.3 s apart through differently skewed nodes (copies the later write won: target 0), and deletes through a
   skewed node followed at once by re-puts (re-puts lost: target 0).
@@ -362,8 +363,19 @@ def partition(a: argparse.Namespace) -> dict:
             t.start()
         lab.cut(fleet.hosts[:side], fleet.hosts[side:])
         cut_at = time.time()
-        time.sleep(a.partition_seconds)
-        lab.heal()
+        if a.flap:  # the link goes down and up every `flap` seconds: no side should declare the other DEAD
+            down = True
+            while time.time() - cut_at < a.partition_seconds:
+                time.sleep(a.flap)
+                if down:
+                    lab.heal()
+                else:
+                    lab.cut(fleet.hosts[:side], fleet.hosts[side:])
+                down = not down
+            lab.heal()
+        else:
+            time.sleep(a.partition_seconds)
+            lab.heal()
         healed_at = time.time()
         poll_until(fleet.agreed, 120)
         time.sleep(5.0)  # load after the heal
@@ -394,7 +406,9 @@ def partition(a: argparse.Namespace) -> dict:
     agreed_after = None if None in agreements else max(a for a in agreements if a is not None)
     reads = [r for at, r in record["reads"] if cut_at <= at <= healed_at]
     acked = record["acked"]
-    return {"scenario": "partition", "partition_s": a.partition_seconds, "acked": len(acked),
+    most_dead = max((st.get("DEAD", 0) for i in range(n) for at, st in views[i] if cut_at <= at), default=0)
+    return {"scenario": "partition", "partition_s": a.partition_seconds, "flap_s": a.flap,
+            "most_dead_in_a_view": most_dead, "acked": len(acked),
             "acked_during": sum(1 for v in acked.values() if cut_at <= v["at"] <= healed_at),
             "hinted": sum(1 for v in acked.values() if v["hinted"]), "put_errors": record["put_errors"],
             "keys_lost": len(result["lost"]), "under_replicated": len(result["under_replicated"]),
@@ -492,6 +506,8 @@ def main() -> int:
     p.add_argument("--lookup-timeout", type=float, default=3.0, help="freeze: deadline of each get")
     p.add_argument("--data-dir", action="store_true", help="give every node a --data-dir (the disk tier)")
     p.add_argument("--partition-seconds", type=float, default=30.0, help="partition: how long the cut lasts")
+    p.add_argument("--flap", type=float, default=0.0,
+                   help="partition: instead of one cut, the link goes down and up every FLAP seconds")
     p.add_argument("--json", help="write the results here too")
     a = p.parse_args()
     a.value_size = parse_size(a.value_size)
