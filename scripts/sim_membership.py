@@ -188,6 +188,22 @@ def make_node(net: Network, i: int, config: Config, limits: Limits, rng: random.
     return node
 
 
+def converged_mesh(n: int, rng: random.Random, loss: float, latency: tuple[float, float], config: Config,
+                   limits: Limits) -> tuple[Network, list[SimNode]]:
+    """n nodes on one simulated network, each having admitted every other (a mesh that has converged)."""
+    net = Network(rng, loss, latency)
+    nodes = [make_node(net, i, config, limits, rng) for i in range(n)]
+    records = [nd.swim.table.me for nd in nodes]
+    for nd in nodes:
+        table = nd.swim.table
+        for r in records:
+            if r.node_id != nd.node_id:
+                table.members[r.node_id] = Member(r.node_id, r.address, r.capacity, r.incarnation)
+        nd.swim._next_probe = rng.uniform(0.0, config.period)
+        net.changed(nd, [])
+    return net, nodes
+
+
 def simulate(n: int, loss: float, seed: int = 1, latency: tuple[float, float] = (0.0005, 0.005),
              warmup: float = 3.0, window: float = 10.0, detect_for: float = 12.0, join_for: float = 12.0,
              config: Config | None = None) -> Result:
@@ -195,16 +211,7 @@ def simulate(n: int, loss: float, seed: int = 1, latency: tuple[float, float] = 
     rng = random.Random(seed)
     config = config or Config()
     limits = Limits(period=config.period)
-    net = Network(rng, loss, latency)
-    nodes = [make_node(net, i, config, limits, rng) for i in range(n)]
-    records = [nd.swim.table.me for nd in nodes]
-    for nd in nodes:  # a converged mesh: everyone has admitted everyone
-        table = nd.swim.table
-        for r in records:
-            if r.node_id != nd.node_id:
-                table.members[r.node_id] = Member(r.node_id, r.address, r.capacity, r.incarnation)
-        nd.swim._next_probe = rng.uniform(0.0, config.period)
-        net.changed(nd, [])
+    net, nodes = converged_mesh(n, rng, loss, latency, config, limits)
     res = Result(n=n, loss=loss)
     killed: set[str] = set()
     suspect_at: dict[str, float] = {}
@@ -297,16 +304,7 @@ def simulate_partition(n: int, minority: int, seed: int = 1, loss: float = 0.0,
     rng = random.Random(seed)
     config = config or Config()
     limits = limits or Limits(period=config.period)
-    net = Network(rng, loss, latency)
-    nodes = [make_node(net, i, config, limits, rng) for i in range(n)]
-    records = [nd.swim.table.me for nd in nodes]
-    for nd in nodes:
-        table = nd.swim.table
-        for r in records:
-            if r.node_id != nd.node_id:
-                table.members[r.node_id] = Member(r.node_id, r.address, r.capacity, r.incarnation)
-        nd.swim._next_probe = rng.uniform(0.0, config.period)
-        net.changed(nd, [])
+    net, nodes = converged_mesh(n, rng, loss, latency, config, limits)
     side = {nd.node_id: (0 if i < minority else 1) for i, nd in enumerate(nodes)}
     size = {0: minority, 1: n - minority}
     res = PartitionResult(n=n, minority=minority, seed=seed, reads=reads)

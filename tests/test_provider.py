@@ -183,43 +183,23 @@ def test_dead_sidecar_is_a_fast_miss() -> None:
 
 def test_silent_sidecar_costs_one_deadline_then_the_breaker_opens() -> None:
     """A peer that accepts connections and never answers: the first prompt pays one deadline, the next none."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                accepted.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    rt = runtime("--mode", "sidecar", "--node", f"127.0.0.1:{listener.getsockname()[1]}", "--lookup-timeout", "0.5")
-    try:
-        engine = Engine(rt.provider)
-        first = engine.run(standard_prompt(51, delay=0.0))
-        assert first.errors == [] and first.provider_hits == []
-        assert first.gather_s < 0.5 + 1.5
-        # The second lookup of each node within the prompt was answered from the prompt's known misses.
-        asked = [nid for nid, record in first.nodes.items() if record.lookups]
-        assert len(asked) == len(STANDARD_SHARED) + 1  # and the MODEL, whose value is refused only at store time
-        assert rt.bridge.counters.lookups == len(asked)
-        second = engine.run(standard_prompt(52, delay=0.0))
-        assert second.errors == [] and second.provider_hits == []
-        assert second.gather_s < 0.5  # breaker open: no deadline paid
-        assert rt.bridge.counters.breaker_trips >= 1
-    finally:
-        rt.close()
-        stop.set()
-        thread.join(5)
-        for s in accepted:
-            s.close()
-        listener.close()
+    with _silent_node("tcp") as address:
+        rt = runtime("--mode", "sidecar", "--node", address, "--lookup-timeout", "0.5")
+        try:
+            engine = Engine(rt.provider)
+            first = engine.run(standard_prompt(51, delay=0.0))
+            assert first.errors == [] and first.provider_hits == []
+            assert first.gather_s < 0.5 + 1.5
+            # The second lookup of each node within the prompt was answered from the prompt's known misses.
+            asked = [nid for nid, record in first.nodes.items() if record.lookups]
+            assert len(asked) == len(STANDARD_SHARED) + 1  # and the MODEL, whose value is refused only at store time
+            assert rt.bridge.counters.lookups == len(asked)
+            second = engine.run(standard_prompt(52, delay=0.0))
+            assert second.errors == [] and second.provider_hits == []
+            assert second.gather_s < 0.5  # breaker open: no deadline paid
+            assert rt.bridge.counters.breaker_trips >= 1
+        finally:
+            rt.close()
 
 
 @contextlib.contextmanager
