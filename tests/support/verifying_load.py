@@ -26,6 +26,7 @@ from mesh.cluster.ring import Ring
 from mesh.membership.driver import ring_weights
 from mesh.transport.auth import load_keyring
 from mesh.transport.peer import MeshError, PeerClient
+from tests.support.poll import poll
 
 
 def value_for(key: str, size: int) -> bytes:
@@ -87,9 +88,10 @@ def run_load(nodes: list[str], secret: object, stop_file: Path, prefix: str, siz
     threads += [threading.Thread(target=reader, daemon=True) for _ in range(readers)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + limit  # bounded whatever happens to the stop file
-    while not stop_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    try:
+        poll(stop_file.exists, "the stop file", timeout=limit)  # bounded whatever happens to the stop file
+    except TimeoutError:
+        pass
     stop.set()
     for t in threads:
         t.join(timeout=timeout + 5)
