@@ -73,6 +73,10 @@ def test_a_value_names_who_took_it_and_every_member_that_handed_it_on(serve: Cal
     assert writers(b.address, client, "lie") is None and writers(b.address, client, "k") is not None
     with PeerClient(b.address, SECRET, tls=cert(certs, "m")) as m:  # and the purged write cannot come back
         assert not m.put_chunks(header, tuple(iter_chunks(evil, Limits().chunk_size)), local_only=True).stored
+    # A member that cannot be asked (down, cut off) is named, and the purge does not claim success.
+    b.kill()
+    out = run_cli("--timeout", "20", "purge", "--writer", "m", node=a.address, env=env, timeout=30)
+    assert out.returncode == 1 and "did not answer" in out.stderr and "b" in out.stderr, out.stdout + out.stderr
 
 
 def test_a_revoked_member_is_refused_everything_and_what_it_wrote_goes(serve: Callable[..., ServeProcess],
