@@ -40,6 +40,11 @@ def alive(address: str, tls: TlsConfig) -> set[str]:
         return {m.node_id for m in c.stats().members if m.state == pb.ALIVE}
 
 
+def state_of(address: str, tls: TlsConfig, node_id: str) -> int | None:
+    with PeerClient(address, SECRET, tls=tls) as c:
+        return next((m.state for m in c.stats().members if m.node_id == node_id), None)
+
+
 @pytest.fixture
 def certs(tmp_path: Path) -> Path:
     d = tmp_path / "tls"
@@ -75,6 +80,7 @@ def test_a_value_names_who_took_it_and_every_member_that_handed_it_on(serve: Cal
         assert not m.put_chunks(header, tuple(iter_chunks(evil, Limits().chunk_size)), local_only=True).stored
     # A member that cannot be asked (down, cut off) is named, and the purge does not claim success.
     b.kill()
+    poll(lambda: state_of(a.address, client, "b") == pb.DEAD, "a holds b DEAD")  # out of the ring, still known
     out = run_cli("--timeout", "20", "purge", "--writer", "m", node=a.address, env=env, timeout=30)
     assert out.returncode == 1 and "did not answer" in out.stderr and "b" in out.stderr, out.stdout + out.stderr
 
