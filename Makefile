@@ -8,12 +8,16 @@ PIP    := $(PY) -m pip
 # Exactly this torch: a CPU build lies on this machine's disk; a bare `torch` would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
-PB     := mesh/pb/mesh_pb2.py mesh/pb/mesh_pb2_grpc.py
+PB     := mesh/pb/mesh_pb2.py mesh/pb/mesh_pb2_grpc.py mesh/pb/mesh_pb2.pyi
+# The generator is pinned, in a venv of its own: the code it writes runs on protobuf >= 5.27.2 and grpcio >= 1.66.2
+# (what ComfyUI environments carry), whatever newer versions the test venv holds.
+GRPC_TOOLS ?= grpcio-tools==1.66.2
+PROTO_VENV := .venv-proto
 PYTEST_ARGS ?=
 
 .PHONY: install proto test demo bench clean
 
-install: $(STAMP) $(PB)
+install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,10 +26,12 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 
-# The gRPC code is generated from proto/, never edited by hand and never committed.
-proto: $(PB)
-$(PB): proto/mesh.proto $(STAMP)
-	$(PY) -m grpc_tools.protoc -Imesh/pb=proto --python_out=. --grpc_python_out=. --pyi_out=. proto/mesh.proto
+# The gRPC code is generated from proto/ and committed, so a plain clone imports (ComfyUI-Manager, `pip install -e .`).
+# Never edit it: change proto/mesh.proto and run `make proto`; tests/test_proto_fresh.py fails when they disagree.
+proto:
+	test -x $(PROTO_VENV)/bin/python || $(PYTHON) -m venv $(PROTO_VENV)
+	$(PROTO_VENV)/bin/python -m pip install -q "$(GRPC_TOOLS)"
+	$(PROTO_VENV)/bin/python -m grpc_tools.protoc -Imesh/pb=proto --python_out=. --grpc_python_out=. --pyi_out=. proto/mesh.proto
 
 # pytest exits 5 when it collected no tests: that is a failure here, not a pass.
 test: install
@@ -38,4 +44,4 @@ bench: install
 	$(PY) scripts/bench_node.py --json bench-results/node.json
 
 clean:
-	rm -rf $(VENV) mesh/pb/*_pb2*.py .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) $(PROTO_VENV) .pytest_cache .hypothesis build *.egg-info
