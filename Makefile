@@ -5,8 +5,13 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# Exactly this torch: a CPU build lies on this machine's disk; a bare `torch` would pull a multi-GB CUDA build.
+# Exactly this torch. Where it comes from decides CPU or CUDA: PyPI's torch for Linux is a multi-GB CUDA build,
+# pytorch.org's CPU index has the small CPU build (what the tests need). TORCH_INDEX picks the index, e.g.
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu     (CPU only)
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cu128   (CUDA 12.8)
+# Empty (the default) leaves it to pip's own configuration: this machine and CI carry the CPU wheel locally.
 TORCH  ?= torch==2.13.0
+TORCH_INDEX ?=
 STAMP  := $(VENV)/.installed
 PB     := mesh/pb/mesh_pb2.py mesh/pb/mesh_pb2_grpc.py mesh/pb/mesh_pb2.pyi
 # The generator is pinned, in a venv of its own: the code it writes runs on protobuf >= 5.27.2 and grpcio >= 1.66.2
@@ -22,7 +27,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url "$(TORCH_INDEX)" --extra-index-url https://pypi.org/simple) "$(TORCH)"
 	$(PIP) install -q -e ".[dev]"
 	touch $(STAMP)
 

@@ -654,50 +654,13 @@ def cmd_secret(args: argparse.Namespace) -> int:
 
 
 def cmd_install_comfyui(args: argparse.Namespace) -> int:
-    """Link (or copy) provider/ into ComfyUI's custom_nodes and optionally install this package there."""
-    import shutil
-    import subprocess
+    """Link the provider into ComfyUI's custom_nodes and install comfy-mesh into ComfyUI's Python (mesh/install_comfyui.py)."""
+    from mesh.install_comfyui import InstallError, install
 
-    import importlib.util
-
-    repo = Path(__file__).resolve().parent.parent
-    checkout = (repo / "provider" / "__init__.py").exists() and (repo / "pyproject.toml").exists()
-    if checkout:
-        source = repo / "provider"
-    else:  # installed from a wheel: the provider ships as the package comfy_mesh_provider
-        spec = importlib.util.find_spec("comfy_mesh_provider")
-        if spec is None or spec.origin is None:
-            raise CliError("the comfy-mesh provider is not installed with this mesh package")
-        source = Path(spec.origin).parent
-    comfy = Path(args.comfyui_dir).expanduser().resolve()
-    custom = comfy / "custom_nodes"
-    if not (comfy / "main.py").exists() or not custom.is_dir():
-        raise CliError(f"{comfy} does not look like a ComfyUI folder (no main.py or custom_nodes/)")
-    target = custom / "comfy_mesh"
-    if target.is_symlink() or target.exists():
-        if target.is_symlink() and target.resolve() == source:
-            print(f"{target} already links to {source}")
-        elif not args.force:
-            raise CliError(f"{target} exists; pass --force to replace it")
-        else:
-            target.unlink() if target.is_symlink() or target.is_file() else shutil.rmtree(target)
-    if not target.exists():
-        if args.copy:
-            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            target.symlink_to(source, target_is_directory=True)
-        print(f"{'copied' if args.copy else 'linked'} {source} -> {target}")
-    what = ["-e", str(repo)] if checkout else ["comfy-mesh==" + mesh.__version__]
-    if args.python and checkout:
-        cmd = [args.python, "-m", "pip", "install", *what]
-        print("running:", " ".join(cmd))
-        if subprocess.run(cmd).returncode != 0:
-            raise CliError("installing comfy-mesh into ComfyUI's Python failed")
-    else:
-        print("make sure ComfyUI's Python has the mesh package: <comfyui python> -m pip install "
-              + (" ".join(what) if checkout else "<the comfy-mesh wheel you installed here>"))
-    print("configure with MESH_* environment variables (see README.md), then restart ComfyUI")
-    return 0
+    try:
+        return install(args.comfyui_dir, args.python, copy=args.copy, force=args.force)
+    except InstallError as e:
+        raise CliError(str(e)) from None
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -845,7 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--force", action="store_true", help="replace an existing file")
     ic = command("install-comfyui", cmd_install_comfyui, "add the comfy-mesh provider to a ComfyUI folder")
     ic.add_argument("comfyui_dir", help="the ComfyUI folder (with main.py and custom_nodes/)")
-    ic.add_argument("--python", help="ComfyUI's Python: also pip-install comfy-mesh into it")
+    ic.add_argument("--python", help="ComfyUI's Python: install this comfy-mesh into it (from its checkout or wheel) "
+                                      "and check that it imports")
     ic.add_argument("--copy", action="store_true", help="copy provider/ instead of linking it")
     ic.add_argument("--force", action="store_true", help="replace an existing custom_nodes/comfy_mesh")
     return p

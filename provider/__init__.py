@@ -23,11 +23,22 @@ def _inside_comfyui() -> bool:
 
 if _inside_comfyui():
     try:
-        from .comfy import install
+        import mesh
 
-        RUNTIME = install()
+        # One provider per ComfyUI: a clone in custom_nodes/ and a `mesh install-comfyui` link share this mark.
+        other = getattr(mesh, "_comfyui_provider", None)
+        if other is not None:
+            log.warning("comfy-mesh: already loaded from %s; this copy (%s) does nothing: keep one of them in "
+                        "custom_nodes/", other, __file__)
+        else:
+            mesh._comfyui_provider = __file__  # type: ignore[attr-defined]
+            from .comfy import install
+
+            RUNTIME = install()
     except ImportError as e:
-        log.warning("comfy-mesh: cannot load (%s); install it into ComfyUI's Python: pip install comfy-mesh", e)
+        from .bootstrap import install_hint
+
+        log.warning("comfy-mesh: cannot load (%s); install it into ComfyUI's Python: %s", e, install_hint(__name__))
     except ValueError as e:  # a setting that cannot work: one line, and ComfyUI runs on without the mesh
         log.error("comfy-mesh: not started: %s", e)
     except Exception:

@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "top": {"ground", "codec", "transport", "storage", "membership", "cluster"},
 }
 GROUND = {"mesh", "mesh.address", "mesh.units", "mesh.watchdog", "mesh.buffers", "mesh.files"}
-TOP = {"mesh.node", "mesh.server", "mesh.client", "mesh.cli", "mesh.settings", "mesh.metrics"}
+TOP = {"mesh.node", "mesh.server", "mesh.client", "mesh.cli", "mesh.settings", "mesh.metrics", "mesh.install_comfyui"}
 
 
 def module_name(path: Path) -> str:
