@@ -9,6 +9,7 @@ CacheProvider API, exactly as when `mesh install-comfyui` links it. Imported out
 import importlib.util as _util
 import logging as _logging
 import os as _os
+import sys as _sys
 from pathlib import Path as _Path
 
 NODE_CLASS_MAPPINGS: dict = {}
@@ -18,6 +19,7 @@ _here = _os.path.dirname(_os.path.abspath(__file__))
 try:  # by path: `mesh` is not importable yet, and the provider package must not be imported before it
     _spec = _util.spec_from_file_location("comfy_mesh_bootstrap", _os.path.join(_here, "provider", "bootstrap.py"))
     _bootstrap = _util.module_from_spec(_spec)
+    _sys.modules[_spec.name] = _bootstrap
     _spec.loader.exec_module(_bootstrap)
     _provider = _bootstrap.enter(_Path(_here))
 except Exception:  # contained: ComfyUI starts without the mesh
