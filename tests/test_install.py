@@ -83,7 +83,9 @@ module_path, inside = sys.argv[1], sys.argv[2] == "comfy"
 registered = []
 if inside:  # ComfyUI's own modules, as the provider uses them (tests/test_provider.py fakes them the same way)
     spec = importlib.util.spec_from_file_location("comfy_harness_stub", sys.argv[3])
-    harness = importlib.util.module_from_spec(spec); spec.loader.exec_module(harness)
+    harness = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = harness  # by path: the test's own support, not a package of the clone's
+    spec.loader.exec_module(harness)
     nodes = types.ModuleType("nodes"); nodes.NODE_CLASS_MAPPINGS = {}; nodes.load_custom_node = lambda *a: None
     sys.modules["nodes"] = nodes
     sys.modules["folder_paths"] = harness.fake_folder_paths(harness.Path(sys.argv[4]))
