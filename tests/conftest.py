@@ -7,6 +7,7 @@ they do not stop in time. Every wait is bounded.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -27,6 +28,11 @@ from tests.support.poll import poll as poll  # the tests import it from here
 from tests.support.serve import ServeProcess, start_serve
 
 SECRET = b"test-cluster-secret"
+
+# The root __init__.py (the ComfyUI entry) makes a checkout a package: in a folder whose name is an identifier
+# (`comfy_mesh`) pytest imports this file as `comfy_mesh.tests.conftest`, while tests import `tests.conftest`.
+# One module under both names, not two copies (tests/test_install.py checks it).
+sys.modules.setdefault("tests.conftest", sys.modules[__name__])
 
 
 def token_metadata(address: str, method: str, secret: bytes = SECRET) -> tuple[tuple[str, str], ...]:

@@ -215,3 +215,26 @@ def test_c_pip_install_editable_from_a_fresh_clone_imports_the_generated_code(tm
                cwd=tmp_path).stdout.split()
     assert Path(where[0]) == folder / "mesh" / "pb" / "mesh_pb2.py"
     assert Path(where[1]) == folder / "provider" / "__init__.py"
+
+
+ONE_CONFTEST = '''
+import sys
+
+def test_one_conftest(request):
+    from tests.conftest import SECRET  # as the suite's tests import it
+    loaded = [p for p in request.config.pluginmanager.get_plugins()
+              if str(getattr(p, "__file__", "")).endswith("conftest.py")]
+    assert [m.__name__ for m in loaded] == [__name__.rsplit(".", 1)[0] + ".conftest"]
+    assert sys.modules["tests.conftest"] is loaded[0]
+'''
+
+
+@pytest.mark.slow
+def test_pytest_runs_in_a_checkout_whose_folder_name_makes_it_a_package(tmp_path: Path) -> None:
+    """A checkout in `comfy_mesh/` (a valid package name, unlike `comfy-mesh`) is a package for pytest because of
+    the root __init__.py: its tests still run, with one conftest module."""
+    folder = clone(tmp_path / "comfy_mesh")
+    (folder / "tests" / "test_zz_one_conftest.py").write_text(ONE_CONFTEST)
+    done = sh(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_zz_one_conftest.py",
+              "tests/test_layers.py", cwd=folder, env={"PYTHONPATH": str(folder)}, ok=False, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:]
