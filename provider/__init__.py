@@ -38,7 +38,8 @@ if _inside_comfyui():
     except ImportError as e:
         from .bootstrap import install_hint
 
-        log.warning("comfy-mesh: cannot load (%s); install it into ComfyUI's Python: %s", e, install_hint(__name__))
+        log.warning("comfy-mesh: cannot load (%s); install it into ComfyUI's Python: %s", e,
+                    install_hint(__name__, __file__))
     except ValueError as e:  # a setting that cannot work: one line, and ComfyUI runs on without the mesh
         log.error("comfy-mesh: not started: %s", e)
     except Exception:

@@ -83,17 +83,20 @@ def _load(name: str, folder: Path) -> ModuleType:
     return module
 
 
-def install_hint(module_name: str) -> str:
+def install_hint(module_name: str, module_file: str) -> str:
     """What to run so that ComfyUI's Python (this one) can import comfy-mesh and its requirements: real paths,
-    never a guessed package name. `module_name`: the provider's own, which tells a clone's entry from a link."""
+    never a guessed package name. `module_name`, `module_file`: the provider entry's own, as ComfyUI loaded it
+    (a clone's entry is named PROVIDER; a `custom_nodes/comfy_mesh` link is named by its path)."""
     python = sys.executable or "python"
     checkout = Path(__file__).resolve().parent.parent
     if (checkout / "pyproject.toml").is_file() and (checkout / "mesh").is_dir():
         if module_name == PROVIDER:  # loaded by the root __init__.py of a clone: what the Manager runs
             return f"{python} -m pip install -r {checkout / 'requirements.txt'}"
         return f"{python} -m pip install -e {checkout}"  # custom_nodes/comfy_mesh linked to a checkout's provider/
-    return (f"run `mesh install-comfyui <ComfyUI folder> --python {python}` where comfy-mesh is installed, "
-            f"or {python} -m pip install <the comfy-mesh wheel>")
+    entry = Path(module_file).parent  # custom_nodes/comfy_mesh, linked or copied from an installed wheel
+    comfy = entry.parent.parent if entry.parent.name == "custom_nodes" else "<ComfyUI folder>"
+    return (f"mesh install-comfyui {comfy} --python {python} (with the `mesh` of the comfy-mesh installation that "
+            f"made this link), or {python} -m pip install <that comfy-mesh wheel>")
 
 
 def enter(root: Path) -> ModuleType | None:

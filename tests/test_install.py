@@ -76,19 +76,20 @@ def test_registry_metadata_is_complete() -> None:
 
 # ComfyUI 0.21's nodes.load_custom_node, the part that imports a custom-node folder (nodes.py): the folder is a
 # package named by its path, built from its __init__.py; WEB_DIRECTORY is taken relative to the folder.
-LOAD_AS_COMFYUI = r'''
+LOAD_AS_COMFYUI = r"""
 import importlib.util, json, logging, os, sys, types
 logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
-module_path, inside = sys.argv[1], sys.argv[2] == "comfy"
+how = json.loads(sys.argv[1])
 registered = []
-if inside:  # ComfyUI's own modules, as the provider uses them (tests/test_provider.py fakes them the same way)
-    spec = importlib.util.spec_from_file_location("comfy_harness_stub", sys.argv[3])
+if how["mode"] != "bare":  # inside ComfyUI: its `nodes` module is there
+    nodes = types.ModuleType("nodes"); nodes.NODE_CLASS_MAPPINGS = {}; nodes.load_custom_node = lambda *a: None
+    sys.modules["nodes"] = nodes
+if how["mode"] == "comfy":  # and its cache API, as the provider uses it (tests/test_provider.py fakes it alike)
+    spec = importlib.util.spec_from_file_location("comfy_harness_stub", how["harness"])
     harness = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = harness  # by path: the test's own support, not a package of the clone's
     spec.loader.exec_module(harness)
-    nodes = types.ModuleType("nodes"); nodes.NODE_CLASS_MAPPINGS = {}; nodes.load_custom_node = lambda *a: None
-    sys.modules["nodes"] = nodes
-    sys.modules["folder_paths"] = harness.fake_folder_paths(harness.Path(sys.argv[4]))
+    sys.modules["folder_paths"] = harness.fake_folder_paths(harness.Path(how["comfy"]))
     api = types.ModuleType("comfy_execution.cache_provider")
     api.CacheProvider, api.CacheValue = harness.CacheProvider, harness.CacheValue
     api._serialize_cache_key = harness.serialize_cache_key
@@ -96,27 +97,36 @@ if inside:  # ComfyUI's own modules, as the provider uses them (tests/test_provi
     api.register_cache_provider, api.unregister_cache_provider = registered.append, registered.remove
     pkg = types.ModuleType("comfy_execution"); pkg.cache_provider = api
     sys.modules["comfy_execution"], sys.modules["comfy_execution.cache_provider"] = pkg, api
-sys_module_name = module_path.replace(".", "_x_")
-module_spec = importlib.util.spec_from_file_location(sys_module_name, os.path.join(module_path, "__init__.py"))
-module = importlib.util.module_from_spec(module_spec)
-sys.modules[sys_module_name] = module
-module_spec.loader.exec_module(module)
-web = getattr(module, "WEB_DIRECTORY", None)
-import mesh, mesh.pb.mesh_pb2
+seen = []
+for module_path in how["folders"]:
+    sys_module_name = module_path.replace(".", "_x_")
+    module_spec = importlib.util.spec_from_file_location(sys_module_name, os.path.join(module_path, "__init__.py"))
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[sys_module_name] = module
+    module_spec.loader.exec_module(module)
+    web = getattr(module, "WEB_DIRECTORY", None)
+    seen.append({
+        "mappings": getattr(module, "NODE_CLASS_MAPPINGS", None),
+        "display": getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", None),
+        "web": None if web is None else os.path.abspath(os.path.join(module_path, web)),
+    })
+mesh = sys.modules.get("mesh")
+if mesh is not None:
+    import mesh.pb.mesh_pb2  # the committed generated code, with the protobuf that requirements.txt installed
 print(json.dumps({
-    "mappings": getattr(module, "NODE_CLASS_MAPPINGS", None),
-    "display": getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", None),
-    "web": None if web is None else os.path.abspath(os.path.join(module_path, web)),
-    "mesh": mesh.__file__,
+    "entries": seen, "mesh": getattr(mesh, "__file__", None),
     "top_level": {n: importlib.util.find_spec(n) is not None for n in ("provider", "tests", "scripts")},
     "registered": [type(p).__name__ for p in registered],
 }))
-'''
+"""
 
 
-def load_as_comfyui(python: Path, folder: Path, *extra: str, env: dict[str, str] | None = None,
-                    cwd: Path | None = None) -> tuple[dict, str]:
-    done = sh(python, "-c", LOAD_AS_COMFYUI, folder, *extra, env=env, cwd=cwd, timeout=120)
+def load_as_comfyui(python: Path, *folders: Path, mode: str, comfy: Path | None = None,
+                    env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[dict, str]:
+    """Load `folders` in that order as ComfyUI loads custom nodes, in `mode`: "bare" (no ComfyUI), "nodes" (its
+    `nodes` module only), "comfy" (and the CacheProvider API): what was seen, and the log."""
+    how = {"mode": mode, "folders": [str(f) for f in folders], "harness": str(HARNESS), "comfy": str(comfy)}
+    done = sh(python, "-c", LOAD_AS_COMFYUI, json.dumps(how), env=env, cwd=cwd, timeout=120)
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
@@ -134,9 +144,10 @@ def test_a_clone_in_custom_nodes_loads_and_registers_with_only_its_requirements(
     assert sh(python, "-c", "import mesh", cwd=tmp_path, ok=False).returncode != 0
 
     # Outside ComfyUI (no `nodes` module): the entry loads, exports its mappings, starts nothing.
-    seen, log = load_as_comfyui(python, folder, "bare", cwd=tmp_path)
-    assert seen["mappings"] == {} and seen["display"] == {} and seen["registered"] == []
-    assert seen["web"] == str(folder / "provider" / "web")
+    seen, log = load_as_comfyui(python, folder, mode="bare", cwd=tmp_path)
+    entry = seen["entries"][0]
+    assert entry["mappings"] == {} and entry["display"] == {} and seen["registered"] == []
+    assert entry["web"] == str(folder / "provider" / "web")
     assert Path(seen["mesh"]).is_relative_to(folder)
     assert seen["top_level"] == {"provider": False, "tests": False, "scripts": False}  # the clone shadows nothing
     assert f"from the clone at {folder}" in log
@@ -149,7 +160,7 @@ def test_a_clone_in_custom_nodes_loads_and_registers_with_only_its_requirements(
     (site / "zz-comfyui-torch.pth").write_text(str(Path(torch.__file__).parent.parent) + "\n")
     env = {"MESH_SECRET": SECRET, "MESH_LISTEN": "127.0.0.1:0", "MESH_MIN_FREE_RAM": "0",
            "MESH_IDENTITY_CACHE": str(tmp_path / "identities.json")}
-    seen, log = load_as_comfyui(python, folder, "comfy", str(HARNESS), str(comfy), env=env, cwd=tmp_path)
+    seen, log = load_as_comfyui(python, folder, mode="comfy", comfy=comfy, env=env, cwd=tmp_path)
     assert seen["registered"] == ["MeshCacheProvider"], log
     assert Path(seen["mesh"]).is_relative_to(folder)
     assert "comfy-mesh: embedded node" in log
@@ -162,10 +173,31 @@ def test_the_clone_wins_over_an_installed_comfy_mesh_and_says_so(tmp_path: Path)
     installed = sh(sys.executable, "-c", "import mesh; print(mesh.__file__)", cwd=tmp_path).stdout.strip()
     folder = clone(fake_comfyui(tmp_path / "ComfyUI") / "custom_nodes" / "comfy-mesh")
     assert not Path(installed).is_relative_to(folder)
-    seen, log = load_as_comfyui(Path(sys.executable), folder, "bare", cwd=tmp_path)
+    seen, log = load_as_comfyui(Path(sys.executable), folder, mode="bare", cwd=tmp_path)
     assert Path(seen["mesh"]).is_relative_to(folder)
     assert f"from the clone at {folder}; it wins over the installed copy" in log
     assert f"mesh at {Path(installed).parent}" in log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("clone_first", [True, False])
+def test_a_clone_and_an_install_comfyui_link_register_one_provider(tmp_path: Path, clone_first: bool) -> None:
+    """Both in custom_nodes/ (a clone from the Manager, a link from `mesh install-comfyui`): whichever ComfyUI
+    loads first registers; the other says so and does nothing."""
+    comfy = fake_comfyui(tmp_path / "ComfyUI")
+    folder = clone(comfy / "custom_nodes" / "comfy-mesh")
+    link = comfy / "custom_nodes" / "comfy_mesh"
+    link.symlink_to(folder / "provider", target_is_directory=True)
+    env = {"MESH_SECRET": SECRET, "MESH_LISTEN": "127.0.0.1:0", "MESH_MIN_FREE_RAM": "0",
+           "MESH_IDENTITY_CACHE": str(tmp_path / "identities.json")}
+    order = (folder, link) if clone_first else (link, folder)
+    seen, log = load_as_comfyui(Path(sys.executable), *order, mode="comfy", comfy=comfy, env=env, cwd=tmp_path)
+    assert seen["registered"] == ["MeshCacheProvider"], log
+    assert log.count("comfy-mesh: embedded node") == 1
+    if clone_first:
+        assert f"comfy-mesh: already loaded from {folder / 'provider' / '__init__.py'}" in log
+    else:
+        assert f"the clone at {folder} is not loaded: another copy of comfy-mesh is" in log
 
 
 @pytest.mark.slow
@@ -185,6 +217,11 @@ def test_b_install_comfyui_from_a_wheel_puts_comfy_mesh_into_comfyuis_python(tmp
     told = sh(mesh, "install-comfyui", comfy, cwd=tmp_path)
     assert "NOT installed" in told.stdout and f"mesh install-comfyui {comfy} --python" in told.stdout
     assert f"-m pip install {wheel}" in told.stdout
+    # ComfyUI then says the same, with its own Python's path, and names no package that exists nowhere.
+    seen, log = load_as_comfyui(comfy_python, comfy / "custom_nodes" / "comfy_mesh", mode="nodes", cwd=tmp_path)
+    assert seen["registered"] == [] and seen["entries"][0]["mappings"] == {}
+    assert f"mesh install-comfyui {comfy} --python {comfy_python}" in log, log
+    assert "pip install comfy-mesh" not in log
 
     # With --python: the wheel it was installed from goes into ComfyUI's Python; the link is that Python's.
     done = sh(mesh, "install-comfyui", comfy, "--python", comfy_python, "--force", cwd=tmp_path)
