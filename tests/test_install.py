@@ -170,7 +170,10 @@ def test_a_clone_in_custom_nodes_loads_and_registers_with_only_its_requirements(
 def test_the_clone_wins_over_an_installed_comfy_mesh_and_says_so(tmp_path: Path) -> None:
     """This test's Python has comfy-mesh installed (editable, the main checkout): a clone in custom_nodes/ uses
     its own mesh and provider, and the log names both copies."""
-    installed = sh(sys.executable, "-c", "import mesh; print(mesh.__file__)", cwd=tmp_path).stdout.strip()
+    found = sh(sys.executable, "-c", "import mesh; print(mesh.__file__)", cwd=tmp_path, ok=False)
+    if found.returncode != 0:
+        pytest.skip("comfy-mesh is not installed in this Python (make install installs it, editable)")
+    installed = found.stdout.strip()
     folder = clone(fake_comfyui(tmp_path / "ComfyUI") / "custom_nodes" / "comfy-mesh")
     assert not Path(installed).is_relative_to(folder)
     seen, log = load_as_comfyui(Path(sys.executable), folder, mode="bare", cwd=tmp_path)
