@@ -5,6 +5,9 @@
   ComfyUI's `nodes.load_custom_node` imports it;
 - `mesh install-comfyui --python PY` from a wheel: comfy-mesh lands in that other Python;
 - `pip install -e .` from a fresh clone: the committed generated code imports.
+
+The clones are of this repository's committed state (HEAD), as the Manager fetches it: commit a change to the
+root entry, provider/ or mesh/ before these tests can see it. Each builds venvs and runs pip: marked slow.
 """
 
 from __future__ import annotations
