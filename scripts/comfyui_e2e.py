@@ -12,8 +12,10 @@ Scenarios:
   B must compute the upscale itself (and get another image), C must be served A's (the same image).
 
 It needs a ComfyUI with the CacheProvider API (0.21+) whose Python can import the `mesh` package
-(`<comfyui python> -m pip install -e .` or `mesh install-comfyui DIR --python PY`). Each instance gets its own
-base directory with two custom nodes: the provider (linked) and a slow test node that appends to a log file
+(`<comfyui python> -m pip install -e .` or `mesh install-comfyui DIR --python PY`), or, with `--install clone`,
+only the packages of `requirements.txt`: each instance then gets a git clone of this repository's committed state
+in its custom_nodes (what ComfyUI-Manager's "Install via Git URL" makes) instead of a link to provider/. Each
+instance gets its own base directory with two custom nodes: the provider and a slow test node that appends to a log file
 every time it executes. Both run on the CPU with no models. Exit status 0 means B served the slow node from
 the mesh; with no COMFYUI_DIR it prints why and exits 0 without doing anything (a skip).
 """
@@ -41,6 +43,7 @@ def comfyui_argv(python: str, port: int, base: Path) -> list[str]:
     return [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
             "--base-directory", str(base), "--database-url", f"sqlite:///{base / 'comfyui.db'}"]
 SLOW_SECONDS = 3.0
+INSTALL = "link"  # how each instance gets comfy-mesh into its custom_nodes: main() sets it from --install
 
 SLOW_NODE = '''
 import os, time
@@ -147,7 +150,11 @@ class Instance:
         env = {**env, "MESH_IDENTITY_CACHE": str(self.base / "identities.json")}
         (self.base / "custom_nodes" / "mesh_e2e_slow").mkdir(parents=True)
         (self.base / "custom_nodes" / "mesh_e2e_slow" / "__init__.py").write_text(SLOW_NODE)
-        (self.base / "custom_nodes" / "comfy_mesh").symlink_to(ROOT / "provider", target_is_directory=True)
+        if INSTALL == "clone":  # the Manager's way: the repository in custom_nodes/, its root __init__.py the entry
+            subprocess.run(["git", "clone", "-q", str(ROOT), str(self.base / "custom_nodes" / "comfy-mesh")],
+                           check=True, timeout=120)
+        else:
+            (self.base / "custom_nodes" / "comfy_mesh").symlink_to(ROOT / "provider", target_is_directory=True)
         self.exec_log = self.base / "executions.log"
         self.exec_log.touch()
         self.log = open(self.base / "comfy.log", "wb")
@@ -318,7 +325,12 @@ def identity(comfy: Path, python: str, work: Path) -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenario", choices=("share", "identity", "all"), default="all")
+    ap.add_argument("--install", choices=("link", "clone"), default="link",
+                    help="the provider as a custom_nodes/comfy_mesh link to provider/ (mesh install-comfyui), or "
+                         "a git clone of this repository's HEAD in custom_nodes/comfy-mesh (ComfyUI-Manager)")
     args = ap.parse_args()
+    global INSTALL
+    INSTALL = args.install
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
         print("skipped: set COMFYUI_DIR to a ComfyUI checkout with the CacheProvider API")
