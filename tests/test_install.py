@@ -114,10 +114,15 @@ for module_path in how["folders"]:
         "web": None if web is None else os.path.abspath(os.path.join(module_path, web)),
     })
 mesh = sys.modules.get("mesh")
+pb = None
 if mesh is not None:
-    import mesh.pb.mesh_pb2  # the committed generated code, with the protobuf that requirements.txt installed
+    try:
+        import mesh.pb.mesh_pb2  # the committed generated code, with the protobuf that requirements.txt installed
+        pb = True
+    except ImportError:
+        pb = False
 print(json.dumps({
-    "entries": seen, "mesh": getattr(mesh, "__file__", None),
+    "entries": seen, "mesh": getattr(mesh, "__file__", None), "pb": pb,
     "top_level": {n: importlib.util.find_spec(n) is not None for n in ("provider", "tests", "scripts")},
     "registered": [type(p).__name__ for p in registered],
 }))
@@ -142,6 +147,11 @@ def test_a_clone_in_custom_nodes_loads_and_registers_with_only_its_requirements(
     with (folder / "provider" / "__init__.py").open("a") as f:
         f.write('\nWEB_DIRECTORY = "./web"\n')
     python = venv(tmp_path / "venv")
+    # Before its requirements are installed, ComfyUI's log names the command that installs them, with real paths.
+    seen, log = load_as_comfyui(python, folder, mode="nodes", cwd=tmp_path)
+    assert seen["registered"] == [] and seen["pb"] is False
+    assert f"install it into ComfyUI's Python: {python} -m pip install -r {folder / 'requirements.txt'}" in log, log
+
     sh(python, "-m", "pip", "install", "-q", "-r", folder / "requirements.txt")  # all the Manager does
     assert "comfy-mesh" not in sh(python, "-m", "pip", "list").stdout  # comfy-mesh itself is not installed
     assert sh(python, "-c", "import mesh", cwd=tmp_path, ok=False).returncode != 0
@@ -151,7 +161,7 @@ def test_a_clone_in_custom_nodes_loads_and_registers_with_only_its_requirements(
     entry = seen["entries"][0]
     assert entry["mappings"] == {} and entry["display"] == {} and seen["registered"] == []
     assert entry["web"] == str(folder / "provider" / "web")
-    assert Path(seen["mesh"]).is_relative_to(folder)
+    assert Path(seen["mesh"]).is_relative_to(folder) and seen["pb"] is True
     assert seen["top_level"] == {"provider": False, "tests": False, "scripts": False}  # the clone shadows nothing
     assert f"from the clone at {folder}" in log
 
