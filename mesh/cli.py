@@ -654,7 +654,7 @@ def cmd_secret(args: argparse.Namespace) -> int:
 
 
 def cmd_install_comfyui(args: argparse.Namespace) -> int:
-    """Link the provider into ComfyUI's custom_nodes and install comfy-mesh into ComfyUI's Python (mesh/install_comfyui.py)."""
+    """The provider into ComfyUI's custom_nodes, comfy-mesh into ComfyUI's Python: mesh/install_comfyui.py."""
     from mesh.install_comfyui import InstallError, install
 
     try:
