@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import importlib.metadata
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -40,9 +41,9 @@ class InstallError(Exception):
 class Source:
     """This comfy-mesh, as pip can install it elsewhere."""
 
-    provider: Path            # this installation's provider folder
+    provider: Path  # this installation's provider folder
     pip_args: tuple[str, ...]  # after `pip install`; empty: a wheel must be rebuilt from the installed files
-    what: str                 # for people: "the checkout at ...", "the wheel ...", ...
+    what: str  # for people: "the checkout at ...", "the wheel ...", ...
 
 
 def locate() -> Source:
@@ -50,8 +51,6 @@ def locate() -> Source:
     root = Path(mesh.__file__).resolve().parent.parent
     if (root / "provider" / "__init__.py").is_file() and (root / "pyproject.toml").is_file():
         return Source(root / "provider", ("-e", str(root)), f"the checkout at {root}")
-    import importlib.util
-
     spec = importlib.util.find_spec("comfy_mesh_provider")
     if spec is None or spec.origin is None:
         raise InstallError("the comfy-mesh provider (comfy_mesh_provider) is not installed with this mesh package")
