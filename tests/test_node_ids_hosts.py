@@ -69,11 +69,16 @@ def test_two_hosts_with_one_hostname_form_a_mesh_under_distinct_ids(tmp_path: Pa
 
 
 def test_two_nodes_under_one_id_are_refused_and_named_on_both_sides(tmp_path: Path) -> None:
+    """gpu on host a and c on host c form a mesh; then a clone comes up on host b as gpu too (a cloned data dir
+    holds the same node-id file). Neither a nor c lets it replace a's gpu, and all three name the clash."""
     secret = _secret(tmp_path)
-    with netlab_or_skip(2) as lab:
-        a, b = lab.hosts
-        _serve(lab, tmp_path, "a", a, secret, "--node-id", "gpu", "--seeds", f"{b.addr}:{PORT}")
-        _serve(lab, tmp_path, "b", b, secret, "--node-id", "gpu", "--seeds", f"{a.addr}:{PORT}")
+    with netlab_or_skip(3) as lab:
+        a, b, c = lab.hosts
+        _serve(lab, tmp_path, "a", a, secret, "--node-id", "gpu", "--seeds", f"{c.addr}:{PORT}")
+        _serve(lab, tmp_path, "c", c, secret, "--node-id", "c", "--seeds", f"{a.addr}:{PORT}")
+        poll(lambda: _cli(lab, c, secret, "status")["members"]["ALIVE"] == 2, "a and c form a mesh",  # type: ignore[index]
+             interval=0.3)
+        _serve(lab, tmp_path, "b", b, secret, "--node-id", "gpu", "--seeds", f"{a.addr}:{PORT},{c.addr}:{PORT}")
         clash = f"node id 'gpu' is claimed by two nodes, at {{}} and at {{}}"
         named = [clash.format(f"{a.addr}:{PORT}", f"{b.addr}:{PORT}"),
                  clash.format(f"{b.addr}:{PORT}", f"{a.addr}:{PORT}")]
@@ -82,14 +87,17 @@ def test_two_nodes_under_one_id_are_refused_and_named_on_both_sides(tmp_path: Pa
             status = _cli(lab, h, secret, "status")
             return any(n in w for w in status["warnings"] for n in named)  # type: ignore[index]
 
-        poll(lambda: in_status(a) and in_status(b), "both nodes' mesh status names the clash", timeout=30,
+        poll(lambda: all(in_status(h) for h in (a, b, c)), "every node's mesh status names the clash", timeout=30,
              interval=0.3)
-        for name in ("a", "b"):
+        for name in ("a", "b", "c"):
             log = (tmp_path / f"{name}.log").read_text()
             assert any(n in log for n in named) and "--node-id" in log, log[-3000:]
-        for h in (a, b):  # refused: neither took the other for itself, nor replaced anything
-            status = _cli(lab, h, secret, "status")
-            assert status["members"]["ALIVE"] == 1, status  # type: ignore[index]
+        assert f"{a.addr}:{PORT} refused this node (gpu at {b.addr}:{PORT})" in (tmp_path / "b.log").read_text()
+        # Refused: the clone is nobody's member, and gpu is where it was for c.
+        assert _cli(lab, b, secret, "status")["members"]["ALIVE"] == 1  # type: ignore[index]
+        for h in (a, c):
+            assert {(r["node_id"], r["address"]) for r in _cli(lab, h, secret, "peers")} == {  # type: ignore[union-attr]
+                ("gpu", f"{a.addr}:{PORT}"), ("c", f"{c.addr}:{PORT}")}
 
 
 def test_a_seed_refuses_a_loopback_joiner_and_every_ring_agrees(tmp_path: Path) -> None:
