@@ -50,10 +50,10 @@ LOOPBACK_FIX = ("it must listen on the LAN (--listen / MESH_LISTEN 0.0.0.0:PORT)
                 "(--advertise / MESH_ADVERTISE HOST:PORT)")
 
 
-def clash_message(node_id: str, holder: str, claimant: str) -> str:
+def clash_message(node_id: str, holder: str, claimant: str, holder_is_me: bool = False) -> str:
+    moved = "" if holder_is_me else f" (if the one at {holder} restarted at {claimant}, this clears once it is DEAD)"
     return (f"node id {node_id!r} is claimed by two nodes, at {holder} and at {claimant}: refused, a member never "
-            f"replaces another (if the one at {holder} restarted at {claimant}, this clears once it is DEAD); "
-            + ID_FIX)
+            f"replaces another{moved}; " + ID_FIX)
 
 
 def loopback_message(address: str, me: str) -> str:
@@ -382,7 +382,7 @@ class Swim:
             return None
         if record.node_id == me.node_id:
             if record.address and record.address != me.address:
-                return clash_message(me.node_id, me.address, record.address)
+                return clash_message(me.node_id, me.address, record.address, holder_is_me=True)
             return None
         known = self.table.get(record.node_id)
         if known is not None and known.state in IN_RING and known.address != record.address:
