@@ -10,6 +10,10 @@ answer is the only *authentic* record of a member (and an inbound Ping counts as
 already proved at that very address). Gossip from others can suspect a member or declare it DEAD at the
 incarnation we know, or name an address worth a dial, never more (mesh/membership/members.py).
 
+A join the protocol refuses (two nodes under one id, a member that advertises loopback among hosts: see
+Swim.refusal) is a warning in the log of both nodes, the refused one being told why (FAILED_PRECONDITION), and a
+line of `mesh status` on both while it goes on: a fleet that quietly fails to form is the failure to avoid.
+
 Incarnations start at the node's start time in milliseconds, so a node restarted with the same id always
 supersedes what the mesh remembers of its previous life.
 """
@@ -24,10 +28,10 @@ from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
 
-import mesh
-from mesh.address import join_hostport
 import grpc
 
+import mesh
+from mesh.address import join_hostport
 from mesh.membership.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Contested, Forgotten,
                                      Joined, Limits, Member, MemberTable, Refuted, Restarted, StateChanged, plausible)
 from mesh.transport.peer import MeshError, Refused, Unauthenticated

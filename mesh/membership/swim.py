@@ -31,8 +31,8 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from mesh.membership.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Contested, Joined,
