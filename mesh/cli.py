@@ -714,7 +714,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command("serve", cmd_serve, "run a mesh node in the foreground")
     s.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT to serve on (port 0: any)")
-    s.add_argument("--node-id", help="stable id of this node (default: hostname-port-random)")
+    s.add_argument("--node-id", help="id of this node, unique in the mesh (default: HOSTNAME-RANDOM, kept in "
+                                     "--data-dir/node-id so a restart keeps it; new at each start without "
+                                     "--data-dir; with --revoke, the certificate's name)")
     s.add_argument("--max-memory", default="4GiB", help="byte budget of the blob store (default 4GiB)")
     s.add_argument("--data-dir", default="",
                    help="keep blobs on disk here too: a restarted node serves what it had (env MESH_DATA_DIR; "

@@ -8,7 +8,6 @@ seeds and no zeroconf is a cluster of one; the code path is the same.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from concurrent import futures
@@ -28,6 +27,7 @@ from mesh.cluster.routing import Cluster, ClusterConfig
 from mesh.storage.disk import DiskStore
 from mesh.transport.link import AUTO, MODES, Links
 from mesh.metrics import Metrics
+from mesh.node_id import default_node_id
 from mesh.membership.members import Change
 from mesh.membership.driver import Member, Membership, Timing
 from mesh.pb import mesh_pb2 as pb
@@ -50,7 +50,7 @@ HOUSEKEEPING_INTERVAL = 1.0
 @dataclass
 class NodeConfig:
     listen: str = f"127.0.0.1:{DEFAULT_PORT}"
-    node_id: str = ""                 # default <hostname>-<port>: stable, so a restarted node rejoins as itself
+    node_id: str = ""                 # default <hostname>-<random>, kept in data_dir/node-id (mesh/node_id.py)
     advertise: str = ""               # address peers dial; default: the listen address (a LAN IP for 0.0.0.0)
     max_memory: int = 4 * GiB
     min_free_ram: int = 1 * GiB
@@ -105,6 +105,33 @@ def validate(config: NodeConfig) -> None:
                           "holds the same secret and none can be told apart; rotate the secret instead")
     if as_keyring(c.secret) is None:
         open_node_only_on_loopback(c.listen, c.advertise, c.seeds, c.zeroconf, c.metrics_listen)
+    no_loopback_with_remote_seeds(c.listen, c.advertise, c.seeds)
+
+
+def no_loopback_with_remote_seeds(listen: str, advertise: str, seeds: list[str] | tuple[str, ...]) -> None:
+    """A node advertises the address its peers dial: a loopback one reaches only this host, so with seeds on
+    other hosts one seed on this host admitted it and the others could not, and their rings disagreed on who owns
+    which key (issue 22). Refused before anything starts, naming the fix."""
+    address = advertise or listen
+    host = split_hostport(address)[0]
+    if host in WILDCARDS or not is_loopback(host):
+        return
+    remote = [s.strip() for s in seeds if s.strip() and not is_loopback(_seed_host(s.strip()))]
+    if remote:
+        raise ConfigError(f"this node would advertise {address}, a loopback address, but its seeds "
+                          f"({', '.join(remote)}) are other hosts, which cannot reach it there: listen on the LAN "
+                          f"(--listen / MESH_LISTEN 0.0.0.0:PORT) or set the address peers dial (--advertise / "
+                          f"MESH_ADVERTISE HOST:PORT)")
+
+
+def _seed_host(seed: str) -> str:
+    """The host of a seed as written (`dns:NAME:PORT` is a name: not loopback, whatever it resolves to)."""
+    if seed.startswith("dns:"):
+        return seed[4:]
+    try:
+        return split_hostport(seed)[0]
+    except ValueError:
+        return seed
 
 
 NO_SECRET_HELP = ("make one with `mesh secret /etc/comfy-mesh/secret` and give it to every node and ComfyUI "
@@ -169,6 +196,7 @@ class Node:
         validate(c)
         host, port = split_hostport(c.listen)
         ad_host = advertised_host(host, c.advertise)  # refuse before binding anything
+        self.node_id, id_source = self._pick_node_id()
         interceptors: list[grpc.ServerInterceptor] = [RevocationInterceptor(c.revoked)] if c.revoked else []
         if self.auth is not None:
             interceptors.append(AuthInterceptor(self.auth))
@@ -191,7 +219,6 @@ class Node:
         if bound == 0:
             raise OSError(f"cannot listen on {c.listen}: the port is taken or the address is not one of this host's")
         self.address = c.advertise or join_hostport(ad_host, bound)
-        self.node_id = c.node_id or f"{socket.gethostname()}-{bound}"
         if c.revoked and c.tls is not None and subject_name(c.tls.cert) != self.node_id:
             server.stop(0)
             raise ConfigError(f"with --revoke, a node's --node-id must be its certificate's name "
@@ -237,6 +264,7 @@ class Node:
             self._start_zeroconf(host, bound)
         self._housekeeper = threading.Thread(target=self._housekeep, name="mesh-housekeeping", daemon=True)
         self._housekeeper.start()
+        log.info("node id %s (%s)", self.node_id, id_source)
         log.info("mesh node %s serving on %s (cluster %r, budget %s, disk %s, min free RAM %s, replicas %d, auth %s, "
                  "tls %s, seeds %s, zeroconf %s)", self.node_id, self.address, c.cluster.name, format_size(c.max_memory),
                  f"{c.data_dir} ({format_size(c.max_disk)})" if c.data_dir else "off",
@@ -244,6 +272,19 @@ class Node:
                  ("mutual" if c.tls.ca else "on") if c.tls else "off",
                  ",".join(c.seeds) or "none", "on" if c.zeroconf else "off")
         return self
+
+    def _pick_node_id(self) -> tuple[str, str]:
+        """(id, where it came from): --node-id as given; with --revoke (mutual TLS) the certificate's name, the
+        only id such a node may run under; else this host's name and a random suffix kept in the data dir."""
+        c = self.config
+        if c.node_id:
+            return c.node_id, "--node-id"
+        if c.revoked and c.tls is not None and (name := subject_name(c.tls.cert)):
+            return name, "its certificate's name"
+        try:
+            return default_node_id(c.data_dir)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def _start_zeroconf(self, host: str, port: int) -> None:
         from mesh.membership.discovery import ZeroconfDiscovery

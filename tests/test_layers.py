@@ -26,7 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "cluster": {"ground", "transport", "storage", "membership"},
     "top": {"ground", "codec", "transport", "storage", "membership", "cluster"},
 }
-GROUND = {"mesh", "mesh.address", "mesh.units", "mesh.watchdog", "mesh.buffers", "mesh.files"}
+GROUND = {"mesh", "mesh.address", "mesh.units", "mesh.watchdog", "mesh.buffers", "mesh.files", "mesh.node_id"}
 TOP = {"mesh.node", "mesh.server", "mesh.client", "mesh.cli", "mesh.settings", "mesh.metrics", "mesh.install_comfyui"}
 
 

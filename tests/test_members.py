@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from mesh.membership.members import (ALIVE, DAY_MS, DEAD, LEFT, SUSPECT, AddressChanged, CapacityChanged, Forgotten, Joined,
-                          Limits, Member, MemberTable, Refuted, Restarted, StateChanged, plausible, ring_changed)
+from mesh.membership.members import (ALIVE, DAY_MS, DEAD, LEFT, SUSPECT, AddressChanged, CapacityChanged, Contested,
+                          Forgotten, Joined, Limits, Member, MemberTable, Refuted, Restarted, StateChanged, plausible,
+                          ring_changed)
 from mesh.pb import mesh_pb2 as pb
-from mesh.membership.swim import Config, Swim
+from mesh.membership.swim import Config, JoinRefused, Swim
 
 WALL = 1_750_000_000_000.0   # wall clock (ms) at now == 0
 INC = int(WALL)              # a member that started at that moment
@@ -112,8 +113,13 @@ def test_only_the_member_itself_changes_its_address() -> None:
     t = table(members=("a",))
     assert t.apply(rec("a", inc=INC + 1, address="evil:1"), 1.0, authentic=False) == []
     assert t.get("a").address == "a:1" and "evil:1" in t.candidates  # type: ignore[union-attr]
-    assert t.apply(rec("a", inc=INC + 1, address="new:1"), 1.0, authentic=True) == [
-        AddressChanged("a", "a:1", "new:1")]
+    # From itself at another address while the member is in the ring: two nodes under one id (cloned hosts),
+    # refused, never a swap (issue 22); once the member there is DEAD, a restart at the new address is taken.
+    assert t.apply(rec("a", inc=INC + 1, address="new:1"), 1.0, authentic=True) == [Contested("a", "a:1", "new:1")]
+    assert t.get("a").address == "a:1"  # type: ignore[union-attr]
+    t.apply(rec("a", DEAD), 2.0, authentic=False)
+    assert t.apply(rec("a", inc=INC + 60_000, address="new:1"), 3.0, authentic=True) == [
+        AddressChanged("a", "a:1", "new:1"), StateChanged("a", DEAD, ALIVE, INC + 60_000), Restarted("a")]
 
 
 def test_capacity_changes_are_reported_and_zero_capacity_is_refused() -> None:
@@ -412,9 +418,10 @@ def test_a_suspicion_of_us_is_refuted_by_our_next_message() -> None:
 def test_an_inbound_ping_speaks_for_its_sender_only_at_the_address_we_proved() -> None:
     swim, fake = node()
     forged = rec("a", inc=INC + 9, address="evil:1")
-    swim.handle_request(pb.PingRequest(sender=forged), "tok", 0.0)
+    with pytest.raises(JoinRefused):  # a's id at another address while a is in the ring: refused (issue 22)
+        swim.handle_request(pb.PingRequest(sender=forged), "tok", 0.0)
     assert swim.table.get("a").address == "a:1" and swim.table.get("a").incarnation == INC  # type: ignore[union-attr]
-    assert "evil:1" in swim.table.candidates
+    assert "evil:1" not in swim.table.candidates
     swim.handle_request(pb.PingRequest(sender=rec("b", LEFT, inc=INC + 1)), "tok", 0.0)
     assert swim.table.get("b").state == LEFT  # type: ignore[union-attr]
 
@@ -609,3 +616,71 @@ def test_dials_are_rate_limited_whatever_gossip_names() -> None:
         swim.tick(step / 10)
         dials += [a for a, r, _ in fake.take() if a.startswith(("x", "y"))]
     assert len(dials) == CFG.dials_per_period
+
+
+# -- refusals: one id per node, no loopback member among hosts (issue 22) -----------------------------------------
+
+def refusing_node(me: str = "me:1") -> tuple[Swim, FakeTransport, list[tuple[str, str]]]:
+    t = MemberTable(Member("me", me, 100, INC), Limits(period=CFG.period), wall_offset_ms=WALL)
+    t.apply(rec("a"), 0.0, authentic=True)
+    fake = FakeTransport()
+    swim = Swim(t, fake, CFG, random.Random(7))
+    swim._next_sync = 1e9
+    refused: list[tuple[str, str]] = []
+    swim.on_refused = lambda address, why: refused.append((address, why))
+    return swim, fake, refused
+
+
+def ping_from(sender: pb.Member) -> pb.PingRequest:
+    return pb.PingRequest(cluster=CFG.cluster, protocol=CFG.protocol, sender=sender, updates=[sender])
+
+
+def test_a_second_node_under_a_members_id_is_refused_and_named() -> None:
+    swim, fake, refused = refusing_node()
+    with pytest.raises(JoinRefused, match=r"node id 'a' is claimed by two nodes, at a:1 and at clone:1"):
+        swim.handle_request(ping_from(rec("a", inc=INC + 60_000, address="clone:1")), object(), 1.0)
+    assert refused and refused[0][0] == "clone:1" and "--node-id" in refused[0][1]
+    assert swim.table.get("a").address == "a:1" and "clone:1" not in swim.table.candidates  # type: ignore[union-attr]
+    # Dialled (a gossiped address), it answers under the member's id: refused too, the member stays where it is.
+    swim.table.add_candidate("clone:1", 2.0, trusted=True)
+    swim.tick(2.0)
+    (address, _, seq), = [s for s in fake.take() if s[0] == "clone:1"]
+    assert swim.handle_reply(seq, pb.PingReply(responder=rec("a", inc=INC + 60_000, address="clone:1")), 2.1) == []
+    assert swim.table.get("a").address == "a:1" and len(refused) == 2  # type: ignore[union-attr]
+
+
+def test_a_node_under_our_own_id_is_refused_and_not_taken_for_ourselves() -> None:
+    swim, fake, refused = refusing_node()
+    with pytest.raises(JoinRefused, match=r"node id 'me' is claimed by two nodes, at me:1 and at clone:1"):
+        swim.handle_request(ping_from(rec("me", inc=INC + 5, address="clone:1")), object(), 1.0)
+    swim.table.add_candidate("clone:1", 2.0, trusted=True)
+    swim.tick(2.0)
+    (address, _, seq), = [s for s in fake.take() if s[0] == "clone:1"]
+    swim.handle_reply(seq, pb.PingReply(responder=rec("me", inc=INC + 5, address="clone:1")), 2.1)
+    assert "clone:1" not in swim.table.self_addresses and len(refused) == 2  # a clone is not us at another address
+    # Ourselves under another address (a seed that is this very node) is still just that.
+    swim.table.add_candidate("alias:1", 3.0, trusted=True)
+    swim.tick(3.0)
+    (address, _, seq), = [s for s in fake.take() if s[0] == "alias:1"]
+    swim.handle_reply(seq, pb.PingReply(responder=rec("me")), 3.1)
+    assert "alias:1" in swim.table.self_addresses and len(refused) == 2
+
+
+def test_a_member_on_the_lan_refuses_and_never_dials_a_loopback_member() -> None:
+    swim, fake, refused = refusing_node(me="10.0.0.1:8288")
+    with pytest.raises(JoinRefused, match=r"the node at 127.0.0.1:8290 advertises a loopback address.*MESH_LISTEN"):
+        swim.handle_request(ping_from(rec("l", address="127.0.0.1:8290")), object(), 1.0)
+    assert swim.table.get("l") is None and refused[0][0] == "127.0.0.1:8290"
+    # Gossip of it names the dialler's own host: not a candidate; nor is it admitted from its own answer.
+    swim.handle_request(pb.PingRequest(cluster=CFG.cluster, protocol=CFG.protocol, sender=rec("a"),
+                                       updates=[rec("l", address="127.0.0.1:8290")]), object(), 1.5)
+    assert "127.0.0.1:8290" not in swim.table.candidates
+    assert swim.table.apply(rec("l", address="127.0.0.1:8290"), 2.0, authentic=True) == []
+    # A seed on loopback (this host) may still be dialled: it answers with the address it advertises.
+    assert swim.table.add_candidate("127.0.0.1:8288", 2.0, trusted=True)
+
+
+def test_members_all_on_loopback_admit_each_other() -> None:
+    swim, fake, refused = refusing_node(me="127.0.0.1:7000")
+    swim.handle_request(ping_from(rec("l", address="127.0.0.1:8290")), object(), 1.0)
+    assert "127.0.0.1:8290" in swim.table.candidates and not refused

@@ -151,3 +151,11 @@ def test_revoking_without_mutual_tls_or_under_another_name_is_refused_at_start(s
     out = run_cli("--secret-file", str(secret_file), *tls_args(certs, "a"), "serve", "--listen", "127.0.0.1:0",
                   "--node-id", "not-a", "--revoke", "m", timeout=30)
     assert out.returncode == 2 and "must be its certificate's name ('a'" in out.stderr, out.stderr
+
+
+def test_with_revoke_the_default_node_id_is_the_certificates_name(serve: Callable[..., ServeProcess],
+                                                                  certs: Path) -> None:
+    """The random default id (issue 22) would never match the certificate: a node with --revoke and no
+    --node-id runs under its certificate's name, the only id its peers admit it under."""
+    a = serve("--listen", "127.0.0.1:0", "--revoke", "m", pre=tls_args(certs, "a"))
+    assert a.node_id == "a"

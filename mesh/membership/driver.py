@@ -10,6 +10,10 @@ answer is the only *authentic* record of a member (and an inbound Ping counts as
 already proved at that very address). Gossip from others can suspect a member or declare it DEAD at the
 incarnation we know, or name an address worth a dial, never more (mesh/membership/members.py).
 
+A join the protocol refuses (two nodes under one id, a member that advertises loopback among hosts: see
+Swim.refusal) is a warning in the log of both nodes, the refused one being told why (FAILED_PRECONDITION), and a
+line of `mesh status` on both while it goes on: a fleet that quietly fails to form is the failure to avoid.
+
 Incarnations start at the node's start time in milliseconds, so a node restarted with the same id always
 supersedes what the mesh remembers of its previous life.
 """
@@ -24,19 +28,26 @@ from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
 
+import grpc
+
 import mesh
 from mesh.address import join_hostport
-from mesh.membership.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Forgotten, Joined,
-                                     Limits, Member, MemberTable, Refuted, Restarted, StateChanged, plausible)
-from mesh.transport.peer import MeshError, Unauthenticated
+from mesh.membership.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Contested, Forgotten,
+                                     Joined, Limits, Member, MemberTable, Refuted, Restarted, StateChanged, plausible)
+from mesh.transport.peer import MeshError, Refused, Unauthenticated
 from mesh.transport.peers import PeerPool
 from mesh.pb import mesh_pb2 as pb
-from mesh.membership.swim import Config, Swim
+from mesh.membership.swim import Config, JoinRefused, Swim
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ALIVE", "SUSPECT", "DEAD", "LEFT", "IN_RING", "ClusterMismatch", "Timing", "Member", "Membership",
            "ring_weights", "resolve_seeds", "plausible"]
+
+
+REFUSAL_WINDOW = 60.0   # s a refusal (ours or a peer's) stays in `mesh status` after it was last seen
+REFUSAL_LOG_EVERY = 60.0  # s between log lines about one refusal
+MAX_REFUSALS = 64
 
 
 class ClusterMismatch(ValueError):
@@ -94,6 +105,11 @@ def resolve_seeds(seeds: list[str], unresolved: dict[str, str] | None = None) ->
     return out
 
 
+def _detail(e: MeshError) -> str:
+    """What the other node said, without translate()'s `node ADDRESS: CODE:` prefix."""
+    return str(e).split("FAILED_PRECONDITION: ", 1)[-1]
+
+
 class _Slot:
     """Where the protocol puts its answer to one inbound Ping (at once, or after an indirect probe)."""
 
@@ -123,10 +139,14 @@ class Membership:
         self._epoch = time.monotonic()
         self.table = MemberTable(me, self.timing.limits(), wall_offset_ms=time.time() * 1000.0)
         self.swim = Swim(self.table, self, self.timing.swim(cluster))
+        self.swim.on_refused = lambda address, why: self._note_refusal(why)
         self._refused: set[str] = set()
         self._seed_of: dict[str, str] = {}             # candidate address -> the seed it came from
         self._seed_problems: dict[str, str] = {}       # seed -> why it gave no member (for status and the log)
         self._warned: dict[str, float] = {}            # seed -> when its problem was last logged
+        # Refused joins, ours of others and others' of us (an id clash, a loopback address): message -> when
+        # last seen, last logged. Named in the log on both sides and in `mesh status` while they go on.
+        self._refusals: dict[str, tuple[float, float]] = {}
         self._last_seed_refresh = -1e9
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -135,7 +155,8 @@ class Membership:
         # One thread tells the node, in order: a later change must never be overtaken by an earlier one.
         self._notifier = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-members")
         self._leaving: list[futures.Future[None]] = []
-        self.counters: dict[str, int] = {"pings_in": 0, "pings_out": 0, "ping_bytes_in": 0, "ping_bytes_out": 0}
+        self.counters: dict[str, int] = {"pings_in": 0, "pings_out": 0, "ping_bytes_in": 0, "ping_bytes_out": 0,
+                                         "pings_refused": 0}
 
     @property
     def me(self) -> Member:
@@ -289,6 +310,13 @@ class Membership:
                     self._seed_problems[seed] = f"{address} is not a member: {e}"  # logged just above
             self._peers.failed(address)
             return
+        except Refused as e:
+            if e.code == grpc.StatusCode.FAILED_PRECONDITION:  # it will not have us: say why, do not retry in silence
+                self._note_refusal(f"{address} refused this node ({self.table.me.node_id} at "
+                                   f"{self.table.me.address}): {_detail(e)}")
+            else:
+                log.debug("ping %s failed: %s", address, e)
+            return
         except MeshError as e:
             log.debug("ping %s failed: %s", address, e)
             with self._lock:
@@ -326,7 +354,11 @@ class Membership:
             self.counters["ping_bytes_in"] += request.ByteSize()
             if self.table.authentic_sender(request.sender):
                 self._peers.heard(request.sender.address)
-            self._dispatch(self.swim.handle_request(request, slot, now))
+            try:
+                self._dispatch(self.swim.handle_request(request, slot, now))
+            except JoinRefused:
+                self.counters["pings_refused"] += 1
+                raise  # the caller is told why (FAILED_PRECONDITION); ours is logged (on_refused)
         self._wake.set()  # an indirect probe has a nack deadline for the loop to keep
         slot.done.wait(self.timing.interval * 2 + self.timing.ping_timeout)
         if slot.reply is None:
@@ -355,6 +387,8 @@ class Membership:
                 log.info("member %s joined at %s", c.node_id, c.address)
             elif isinstance(c, Refuted):
                 log.info("refuted a suspicion of this node (incarnation now %d)", c.incarnation)
+            elif isinstance(c, Contested):
+                continue  # logged by on_refused
             else:
                 log.info("%s", c)
         self._pool_notify(changes)
@@ -384,6 +418,24 @@ class Membership:
             self._warned[seed] = now
         log.warning("seed %s: %s", seed, why)
 
+    def _note_refusal(self, why: str) -> None:
+        """A join refused, by us or of us: a warning (once a minute each), and in `mesh status` for a while."""
+        now = time.monotonic()
+        with self._lock:
+            _, logged = self._refusals.get(why, (now, -1e9))
+            self._refusals[why] = (now, logged if now - logged < REFUSAL_LOG_EVERY else now)
+            if len(self._refusals) > MAX_REFUSALS:
+                oldest = min(self._refusals, key=lambda k: self._refusals[k][0])
+                del self._refusals[oldest]
+        if now - logged >= REFUSAL_LOG_EVERY:
+            log.warning("%s", why)
+
+    def refusals(self) -> list[str]:
+        """The refusals seen within REFUSAL_WINDOW seconds."""
+        now = time.monotonic()
+        with self._lock:
+            return sorted(why for why, (seen, _) in self._refusals.items() if now - seen <= REFUSAL_WINDOW)
+
     @property
     def has_seeds(self) -> bool:
         return any(s.strip() for s in self._seeds)
@@ -395,6 +447,7 @@ class Membership:
     def warnings(self) -> list[str]:
         """What an operator should fix, for `mesh stats`: seeds that are not members, a mesh of one by mistake."""
         out = [f"seed {seed}: {why}" for seed, why in sorted(self.seed_problems().items())]
+        out += self.refusals()
         if self.has_seeds and len(self.ring_members()) <= 1:
             out.append("this node has seeds but no peers: it is a mesh of one")
         return out

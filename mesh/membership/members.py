@@ -17,6 +17,11 @@ The rules (SWIM's, with one restriction of our own):
 - Incarnations start at the member's start time in milliseconds and grow by one per refutation: one more than
   a day ahead of our clock is a forgery, and our own refutation stops short of what uint64 can carry.
 - Everything is bounded: members, candidates (dropped after a few dials that were not answered), hints.
+- One id, one member: a record from itself at another address than the member in the ring (ALIVE or SUSPECT)
+  is refused (`Contested`), never taken as a move. Two live nodes under one id (cloned hosts) would otherwise
+  replace each other in turn; a node restarted at a new address is taken once its old address is DEAD.
+- A node that peers on other hosts reach (not on loopback) admits no member that advertises a loopback
+  address, nor dials one it hears of: such a member is reachable from one host only, and rings would disagree.
 
 Suspicion follows Lifeguard: a suspicion raised by one member waits `max` before it declares DEAD; each
 independent confirmation (another member that suspects at the same incarnation) shrinks it towards `min`,
@@ -29,6 +34,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from mesh.address import is_loopback, split_hostport
 from mesh.pb import mesh_pb2 as pb
 
 ALIVE, SUSPECT, DEAD, LEFT = pb.ALIVE, pb.SUSPECT, pb.DEAD, pb.LEFT
@@ -38,6 +44,14 @@ DAY_MS = 86_400_000
 # Incarnations start at a start time in ms and refutations add one: a jump of more than this is a new life
 # (a restart, possibly empty), a smaller one is a refutation of the same life.
 NEW_LIFE_GAP = 1000
+
+
+def loopback_address(address: str) -> bool:
+    """Whether HOST:PORT is reachable from its own host only."""
+    try:
+        return is_loopback(split_hostport(address)[0])
+    except ValueError:
+        return False
 
 
 def plausible(incarnation: int, wall_ms: float) -> bool:
@@ -118,7 +132,15 @@ class Refuted:
     incarnation: int
 
 
-Change = Joined | StateChanged | AddressChanged | CapacityChanged | Restarted | Forgotten | Refuted
+@dataclass(frozen=True, slots=True)
+class Contested:
+    """A node at `claimed` answered under the id of the member we hold in the ring at `address`: refused."""
+    node_id: str
+    address: str
+    claimed: str
+
+
+Change = Joined | StateChanged | AddressChanged | CapacityChanged | Restarted | Forgotten | Refuted | Contested
 
 
 def ring_changed(changes: list[Change]) -> bool:
@@ -175,6 +197,7 @@ class MemberTable:
         self.suspicions: dict[str, Suspicion] = {}
         self.candidates: OrderedDict[str, Candidate] = OrderedDict()
         self.self_addresses: set[str] = {me.address}
+        self.on_lan = not loopback_address(me.address)  # then loopback addresses are other hosts' (unreachable)
         self.hints: OrderedDict[str, None] = OrderedDict()   # node ids whose newer life we should verify
         self._dead_since: dict[str, float] = {}
         self.given_up: OrderedDict[str, float] = OrderedDict()   # dropped candidate -> until when
@@ -198,6 +221,10 @@ class MemberTable:
         """Whether a request's sender is a member we proved ourselves at that very address."""
         known = self.members.get(sender.node_id)
         return known is not None and known.address == sender.address
+
+    def unreachable(self, address: str) -> bool:
+        """An address our peers cannot dial: loopback, where we are not (it would be each dialler's own host)."""
+        return self.on_lan and loopback_address(address)
 
     def _wall_ms(self, now: float) -> float:
         return self.wall_offset_ms + now * 1000.0
@@ -246,8 +273,8 @@ class MemberTable:
         return [Refuted(me.node_id, refute)]
 
     def _from_itself(self, m: pb.Member, known: Member | None, now: float) -> list[Change]:
-        if m.capacity < 1:
-            return []  # a weightless member would break the ring's weights
+        if m.capacity < 1 or self.unreachable(m.address):
+            return []  # a weightless member would break the ring's weights; a loopback one, the rings' agreement
         new_state = LEFT if m.state == LEFT else ALIVE
         if known is None:
             if new_state == LEFT or len(self.members) >= self.limits.max_members:
@@ -259,6 +286,8 @@ class MemberTable:
             return [Joined(m.node_id, m.address, m.capacity)]
         if m.incarnation < known.incarnation:
             return []  # a message from its previous life
+        if known.address != m.address and known.state in IN_RING:
+            return [Contested(m.node_id, known.address, m.address)]  # one id, two nodes: never a silent swap
         changes: list[Change] = []
         new_life = m.incarnation > known.incarnation + NEW_LIFE_GAP or (known.state == DEAD and new_state == ALIVE)
         if known.address != m.address:
@@ -395,6 +424,8 @@ class MemberTable:
         dead addresses must not make us dial them forever."""
         if not address or address in self.self_addresses or address in self.candidates:
             return False
+        if not trusted and self.unreachable(address):
+            return False  # a loopback address heard of is the dialler's own host, not the member's
         until = self.given_up.get(address)
         if until is not None:
             if now < until and not trusted:

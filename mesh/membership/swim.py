@@ -31,12 +31,34 @@ from __future__ import annotations
 import heapq
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from mesh.membership.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Joined, MemberTable,
-                          Refuted, Restarted, StateChanged)
+from mesh.membership.members import (ALIVE, DEAD, IN_RING, LEFT, SUSPECT, AddressChanged, Change, Contested, Joined,
+                          MemberTable, Refuted, Restarted, StateChanged)
 from mesh.pb import mesh_pb2 as pb
+
+
+class JoinRefused(ValueError):
+    """A Ping we do not answer, and why, in words for both logs: the caller's (it is told) and ours."""
+
+
+ID_FIX = ("give one of them another --node-id (MESH_NODE_ID), or delete its <data-dir>/node-id and restart it "
+          "(a new id is drawn)")
+LOOPBACK_FIX = ("it must listen on the LAN (--listen / MESH_LISTEN 0.0.0.0:PORT) or set the address peers dial "
+                "(--advertise / MESH_ADVERTISE HOST:PORT)")
+
+
+def clash_message(node_id: str, holder: str, claimant: str, holder_is_me: bool = False) -> str:
+    moved = "" if holder_is_me else f" (if the one at {holder} restarted at {claimant}, this clears once it is DEAD)"
+    return (f"node id {node_id!r} is claimed by two nodes, at {holder} and at {claimant}: refused, a member never "
+            f"replaces another{moved}; " + ID_FIX)
+
+
+def loopback_message(address: str, me: str) -> str:
+    return (f"the node at {address} advertises a loopback address, which no other host can reach: refused by "
+            f"{me}; " + LOOPBACK_FIX)
 
 
 class Transport(Protocol):
@@ -157,6 +179,8 @@ class Swim:
         # until they refute (see _revived).
         self._tell_dead: dict[str, int] = {}
         self._silent: dict[str, float] = {}   # node id -> when it last failed to answer us (probe or helper)
+        # Told of every member we refuse (address, why): the driver logs it and shows it in `mesh status`.
+        self.on_refused: Callable[[str, str], None] = lambda address, why: None
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
@@ -245,6 +269,10 @@ class Swim:
                 continue
             known = self.table.get(c.node_id)
             if known is None:
+                continue
+            if isinstance(c, Contested):
+                self.on_refused(c.claimed, clash_message(c.node_id, c.address, c.claimed))
+                self._to_probe.setdefault(c.node_id, True)  # is the holder still there? A restart elsewhere if not
                 continue
             if isinstance(c, Joined):
                 if self._order:
@@ -343,12 +371,37 @@ class Swim:
             self._check.setdefault(node_id, None)
         self.table.hints.clear()
 
+    # -- refusals ------------------------------------------------------------------------------------------------
+
+    def refusal(self, record: pb.Member) -> str | None:
+        """Why a node's own record (a Ping's sender, a reply's responder) is not taken, or None: it claims our id
+        or that of a member in the ring at another address (cloned hosts), or it advertises a loopback address
+        where we are reachable from other hosts."""
+        me = self.table.me
+        if not record.node_id or record.state not in IN_RING:
+            return None
+        if record.node_id == me.node_id:
+            if record.address and record.address != me.address:
+                return clash_message(me.node_id, me.address, record.address, holder_is_me=True)
+            return None
+        known = self.table.get(record.node_id)
+        if known is not None and known.state in IN_RING and known.address != record.address:
+            self._to_probe.setdefault(known.node_id, True)  # the holder's own answer, or its silence, decides
+            return clash_message(known.node_id, known.address, record.address)
+        if self.table.unreachable(record.address):
+            return loopback_message(record.address, me.address)
+        return None
+
     # -- inbound -------------------------------------------------------------------------------------------------
 
     def handle_request(self, request: pb.PingRequest, token: object, now: float) -> list[Change]:
         """A Ping from someone. The reply goes out through transport.reply(token, ...): at once, or, for an
         indirect probe, once the member answered us or stayed silent past the nack time."""
         sender = request.sender
+        why = self.refusal(sender)
+        if why is not None:
+            self.on_refused(sender.address, why)
+            raise JoinRefused(why)
         changes: list[Change] = []
         authentic = stale = False
         if sender.node_id and sender.node_id != self.table.me.node_id:
@@ -414,9 +467,13 @@ class Swim:
         r = reply.responder
         if p.kind == "dial":
             self.table.candidates.pop(str(p.key), None)
-            if r.node_id == self.table.me.node_id:
-                self.table.is_me(str(p.key))
-                return []
+        why = self.refusal(r)
+        if why is not None:
+            self.on_refused(r.address or str(p.key), why)
+            return []
+        if p.kind == "dial" and r.node_id == self.table.me.node_id:
+            self.table.is_me(str(p.key))
+            return []
         stale = False
         if r.node_id and r.node_id != self.table.me.node_id:
             got, stale = self._apply_own(r, now)
