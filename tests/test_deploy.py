@@ -441,3 +441,34 @@ def test_the_pods_command_and_probes_run_as_its_uid(installed: Path, tmp_path: P
                 proc.wait(timeout=30)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_install_refuses_a_python_the_service_user_cannot_run(tmp_path: Path) -> None:
+    """pyenv's Python lives below /root (0700): a venv made from it is root's only, and the service would
+    fail to start with "Permission denied". The script says so and stops instead."""
+    if os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("setpriv") is None:
+        pytest.skip("install-systemd.sh needs root, useradd and setpriv")
+    private = Path(tempfile.mkdtemp(prefix="mesh-private-"))  # 0700, root's: like /root
+    # venv links its python to the interpreter's path as invoked, here a link inside the private folder.
+    root = Path(tempfile.mkdtemp(prefix="mesh-deploy-"))
+    try:
+        root.chmod(0o755)
+        (private / "python3").symlink_to(os.path.realpath(SYSTEM_PYTHON if Path(SYSTEM_PYTHON).exists()
+                                                          else sys.executable))
+        (root / "etc").mkdir()
+        (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+        (root / "etc" / "group").write_text("root:x:0:\n")
+        for name in ("shadow", "gshadow"):
+            (root / "etc" / name).touch(mode=0o600)
+        wheel = tmp_path / "comfy_mesh-0.1.0-py3-none-any.whl"
+        wheel.write_bytes(b"")  # never reached: the script stops before pip
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "PYTHON", "VIRTUAL_ENV"))}
+        env |= {"ROOT": str(root), "PYTHON": str(private / "python3"), "PIP_ARGS": "--no-index"}
+        r = subprocess.run(["sh", str(DEPLOY / "install-systemd.sh"), str(wheel)], capture_output=True, text=True,
+                           timeout=300, env=env)
+        assert r.returncode != 0
+        assert "cannot run /opt/comfy-mesh/bin/python" in r.stderr and "PYTHON=/usr/bin/python3" in r.stderr, r.stderr
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -10,14 +10,18 @@
 #     0640: root writes them, the service reads them, nobody else does. Run it again after adding files;
 #   - /var/lib/comfy-mesh, the data dir (systemd's StateDirectory= keeps it owned by the service user);
 #   - /etc/systemd/system/comfy-mesh.service, then `systemctl daemon-reload` where systemd runs.
-# Environment: PYTHON (the interpreter for the venv, default python3; Debian needs python3-venv),
+# Environment: PYTHON (the interpreter for the venv, default /usr/bin/python3, the system's, which the service
+# user can run; Debian needs python3-venv),
 # PIP_ARGS (extra `pip install` arguments, e.g. --no-index --find-links DIR on a host without an index),
 # ROOT (install below this folder instead of /, for images and tests: no systemctl then).
 set -eu
 
 WHEEL=${1:?usage: install-systemd.sh WHEEL (build it with: pip wheel --no-deps -w dist .)}
 ROOT=${ROOT:-}
-PYTHON=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=python3
+    [ -x /usr/bin/python3 ] && PYTHON=/usr/bin/python3
+fi
 PIP_ARGS=${PIP_ARGS:-}
 SERVICE_USER=comfy-mesh
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -41,6 +45,13 @@ gid=$(awk -F: -v u="$SERVICE_USER" '$1 == u { print $4 }' "$ROOT/etc/passwd")
 # 2. The venv, root-owned: the service runs its code and cannot change it.
 if [ ! -x "$ROOT$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$ROOT$VENV"
+fi
+# A venv runs its base interpreter where it lies: one below /root (pyenv) cannot be run by the service user.
+# (setpriv itself execs with root's capabilities still held: the try must be exec'd by a shell as the user.)
+if ! setpriv --reuid="$uid" --regid="$gid" --clear-groups sh -c '"$0" -c ""' "$ROOT$VENV/bin/python" 2>/dev/null; then
+    echo "install-systemd.sh: the user $SERVICE_USER cannot run $VENV/bin/python (it is $(readlink -f "$ROOT$VENV/bin/python")," \
+         "in a folder only root may enter?): remove $ROOT$VENV and run again with PYTHON=/usr/bin/python3" >&2
+    exit 1
 fi
 # shellcheck disable=SC2086  # PIP_ARGS is a list of arguments
 "$ROOT$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade $PIP_ARGS "$WHEEL"
