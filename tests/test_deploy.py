@@ -130,6 +130,46 @@ def test_the_installed_unit_verifies(installed: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_the_sandbox_applies_what_it_claims() -> None:
+    """The emulation itself (tests/support/sandbox.py), so that a node passing inside it means something: as
+    nobody under the unit's lines, W+X memory, packet and vsock sockets, a write outside the state dir and setuid fail."""
+    why = missing_tools()
+    if why:
+        pytest.skip(f"cannot apply the unit's sandbox here: {why}")
+    state = Path(tempfile.mkdtemp(prefix="mesh-sandbox-"))
+    elsewhere = Path(tempfile.mkdtemp(prefix="mesh-sandbox-"))  # writable by anyone, were / not read-only
+    try:
+        state.chmod(0o777)
+        elsewhere.chmod(0o777)
+        probe = (
+            "import mmap, os, socket\n"
+            "def tried(name, fn):\n"
+            "    try:\n"
+            "        fn()\n"
+            "        print(name, 'allowed')\n"
+            "    except OSError:\n"
+            "        print(name, 'refused')\n"
+            "tried('wx', lambda: mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC))\n"
+            "tried('packet', lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW))\n"
+            "tried('vsock', lambda: socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM).close())\n"
+            "tried('inet', lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close())\n"
+            f"tried('write-elsewhere', lambda: open('{elsewhere}/x', 'w'))\n"
+            f"tried('write-state', lambda: open('{state}/x', 'w').close())\n"
+            "tried('setuid', lambda: os.setuid(0))\n")
+        policy = state / "policy.json"
+        argv = sandbox_argv(read_unit(UNIT), [SYSTEM_PYTHON, "-c", probe], 65534, 65534, state, policy)
+        policy.chmod(0o644)
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        seen = dict(line.split() for line in r.stdout.splitlines())
+        # AF_VSOCK needs no privilege (where the kernel has it, as here): only RestrictAddressFamilies refuses it.
+        assert seen == {"wx": "refused", "packet": "refused", "vsock": "refused", "inet": "allowed", "write-elsewhere": "refused",
+                        "write-state": "allowed", "setuid": "refused"}, r.stdout + r.stderr
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(elsewhere, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_the_units_exec_start_serves_as_its_user_inside_its_sandbox(installed: Path) -> None:
     why = missing_tools()
