@@ -8,6 +8,7 @@ left alone; the venv gets the wheel's dependencies from the package index, as on
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -541,3 +542,88 @@ def test_install_refuses_a_python_the_service_user_cannot_run(tmp_path: Path) ->
     finally:
         shutil.rmtree(private, ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_compose_mesh_services_form_a_mesh_as_the_image_user(installed: Path) -> None:
+    """compose.yaml's mesh services outside containers: each with the image's entrypoint, the service's command
+    and environment (over the image's), the secret file as the recipe at the file's top leaves it (10001:10001,
+    0440), as uid 10001 with / read-only; the three share a private network namespace whose /etc/hosts names
+    them as compose's DNS would. They must form one mesh of three, then drain and exit 0 on SIGTERM."""
+    for tool in ("setpriv", "unshare", "nsenter", "ip"):
+        if os.geteuid() != 0 or shutil.which(tool) is None:
+            pytest.skip(f"needs root and {tool}")
+    compose = _yaml(DEPLOY / "compose.yaml")[0]
+    image = _image()
+    uid, gid = _image_ids()
+    mesh = installed / "opt/comfy-mesh/bin/mesh"
+    services = {n: s for n, s in compose["services"].items() if s["build"]["dockerfile"].endswith("/Dockerfile")}
+    assert len(services) == 3
+    addr = {name: f"127.0.0.{11 + i}" for i, name in enumerate(sorted(services))}
+    base = Path(tempfile.mkdtemp(prefix="mesh-compose-"))
+    procs: list[subprocess.Popen[bytes]] = []
+    holder = None
+    try:
+        base.chmod(0o755)
+        secret = base / "secret"
+        r = subprocess.run([str(mesh), "secret", str(secret)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        header = (DEPLOY / "compose.yaml").read_text()
+        owner = re.search(r"chown (\d+):(\d+) scripts/deploy/secret", header)
+        mode = re.search(r"chmod (0[0-7]+) scripts/deploy/secret", header)
+        assert owner and mode, "the recipe at the top of compose.yaml says how to make the secret readable"
+        os.chown(secret, int(owner.group(1)), int(owner.group(2)))
+        secret.chmod(int(mode.group(1), 8))
+        hosts = base / "hosts"
+        hosts.write_text("127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for n, a in addr.items()))
+        holder = subprocess.Popen(["unshare", "--net", "--mount", "--propagation", "private", "--", "sh", "-c",
+                                   f"ip link set lo up && mount --bind {hosts} /etc/hosts && exec sleep 600"])
+
+        def ns(cmd: list[str]) -> list[str]:
+            return ["nsenter", f"--target={holder.pid}", "--net", "--mount", "--", *cmd]
+
+        poll(lambda: "mesh1" in subprocess.run(ns(["cat", "/etc/hosts"]), capture_output=True, text=True).stdout,
+             "the namespace holder is up", timeout=30)
+        for name, service in sorted(services.items()):
+            data = base / f"data-{name}"  # a fresh volume: Docker copies the image folder's owner into it
+            data.mkdir(mode=0o750)
+            os.chown(data, uid, gid)
+            env = {**image["env"], **service["environment"]}  # type: ignore[dict-item]
+            env = {k: str(v).replace("/run/secrets/mesh-secret", str(secret)).replace("0.0.0.0:", f"{addr[name]}:")
+                   for k, v in env.items()}
+            env |= {"MESH_DATA_DIR": str(data), "PATH": f"{mesh.parent}:/usr/bin:/bin", "HOME": "/",
+                    "LANG": "C.UTF-8", "MESH_MIN_FREE_RAM": "0"}
+            argv = [*image["entrypoint"], *service["command"]]  # type: ignore[misc]
+            log = (base / f"{name}.log").open("wb")
+            procs.append(subprocess.Popen(ns(container_argv(argv, uid, gid, [], [data])), stdout=log,
+                                          stderr=subprocess.STDOUT, env=env))
+
+        def alive() -> int:
+            for p in procs:
+                if p.poll() is not None:
+                    logs = "\n".join((base / f"{n}.log").read_text()[-2000:] for n in sorted(services))
+                    raise AssertionError(f"a mesh service exited {p.returncode}:\n{logs}")
+            r = subprocess.run(ns([str(mesh), "--node", f"{addr['mesh1']}:8288", "--secret-file", str(secret),
+                                   "--timeout", "10", "status", "--json"]), capture_output=True, text=True,
+                               timeout=60)
+            return json.loads(r.stdout)["members"]["ALIVE"] if r.returncode == 0 else 0
+
+        poll(lambda: alive() == 3, "mesh1 sees three alive members", timeout=90, interval=1.0)
+        # A node answers its peers before `mesh serve` has its signal handlers (it logs "serving on" then): a
+        # SIGTERM before that kills it undrained (exit -15).
+        poll(lambda: all("serving on" in (base / f"{n}.log").read_text() for n in services),
+             "every node logged that it is serving", timeout=60)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for name, p in zip(sorted(services), procs):
+            code = p.wait(timeout=int(compose["x-mesh"]["stop_grace_period"].rstrip("s")))
+            assert code == 0, f"{name} exited {code}:\n{(base / f'{name}.log').read_text()[-3000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+        if holder is not None:
+            holder.kill()
+            holder.wait(timeout=30)
+        shutil.rmtree(base, ignore_errors=True)
