@@ -503,6 +503,7 @@ def test_the_pods_command_and_probes_run_as_its_uid(installed: Path, tmp_path: P
             assert r.returncode == 0, f"put: {r.stdout[-1000:]} {r.stderr[-1000:]}"
             written = [p for p in data.rglob("*") if p.is_file()]
             assert written and all(p.stat().st_uid == uid for p in written), "nothing written to the volume"
+            poll(lambda: "serving on" in log.read_text(), "the node logged that it is serving (signal handlers set)")
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=pod["terminationGracePeriodSeconds"]) == 0, log.read_text()[-3000:]
         finally:
