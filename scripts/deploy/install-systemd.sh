@@ -48,6 +48,7 @@ if [ ! -x "$ROOT$VENV/bin/python" ]; then
 fi
 # A venv runs its base interpreter where it lies: one below /root (pyenv) cannot be run by the service user.
 # (setpriv itself execs with root's capabilities still held: the try must be exec'd by a shell as the user.)
+# shellcheck disable=SC2016  # $0 is expanded by that shell
 if ! setpriv --reuid="$uid" --regid="$gid" --clear-groups sh -c '"$0" -c ""' "$ROOT$VENV/bin/python" 2>/dev/null; then
     echo "install-systemd.sh: the user $SERVICE_USER cannot run $VENV/bin/python (it is $(readlink -f "$ROOT$VENV/bin/python")," \
          "in a folder only root may enter?): remove $ROOT$VENV and run again with PYTHON=/usr/bin/python3" >&2
