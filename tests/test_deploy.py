@@ -139,7 +139,8 @@ def test_the_installed_unit_verifies(installed: Path, tmp_path: Path) -> None:
 
 def test_the_sandbox_applies_what_it_claims() -> None:
     """The emulation itself (tests/support/sandbox.py), so that a node passing inside it means something: as
-    nobody under the unit's lines, W+X memory, packet and vsock sockets, a write outside the state dir and setuid fail."""
+    nobody under the unit's lines, W+X memory, packet and vsock sockets, a write outside the state dir and setuid fail, pid 1 is
+    invisible and /dev holds only the harmless nodes."""
     why = missing_tools()
     if why:
         pytest.skip(f"cannot apply the unit's sandbox here: {why}")
@@ -162,7 +163,9 @@ def test_the_sandbox_applies_what_it_claims() -> None:
             "tried('inet', lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM).close())\n"
             f"tried('write-elsewhere', lambda: open('{elsewhere}/x', 'w'))\n"
             f"tried('write-state', lambda: open('{state}/x', 'w').close())\n"
-            "tried('setuid', lambda: os.setuid(0))\n")
+            "tried('setuid', lambda: os.setuid(0))\n"
+            "tried('see-pid1', lambda: os.stat('/proc/1'))\n"
+            "print('dev', ','.join(sorted(os.listdir('/dev'))))\n")
         policy = state / "policy.json"
         argv = sandbox_argv(read_unit(UNIT), [SYSTEM_PYTHON, "-c", probe], 65534, 65534, state, policy)
         policy.chmod(0o644)
@@ -171,7 +174,8 @@ def test_the_sandbox_applies_what_it_claims() -> None:
         seen = dict(line.split() for line in r.stdout.splitlines())
         # AF_VSOCK needs no privilege (where the kernel has it, as here): only RestrictAddressFamilies refuses it.
         assert seen == {"wx": "refused", "packet": "refused", "vsock": "refused", "inet": "allowed", "write-elsewhere": "refused",
-                        "write-state": "allowed", "setuid": "refused"}, r.stdout + r.stderr
+                        "write-state": "allowed", "setuid": "refused", "see-pid1": "refused",
+                        "dev": "full,null,random,tty,urandom,zero"}, r.stdout + r.stderr
     finally:
         shutil.rmtree(state, ignore_errors=True)
         shutil.rmtree(elsewhere, ignore_errors=True)

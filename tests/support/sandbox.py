@@ -9,13 +9,15 @@ unit file itself, so a line added there that breaks the node breaks the test too
   --bounding-set -all --inh-caps -all --ambient-caps -all`;
 - ProtectSystem=strict with StateDirectory=: a private mount namespace whose / is read-only, with the state
   directory bound read-write (`unshare --mount`); ProtectHome=yes: tmpfs over /home and /root;
+  PrivateDevices=: a /dev of null, zero, full, random, urandom and tty only; ProtectProc=invisible: /proc
+  mounted anew with hidepid=invisible;
 - MemoryDenyWriteExecute=: prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN), the kernel's own form of it (6.3+);
 - SystemCallFilter= (with systemd's groups from `systemd-analyze syscall-filter`), SystemCallErrorNumber=,
   SystemCallArchitectures=native and RestrictAddressFamilies=: a seccomp filter (python3-seccomp).
 
-Not applied (need systemd or change nothing a node does): PrivateTmp, PrivateDevices, the Protect* of kernel
-tunables, modules, logs, clock, hostname, control groups and /proc, RestrictNamespaces, RestrictRealtime,
-RestrictSUIDSGID, LockPersonality, RemoveIPC, KeyringMode, UMask.
+Not applied (need systemd, or would hide the test's own files, or change nothing a node does): PrivateTmp,
+PrivateMounts, the Protect* of kernel tunables, modules, logs, clock, hostname and control groups,
+RestrictNamespaces, RestrictRealtime, RestrictSUIDSGID, LockPersonality, RemoveIPC, KeyringMode, UMask.
 
 The launcher half (`python3 sandbox.py exec ...`) runs as the service user after setpriv and needs only the
 standard library and the `seccomp` module (Debian: python3-seccomp), so it runs under the system Python.
@@ -127,9 +129,15 @@ def sandbox_argv(unit: Unit, argv: list[str], uid: int, gid: int, state_dir: Pat
         "mdwe": unit.get("MemoryDenyWriteExecute") == "yes",
     }
     policy_file.write_text(json.dumps(policy))
-    mounts = (f"mount -o remount,bind,ro / && mount --bind {state_dir} {state_dir} && "
+    # PrivateDevices: a /dev of the harmless nodes only; ProtectProc=invisible: other users' processes hidden.
+    devices = "null zero full random urandom tty"
+    mounts = (f"mount -t tmpfs -o mode=0755,nosuid tmpfs /mnt && "
+              f"for n in {devices}; do touch /mnt/$n && mount --bind /dev/$n /mnt/$n || exit 1; done && "
+              f"mount --move /mnt /dev && "
+              f"mount -o remount,bind,ro / && mount --bind {state_dir} {state_dir} && "
               f"mount -o remount,bind,rw {state_dir} && mount -t tmpfs -o ro tmpfs /home && "
-              f"mount -t tmpfs -o ro tmpfs /root && exec \"$@\"")
+              f"mount -t tmpfs -o ro tmpfs /root && "
+              f"mount -t proc -o hidepid=invisible proc /proc && exec \"$@\"")
     setpriv = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
                "--bounding-set=-all", "--inh-caps=-all", "--ambient-caps=-all"]
     launcher = [SYSTEM_PYTHON, str(Path(__file__).resolve()), "exec", str(policy_file), "--"]
