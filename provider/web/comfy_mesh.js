@@ -33,13 +33,13 @@ function fmtBytes(n) {
 function fmtMs(ms) {
   if (ms == null) return "?";
   if (ms >= 60000) return `${(ms / 60000).toFixed(1)} min`;
-  if (ms >= 1000) return `${(ms / 1000).toFixed(2)} s`;
+  if (ms >= 1000) return `${(ms / 1000).toFixed(1)} s`;
   return `${Number(ms).toFixed(ms < 10 ? 1 : 0)} ms`;
 }
 
 function badgeText(s) {
   const saved = s.saved_ms == null ? "" : ` · saved ${fmtMs(s.saved_ms)}`;
-  return `mesh ⇐ ${s.member || "?"} · ${fmtBytes(s.bytes)} · ${fmtMs(s.ms)}${saved}`;
+  return `mesh ⇐ ${s.member || "?"} · ${fmtBytes(s.bytes)} in ${fmtMs(s.ms)}${saved}`;
 }
 
 function findNode(id) {
@@ -89,7 +89,8 @@ function mark(served) {
   unmark(node);
   node.comfyMesh = served;
   if (Array.isArray(node.badges) && typeof window.LGraphBadge === "function") {
-    const badge = new window.LGraphBadge({ text: badgeText(served), fgColor: "#ffffff", bgColor: BADGE_BG });
+    const badge = new window.LGraphBadge({ text: badgeText(served), fgColor: "#ffffff", bgColor: BADGE_BG,
+                                           fontSize: 10, height: 17, padding: 4 });
     badge.comfyMesh = true;
     node.badges.push(badge);
   } else {
@@ -146,11 +147,11 @@ function renderPanel() {
     box.append(el("div", {}, `provider: ${s.settings?.enabled === false ? "off" : "on"}`
       + (s.settings?.never?.length ? `, never cached: ${s.settings.never.join(", ")}` : "")));
     const table = el("table", { id: "comfy-mesh-members", style: "border-collapse:collapse;margin:6px 0;width:100%" });
-    table.append(el("tr", {}, ...["member", "address", "state", "keys", "bytes"].map((h) => el("th", { style: cell }, h))));
+    table.append(el("tr", {}, ...["member", "state", "keys", "bytes"].map((h) => el("th", { style: cell }, h))));
     for (const m of s.members || []) {
       const color = STATE_COLORS[m.state] || "inherit";
-      table.append(el("tr", { "data-member": m.node_id, "data-state": m.state },
-        el("td", { style: cell }, m.node_id + (m.self ? " (this)" : "")), el("td", { style: cell }, m.address),
+      table.append(el("tr", { "data-member": m.node_id, "data-state": m.state, title: m.address },
+        el("td", { style: cell }, m.node_id + (m.self ? " (this)" : "")),
         el("td", { style: `${cell};color:${color};font-weight:bold` }, m.state), el("td", { style: cell }, m.keys),
         el("td", { style: cell }, fmtBytes(m.bytes))));
     }
