@@ -11,8 +11,8 @@ import this checkout's `mesh`), without selenium, or without Debian's `chromium`
     COMFYUI_DIR=/tmp/comfy/ComfyUI COMFYUI_PYTHON=/tmp/comfy/venv/bin/python PYTHONPATH=$PWD:/tmp/comfy/stubs \
         .venv/bin/python -m pytest -q tests/test_comfyui_web.py
 
-COMFY_MESH_SCREENSHOTS=DIR keeps the screenshots (badge.png, panel.png) there; by default they go to pytest's
-tmp folder. docs/webui-badge.png and docs/webui-panel.png in the README were made so.
+COMFY_MESH_SCREENSHOTS=DIR keeps the screenshots (webui-badge.png, webui-panel.png) there; by default they go to
+pytest's tmp folder. The README's docs/webui-*.png were made with COMFY_MESH_SCREENSHOTS=docs.
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def test_b_page_marks_the_nodes_served_from_the_mesh_and_lists_both_members(
     text = browser.find_element("id", "comfy-mesh-panel").text
     assert "hit ratio" in text and "compute saved" in text and "memory:" in text
     time.sleep(0.5)  # one frame of the canvas: a screenshot, not a condition
-    browser.save_screenshot(str(shots / "panel.png"))
+    browser.save_screenshot(str(shots / "webui-panel.png"))
     browser.set_window_size(1500, 300)
     browser.find_element("css selector", ".comfy-mesh-tab-button").click()  # closed: the canvas alone
     browser.execute_script("""  // room for each badge over its node, for the screenshot
@@ -189,4 +189,4 @@ def test_b_page_marks_the_nodes_served_from_the_mesh_and_lists_both_members(
         app.canvas.ds.offset = [0, 0]; app.graph.setDirtyCanvas(true, true);
     """)
     time.sleep(0.5)
-    browser.save_screenshot(str(shots / "badge.png"))
+    browser.save_screenshot(str(shots / "webui-badge.png"))
