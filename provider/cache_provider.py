@@ -330,6 +330,11 @@ class MeshCacheProvider:
         except Exception:
             log.debug("prompt accounting failed", exc_info=True)
 
+    def totals_copy(self) -> dict[str, float]:
+        """The running totals, copied under the lock (for the web page's status)."""
+        with self._lock:
+            return dict(self.totals)
+
     # -- for `mesh stats` --------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, float]:

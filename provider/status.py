@@ -35,8 +35,7 @@ def _stats_reply(runtime: Runtime, timeout: float) -> Any:
 def provider_part(runtime: Runtime) -> dict[str, Any]:
     """The provider's counters of this ComfyUI: no network, so the panel has them even with the mesh down."""
     p = runtime.provider
-    with p._lock:
-        t = dict(p.totals)
+    t = p.totals_copy()
     bridge = p.bridge.counters
     looked = t["hits"] + t["misses"] - t["repeats"]  # a node missed twice in one prompt counts once
     return {
