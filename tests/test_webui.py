@@ -263,3 +263,29 @@ def test_the_web_directory_holds_the_extension() -> None:
         assert api in script
     # feature-detected: a frontend without the extension manager or badges loses that part only
     assert 'typeof manager.registerSidebarTab === "function"' in script and "drawFallback" in script
+
+
+def test_routes_and_events_are_added_to_comfyuis_server_where_it_has_them(pair: Any, monkeypatch: Any) -> None:
+    import sys
+    import types
+
+    from provider.comfy import add_web_routes
+
+    a, b = pair
+    monkeypatch.setitem(sys.modules, "server", types.ModuleType("server"))  # a ComfyUI without PromptServer
+    assert add_web_routes(lambda: b, lambda: "") is False and b.provider.on_served is None
+
+    prompt_server = FakePromptServer()
+    prompt_server.routes = web.RouteTableDef()  # type: ignore[attr-defined]
+    module = types.ModuleType("server")
+    module.PromptServer = type("PromptServer", (), {"instance": prompt_server})  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "server", module)
+    try:
+        assert add_web_routes(lambda: b, lambda: "") is True
+        paths = {(r.method, r.path) for r in prompt_server.routes}  # type: ignore[attr-defined]
+        assert paths == {("GET", "/comfy-mesh/status"), ("GET", "/comfy-mesh/settings"),
+                         ("POST", "/comfy-mesh/settings")}
+        b.provider.on_served(Served("9", "X", "comfy-a", 1, 0.001, None))  # type: ignore[misc]
+        assert prompt_server.sent[0][0] == EVENT and prompt_server.sent[0][2] == "page-of-b"
+    finally:
+        b.provider.on_served = None
