@@ -289,3 +289,29 @@ def test_routes_and_events_are_added_to_comfyuis_server_where_it_has_them(pair: 
         assert prompt_server.sent[0][0] == EVENT and prompt_server.sent[0][2] == "page-of-b"
     finally:
         b.provider.on_served = None
+
+
+def test_status_in_sidecar_mode_is_the_sidecars_view() -> None:
+    from tests.support.localmesh import LocalMesh
+
+    with LocalMesh(secret=SECRET.encode()) as mesh:
+        mesh.start(2)
+        mesh.wait_members(2)
+        rt = runtime("--mode", "sidecar", "--node", mesh.nodes[0].address)
+        try:
+            data = status_of(rt)
+        finally:
+            rt.close()
+    assert data["mode"] == "sidecar" and data["mesh_error"] is None and data["node_id"] == "node0"
+    assert {m["node_id"]: m["state"] for m in data["members"]} == {"node0": "ALIVE", "node1": "ALIVE"}
+
+
+def status_of(rt: Any) -> dict[str, Any]:
+    async def go() -> dict[str, Any]:
+        client = await _client(WebRoutes(lambda: rt))
+        try:
+            return await (await client.get("/comfy-mesh/status")).json()
+        finally:
+            await client.close()
+
+    return asyncio.run(go())
