@@ -181,11 +181,11 @@ def test_b_page_marks_the_nodes_served_from_the_mesh_and_lists_both_members(
     assert "hit ratio" in text and "compute saved" in text and "memory:" in text
     time.sleep(0.5)  # one frame of the canvas: a screenshot, not a condition
     browser.save_screenshot(str(shots / "webui-panel.png"))
-    browser.set_window_size(1500, 300)
+    browser.set_window_size(1800, 330)
     browser.find_element("css selector", ".comfy-mesh-tab-button").click()  # closed: the canvas alone
     browser.execute_script("""  // room for each badge over its node, for the screenshot
         const app = window.comfyAPI.app.app;
-        [...app.graph.nodes].sort((x, y) => x.id - y.id).forEach((n, i) => { n.pos = [90 + i * 330, 110]; });
+        [...app.graph.nodes].sort((x, y) => x.id - y.id).forEach((n, i) => { n.pos = [40 + i * 420, 150]; });
         app.canvas.ds.offset = [0, 0]; app.graph.setDirtyCanvas(true, true);
     """)
     time.sleep(0.5)
