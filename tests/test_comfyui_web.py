@@ -103,6 +103,12 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
+def set_setting(inst: Instance, name: str, value: object) -> None:
+    """A ComfyUI user setting, stored by the server (what the settings dialog does)."""
+    urllib.request.urlopen(urllib.request.Request(f"{inst.url}/settings/{name}", data=json.dumps(value).encode(),
+                                                  method="POST"), timeout=10).close()
+
+
 def b_settings(inst: Instance) -> dict[str, Any]:
     return http(inst.url + "/comfy-mesh/settings")
 
@@ -110,26 +116,16 @@ def b_settings(inst: Instance) -> dict[str, Any]:
 def open_page(driver: Any, inst: Instance) -> None:
     """B's page with the frontend and every extension loaded (ours sets window.comfyMesh)."""
     # A first visit opens the templates browser over the canvas; a user who has seen it does not get it.
-    urllib.request.urlopen(urllib.request.Request(inst.url + "/settings/Comfy.TutorialCompleted", data=b"true",
-                                                  method="POST"), timeout=10).close()
+    set_setting(inst, "Comfy.TutorialCompleted", True)
     driver.get(inst.url)
     wait_for(lambda: driver.execute_script(
         "return !!(window.comfyAPI?.app?.app?.graph && window.comfyMesh && window.LGraphBadge)"),
         "the frontend and the comfy-mesh extension loaded", PAGE_TIMEOUT)
 
 
-def test_b_page_marks_the_nodes_served_from_the_mesh_and_lists_both_members(
-        comfyuis: tuple[Instance, Instance], browser: Any, shots: Path) -> None:
-    a, b = comfyuis
-    seed = int(time.time()) % 100000
-    before = a.provider_stats()
-    a.run(workflow(seed))
-    a.stores_settled(before)
-    assert a.executions() == 1
-
-    open_page(browser, b)
-    # The same prompt, loaded into B's canvas and queued from the page (so B's events go to this page).
-    loaded = browser.execute_async_script("""
+def queue_on_page(driver: Any, prompt: dict[str, Any], shots: Path) -> None:
+    """Load `prompt` into the page's canvas and queue it from there (so the page gets the prompt's events)."""
+    loaded = driver.execute_async_script("""
         const done = arguments[arguments.length - 1];
         const app = window.comfyAPI.app.app;
         (async () => {
@@ -145,10 +141,23 @@ def test_b_page_marks_the_nodes_served_from_the_mesh_and_lists_both_members(
             if (outputs.length === 4) await app.queuePrompt(0);
             done(outputs);
         })().catch(e => done(String(e)));
-    """, workflow(seed))
+    """, prompt)
     if loaded != ["1", "2", "3", "4"]:
-        browser.save_screenshot(str(shots / "failed-load.png"))
+        driver.save_screenshot(str(shots / "failed-load.png"))
     assert loaded == ["1", "2", "3", "4"], loaded
+
+
+def test_b_page_marks_the_nodes_served_from_the_mesh_and_lists_both_members(
+        comfyuis: tuple[Instance, Instance], browser: Any, shots: Path) -> None:
+    a, b = comfyuis
+    seed = int(time.time()) % 100000
+    before = a.provider_stats()
+    a.run(workflow(seed))
+    a.stores_settled(before)
+    assert a.executions() == 1
+
+    open_page(browser, b)
+    queue_on_page(browser, workflow(seed), shots)
     served = wait_for(lambda: browser.execute_script(
         "const s = window.comfyMesh.served.get(arguments[0]); return s ? JSON.stringify(s) : null", SLOW_NODE),
         "a comfy-mesh.served event for the slow node on B's page", PAGE_TIMEOUT)
@@ -190,3 +199,26 @@ def test_b_page_marks_the_nodes_served_from_the_mesh_and_lists_both_members(
     """)
     time.sleep(0.5)
     browser.save_screenshot(str(shots / "webui-badge.png"))
+
+
+def test_with_nodes_2_0_the_mark_is_on_the_node_element(comfyuis: tuple[Instance, Instance], browser: Any,
+                                                        shots: Path) -> None:
+    """ComfyUI's "Modern Node Design" renders nodes as DOM elements (data-node-id): the badge goes there too."""
+    a, b = comfyuis
+    seed = int(time.time()) % 100000 + 100000
+    before = a.provider_stats()
+    a.run(workflow(seed))
+    a.stores_settled(before)
+    set_setting(b, "Comfy.VueNodes.Enabled", True)
+    try:
+        open_page(browser, b)
+        assert browser.execute_script(
+            "return window.comfyAPI.app.app.extensionManager.setting.get('Comfy.VueNodes.Enabled')") is True
+        queue_on_page(browser, workflow(seed), shots)
+        text = wait_for(lambda: browser.execute_script(
+            "return document.querySelector('[data-node-id=\"2\"] > .comfy-mesh-badge')?.textContent"),
+            "the mesh badge on the slow node's element", PAGE_TIMEOUT)
+        assert "comfy-a" in text and "saved" in text, text
+        assert b.executions() == 0
+    finally:
+        set_setting(b, "Comfy.VueNodes.Enabled", False)

@@ -76,6 +76,27 @@ function drawFallback(node) {
   };
 }
 
+// Nodes 2.0 (Vue nodes, DOM elements with data-node-id) may not draw canvas badges: the same text in the DOM.
+function domNode(id) {
+  try { return document.querySelector(`[data-node-id="${CSS.escape(String(id))}"]`); } catch (e) { return null; }
+}
+
+function markDom(served) {
+  const element = domNode(served.node_id);
+  if (!element) return;
+  element.querySelector(":scope > .comfy-mesh-badge")?.remove();
+  const badge = document.createElement("div");
+  badge.className = "comfy-mesh-badge";
+  badge.textContent = badgeText(served);
+  badge.style.cssText = `position:absolute;left:0;bottom:100%;margin-bottom:4px;padding:1px 5px;border-radius:4px;`
+    + `background:${BADGE_BG};color:#fff;font-size:10px;white-space:nowrap;pointer-events:none;z-index:10`;
+  element.append(badge);
+}
+
+function unmarkDom(id) {
+  domNode(id)?.querySelector(":scope > .comfy-mesh-badge")?.remove();
+}
+
 function unmark(node) {
   if (!node) return;
   delete node.comfyMesh;
@@ -84,6 +105,7 @@ function unmark(node) {
 
 function mark(served) {
   state.served.set(String(served.node_id), served);
+  markDom(served);
   const node = findNode(served.node_id);
   if (!node) return;
   unmark(node);
@@ -101,7 +123,7 @@ function mark(served) {
 }
 
 function clearMarks() {
-  for (const id of state.served.keys()) unmark(findNode(id));
+  for (const id of state.served.keys()) { unmark(findNode(id)); unmarkDom(id); }
   state.served.clear();
   redraw();
 }
