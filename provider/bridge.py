@@ -60,10 +60,14 @@ class Decoder(Sink, Protocol):
 
 @dataclass(frozen=True)
 class Found:
-    """A lookup's answer when the key was there: the decoded value and the size of the blob it came from."""
+    """A lookup's answer when the key was there: the decoded value, the size of the blob it came from, and what
+    its header says about it (meta such as the compute time it cost its writer; writers, oldest first), so the
+    web page can say where a served node came from and what it saved."""
 
     value: object
     size: int
+    meta: Mapping[str, str] = field(default_factory=dict)
+    writers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -199,6 +203,7 @@ class Bridge:
                 self._finish(waiting, None, "misses")
                 return
             size = sink.received
+            header = sink.header
             value = sink.finish()  # the chunks went once, as they arrived, straight into the value's tensors
         except MeshError as e:
             self._trip(e)
@@ -209,7 +214,9 @@ class Bridge:
             self._finish(waiting, None, "errors")
             return
         self._count("bytes_in", size)
-        self._finish(waiting, Found(value, size), "hits")
+        meta = dict(getattr(header, "meta", None) or {})
+        writers = tuple(getattr(header, "writers", None) or ())
+        self._finish(waiting, Found(value, size, meta, writers), "hits")
 
     def _finish(self, waiting: list[futures.Future[Found | None]], value: Found | None, counter: str) -> None:
         self._count(counter, len(waiting))

@@ -24,10 +24,12 @@ from mesh.buffers import RESERVE
 from mesh.units import format_size
 
 from .bridge import Bridge
+from .events import COMPUTE_META, Served, compute_seconds
 from .identity import Identity, KeyIdentities
 from .policy import Policy, value_tree
 
 MAX_CLASS_TYPES = 512
+MAX_TIMED = 4096  # compute times measured and not yet stored (a store that never comes must not grow this)
 log = logging.getLogger("comfy_mesh")
 
 CONTENT = "comfy-value/1"
@@ -39,12 +41,15 @@ class PromptStats:
     lookups: int = 0
     hits: int = 0
     misses: int = 0
+    repeats: int = 0                  # of the misses, second lookups of a key already missed in this prompt
+    saved_seconds: float = 0.0        # compute time the hits cost their writers, where they carried it
     errors: int = 0
     unshared: int = 0                 # of the misses, keys not shared at all (identity unknown or pending)
     bytes: int = 0                    # blob bytes of the hits, as they came from the mesh
     lookup_seconds: float = 0.0
     started: float = field(default_factory=time.monotonic)
     known_misses: set[str] = field(default_factory=set)
+    looked_up: dict[str, float] = field(default_factory=dict)  # digest -> when its last lookup ended
 
     def line(self) -> str:
         return (f"comfy-mesh prompt {self.prompt_id}: {self.lookups} lookups, {self.hits} hits, {self.misses} misses, "
@@ -108,7 +113,13 @@ class MeshCacheProvider:
         self.prompt = PromptStats()
         self.totals: dict[str, float] = {"prompts": 0, "lookups": 0, "hits": 0, "misses": 0, "errors": 0,
                                          "bytes": 0, "stores": 0, "stores_dropped": 0, "lookup_seconds": 0.0,
-                                         "lookups_unshared": 0, "stores_unshared": 0}
+                                         "lookups_unshared": 0, "stores_unshared": 0, "repeats": 0,
+                                         "saved_seconds": 0.0}
+        # Called with each node served from the mesh, on ComfyUI's prompt thread: it must only hand off
+        # (provider/web.py sends it to the page with PromptServer.send_sync). None: nobody listens.
+        self.on_served: Callable[[Served], None] | None = None
+        # digest -> seconds its node took to compute here (last lookup to store), for the stored meta
+        self._computed: dict[str, float] = {}
         self._lock = threading.Lock()
         self.fast_keys: Any = None  # provider/fastkeys.py, when installed into ComfyUI
         # provider/identity.py: what each key depends on beyond its names; None only with MESH_IDENTITY=0
@@ -141,10 +152,22 @@ class MeshCacheProvider:
         """The class rules only, for a lookup and for a store alike: one dictionary lookup. Whether a value can
         be stored (representable, not too large) is decided by walking it, on the store thread (Policy)."""
         try:
+            if value is not None:
+                self._timed(context.cache_key_hash)
             return self.policy.allows_class(context.class_type)
         except Exception:
             log.debug("should_cache failed", exc_info=True)
             return False
+
+    def _timed(self, digest: str) -> None:
+        """ComfyUI asks should_cache(context, value) right after the node ran, and looked it up right before:
+        the time between is what it cost to compute, stored with the value so a hit can say what it saved."""
+        started = self.prompt.looked_up.pop(digest, None)
+        if started is None:
+            return
+        if len(self._computed) >= MAX_TIMED:
+            self._computed.clear()
+        self._computed[digest] = time.perf_counter() - started
 
     async def on_lookup(self, context: Any) -> Any:
         started = time.perf_counter()
@@ -164,6 +187,7 @@ class MeshCacheProvider:
                 return None
             if key in prompt.known_misses:
                 prompt.misses += 1
+                prompt.repeats += 1
                 outcome = 2
                 return None
             found = await self._submit(key)  # answered, or failed with TimeoutError, within lookup_timeout
@@ -176,6 +200,10 @@ class MeshCacheProvider:
             prompt.hits += 1
             prompt.bytes += found.size
             outcome = 1
+            saved = compute_seconds(found.meta)
+            prompt.saved_seconds += saved or 0.0
+            if self.on_served is not None:
+                self._served(context, found, time.perf_counter() - started, saved)
             return value
         except Exception as e:  # timeouts included: a miss, never an error in the prompt
             prompt.errors += 1
@@ -184,9 +212,22 @@ class MeshCacheProvider:
             log.debug("lookup of %s failed: %r", getattr(context, "class_type", "?"), e)
             return None
         finally:
-            seconds = time.perf_counter() - started
+            ended = time.perf_counter()
+            seconds = ended - started
             prompt.lookup_seconds += seconds
+            if outcome != 1:
+                prompt.looked_up[getattr(context, "cache_key_hash", "")] = ended  # it runs next, if this was its last
             self._count_class(str(getattr(context, "class_type", "?")), outcome, seconds)
+
+    def _served(self, context: Any, found: Any, seconds: float, saved: float | None) -> None:
+        """Tell whoever listens (the web page) which node the mesh served; never fails the lookup."""
+        try:
+            self.on_served(Served(  # type: ignore[misc]
+                node_id=str(getattr(context, "node_id", "")), class_type=str(context.class_type),
+                member=found.writers[0] if found.writers else "", bytes=found.size, seconds=seconds,
+                saved_seconds=saved, prompt_id=self.prompt.prompt_id))
+        except Exception:
+            log.debug("served event failed", exc_info=True)
 
     def _count_class(self, class_type: str, outcome: int, seconds: float) -> None:
         row = self.by_class.get(class_type)
@@ -254,6 +295,9 @@ class MeshCacheProvider:
                     self.totals["stores_unshared"] += 1
                 return
             meta = {"class_type": str(context.class_type), "content": CONTENT}
+            computed = self._computed.pop(context.cache_key_hash, None)
+            if computed is not None:
+                meta[COMPUTE_META] = f"{computed * 1000:.0f}"
             if identity is not None:
                 meta["identity"] = identity.describe()  # what `mesh keys` and `mesh get --describe` show
             queued = self.bridge.store(key, value_tree(value.outputs, value.ui), meta)
@@ -279,11 +323,17 @@ class MeshCacheProvider:
                 log.info(prompt.line())
             with self._lock:
                 self.totals["prompts"] += 1
-                for name in ("lookups", "hits", "misses", "errors", "bytes", "lookup_seconds"):
+                for name in ("lookups", "hits", "misses", "errors", "bytes", "lookup_seconds", "repeats",
+                             "saved_seconds"):
                     self.totals[name] += getattr(prompt, name)
                 self.totals["lookups_unshared"] += prompt.unshared
         except Exception:
             log.debug("prompt accounting failed", exc_info=True)
+
+    def totals_copy(self) -> dict[str, float]:
+        """The running totals, copied under the lock (for the web page's status)."""
+        with self._lock:
+            return dict(self.totals)
 
     # -- for `mesh stats` --------------------------------------------------------------------------------------
 

@@ -25,6 +25,27 @@ def _traits(nodes_module: Any) -> Any:
     return traits
 
 
+def add_web_routes(runtime: Any, reason: Any) -> bool:
+    """Routes under /comfy-mesh/ on ComfyUI's server, and served-node events to its pages; False (nothing added)
+    on a ComfyUI without PromptServer routes or send_sync."""
+    try:
+        import server
+    except ImportError:
+        return False
+    prompt_server = getattr(getattr(server, "PromptServer", None), "instance", None)
+    routes = getattr(prompt_server, "routes", None)
+    if routes is None or not hasattr(routes, "get"):
+        log.info("comfy-mesh: this ComfyUI's server takes no routes; no web page")
+        return False
+    from .routes import WebRoutes, served_sender
+
+    WebRoutes(runtime, reason).add_to(routes)
+    current = runtime()
+    if current is not None and hasattr(prompt_server, "send_sync"):
+        current.provider.on_served = served_sender(prompt_server)
+    return True
+
+
 def install() -> Any:
     """Start the mesh and register the provider; returns the runtime, or None when there is nothing to do."""
     config = ProviderConfig.load()

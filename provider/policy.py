@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mesh import codec
@@ -44,18 +44,40 @@ class Policy:
         self._lock = threading.Lock()
         self._by_class: dict[str, bool] = {}
         self._refused_logged: set[str] = set()
+        # Changed at run time from ComfyUI's settings dialog (provider/web.py): off, and classes never cached on
+        # top of MESH_DENY. Off means should_cache says no, so ComfyUI neither looks up nor stores.
+        self.enabled = True
+        self._never: frozenset[str] = frozenset()
+
+    def configure(self, *, enabled: bool | None = None, never: Iterable[str] | None = None) -> None:
+        """Apply the run-time settings; the per-class decisions are made again from the next should_cache."""
+        with self._lock:
+            if never is not None:
+                self._never = frozenset(c.strip() for c in never if c.strip())
+            if enabled is not None:
+                self.enabled = bool(enabled)
+            self._by_class = {}
+
+    def settings(self) -> dict[str, object]:
+        """The run-time settings and the configured lists they add to (for the web page)."""
+        return {"enabled": self.enabled, "never": sorted(self._never), "deny": sorted(self._deny),
+                "allow": sorted(self._allow)}
 
     def allows_class(self, class_type: str) -> bool:
+        if not self.enabled:
+            return False
         known = self._by_class.get(class_type)
         if known is not None:
             return known
+        by_class = self._by_class
         decision = self._decide_class(class_type)
         with self._lock:
-            self._by_class[class_type] = decision
+            if by_class is self._by_class:  # not decided under settings that changed meanwhile
+                by_class[class_type] = decision
         return decision
 
     def _decide_class(self, class_type: str) -> bool:
-        if class_type in self._deny or (self._allow and class_type not in self._allow):
+        if class_type in self._deny or class_type in self._never or (self._allow and class_type not in self._allow):
             return False
         try:
             traits = self._traits(class_type)

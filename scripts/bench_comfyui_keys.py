@@ -17,6 +17,8 @@ Benchmark (default). Four ComfyUI instances run side by side, each in its own ba
   mesh-fast  the same with MESH_FAST_KEYS=1 (a provider without that switch runs the same as "mesh").
   mesh-names mesh-fast with MESH_IDENTITY=0: keys by names alone, without the identity of the model files and
              node packs behind them (provider/identity.py); mesh-fast vs mesh-names is what the identity costs.
+  mesh-before  mesh-fast with another provider folder linked (--before DIR, e.g. a checkout of an earlier
+             commit's provider/): mesh-fast vs mesh-before is what a change costs, measured in the same run.
 Every prompt is a chain of N cheap image nodes that need no model (EmptyImage, then ImageInvert and ImageBlur
 in turn) ending in a no-op output node (BenchSink, in every instance, so that no PNG is written). Each prompt
 gets a colour never used before, so every node misses every cache (checked: `execution_cached` must be empty).
@@ -62,6 +64,8 @@ sys.path.insert(0, str(ROOT))
 from scripts.comfyui_e2e import comfyui_argv, stop_process  # noqa: E402
 
 CASES = ("none", "null", "null-fast", "mesh", "mesh-fast", "mesh-names")
+ALL_CASES = CASES + ("mesh-before",)  # mesh-before only when asked for, with --before
+BEFORE: Path | None = None  # --before: the provider folder mesh-before links
 DEFAULT_SIZES = (5, 30)
 PROMPT_TIMEOUT = 60.0     # seconds one prompt may take, all of it
 START_TIMEOUT = 300.0     # seconds an instance may take to answer /system_stats (several start at once)
@@ -234,8 +238,9 @@ class Instance:
             (nodes / "bench_null_provider" / "__init__.py").write_text(
                 NULL_PROVIDER if case == "null" else NULL_FAST_PROVIDER)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
-        if case in ("mesh", "mesh-fast", "mesh-names"):
-            (nodes / "comfy_mesh").symlink_to(ROOT / "provider", target_is_directory=True)
+        if case in ("mesh", "mesh-fast", "mesh-names", "mesh-before"):
+            provider = BEFORE if case == "mesh-before" and BEFORE is not None else ROOT / "provider"
+            (nodes / "comfy_mesh").symlink_to(provider, target_is_directory=True)
             env.update({"MESH_SECRET": SECRET, "MESH_LISTEN": "127.0.0.1:0", "MESH_MIN_FREE_RAM": "0",
                         "MESH_NODE_ID": f"bench-{name}", "MESH_CLUSTER": f"bench-{name}",
                         "MESH_FAST_KEYS": "0" if case == "mesh" else "1",
@@ -467,6 +472,11 @@ def report(out: dict[str, Any], cases: list[str], sizes: list[int]) -> None:
             m, z = res["mesh-fast"][str(n)]["exec_ms"], res["null-fast"][str(n)]["exec_ms"]
             print(f"comfy-mesh's own cost, N={n}: mesh-fast - null-fast = {(m['median'] - z['median']) / n * 1000:.0f} "
                   f"us/node by medians, {(m['mean'] - z['mean']) / n * 1000:.0f} us/node by means")
+    if "mesh-fast" in cases and "mesh-before" in cases:
+        for n in sizes:
+            m, z = res["mesh-fast"][str(n)]["exec_ms"], res["mesh-before"][str(n)]["exec_ms"]
+            print(f"the change's cost, N={n}: mesh-fast / mesh-before = {m['median'] / z['median']:.3f} by medians, "
+                  f"{m['mean'] / z['mean']:.3f} by means ({(m['mean'] - z['mean']) / n * 1000:+.0f} us/node)")
     if "mesh-fast" in cases and "mesh-names" in cases:
         for n in sizes:
             m, z = res["mesh-fast"][str(n)]["exec_ms"], res["mesh-names"][str(n)]["exec_ms"]
@@ -528,7 +538,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--check-sharing", action="store_true", help="only check that mesh-fast and mesh share")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(ALL_CASES)}")
+    p.add_argument("--before", type=Path, help="mesh-before: the provider folder to link (an earlier provider/)")
     p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)), help="chain lengths N")
     p.add_argument("--prompts", type=int, default=30, help="measured prompts per case and size")
     p.add_argument("--warmup", type=int, default=3, help="unmeasured prompts per case and size first")
@@ -539,8 +550,13 @@ def main() -> int:
     args = p.parse_args()
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    if unknown := set(args.cases) - set(CASES):
+    if unknown := set(args.cases) - set(ALL_CASES):
         p.error(f"unknown case(s): {', '.join(sorted(unknown))}")
+    if "mesh-before" in args.cases:
+        if args.before is None or not (args.before / "__init__.py").is_file():
+            p.error("mesh-before needs --before DIR, a provider folder (with __init__.py)")
+        global BEFORE
+        BEFORE = args.before.resolve()
     if any(n < 1 for n in args.sizes):
         p.error("chain lengths must be >= 1")
 

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,8 @@ def test_the_wheel_installs_and_works_without_the_makefile_or_torch(tmp_path: Pa
     dist = tmp_path / "dist"
     sh(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(REPO))
     wheel = next(dist.glob("comfy_mesh-*.whl"))
+    with zipfile.ZipFile(wheel) as z:  # the web page's extension ships with the provider (its WEB_DIRECTORY)
+        assert "comfy_mesh_provider/web/comfy_mesh.js" in z.namelist()
     venv = tmp_path / "venv"
     sh(sys.executable, "-m", "venv", str(venv))
     py, mesh = venv / "bin" / "python", venv / "bin" / "mesh"
