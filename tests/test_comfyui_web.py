@@ -12,7 +12,7 @@ import this checkout's `mesh`), without selenium, or without Debian's `chromium`
         .venv/bin/python -m pytest -q tests/test_comfyui_web.py
 
 COMFY_MESH_SCREENSHOTS=DIR keeps the screenshots (webui-badge.png, webui-panel.png) there; by default they go to
-pytest's tmp folder. The README's docs/webui-*.png were made with COMFY_MESH_SCREENSHOTS=docs.
+pytest's tmp folder. The README's scripts/screenshots/webui-*.png were made with COMFY_MESH_SCREENSHOTS=scripts/screenshots.
 """
 
 from __future__ import annotations
