@@ -142,10 +142,8 @@ def load_as_comfyui(python: Path, *folders: Path, mode: str, comfy: Path | None 
 def test_a_clone_in_custom_nodes_loads_and_registers_with_only_its_requirements(tmp_path: Path) -> None:
     comfy = fake_comfyui(tmp_path / "ComfyUI")
     folder = clone(comfy / "custom_nodes" / "comfy-mesh")
-    # The web extension (branch webui) sets the provider's WEB_DIRECTORY; the root entry must pass it on.
-    (folder / "provider" / "web").mkdir()
-    with (folder / "provider" / "__init__.py").open("a") as f:
-        f.write('\nWEB_DIRECTORY = "./web"\n')
+    # The provider's WEB_DIRECTORY (the web page's extension) is relative to provider/: the root entry passes it on.
+    assert (folder / "provider" / "web" / "comfy_mesh.js").is_file()
     python = venv(tmp_path / "venv")
     # Before its requirements are installed, ComfyUI's log names the command that installs them, with real paths.
     seen, log = load_as_comfyui(python, folder, mode="nodes", cwd=tmp_path)
