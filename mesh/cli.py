@@ -19,6 +19,7 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import stat  # noqa: E402
 import sys
 import threading
@@ -28,16 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import mesh  # noqa: E402
-from mesh.address import with_port
+from mesh.address import WILDCARDS, join_hostport, split_hostport, with_port
 from mesh.files import write_atomic
-from mesh.transport.auth import SECRET_FILE_ENV, Keyring, load_keyring, load_secrets
+from mesh.transport.auth import SECRET_ENV, SECRET_FILE_ENV, Keyring, load_keyring, load_secrets
 from mesh.cluster.routing import ClusterConfig
 from mesh.transport.link import AUTO, MODES
 from mesh.membership.driver import Timing, ring_weights
-from mesh.node import DEFAULT_PORT, ConfigError, Node, NodeConfig
+from mesh.node import DEFAULT_PORT, ConfigError, Node, NodeConfig, advertised_host, check_data_dir, validate
 from mesh.pb.mesh_pb2 import MemberState
 from mesh.transport.peer import MeshError, PeerClient
-from mesh.settings import CONFIG_ENV, SettingError, check_table, read_file, resolve, serve_table_keys, settings_of
+from mesh.settings import (CONFIG_ENV, DEFAULT_CONFIG, ConfigFile, SettingError, load_config, resolve,
+                           settings_of)
 from mesh.transport.tls import TlsConfig, init_tls, load_tls
 from mesh.units import format_size, parse_size
 from mesh.transport.wire import Limits
@@ -120,7 +122,7 @@ def _tls(args: argparse.Namespace) -> TlsConfig | None:
 
 def _client(args: argparse.Namespace, limits: Limits | None = None) -> PeerClient:
     node = with_port(args.node, DEFAULT_PORT)  # `--node host` means the default port, not gRPC's 443
-    return PeerClient(node, load_keyring(args.secret_file), limits, timeout=_call_timeout(args), tls=_tls(args))
+    return PeerClient(node, _keyring(args), limits, timeout=_call_timeout(args), tls=_tls(args))
 
 
 # -- commands ----------------------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ def _serve_config(args: argparse.Namespace) -> NodeConfig:
         listen=args.listen, node_id=args.node_id or "", advertise=args.advertise or "",
         max_memory=parse_size(args.max_memory), min_free_ram=parse_size(args.min_free_ram),
         data_dir=args.data_dir or "", max_disk=parse_size(args.max_disk), metrics_listen=args.metrics_listen or "",
-        secret=load_keyring(args.secret_file) or (Keyring([args.file_secret.encode()]) if args.file_secret else None),
+        secret=_keyring(args),
         tls=_tls(args),
         limits=Limits(chunk_size=parse_size(args.chunk_size), max_blob_size=parse_size(args.max_blob_size),
                       max_chunk_size=parse_size(args.max_chunk_size),
@@ -568,40 +570,162 @@ def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
-_FILE_GLOBALS = {"secret_file": SECRET_FILE_ENV, "tls_cert": "MESH_TLS_CERT", "tls_key": "MESH_TLS_KEY",
-                 "tls_ca": "MESH_TLS_CA", "tls_server_name": "MESH_TLS_SERVER_NAME"}
+# -- configuration: flags, MESH_* variables, the shared TOML file, defaults -----------------------------------------
+
+_TLS_ENV = {"tls_cert": "MESH_TLS_CERT", "tls_key": "MESH_TLS_KEY", "tls_ca": "MESH_TLS_CA",
+            "tls_server_name": "MESH_TLS_SERVER_NAME"}
+# `mesh serve` settings that are byte sizes: checked where they are read, so a bad one names its setting.
+_SIZES = ("max_memory", "min_free_ram", "max_disk", "chunk_size", "max_blob_size", "max_chunk_size",
+          "max_message_size", "max_inflight")
 
 
-def _resolve_settings(args: argparse.Namespace) -> dict[str, str]:
-    """Serve settings from flags, MESH_* variables, the TOML file, defaults (mesh/settings.py)."""
-    file, path = read_file(args.config, os.environ)
-    settings = args.serve_settings
-    check_table(path, serve_table_keys(path), settings)
-    sources = resolve(args, settings, os.environ, file, path)
-    secret_from_env = SECRET_FILE_ENV in os.environ or "MESH_SECRET" in os.environ
-    for dest, env_name in _FILE_GLOBALS.items():  # the secret and TLS files may come from the file too
-        from_env = secret_from_env if dest == "secret_file" else env_name in os.environ
-        if getattr(args, dest) is None and not from_env and dest in file:
+def _configure(args: argparse.Namespace, problems: list[str] | None = None) -> None:
+    """Every command: read the config file (--config, MESH_CONFIG, else the default path), then fill what the
+    flags left open: the node to talk to, the secret and TLS files (`_resolve_client`), and for `serve` and
+    `config` every serve setting. With `problems` (`mesh config`), bad values are listed there, not raised."""
+    cfg = load_config(args.config, os.environ, args.serve_settings)
+    args.config_file = cfg
+    _resolve_client(args, cfg)
+    if args.command in ("serve", "config"):
+        args.settings_sources = resolve(args, args.serve_settings, os.environ, cfg.merged(), cfg.path, problems)
+        for dest in _SIZES:
+            try:
+                parse_size(getattr(args, dest))
+            except ValueError as e:
+                setting = args.serve_settings[dest]
+                error = SettingError(f"{setting.flag} ({_named_source(args.settings_sources[dest])}): {e}")
+                if problems is None:
+                    raise error from None
+                problems.append(str(error))
+                setattr(args, dest, setting.default)
+
+
+def _named_source(source: str) -> str:
+    """'env MESH_X' -> 'MESH_X', 'file P' -> 'in P': how an error names where a value came from."""
+    if source.startswith("env "):
+        return source[4:]
+    return f"in {source[5:]}" if source.startswith("file ") else source
+
+
+def _resolve_client(args: argparse.Namespace, cfg: ConfigFile) -> None:
+    """The node, the cluster secret and the TLS files of any command: a flag, else its MESH_* variable, else the
+    config file. So on a fleet whose file names them, `mesh status` needs no option at all. Records where each
+    came from (args.sources) for `mesh config`; the secret itself is never kept there."""
+    env, file = os.environ, cfg.merged()
+    sources: dict[str, str] = {}
+    in_file = f"in {cfg.path}"
+    if args.node is not None:
+        sources["node"] = "--node"
+    elif env.get(NODE_ENV):
+        args.node, sources["node"] = env[NODE_ENV], NODE_ENV
+    elif "node" in file:
+        args.node, sources["node"] = str(file["node"]), f"node {in_file}"
+    elif "listen" in cfg.serve:  # the node this host's `mesh serve` runs, wherever it listens
+        host, port = split_hostport(str(cfg.serve["listen"]))
+        args.node = join_hostport("127.0.0.1" if host in WILDCARDS else host, port)
+        sources["node"] = f"[serve] listen {in_file}"
+    else:
+        args.node, sources["node"] = f"127.0.0.1:{DEFAULT_PORT}", "default"
+    args.file_secret = ""
+    if args.secret_file is not None:
+        sources["secret"] = f"--secret-file {args.secret_file}"
+    elif SECRET_FILE_ENV in env:
+        sources["secret"] = f"{SECRET_FILE_ENV} ({env[SECRET_FILE_ENV]})"
+    elif SECRET_ENV in env:
+        sources["secret"] = f"{SECRET_ENV} (the environment)"
+    elif "secret_file" in file:
+        args.secret_file = str(file["secret_file"])
+        sources["secret"] = f"secret_file {args.secret_file} {in_file}"
+    elif "secret" in file:  # the provider reads a secret from the same file: every command does too
+        args.file_secret = str(file["secret"])
+        sources["secret"] = f"secret {in_file}"
+    else:
+        sources["secret"] = "none"
+    for dest, env_name in _TLS_ENV.items():
+        if getattr(args, dest) is not None:
+            sources[dest] = "--" + dest.replace("_", "-")
+        elif env_name in env:
+            sources[dest] = env_name
+        elif dest in file:
             setattr(args, dest, str(file[dest]))
-    # The provider reads a top-level `secret` from the same file: serve does too, below a flag or the env.
-    args.file_secret = (str(file["secret"]) if "secret" in file and args.secret_file is None and not secret_from_env
-                        else "")
-    return sources
+            sources[dest] = f"{dest} {in_file}"
+    args.sources = sources
+
+
+def _keyring(args: argparse.Namespace) -> Keyring | None:
+    """The cluster secrets as `_resolve_client` found them: a file, MESH_SECRET, or a secret in the config file."""
+    return load_keyring(args.secret_file) or (Keyring([args.file_secret.encode()]) if args.file_secret else None)
+
+
+def _default_node_id(listen: str) -> str:
+    """What `mesh serve` names itself without --node-id (mesh/node.py)."""
+    port = split_hostport(listen)[1] if listen else DEFAULT_PORT
+    return f"{socket.gethostname()}-{port if port else '<port>'}"
+
+
+def _config_view(args: argparse.Namespace, problems: list[str]) -> dict[str, Any]:
+    """What `mesh serve` would run as here: TLS, where the secret comes from (never the secret), the node id and
+    the address peers would dial; whatever cannot work is added to `problems`, naming the setting."""
+    tls: dict[str, Any] = {"enabled": False}
+    try:
+        node_config = _serve_config(args)
+        validate(node_config)
+    except (ValueError, OSError) as e:  # ConfigError, a size or a file that does not work
+        problems.append(str(e))
+        node_config = None
+    if args.tls_cert or args.tls_key or os.environ.get("MESH_TLS_CERT") or os.environ.get("MESH_TLS_KEY"):
+        tls = {"enabled": True, "mutual": bool(args.tls_ca or os.environ.get("MESH_TLS_CA")),
+               **{dest: {"value": getattr(args, dest) or os.environ.get(env, ""),
+                         "from": args.sources.get(dest, "default")} for dest, env in _TLS_ENV.items()}}
+    advertise = args.advertise or ""
+    if not advertise:
+        try:
+            host, port = split_hostport(args.listen)
+            advertise = join_hostport(advertised_host(host, ""), port) if port else f"{advertised_host(host, '')}:<port>"
+        except ValueError as e:
+            problems.append(str(e))
+    if args.data_dir:
+        try:
+            check_data_dir(args.data_dir)
+        except ConfigError as e:
+            problems.append(str(e))
+    secret = (args.secret_file or os.environ.get(SECRET_FILE_ENV)
+              or ("(MESH_SECRET)" if os.environ.get(SECRET_ENV) else "")
+              or ("(secret in the config file)" if args.file_secret else "none: an open node"))
+    return {"config_file": {"path": args.config_file.path, "why": args.config_file.why},
+            "node_id": args.node_id or _default_node_id(args.listen),
+            "node_id_from": args.settings_sources.get("node_id", "default") if args.node_id else "default",
+            "advertise": advertise, "tls": tls, "secret_file": secret, "secret_source": args.sources["secret"],
+            "cli_node": {"value": args.node, "from": args.sources["node"]}, "valid": node_config is not None}
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    problems: list[str] = list(args.problems)
+    view = _config_view(args, problems)
     rows = [{"setting": dest, "flag": setting.flag, "env": setting.env, "value": getattr(args, dest),
              "from": args.settings_sources[dest]} for dest, setting in sorted(args.serve_settings.items())]
-    secret = (args.secret_file or os.environ.get(SECRET_FILE_ENV)
-              or ("(MESH_SECRET)" if os.environ.get("MESH_SECRET") else "")
-              or ("(secret in the config file)" if args.file_secret else "none: an open node"))
     if args.json:
-        _emit_json({"settings": rows, "secret_file": secret, "tls_cert": args.tls_cert or os.environ.get("MESH_TLS_CERT")})
+        _emit_json({"settings": rows, **view, "tls_cert": args.tls_cert or os.environ.get("MESH_TLS_CERT"),
+                    "problems": problems})
     else:
-        _table("mesh serve settings (flag > env > file > default)", ["setting", "value", "from", "env"],
+        cfg = args.config_file
+        _table(f"mesh serve settings (flag > env > file > default); config file: "
+               f"{cfg.where() if cfg.path else 'none'}", ["setting", "value", "from", "env"],
                [(r["flag"], r["value"], r["from"], r["env"]) for r in rows])
-        print(f"secret: {secret}")
-    return 0
+        tls = view["tls"]
+        print(safe(f"node id: {view['node_id']} ({view['node_id_from']})"))
+        print(safe(f"advertised address: {view['advertise'] or '?'}"))
+        print(safe(f"secret: {view['secret_source']}" if view["secret_source"] != "none"
+                   else "secret: none: an open node (loopback only; `mesh secret FILE`, then --secret-file or "
+                        "MESH_SECRET_FILE)"))
+        print(safe("tls: off" if not tls["enabled"] else
+                   f"tls: {'mutual' if tls['mutual'] else 'on'}: " + ", ".join(
+                       f"{d[4:].replace('_', ' ')} {tls[d]['value']} ({tls[d]['from']})"
+                       for d in _TLS_ENV if tls[d]["value"])))
+        print(safe(f"other commands talk to: {view['cli_node']['value']} ({view['cli_node']['from']})"))
+        for problem in problems:
+            print(safe(f"mesh: invalid: {problem}"), file=sys.stderr)
+    return EXIT_USAGE if problems else 0
 
 
 def cmd_tls_init(args: argparse.Namespace) -> int:
@@ -713,26 +837,45 @@ class JsonLogFormatter(logging.Formatter):
 
 # -- parser --------------------------------------------------------------------------------------------------
 
+# dest of every global option: they work before the command and after it (`mesh -v serve`, `mesh serve -v`).
+GLOBAL_OPTIONS = ("node", "secret_file", "tls_cert", "tls_key", "tls_ca", "tls_server_name", "config", "timeout",
+                  "verbose", "log_format")
+
+
+def _add_global_options(p: argparse.ArgumentParser, after_command: bool = False) -> None:
+    """The global options, on the top parser or (after_command: hidden, and set only when given, so that one
+    given before the command stands) on a command's. Their defaults are filled in later (`_resolve_client`):
+    a flag, else its variable, else the config file."""
+    def add(*flags: str, default: Any = None, **kwargs: Any) -> None:
+        if after_command:
+            kwargs.update(default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            kwargs["default"] = default
+        p.add_argument(*flags, **kwargs)
+
+    add("--node", help=f"node to talk to, HOST:PORT (env {NODE_ENV}, else `node` in the config file; default "
+                       f"127.0.0.1:{DEFAULT_PORT})")
+    add("--secret-file", help=f"cluster secret file (env {SECRET_FILE_ENV} or {SECRET_ENV}, else secret_file in the "
+                              f"config file)")
+    add("--tls-cert", help="PEM certificate: serve and dial TLS only (env MESH_TLS_CERT, else tls_cert in the config "
+                           "file)")
+    add("--tls-key", help="PEM private key of --tls-cert (env MESH_TLS_KEY)")
+    add("--tls-ca", help="PEM CA: verify peers against it and require client certificates (env MESH_TLS_CA)")
+    add("--tls-server-name", help="name verified in node certificates (default comfy-mesh; '' = the host dialled; "
+                                  "env MESH_TLS_SERVER_NAME)")
+    add("--config", help=f"TOML settings file (env {CONFIG_ENV}; default {DEFAULT_CONFIG} when it exists, '' for "
+                         f"none); flags, then MESH_* variables, then it, win")
+    add("--timeout", type=_seconds,
+        help="seconds the whole command may take (each call, and all of them); default: 60 per call")
+    add("-v", "--verbose", action="store_true", default=False, help="debug logging")
+    add("--log-format", choices=["text", "json"], default=os.environ.get("MESH_LOG_FORMAT", "text"),
+        help="log lines as text or as one JSON object each (env MESH_LOG_FORMAT)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mesh", description="comfy-mesh: a shared cache for ComfyUI fleets",
                                 allow_abbrev=False)
-    p.add_argument("--node", default=os.environ.get(NODE_ENV, f"127.0.0.1:{DEFAULT_PORT}"),
-                   help=f"node to talk to, HOST:PORT (env {NODE_ENV}; default 127.0.0.1:{DEFAULT_PORT})")
-    p.add_argument("--secret-file", default=None, help=f"cluster secret file (env {SECRET_FILE_ENV} or MESH_SECRET)")
-    p.add_argument("--tls-cert", default=None, help="PEM certificate: serve and dial TLS only (env MESH_TLS_CERT)")
-    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (env MESH_TLS_KEY)")
-    p.add_argument("--tls-ca", default=None,
-                   help="PEM CA: verify peers against it and require client certificates (env MESH_TLS_CA)")
-    p.add_argument("--tls-server-name", default=None,
-                   help="name verified in node certificates (default comfy-mesh; '' = the host dialled; "
-                        "env MESH_TLS_SERVER_NAME)")
-    p.add_argument("--config", default=None,
-                   help=f"TOML settings file (env {CONFIG_ENV}); flags, then MESH_* variables, then it, win")
-    p.add_argument("--timeout", type=_seconds, default=None,
-                   help="seconds the whole command may take (each call, and all of them); default: 60 per call")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("MESH_LOG_FORMAT", "text"),
-                   help="log lines as text or as one JSON object each (env MESH_LOG_FORMAT)")
+    _add_global_options(p)
     p.add_argument("--version", action="version",
                    version=f"comfy-mesh {mesh.__version__} (protocol {mesh.PROTOCOL_VERSION})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -740,11 +883,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         sp.set_defaults(fn=fn)
-        # The global options work after the command too (`mesh serve --secret-file F`), as people write them.
-        for flags, dest in (("--secret-file", "secret_file"), ("--tls-cert", "tls_cert"), ("--tls-key", "tls_key"),
-                            ("--tls-ca", "tls_ca"), ("--tls-server-name", "tls_server_name"),
-                            ("--config", "config")):
-            sp.add_argument(flags, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        _add_global_options(sp, after_command=True)
         if name != "serve":
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
@@ -798,8 +937,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-on-term", action="store_true",
                    help="on SIGTERM, hand keys to their new owners before stopping")
 
-    p.set_defaults(serve_settings=settings_of(s, skip=("ready_file", "secret_file", "tls_cert", "tls_key", "tls_ca",
-                                                       "tls_server_name", "config")))
+    p.set_defaults(serve_settings=settings_of(s, skip=("ready_file", *GLOBAL_OPTIONS)))
     command("config", cmd_config, "the settings `mesh serve` would run with here, and where each comes from")
     command("status", cmd_status, "health and summary of a node")
     command("stats", cmd_stats, "counters of a node")
@@ -834,6 +972,7 @@ def build_parser() -> argparse.ArgumentParser:
     ti = tls_sub.add_parser("init", help="write a new CA and a certificate per node (and one for clients)",
                             description="write a new CA and a certificate per node (and one for clients)")
     ti.set_defaults(fn=cmd_tls_init)
+    _add_global_options(ti, after_command=True)
     ti.add_argument("directory")
     ti.add_argument("--nodes", required=True, help="comma-separated node names (one certificate each)")
     ti.add_argument("--hosts", default="", help="extra comma-separated DNS names or IPs for every certificate")
@@ -896,6 +1035,9 @@ def _whole_command_deadline(args: argparse.Namespace) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+_NO_CONFIG = ("tls", "secret", "install-comfyui")  # commands that neither run nor call a node
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -906,8 +1048,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("grpc", "zeroconf", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        if args.command in ("serve", "config"):
-            args.settings_sources = _resolve_settings(args)
+        if args.command not in _NO_CONFIG:
+            args.problems = []
+            _configure(args, args.problems if args.command == "config" else None)
         with _whole_command_deadline(args):
             return args.fn(args)
     except CommandTimeout as e:

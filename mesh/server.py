@@ -477,6 +477,7 @@ class MeshServicer(pb_grpc.MeshServicer):
         if self.membership is not None:
             reply.members.extend(self.membership.members_pb())
             reply.warnings.extend(self.membership.warnings())
+        reply.warnings.extend(self.store.warnings())
         return reply
 
     def counters(self) -> dict[str, float]:

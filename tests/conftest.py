@@ -27,6 +27,8 @@ from tests.support.poll import poll as poll  # the tests import it from here
 from tests.support.serve import ServeProcess, start_serve
 
 SECRET = b"test-cluster-secret"
+# The `mesh` processes tests start never read this host's /etc/comfy-mesh/mesh.toml (mesh/settings.py).
+os.environ.setdefault("MESH_CONFIG_DEFAULT", "")
 
 
 def token_metadata(address: str, method: str, secret: bytes = SECRET) -> tuple[tuple[str, str], ...]:

@@ -307,6 +307,21 @@ class BlobStore:
             entries = [e for e, _ in self._entries.values() if e.header.key.startswith(prefix)]
         return iter(entries[:limit] if limit else entries)
 
+    def warnings(self) -> list[str]:
+        """What an operator should know about this store (a disk tier that fails to take values)."""
+        return self.disk.warnings() if self.disk is not None else []
+
+    def held(self) -> tuple[int, int]:
+        """(keys, bytes) this node holds in any tier, each key counted once: what `mesh peers` shows. With a
+        disk tier every value is on disk (written through), so its files' bytes, plus values whose disk write
+        failed (RAM only); without one, RAM."""
+        if self.disk is None:
+            return len(self._entries), self._used
+        disk = self.disk
+        with self._lock:
+            ram_only = [size for key, (_, size) in self._entries.items() if key not in disk]
+        return len(disk) + len(ram_only), disk.used + sum(ram_only)
+
     def stats(self) -> dict[str, float]:
         with self._lock:
             out: dict[str, float] = dict(vars(self.counters))
