@@ -223,27 +223,52 @@ def cmd_status(args: argparse.Namespace) -> int:
                        "pending": int(counters.get("repair_pending", 0)),
                        "hints": int(counters.get("hints", 0)),
                        "hinted_puts": int(counters.get("hinted_puts", 0))},
-            "warnings": list(s.warnings)}
+            "disk": _disk_view(counters), "warnings": list(s.warnings)}
     if args.json:
         _emit_json(data)
     else:
         for warning in s.warnings:
             print(safe(f"warning: {warning}"), file=sys.stderr)
+        repair = data["repair"]
         _table(f"mesh node {s.node_id}", ["field", "value"], [
             ("address", s.address), ("health", health), ("version", s.version),
-            ("cluster", f"{s.cluster} ({s.replicas} replicas)"),
+            ("cluster", f"{s.cluster} ({_count(s.replicas, 'replica')})"),
             ("members", ", ".join(f"{v} {k.lower()}" for k, v in states.items() if v)),
-            ("uptime", f"{s.uptime_seconds:.0f} s"), ("entries", data["entries"]),
-            ("repair", f"{data['repair']['passes']} passes, {data['repair']['repaired']} copies repaired, "
-                       f"{data['repair']['under_replicated']} missing at the last pass, "
-                       f"{data['repair']['pending']} pending"),
-            ("hints", f"{data['repair']['hints']} keys held for owners that lack them "
-                      f"({data['repair']['hinted_puts']} puts taken while no owner was reachable)"),
+            ("uptime", f"{s.uptime_seconds:.0f} s"), ("keys in RAM", data["entries"]),
+            ("repair", f"{_count(repair['passes'], 'pass', 'passes')}, "
+                       f"{_count(repair['repaired'], 'copy', 'copies')} repaired, "
+                       f"{repair['under_replicated']} missing at the last pass, {repair['pending']} pending"),
+            ("hints", f"{_count(repair['hints'], 'key')} held for owners that lack them "
+                      f"({_count(repair['hinted_puts'], 'put')} taken while no owner was reachable)"),
             ("memory", f"{format_size(data['bytes_used'])} of {format_size(data['max_memory'])} owned, "
                        f"{format_size(data['near_bytes_used'])} of {format_size(data['near_max_memory'])} near "
-                       f"cache ({format_size(data['max_memory'] + data['near_max_memory'])} budget)"),
+                       f"cache ({format_size(data['max_memory'] + data['near_max_memory'])} --max-memory)"),
+            ("disk", _disk_line(data["disk"])),
         ])
     return 0
+
+
+def _count(n: int, singular: str, plural: str = "") -> str:
+    """'1 key', '2 keys', '1 pass', '0 passes'."""
+    return f"{n} {singular if n == 1 else (plural or singular + 's')}"
+
+
+def _disk_view(counters: dict[str, float]) -> dict[str, int] | None:
+    """The disk tier as `mesh status --json` shows it; None for a RAM-only node (no disk counters)."""
+    if "max_disk" not in counters:
+        return None
+    return {name: int(counters.get(counter, 0)) for name, counter in (
+        ("keys", "disk_entries"), ("bytes_used", "disk_bytes_used"), ("max_disk", "max_disk"),
+        ("errors", "disk_errors"), ("corrupt", "disk_corrupt"), ("evictions", "disk_evictions"))}
+
+
+def _disk_line(disk: dict[str, int] | None) -> str:
+    if disk is None:
+        return "off: RAM only, a restart comes back empty (--data-dir keeps values on disk)"
+    line = f"{format_size(disk['bytes_used'])} of {format_size(disk['max_disk'])} in {_count(disk['keys'], 'key')}"
+    if disk["errors"]:
+        line += f", {_count(disk['errors'], 'failed write')} (in RAM only: see the warning)"
+    return line
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -253,7 +278,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(rows)
     else:
-        _table(f"members seen by {s.node_id}", ["id", "address", "state", "last heard", "keys", "bytes"], [
+        # keys and bytes of the same tiers: each key once, wherever it is held (RAM, disk), as its node reported
+        _table(f"members seen by {s.node_id}", ["id", "address", "state", "last heard", "keys held", "bytes held"], [
             (r["node_id"], r["address"], r["state"], f"{r['last_heard_seconds']:.1f} s ago", r["keys"],
              format_size(r["bytes"])) for r in rows])
     return 0
@@ -270,7 +296,7 @@ def cmd_ring(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"replicas": s.replicas, "members": rows})
     else:
-        _table(f"ring of {len(rows)} members, {s.replicas} replicas (primary ownership)", ["id", "share", "capacity"],
+        _table(f"ring of {_count(len(rows), 'member')}, {_count(s.replicas, 'replica')} (primary ownership)", ["id", "share", "capacity"],
                [(r["node_id"], f"{r['share']:.1f} %", format_size(r["weight"])) for r in rows])
     return 0
 
@@ -281,7 +307,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"handed_off": reply.handed_off, "failed": reply.failed})
     else:
-        print(f"drained {args.node}: handed {reply.handed_off} blobs to their owners, {reply.failed} failed")
+        print(f"drained {args.node}: handed {_count(reply.handed_off, 'value')} to their owners, {reply.failed} failed")
     return 0 if reply.failed == 0 else EXIT_FAILED
 
 
@@ -338,17 +364,33 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"node_id": s.node_id, "address": s.address, "counters": counters})
     else:
+        notes = _stat_notes(counters)
         _table(f"stats of {s.node_id} ({s.address}), up {_duration(s.uptime_seconds)}", ["counter", "value"],
-               [(name, _human(name, value)) for name, value in counters.items()])
+               [(name, _human(name, value) + notes.get(name, "")) for name, value in counters.items()])
     return 0
 
 
-_SIZE_WORDS = ("bytes", "memory", "ram", "disk")
+def _stat_notes(counters: dict[str, Any]) -> dict[str, str]:
+    """Why a counter differs from the setting it is named after: `--max-memory 1GiB` shows max_memory 768 MiB,
+    because a quarter of the budget holds copies of keys this node reads but does not own (the near cache)."""
+    notes: dict[str, str] = {}
+    owned, near = counters.get("max_memory"), counters.get("near_max_memory")
+    if owned is not None and near:
+        configured = format_size(owned + near)
+        notes["max_memory"] = f" (for owned keys: --max-memory {configured} less the near cache)"
+        notes["near_max_memory"] = f" (the near cache: {near / (owned + near):.0%} of --max-memory {configured})"
+    return notes
+
+
+def _is_size(name: str) -> bool:
+    """Whether a counter counts bytes: `disk_bytes_used` and `max_disk` do, `disk_entries` and `disk_errors` not."""
+    words = name.split("_")
+    return "bytes" in words or words[-1] in ("memory", "ram") or name.endswith("max_disk")
 
 
 def _human(name: str, value: float) -> str:
     """A counter as a person reads it: sizes in KiB/MiB/GiB, times in ms or s, counts with separators."""
-    if any(word in name for word in _SIZE_WORDS) and "evictions" not in name and "errors" not in name:
+    if _is_size(name):
         return format_size(int(value))
     if name.endswith("seconds"):
         return _duration(float(value))
@@ -397,7 +439,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(rows)
     else:
-        _table(f"{len(rows)} keys" + ("" if args.full else " (hashes shortened: --full shows them whole)"),
+        _table(_count(len(rows), "key") + ("" if args.full else " (hashes shortened: --full shows them whole)"),
                ["key", "class", "identity", "size", "stored", "age", "written by"], [
                    (r["key"] if args.full else _short_key(r["key"]), r["meta"].get("class_type", ""),
                     _identity(r["meta"].get("identity", ""), args.full),
@@ -442,16 +484,70 @@ def cmd_put(args: argparse.Namespace) -> int:
                 raise
     seconds = time.perf_counter() - started
     result = {"key": args.key, "bytes": size, "stored": reply.stored, "existed": reply.existed,
-              "replicas": reply.replicas, "hinted": reply.hinted, "seconds": round(seconds, 4)}
+              "replicas": reply.replicas, "hinted": reply.hinted, "seconds": round(seconds, 4),
+              "owners": list(reply.owners), "acked": list(reply.acked)}
     if args.json:
         _emit_json(result)
     else:
         verb = "already stored" if reply.existed else "stored"
         print(safe(f"{verb} {args.key}: {format_size(size)} in {seconds:.3f} s"))
+        if reply.owners:
+            print(safe(_put_owners_line(list(reply.owners), list(reply.acked), reply.existed)))
         if reply.hinted:
             print(safe(f"no owner of {args.key} was reachable: the node keeps it and hands it to them when they "
                        f"are back (mesh status: hints)"), file=sys.stderr)
     return 0
+
+
+def _put_owners_line(owners: list[str], acked: list[str], existed: bool) -> str:
+    """Where a put went: 'owners: a, b; acknowledged by a (b: written in the background)'."""
+    line = f"owners: {', '.join(owners)}"
+    if existed:
+        return line + " (the value was already there: `mesh owners KEY` shows which hold it)"
+    rest = [o for o in owners if o not in acked]
+    line += f"; acknowledged by {', '.join(acked) or 'none'}"
+    return line + (f" ({', '.join(rest)}: written in the background)" if rest and acked else "")
+
+
+def cmd_owners(args: argparse.Namespace) -> int:
+    """The owners of a key in the ring of the node asked, their state, and which members hold a copy: each
+    member is asked for its own store (local_only), so this is what is there, not what routing would find."""
+    from mesh.cluster.ring import Ring
+
+    with _client(args) as c:
+        s = c.stats()
+        members = {m.node_id: m for m in s.members}
+        owners = Ring(ring_weights(s.members)).owners(args.key, s.replicas)
+        keyring, tls = _keyring(args), _tls(args)
+        rows = []
+        for node_id in [*owners, *sorted(set(members) - set(owners))]:
+            m = members[node_id]
+            state = MemberState.Name(m.state)
+            held: bool | None = None
+            error = ""
+            if state in ("ALIVE", "SUSPECT"):
+                try:
+                    if node_id == s.node_id:
+                        held = c.has([args.key], local_only=True)[0]
+                    else:
+                        with PeerClient(m.address, keyring, timeout=min(_call_timeout(args), 10.0), tls=tls) as p:
+                            held = p.has([args.key], local_only=True)[0]
+                except MeshError as e:
+                    error = str(e)
+            if node_id in owners or held:
+                rows.append({"node_id": node_id, "address": m.address, "state": state, "owner": node_id in owners,
+                             "rank": owners.index(node_id) + 1 if node_id in owners else 0, "holds": held,
+                             "error": error})
+    if args.json:
+        _emit_json({"key": args.key, "replicas": s.replicas, "asked": s.node_id, "owners": owners, "members": rows})
+    else:
+        _table(f"owners of {args.key} in the ring of {s.node_id} ({_count(s.replicas, 'replica')})",
+               ["id", "address", "state", "role", "holds a copy"], [
+                   (r["node_id"], r["address"], r["state"],
+                    ("primary owner" if r["rank"] == 1 else f"owner {r['rank']}") if r["owner"] else "not an owner",
+                    "yes" if r["holds"] else "no" if r["holds"] is False else f"unknown: {r['error'] or 'not alive'}")
+                   for r in rows])
+    return 0 if any(r["holds"] for r in rows) else EXIT_NOT_FOUND  # held nowhere: as `mesh get` of a missing key
 
 
 def _changed(before: os.stat_result, path: Path) -> bool:
@@ -493,10 +589,15 @@ def cmd_get(args: argparse.Namespace) -> int:
     if args.describe:
         from mesh import codec  # only here: the node and every other command never import the codec
 
+        content = blob.header.meta.get("content", "")
         try:
             rows = codec.describe(blob.data)
         except codec.BlobFormatError as e:
-            raise CliError(f"{args.key} is not a tensor-tree blob: {e}") from None
+            if content.startswith("comfy-value/") or not content:  # it should be one: a damaged value, say why
+                raise CliError(f"{args.key} is not a tensor-tree blob: {e}") from None
+            # The metadata says what it is (`mesh put` writes content=bytes): describe it by that, not as a
+            # codec error ("bad magic") about a value that never claimed to be one.
+            rows = [{"path": "", "type": "bytes", "bytes": len(blob.data), "content": content}]
         if args.json:
             _emit_json({"key": args.key, "bytes": len(blob.data), "meta": dict(blob.header.meta), "leaves": rows})
         else:
@@ -530,6 +631,8 @@ def format_description(rows: list[dict[str, Any]]) -> str:
             detail += "  big-endian" if r.get("byteorder") == "big" else ""
         elif r["type"] == "bytes":
             detail = format_size(r["bytes"])
+            if "content" in r:  # a whole value of raw bytes, described by its metadata
+                detail += f"  raw bytes, as its metadata says (content={r['content']}): -o FILE writes them"
         elif "len" in r:
             detail = "empty"
         else:
@@ -554,7 +657,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"deleted": len(keys) - len(missing), "missing": missing})
     else:
-        print(f"deleted {len(keys) - len(missing)} of {len(keys)} keys"
+        print(f"deleted {len(keys) - len(missing)} of {_count(len(keys), 'key')}"
               + (f"; not found: {', '.join(safe(k) for k in missing)}" if missing else ""))
     return EXIT_NOT_FOUND if missing else 0
 
@@ -566,7 +669,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"writer": args.writer, "deleted": deleted})
     else:
-        print(safe(f"purged {deleted} values written by {args.writer} (every member answered)"))
+        print(safe(f"purged {_count(deleted, 'value')} written by {args.writer} (every member answered)"))
     return 0
 
 
@@ -964,6 +1067,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("keys", nargs="+")
     pg = command("purge", cmd_purge, "delete on every member what one writer wrote (`mesh keys` shows who wrote what)")
     pg.add_argument("--writer", required=True, help="a member id or certificate name from a value's provenance")
+    ow = command("owners", cmd_owners, "which members own KEY in the ring, their state, and which hold a copy")
+    ow.add_argument("key")
     command("peers", cmd_peers, "members of the mesh as a node sees them")
     command("ring", cmd_ring, "ownership share of each member")
     command("drain", cmd_drain, "make a node leave: hand its keys to their new owners, then stop")
