@@ -789,7 +789,7 @@ def _config_view(args: argparse.Namespace, problems: list[str]) -> dict[str, Any
             problems.append(str(e))
     if args.data_dir:
         try:
-            check_data_dir(args.data_dir)
+            check_data_dir(args.data_dir, create=False)
         except ConfigError as e:
             problems.append(str(e))
     secret = (args.secret_file or os.environ.get(SECRET_FILE_ENV)

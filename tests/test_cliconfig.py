@@ -167,29 +167,24 @@ def test_global_options_work_anywhere_on_the_line(tmp_path: Path, secret_file: P
 
 @pytest.fixture
 def unwritable_dir() -> Iterator[tuple[Path, list[str]]]:
-    """(a data dir the `mesh serve` run through `wrap` cannot write, wrap): as root, the node runs as nobody and
-    the folder is root's; otherwise the folder is read-only to its owner."""
+    """(a data dir that the `mesh serve` run through `wrap` cannot write, wrap): a folder read-only to its owner.
+    Root writes it anyway, so as root the node runs in a user namespace of its own (`unshare --user`): still the
+    folder's owner, without the capability that overrides permissions, as a service user would be."""
     with tempfile.TemporaryDirectory() as d:
-        base = Path(d)
-        data = base / "data"
+        data = Path(d) / "data"
         data.mkdir()
-        if os.geteuid() == 0:
-            os.chmod(base, 0o755)
+        os.chmod(data, 0o555)
+        try:
+            yield data, (["unshare", "--user"] if os.geteuid() == 0 else [])
+        finally:
             os.chmod(data, 0o755)
-            yield data, ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-        else:
-            os.chmod(data, 0o555)
-            try:
-                yield data, []
-            finally:
-                os.chmod(data, 0o755)
 
 
 def test_a_data_dir_the_node_cannot_write_is_refused_at_start(unwritable_dir: tuple[Path, list[str]]) -> None:
     """Seen: accepted; every put then logged Permission denied and the values were RAM only, silently."""
     data, wrap = unwritable_dir
     r = run_cli("serve", "--listen", "127.0.0.1:0", "--min-free-ram", "0", "--max-memory", "64MiB",
-                "--data-dir", str(data), wrap=wrap, timeout=60)
+                "--data-dir", str(data), wrap=wrap, timeout=20)
     line = one_line(r)
     assert r.returncode == 2, line
     assert f"cannot use --data-dir {data} (MESH_DATA_DIR): Permission denied" in line and "chown" in line, line
