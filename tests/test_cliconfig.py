@@ -142,6 +142,10 @@ def test_mesh_config_validates_and_shows_tls_secret_source_id_and_address(tmp_pa
     assert r.returncode == 0 and "secret: MESH_SECRET (the environment)" in r.stdout
     assert "tls: mutual" in r.stdout and "node id: gpu7" in r.stdout and "advertised address: 127.0.0.1:9123" in r.stdout
     assert "s3cr3t-value" not in r.stdout + r.stderr and SECRET.decode() not in r.stdout  # never the secret
+    broken = tmp_path / "broken.toml"
+    broken.write_text(f'tls_cert = "{tmp_path}/missing.pem"\ntls_key = "{certs}/client-key.pem"\n')
+    r = mesh("status", env={"MESH_CONFIG": str(broken)})  # a file from the config file is named as from there
+    assert r.returncode == 1 and f"missing.pem (tls_cert in {broken}) does not exist" in one_line(r)
 
 
 def test_global_options_work_anywhere_on_the_line(tmp_path: Path, secret_file: Path) -> None:
