@@ -212,6 +212,13 @@ def test_failed_disk_writes_show_in_status(tmp_path: Path, secret_file: Path) ->
         assert "1 failed write" in r.stdout
         status = json.loads(run_cli("status", "--json", **cli).stdout)  # type: ignore[arg-type]
         assert status["disk"]["errors"] == 1 and any(w.startswith("disk tier:") for w in status["warnings"])
+
+        def held() -> tuple[int, int]:  # `mesh peers` counts the RAM-only value, its keys and its bytes
+            row = json.loads(run_cli("peers", "--json", **cli).stdout)[0]  # type: ignore[arg-type]
+            return row["keys"], row["bytes"]
+
+        poll(lambda: held()[0] == 1, "the node reports the value it holds in RAM only", timeout=20)
+        assert held()[1] >= 2 << 20
     finally:
         node.kill()
 

@@ -184,6 +184,11 @@ class DiskStore:
     def used(self) -> int:
         return self._used
 
+    def keys(self) -> set[str]:
+        """A snapshot of the keys on disk."""
+        with self._lock:
+            return set(self._index)
+
     def header(self, key: str) -> Header | None:
         item = self._index.get(key)
         return item.header if item else None
