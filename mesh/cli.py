@@ -1,6 +1,7 @@
 """The `mesh` command: run a node (`mesh serve`) or inspect and operate any node over gRPC.
 
-Global options come before the command: `mesh --node HOST:PORT --secret-file F stats --json`.
+Global options go before or after the command: `mesh --node HOST:PORT --secret-file F stats --json`, `mesh serve
+-v`. Below a flag and its MESH_* variable, every command takes them from the config file (mesh/settings.py).
 Everything a node sends is printed through `safe()`: keys and meta are anyone's text, and must not reach the
 terminal as escape sequences or rich markup.
 Errors are one line on stderr and a non-zero exit: 1 for a failed operation, 2 for usage, 3 for a missing key.
@@ -1041,7 +1042,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, hand keys to their new owners before stopping")
 
     p.set_defaults(serve_settings=settings_of(s, skip=("ready_file", *GLOBAL_OPTIONS)))
-    command("config", cmd_config, "the settings `mesh serve` would run with here, and where each comes from")
+    command("config", cmd_config, "the settings `mesh serve` would run with here and where each comes from, TLS, "
+                                  "the secret's source, node id and advertised address; exit 2 naming any invalid one")
     command("status", cmd_status, "health and summary of a node")
     command("stats", cmd_stats, "counters of a node")
     t = command("top", cmd_top, "a live view of a node: rates, memory, members (Ctrl-C to leave)")
