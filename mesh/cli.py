@@ -297,7 +297,8 @@ def cmd_ring(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"replicas": s.replicas, "members": rows})
     else:
-        _table(f"ring of {_count(len(rows), 'member')}, {_count(s.replicas, 'replica')} (primary ownership)", ["id", "share", "capacity"],
+        _table(f"ring of {_count(len(rows), 'member')}, {_count(s.replicas, 'replica')} (primary ownership)",
+               ["id", "share", "capacity"],
                [(r["node_id"], f"{r['share']:.1f} %", format_size(r["weight"])) for r in rows])
     return 0
 

@@ -3,7 +3,8 @@
 Precedence: flag, then environment variable (MESH_ + the flag's name in upper case with underscores:
 `--max-memory` is MESH_MAX_MEMORY), then the TOML file named by `--config`, else MESH_CONFIG, else the
 default path /etc/comfy-mesh/mesh.toml when it exists, then the default. `mesh serve` takes all of it; every
-other command takes from the same file the node to talk to (`node`), the cluster secret and the TLS files. The file is the one the ComfyUI provider reads (provider/config.py): its top-level keys are shared
+other command takes from the same file the node to talk to (`node`), the cluster secret and the TLS files.
+The file is the one the ComfyUI provider reads (provider/config.py): its top-level keys are shared
 (`max_memory = "8GiB"`, `seeds = "10.0.0.5:8288"`), and a `[serve]` table holds what only `mesh serve` takes
 (`heartbeat = 0.5`). A system service can therefore take a systemd EnvironmentFile, a TOML file, or both.
 
