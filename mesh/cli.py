@@ -118,7 +118,10 @@ class _ProgressBar:
 
 
 def _tls(args: argparse.Namespace) -> TlsConfig | None:
-    return load_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
+    """The TLS files as `_resolve_client` found them; an error names the config file where one came from it."""
+    sources = getattr(args, "sources", {})
+    given_by = {dest[4:]: sources[dest] for dest in ("tls_cert", "tls_key", "tls_ca") if dest in sources}
+    return load_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name, given_by=given_by)
 
 
 def _client(args: argparse.Namespace, limits: Limits | None = None) -> PeerClient:

@@ -317,10 +317,11 @@ class BlobStore:
         failed (RAM only); without one, RAM."""
         if self.disk is None:
             return len(self._entries), self._used
-        disk = self.disk
-        with self._lock:
-            ram_only = [size for key, (_, size) in self._entries.items() if key not in disk]
-        return len(disk) + len(ram_only), disk.used + sum(ram_only)
+        on_disk = self.disk.keys()  # set operations, not a Python test per key: this runs every membership tick
+        with self._lock:  # usually everything is on disk (written through): one C-level pass says so
+            ram_only = [] if on_disk.issuperset(self._entries) else [
+                self._entries[k][1] for k in self._entries.keys() - on_disk]
+        return len(on_disk) + len(ram_only), self.disk.used + sum(ram_only)
 
     def stats(self) -> dict[str, float]:
         with self._lock:
