@@ -516,33 +516,41 @@ def _put_owners_line(owners: list[str], acked: list[str], existed: bool) -> str:
 
 def cmd_owners(args: argparse.Namespace) -> int:
     """The owners of a key in the ring of the node asked, their state, and which members hold a copy: each
-    member is asked for its own store (local_only), so this is what is there, not what routing would find."""
+    member is asked for its own store (local_only), so this is what is there, not what routing would find.
+    Members are asked at once, each within half the call timeout (at most OWNER_ASK_TIMEOUT), so one that
+    does not answer is 'unknown' with its reason and the command still ends within --timeout."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from mesh.cluster.ring import Ring
 
     with _client(args) as c:
         s = c.stats()
-        members = {m.node_id: m for m in s.members}
-        owners = Ring(ring_weights(s.members)).owners(args.key, s.replicas)
-        keyring, tls = _keyring(args), _tls(args)
-        rows = []
-        for node_id in [*owners, *sorted(set(members) - set(owners))]:
+    members = {m.node_id: m for m in s.members}
+    owners = Ring(ring_weights(s.members)).owners(args.key, s.replicas)
+    keyring, tls = _keyring(args), _tls(args)
+    timeout = min(_call_timeout(args) / 2, OWNER_ASK_TIMEOUT)
+
+    def ask(node_id: str) -> tuple[bool | None, str]:
+        m = members[node_id]
+        if MemberState.Name(m.state) not in ("ALIVE", "SUSPECT"):
+            return None, ""  # not asked: it is not in the mesh now
+        try:
+            with PeerClient(m.address, keyring, timeout=timeout, tls=tls) as peer:
+                return peer.has([args.key], timeout=timeout, local_only=True)[0], ""
+        except MeshError as e:
+            return None, str(e)
+
+    order = [*owners, *sorted(set(members) - set(owners))]
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(order)))) as pool:
+        answers = dict(zip(order, pool.map(ask, order)))
+    rows = []
+    for node_id in order:
+        held, error = answers[node_id]
+        if node_id in owners or held:
             m = members[node_id]
-            state = MemberState.Name(m.state)
-            held: bool | None = None
-            error = ""
-            if state in ("ALIVE", "SUSPECT"):
-                try:
-                    if node_id == s.node_id:
-                        held = c.has([args.key], local_only=True)[0]
-                    else:
-                        with PeerClient(m.address, keyring, timeout=min(_call_timeout(args), 10.0), tls=tls) as p:
-                            held = p.has([args.key], local_only=True)[0]
-                except MeshError as e:
-                    error = str(e)
-            if node_id in owners or held:
-                rows.append({"node_id": node_id, "address": m.address, "state": state, "owner": node_id in owners,
-                             "rank": owners.index(node_id) + 1 if node_id in owners else 0, "holds": held,
-                             "error": error})
+            rows.append({"node_id": node_id, "address": m.address, "state": MemberState.Name(m.state),
+                         "owner": node_id in owners, "rank": owners.index(node_id) + 1 if node_id in owners else 0,
+                         "holds": held, "error": error})
     if args.json:
         _emit_json({"key": args.key, "replicas": s.replicas, "asked": s.node_id, "owners": owners, "members": rows})
     else:
@@ -553,6 +561,9 @@ def cmd_owners(args: argparse.Namespace) -> int:
                     "yes" if r["holds"] else "no" if r["holds"] is False else f"unknown: {r['error'] or 'not alive'}")
                    for r in rows])
     return 0 if any(r["holds"] for r in rows) else EXIT_NOT_FOUND  # held nowhere: as `mesh get` of a missing key
+
+
+OWNER_ASK_TIMEOUT = 10.0  # seconds `mesh owners` waits for one member's answer, at most
 
 
 def _changed(before: os.stat_result, path: Path) -> bool:

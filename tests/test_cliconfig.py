@@ -313,3 +313,31 @@ def test_put_shows_owners_and_acks_and_mesh_owners_shows_who_holds_it(pair: tupl
     assert "primary owner" in human.stdout and "owner 2" in human.stdout and "yes" in human.stdout
     missing = run_cli("owners", "nothing", **cli)  # type: ignore[arg-type]
     assert missing.returncode == 3 and "primary owner" in missing.stdout and "no" in missing.stdout
+
+
+def test_mesh_owners_says_when_an_owner_cannot_be_asked(pair: tuple[ServeProcess, ServeProcess],
+                                                        secret_file: Path, tmp_path: Path) -> None:
+    """An owner that does not answer is 'unknown' with the reason, never a 'no' that reads like a lost copy."""
+    import signal
+
+    a, b = pair
+    value = tmp_path / "v"
+    value.write_bytes(b"x" * 1000)
+    assert run_cli("put", "k", str(value), node=b.address, secret_file=secret_file).returncode == 0
+    a.process.send_signal(signal.SIGSTOP)  # accepts connections, answers nothing
+    try:
+        # Soon after, a is still in b's ring (ALIVE or SUSPECT): asked, no answer. Later it is DEAD and out of
+        # the ring: not an owner any more, and not listed unless it holds a copy. Either way never a "no".
+        human = run_cli("owners", "k", node=b.address, secret_file=secret_file, rpc_timeout=3,
+                        env={"COLUMNS": "250"})
+        assert human.returncode == 0, human.stderr  # b holds it
+        row_a = [line for line in human.stdout.splitlines() if line.startswith("│ a ")]
+        assert not row_a or ("unknown: node" in row_a[0] and "unreachable" in row_a[0]), human.stdout
+        r = run_cli("owners", "k", "--json", node=b.address, secret_file=secret_file, rpc_timeout=3)
+        assert r.returncode == 0, r.stderr
+        rows = {m["node_id"]: m for m in json.loads(r.stdout)["members"]}
+        if "a" in rows:
+            assert rows["a"]["holds"] is None and "unreachable" in rows["a"]["error"], rows["a"]
+        assert rows["b"]["holds"] is True
+    finally:
+        a.process.send_signal(signal.SIGCONT)
