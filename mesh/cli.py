@@ -1,6 +1,7 @@
 """The `mesh` command: run a node (`mesh serve`) or inspect and operate any node over gRPC.
 
-Global options come before the command: `mesh --node HOST:PORT --secret-file F stats --json`.
+Global options go before or after the command: `mesh --node HOST:PORT --secret-file F stats --json`, `mesh serve
+-v`. Below a flag and its MESH_* variable, every command takes them from the config file (mesh/settings.py).
 Everything a node sends is printed through `safe()`: keys and meta are anyone's text, and must not reach the
 terminal as escape sequences or rich markup.
 Errors are one line on stderr and a non-zero exit: 1 for a failed operation, 2 for usage, 3 for a missing key.
@@ -19,6 +20,7 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import stat  # noqa: E402
 import sys
 import threading
@@ -28,16 +30,17 @@ from pathlib import Path
 from typing import Any
 
 import mesh  # noqa: E402
-from mesh.address import with_port
+from mesh.address import WILDCARDS, join_hostport, split_hostport, with_port
 from mesh.files import write_atomic
-from mesh.transport.auth import SECRET_FILE_ENV, Keyring, load_keyring, load_secrets
+from mesh.transport.auth import SECRET_ENV, SECRET_FILE_ENV, Keyring, load_keyring, load_secrets
 from mesh.cluster.routing import ClusterConfig
 from mesh.transport.link import AUTO, MODES
 from mesh.membership.driver import Timing, ring_weights
-from mesh.node import DEFAULT_PORT, ConfigError, Node, NodeConfig
+from mesh.node import DEFAULT_PORT, ConfigError, Node, NodeConfig, advertised_host, check_data_dir, validate
 from mesh.pb.mesh_pb2 import MemberState
 from mesh.transport.peer import MeshError, PeerClient
-from mesh.settings import CONFIG_ENV, SettingError, check_table, read_file, resolve, serve_table_keys, settings_of
+from mesh.settings import (CONFIG_ENV, DEFAULT_CONFIG, ConfigFile, SettingError, load_config, resolve,
+                           settings_of)
 from mesh.transport.tls import TlsConfig, init_tls, load_tls
 from mesh.units import format_size, parse_size
 from mesh.transport.wire import Limits
@@ -115,12 +118,15 @@ class _ProgressBar:
 
 
 def _tls(args: argparse.Namespace) -> TlsConfig | None:
-    return load_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name)
+    """The TLS files as `_resolve_client` found them; an error names the config file where one came from it."""
+    sources = getattr(args, "sources", {})
+    given_by = {dest[4:]: sources[dest] for dest in ("tls_cert", "tls_key", "tls_ca") if dest in sources}
+    return load_tls(args.tls_cert, args.tls_key, args.tls_ca, args.tls_server_name, given_by=given_by)
 
 
 def _client(args: argparse.Namespace, limits: Limits | None = None) -> PeerClient:
     node = with_port(args.node, DEFAULT_PORT)  # `--node host` means the default port, not gRPC's 443
-    return PeerClient(node, load_keyring(args.secret_file), limits, timeout=_call_timeout(args), tls=_tls(args))
+    return PeerClient(node, _keyring(args), limits, timeout=_call_timeout(args), tls=_tls(args))
 
 
 # -- commands ----------------------------------------------------------------------------------------------
@@ -139,7 +145,7 @@ def _serve_config(args: argparse.Namespace) -> NodeConfig:
         listen=args.listen, node_id=args.node_id or "", advertise=args.advertise or "",
         max_memory=parse_size(args.max_memory), min_free_ram=parse_size(args.min_free_ram),
         data_dir=args.data_dir or "", max_disk=parse_size(args.max_disk), metrics_listen=args.metrics_listen or "",
-        secret=load_keyring(args.secret_file) or (Keyring([args.file_secret.encode()]) if args.file_secret else None),
+        secret=_keyring(args),
         tls=_tls(args),
         limits=Limits(chunk_size=parse_size(args.chunk_size), max_blob_size=parse_size(args.max_blob_size),
                       max_chunk_size=parse_size(args.max_chunk_size),
@@ -221,27 +227,52 @@ def cmd_status(args: argparse.Namespace) -> int:
                        "pending": int(counters.get("repair_pending", 0)),
                        "hints": int(counters.get("hints", 0)),
                        "hinted_puts": int(counters.get("hinted_puts", 0))},
-            "warnings": list(s.warnings)}
+            "disk": _disk_view(counters), "warnings": list(s.warnings)}
     if args.json:
         _emit_json(data)
     else:
         for warning in s.warnings:
             print(safe(f"warning: {warning}"), file=sys.stderr)
+        repair = data["repair"]
         _table(f"mesh node {s.node_id}", ["field", "value"], [
             ("address", s.address), ("health", health), ("version", s.version),
-            ("cluster", f"{s.cluster} ({s.replicas} replicas)"),
+            ("cluster", f"{s.cluster} ({_count(s.replicas, 'replica')})"),
             ("members", ", ".join(f"{v} {k.lower()}" for k, v in states.items() if v)),
-            ("uptime", f"{s.uptime_seconds:.0f} s"), ("entries", data["entries"]),
-            ("repair", f"{data['repair']['passes']} passes, {data['repair']['repaired']} copies repaired, "
-                       f"{data['repair']['under_replicated']} missing at the last pass, "
-                       f"{data['repair']['pending']} pending"),
-            ("hints", f"{data['repair']['hints']} keys held for owners that lack them "
-                      f"({data['repair']['hinted_puts']} puts taken while no owner was reachable)"),
+            ("uptime", f"{s.uptime_seconds:.0f} s"), ("keys in RAM", data["entries"]),
+            ("repair", f"{_count(repair['passes'], 'pass', 'passes')}, "
+                       f"{_count(repair['repaired'], 'copy', 'copies')} repaired, "
+                       f"{repair['under_replicated']} missing at the last pass, {repair['pending']} pending"),
+            ("hints", f"{_count(repair['hints'], 'key')} held for owners that lack them "
+                      f"({_count(repair['hinted_puts'], 'put')} taken while no owner was reachable)"),
             ("memory", f"{format_size(data['bytes_used'])} of {format_size(data['max_memory'])} owned, "
                        f"{format_size(data['near_bytes_used'])} of {format_size(data['near_max_memory'])} near "
-                       f"cache ({format_size(data['max_memory'] + data['near_max_memory'])} budget)"),
+                       f"cache ({format_size(data['max_memory'] + data['near_max_memory'])} --max-memory)"),
+            ("disk", _disk_line(data["disk"])),
         ])
     return 0
+
+
+def _count(n: int, singular: str, plural: str = "") -> str:
+    """'1 key', '2 keys', '1 pass', '0 passes'."""
+    return f"{n} {singular if n == 1 else (plural or singular + 's')}"
+
+
+def _disk_view(counters: dict[str, float]) -> dict[str, int] | None:
+    """The disk tier as `mesh status --json` shows it; None for a RAM-only node (no disk counters)."""
+    if "max_disk" not in counters:
+        return None
+    return {name: int(counters.get(counter, 0)) for name, counter in (
+        ("keys", "disk_entries"), ("bytes_used", "disk_bytes_used"), ("max_disk", "max_disk"),
+        ("errors", "disk_errors"), ("corrupt", "disk_corrupt"), ("evictions", "disk_evictions"))}
+
+
+def _disk_line(disk: dict[str, int] | None) -> str:
+    if disk is None:
+        return "off: RAM only, a restart comes back empty (--data-dir keeps values on disk)"
+    line = f"{format_size(disk['bytes_used'])} of {format_size(disk['max_disk'])} in {_count(disk['keys'], 'key')}"
+    if disk["errors"]:
+        line += f", {_count(disk['errors'], 'failed write')} (in RAM only: see the warning)"
+    return line
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -251,7 +282,8 @@ def cmd_peers(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(rows)
     else:
-        _table(f"members seen by {s.node_id}", ["id", "address", "state", "last heard", "keys", "bytes"], [
+        # keys and bytes of the same tiers: each key once, wherever it is held (RAM, disk), as its node reported
+        _table(f"members seen by {s.node_id}", ["id", "address", "state", "last heard", "keys held", "bytes held"], [
             (r["node_id"], r["address"], r["state"], f"{r['last_heard_seconds']:.1f} s ago", r["keys"],
              format_size(r["bytes"])) for r in rows])
     return 0
@@ -268,7 +300,8 @@ def cmd_ring(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"replicas": s.replicas, "members": rows})
     else:
-        _table(f"ring of {len(rows)} members, {s.replicas} replicas (primary ownership)", ["id", "share", "capacity"],
+        _table(f"ring of {_count(len(rows), 'member')}, {_count(s.replicas, 'replica')} (primary ownership)",
+               ["id", "share", "capacity"],
                [(r["node_id"], f"{r['share']:.1f} %", format_size(r["weight"])) for r in rows])
     return 0
 
@@ -279,7 +312,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"handed_off": reply.handed_off, "failed": reply.failed})
     else:
-        print(f"drained {args.node}: handed {reply.handed_off} blobs to their owners, {reply.failed} failed")
+        print(f"drained {args.node}: handed {_count(reply.handed_off, 'value')} to their owners, {reply.failed} failed")
     return 0 if reply.failed == 0 else EXIT_FAILED
 
 
@@ -336,17 +369,33 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"node_id": s.node_id, "address": s.address, "counters": counters})
     else:
+        notes = _stat_notes(counters)
         _table(f"stats of {s.node_id} ({s.address}), up {_duration(s.uptime_seconds)}", ["counter", "value"],
-               [(name, _human(name, value)) for name, value in counters.items()])
+               [(name, _human(name, value) + notes.get(name, "")) for name, value in counters.items()])
     return 0
 
 
-_SIZE_WORDS = ("bytes", "memory", "ram", "disk")
+def _stat_notes(counters: dict[str, Any]) -> dict[str, str]:
+    """Why a counter differs from the setting it is named after: `--max-memory 1GiB` shows max_memory 768 MiB,
+    because a quarter of the budget holds copies of keys this node reads but does not own (the near cache)."""
+    notes: dict[str, str] = {}
+    owned, near = counters.get("max_memory"), counters.get("near_max_memory")
+    if owned is not None and near:
+        configured = format_size(owned + near)
+        notes["max_memory"] = f" (for owned keys: --max-memory {configured} less the near cache)"
+        notes["near_max_memory"] = f" (the near cache: {near / (owned + near):.0%} of --max-memory {configured})"
+    return notes
+
+
+def _is_size(name: str) -> bool:
+    """Whether a counter counts bytes: `disk_bytes_used` and `max_disk` do, `disk_entries` and `disk_errors` not."""
+    words = name.split("_")
+    return "bytes" in words or words[-1] in ("memory", "ram") or name.endswith("max_disk")
 
 
 def _human(name: str, value: float) -> str:
     """A counter as a person reads it: sizes in KiB/MiB/GiB, times in ms or s, counts with separators."""
-    if any(word in name for word in _SIZE_WORDS) and "evictions" not in name and "errors" not in name:
+    if _is_size(name):
         return format_size(int(value))
     if name.endswith("seconds"):
         return _duration(float(value))
@@ -395,7 +444,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(rows)
     else:
-        _table(f"{len(rows)} keys" + ("" if args.full else " (hashes shortened: --full shows them whole)"),
+        _table(_count(len(rows), "key") + ("" if args.full else " (hashes shortened: --full shows them whole)"),
                ["key", "class", "identity", "size", "stored", "age", "written by"], [
                    (r["key"] if args.full else _short_key(r["key"]), r["meta"].get("class_type", ""),
                     _identity(r["meta"].get("identity", ""), args.full),
@@ -440,16 +489,81 @@ def cmd_put(args: argparse.Namespace) -> int:
                 raise
     seconds = time.perf_counter() - started
     result = {"key": args.key, "bytes": size, "stored": reply.stored, "existed": reply.existed,
-              "replicas": reply.replicas, "hinted": reply.hinted, "seconds": round(seconds, 4)}
+              "replicas": reply.replicas, "hinted": reply.hinted, "seconds": round(seconds, 4),
+              "owners": list(reply.owners), "acked": list(reply.acked)}
     if args.json:
         _emit_json(result)
     else:
         verb = "already stored" if reply.existed else "stored"
         print(safe(f"{verb} {args.key}: {format_size(size)} in {seconds:.3f} s"))
+        if reply.owners:
+            print(safe(_put_owners_line(list(reply.owners), list(reply.acked), reply.existed)))
         if reply.hinted:
             print(safe(f"no owner of {args.key} was reachable: the node keeps it and hands it to them when they "
                        f"are back (mesh status: hints)"), file=sys.stderr)
     return 0
+
+
+def _put_owners_line(owners: list[str], acked: list[str], existed: bool) -> str:
+    """Where a put went: 'owners: a, b; acknowledged by a (b: written in the background)'."""
+    line = f"owners: {', '.join(owners)}"
+    if existed:
+        return line + " (the value was already there: `mesh owners KEY` shows which hold it)"
+    rest = [o for o in owners if o not in acked]
+    line += f"; acknowledged by {', '.join(acked) or 'none'}"
+    return line + (f" ({', '.join(rest)}: written in the background)" if rest and acked else "")
+
+
+def cmd_owners(args: argparse.Namespace) -> int:
+    """The owners of a key in the ring of the node asked, their state, and which members hold a copy: each
+    member is asked for its own store (local_only), so this is what is there, not what routing would find.
+    Members are asked at once, each within half the call timeout (at most OWNER_ASK_TIMEOUT), so one that
+    does not answer is 'unknown' with its reason and the command still ends within --timeout."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mesh.cluster.ring import Ring
+
+    with _client(args) as c:
+        s = c.stats()
+    members = {m.node_id: m for m in s.members}
+    owners = Ring(ring_weights(s.members)).owners(args.key, s.replicas)
+    keyring, tls = _keyring(args), _tls(args)
+    timeout = min(_call_timeout(args) / 2, OWNER_ASK_TIMEOUT)
+
+    def ask(node_id: str) -> tuple[bool | None, str]:
+        m = members[node_id]
+        if MemberState.Name(m.state) not in ("ALIVE", "SUSPECT"):
+            return None, ""  # not asked: it is not in the mesh now
+        try:
+            with PeerClient(m.address, keyring, timeout=timeout, tls=tls) as peer:
+                return peer.has([args.key], timeout=timeout, local_only=True)[0], ""
+        except MeshError as e:
+            return None, str(e)
+
+    order = [*owners, *sorted(set(members) - set(owners))]
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(order)))) as pool:
+        answers = dict(zip(order, pool.map(ask, order)))
+    rows = []
+    for node_id in order:
+        held, error = answers[node_id]
+        if node_id in owners or held:
+            m = members[node_id]
+            rows.append({"node_id": node_id, "address": m.address, "state": MemberState.Name(m.state),
+                         "owner": node_id in owners, "rank": owners.index(node_id) + 1 if node_id in owners else 0,
+                         "holds": held, "error": error})
+    if args.json:
+        _emit_json({"key": args.key, "replicas": s.replicas, "asked": s.node_id, "owners": owners, "members": rows})
+    else:
+        _table(f"owners of {args.key} in the ring of {s.node_id} ({_count(s.replicas, 'replica')})",
+               ["id", "address", "state", "role", "holds a copy"], [
+                   (r["node_id"], r["address"], r["state"],
+                    ("primary owner" if r["rank"] == 1 else f"owner {r['rank']}") if r["owner"] else "not an owner",
+                    "yes" if r["holds"] else "no" if r["holds"] is False else f"unknown: {r['error'] or 'not alive'}")
+                   for r in rows])
+    return 0 if any(r["holds"] for r in rows) else EXIT_NOT_FOUND  # held nowhere: as `mesh get` of a missing key
+
+
+OWNER_ASK_TIMEOUT = 10.0  # seconds `mesh owners` waits for one member's answer, at most
 
 
 def _changed(before: os.stat_result, path: Path) -> bool:
@@ -491,10 +605,15 @@ def cmd_get(args: argparse.Namespace) -> int:
     if args.describe:
         from mesh import codec  # only here: the node and every other command never import the codec
 
+        content = blob.header.meta.get("content", "")
         try:
             rows = codec.describe(blob.data)
         except codec.BlobFormatError as e:
-            raise CliError(f"{args.key} is not a tensor-tree blob: {e}") from None
+            if content.startswith("comfy-value/") or not content:  # it should be one: a damaged value, say why
+                raise CliError(f"{args.key} is not a tensor-tree blob: {e}") from None
+            # The metadata says what it is (`mesh put` writes content=bytes): describe it by that, not as a
+            # codec error ("bad magic") about a value that never claimed to be one.
+            rows = [{"path": "", "type": "bytes", "bytes": len(blob.data), "content": content}]
         if args.json:
             _emit_json({"key": args.key, "bytes": len(blob.data), "meta": dict(blob.header.meta), "leaves": rows})
         else:
@@ -528,6 +647,8 @@ def format_description(rows: list[dict[str, Any]]) -> str:
             detail += "  big-endian" if r.get("byteorder") == "big" else ""
         elif r["type"] == "bytes":
             detail = format_size(r["bytes"])
+            if "content" in r:  # a whole value of raw bytes, described by its metadata
+                detail += f"  raw bytes, as its metadata says (content={r['content']}): -o FILE writes them"
         elif "len" in r:
             detail = "empty"
         else:
@@ -552,7 +673,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"deleted": len(keys) - len(missing), "missing": missing})
     else:
-        print(f"deleted {len(keys) - len(missing)} of {len(keys)} keys"
+        print(f"deleted {len(keys) - len(missing)} of {_count(len(keys), 'key')}"
               + (f"; not found: {', '.join(safe(k) for k in missing)}" if missing else ""))
     return EXIT_NOT_FOUND if missing else 0
 
@@ -564,44 +685,166 @@ def cmd_purge(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json({"writer": args.writer, "deleted": deleted})
     else:
-        print(safe(f"purged {deleted} values written by {args.writer} (every member answered)"))
+        print(safe(f"purged {_count(deleted, 'value')} written by {args.writer} (every member answered)"))
     return 0
 
 
-_FILE_GLOBALS = {"secret_file": SECRET_FILE_ENV, "tls_cert": "MESH_TLS_CERT", "tls_key": "MESH_TLS_KEY",
-                 "tls_ca": "MESH_TLS_CA", "tls_server_name": "MESH_TLS_SERVER_NAME"}
+# -- configuration: flags, MESH_* variables, the shared TOML file, defaults -----------------------------------------
+
+_TLS_ENV = {"tls_cert": "MESH_TLS_CERT", "tls_key": "MESH_TLS_KEY", "tls_ca": "MESH_TLS_CA",
+            "tls_server_name": "MESH_TLS_SERVER_NAME"}
+# `mesh serve` settings that are byte sizes: checked where they are read, so a bad one names its setting.
+_SIZES = ("max_memory", "min_free_ram", "max_disk", "chunk_size", "max_blob_size", "max_chunk_size",
+          "max_message_size", "max_inflight")
 
 
-def _resolve_settings(args: argparse.Namespace) -> dict[str, str]:
-    """Serve settings from flags, MESH_* variables, the TOML file, defaults (mesh/settings.py)."""
-    file, path = read_file(args.config, os.environ)
-    settings = args.serve_settings
-    check_table(path, serve_table_keys(path), settings)
-    sources = resolve(args, settings, os.environ, file, path)
-    secret_from_env = SECRET_FILE_ENV in os.environ or "MESH_SECRET" in os.environ
-    for dest, env_name in _FILE_GLOBALS.items():  # the secret and TLS files may come from the file too
-        from_env = secret_from_env if dest == "secret_file" else env_name in os.environ
-        if getattr(args, dest) is None and not from_env and dest in file:
+def _configure(args: argparse.Namespace, problems: list[str] | None = None) -> None:
+    """Every command: read the config file (--config, MESH_CONFIG, else the default path), then fill what the
+    flags left open: the node to talk to, the secret and TLS files (`_resolve_client`), and for `serve` and
+    `config` every serve setting. With `problems` (`mesh config`), bad values are listed there, not raised."""
+    cfg = load_config(args.config, os.environ, args.serve_settings)
+    args.config_file = cfg
+    _resolve_client(args, cfg)
+    if args.command in ("serve", "config"):
+        args.settings_sources = resolve(args, args.serve_settings, os.environ, cfg.merged(), cfg.path, problems)
+        for dest in _SIZES:
+            try:
+                parse_size(getattr(args, dest))
+            except ValueError as e:
+                setting = args.serve_settings[dest]
+                error = SettingError(f"{setting.flag} ({_named_source(args.settings_sources[dest])}): {e}")
+                if problems is None:
+                    raise error from None
+                problems.append(str(error))
+                setattr(args, dest, setting.default)
+
+
+def _named_source(source: str) -> str:
+    """'env MESH_X' -> 'MESH_X', 'file P' -> 'in P': how an error names where a value came from."""
+    if source.startswith("env "):
+        return source[4:]
+    return f"in {source[5:]}" if source.startswith("file ") else source
+
+
+def _resolve_client(args: argparse.Namespace, cfg: ConfigFile) -> None:
+    """The node, the cluster secret and the TLS files of any command: a flag, else its MESH_* variable, else the
+    config file. So on a fleet whose file names them, `mesh status` needs no option at all. Records where each
+    came from (args.sources) for `mesh config`; the secret itself is never kept there."""
+    env, file = os.environ, cfg.merged()
+    sources: dict[str, str] = {}
+    in_file = f"in {cfg.path}"
+    if args.node is not None:
+        sources["node"] = "--node"
+    elif env.get(NODE_ENV):
+        args.node, sources["node"] = env[NODE_ENV], NODE_ENV
+    elif "node" in file:
+        args.node, sources["node"] = str(file["node"]), f"node {in_file}"
+    elif "listen" in cfg.serve:  # the node this host's `mesh serve` runs, wherever it listens
+        host, port = split_hostport(str(cfg.serve["listen"]))
+        args.node = join_hostport("127.0.0.1" if host in WILDCARDS else host, port)
+        sources["node"] = f"[serve] listen {in_file}"
+    else:
+        args.node, sources["node"] = f"127.0.0.1:{DEFAULT_PORT}", "default"
+    args.file_secret = ""
+    if args.secret_file is not None:
+        sources["secret"] = f"--secret-file {args.secret_file}"
+    elif SECRET_FILE_ENV in env:
+        sources["secret"] = f"{SECRET_FILE_ENV} ({env[SECRET_FILE_ENV]})"
+    elif SECRET_ENV in env:
+        sources["secret"] = f"{SECRET_ENV} (the environment)"
+    elif "secret_file" in file:
+        args.secret_file = str(file["secret_file"])
+        sources["secret"] = f"secret_file {args.secret_file} {in_file}"
+    elif "secret" in file:  # the provider reads a secret from the same file: every command does too
+        args.file_secret = str(file["secret"])
+        sources["secret"] = f"secret {in_file}"
+    else:
+        sources["secret"] = "none"
+    for dest, env_name in _TLS_ENV.items():
+        if getattr(args, dest) is not None:
+            sources[dest] = "--" + dest.replace("_", "-")
+        elif env_name in env:
+            sources[dest] = env_name
+        elif dest in file:
             setattr(args, dest, str(file[dest]))
-    # The provider reads a top-level `secret` from the same file: serve does too, below a flag or the env.
-    args.file_secret = (str(file["secret"]) if "secret" in file and args.secret_file is None and not secret_from_env
-                        else "")
-    return sources
+            sources[dest] = f"{dest} {in_file}"
+    args.sources = sources
+
+
+def _keyring(args: argparse.Namespace) -> Keyring | None:
+    """The cluster secrets as `_resolve_client` found them: a file, MESH_SECRET, or a secret in the config file."""
+    return load_keyring(args.secret_file) or (Keyring([args.file_secret.encode()]) if args.file_secret else None)
+
+
+def _default_node_id(listen: str) -> str:
+    """What `mesh serve` names itself without --node-id (mesh/node.py)."""
+    port = split_hostport(listen)[1] if listen else DEFAULT_PORT
+    return f"{socket.gethostname()}-{port if port else '<port>'}"
+
+
+def _config_view(args: argparse.Namespace, problems: list[str]) -> dict[str, Any]:
+    """What `mesh serve` would run as here: TLS, where the secret comes from (never the secret), the node id and
+    the address peers would dial; whatever cannot work is added to `problems`, naming the setting."""
+    tls: dict[str, Any] = {"enabled": False}
+    try:
+        node_config = _serve_config(args)
+        validate(node_config)
+    except (ValueError, OSError) as e:  # ConfigError, a size or a file that does not work
+        problems.append(str(e))
+        node_config = None
+    if args.tls_cert or args.tls_key or os.environ.get("MESH_TLS_CERT") or os.environ.get("MESH_TLS_KEY"):
+        tls = {"enabled": True, "mutual": bool(args.tls_ca or os.environ.get("MESH_TLS_CA")),
+               **{dest: {"value": getattr(args, dest) or os.environ.get(env, ""),
+                         "from": args.sources.get(dest, "default")} for dest, env in _TLS_ENV.items()}}
+    advertise = args.advertise or ""
+    if not advertise:
+        try:
+            host, port = split_hostport(args.listen)
+            advertise = join_hostport(advertised_host(host, ""), port) if port else f"{advertised_host(host, '')}:<port>"
+        except ValueError as e:
+            problems.append(str(e))
+    if args.data_dir:
+        try:
+            check_data_dir(args.data_dir, create=False)
+        except ConfigError as e:
+            problems.append(str(e))
+    secret = (args.secret_file or os.environ.get(SECRET_FILE_ENV)
+              or ("(MESH_SECRET)" if os.environ.get(SECRET_ENV) else "")
+              or ("(secret in the config file)" if args.file_secret else "none: an open node"))
+    return {"config_file": {"path": args.config_file.path, "why": args.config_file.why},
+            "node_id": args.node_id or _default_node_id(args.listen),
+            "node_id_from": args.settings_sources.get("node_id", "default") if args.node_id else "default",
+            "advertise": advertise, "tls": tls, "secret_file": secret, "secret_source": args.sources["secret"],
+            "cli_node": {"value": args.node, "from": args.sources["node"]}, "valid": node_config is not None}
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    problems: list[str] = list(args.problems)
+    view = _config_view(args, problems)
     rows = [{"setting": dest, "flag": setting.flag, "env": setting.env, "value": getattr(args, dest),
              "from": args.settings_sources[dest]} for dest, setting in sorted(args.serve_settings.items())]
-    secret = (args.secret_file or os.environ.get(SECRET_FILE_ENV)
-              or ("(MESH_SECRET)" if os.environ.get("MESH_SECRET") else "")
-              or ("(secret in the config file)" if args.file_secret else "none: an open node"))
     if args.json:
-        _emit_json({"settings": rows, "secret_file": secret, "tls_cert": args.tls_cert or os.environ.get("MESH_TLS_CERT")})
+        _emit_json({"settings": rows, **view, "tls_cert": args.tls_cert or os.environ.get("MESH_TLS_CERT"),
+                    "problems": problems})
     else:
-        _table("mesh serve settings (flag > env > file > default)", ["setting", "value", "from", "env"],
+        cfg = args.config_file
+        _table(f"mesh serve settings (flag > env > file > default); config file: "
+               f"{cfg.where() if cfg.path else 'none'}", ["setting", "value", "from", "env"],
                [(r["flag"], r["value"], r["from"], r["env"]) for r in rows])
-        print(f"secret: {secret}")
-    return 0
+        tls = view["tls"]
+        print(safe(f"node id: {view['node_id']} ({view['node_id_from']})"))
+        print(safe(f"advertised address: {view['advertise'] or '?'}"))
+        print(safe(f"secret: {view['secret_source']}" if view["secret_source"] != "none"
+                   else "secret: none: an open node (loopback only; `mesh secret FILE`, then --secret-file or "
+                        "MESH_SECRET_FILE)"))
+        print(safe("tls: off" if not tls["enabled"] else
+                   f"tls: {'mutual' if tls['mutual'] else 'on'}: " + ", ".join(
+                       f"{d[4:].replace('_', ' ')} {tls[d]['value']} ({tls[d]['from']})"
+                       for d in _TLS_ENV if tls[d]["value"])))
+        print(safe(f"other commands talk to: {view['cli_node']['value']} ({view['cli_node']['from']})"))
+        for problem in problems:
+            print(safe(f"mesh: invalid: {problem}"), file=sys.stderr)
+    return EXIT_USAGE if problems else 0
 
 
 def cmd_tls_init(args: argparse.Namespace) -> int:
@@ -676,26 +919,45 @@ class JsonLogFormatter(logging.Formatter):
 
 # -- parser --------------------------------------------------------------------------------------------------
 
+# dest of every global option: they work before the command and after it (`mesh -v serve`, `mesh serve -v`).
+GLOBAL_OPTIONS = ("node", "secret_file", "tls_cert", "tls_key", "tls_ca", "tls_server_name", "config", "timeout",
+                  "verbose", "log_format")
+
+
+def _add_global_options(p: argparse.ArgumentParser, after_command: bool = False) -> None:
+    """The global options, on the top parser or (after_command: hidden, and set only when given, so that one
+    given before the command stands) on a command's. Their defaults are filled in later (`_resolve_client`):
+    a flag, else its variable, else the config file."""
+    def add(*flags: str, default: Any = None, **kwargs: Any) -> None:
+        if after_command:
+            kwargs.update(default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        else:
+            kwargs["default"] = default
+        p.add_argument(*flags, **kwargs)
+
+    add("--node", help=f"node to talk to, HOST:PORT (env {NODE_ENV}, else `node` in the config file; default "
+                       f"127.0.0.1:{DEFAULT_PORT})")
+    add("--secret-file", help=f"cluster secret file (env {SECRET_FILE_ENV} or {SECRET_ENV}, else secret_file in the "
+                              f"config file)")
+    add("--tls-cert", help="PEM certificate: serve and dial TLS only (env MESH_TLS_CERT, else tls_cert in the config "
+                           "file)")
+    add("--tls-key", help="PEM private key of --tls-cert (env MESH_TLS_KEY)")
+    add("--tls-ca", help="PEM CA: verify peers against it and require client certificates (env MESH_TLS_CA)")
+    add("--tls-server-name", help="name verified in node certificates (default comfy-mesh; '' = the host dialled; "
+                                  "env MESH_TLS_SERVER_NAME)")
+    add("--config", help=f"TOML settings file (env {CONFIG_ENV}; default {DEFAULT_CONFIG} when it exists, '' for "
+                         f"none); flags, then MESH_* variables, then it, win")
+    add("--timeout", type=_seconds,
+        help="seconds the whole command may take (each call, and all of them); default: 60 per call")
+    add("-v", "--verbose", action="store_true", default=False, help="debug logging")
+    add("--log-format", choices=["text", "json"], default=os.environ.get("MESH_LOG_FORMAT", "text"),
+        help="log lines as text or as one JSON object each (env MESH_LOG_FORMAT)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mesh", description="comfy-mesh: a shared cache for ComfyUI fleets",
                                 allow_abbrev=False)
-    p.add_argument("--node", default=os.environ.get(NODE_ENV, f"127.0.0.1:{DEFAULT_PORT}"),
-                   help=f"node to talk to, HOST:PORT (env {NODE_ENV}; default 127.0.0.1:{DEFAULT_PORT})")
-    p.add_argument("--secret-file", default=None, help=f"cluster secret file (env {SECRET_FILE_ENV} or MESH_SECRET)")
-    p.add_argument("--tls-cert", default=None, help="PEM certificate: serve and dial TLS only (env MESH_TLS_CERT)")
-    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (env MESH_TLS_KEY)")
-    p.add_argument("--tls-ca", default=None,
-                   help="PEM CA: verify peers against it and require client certificates (env MESH_TLS_CA)")
-    p.add_argument("--tls-server-name", default=None,
-                   help="name verified in node certificates (default comfy-mesh; '' = the host dialled; "
-                        "env MESH_TLS_SERVER_NAME)")
-    p.add_argument("--config", default=None,
-                   help=f"TOML settings file (env {CONFIG_ENV}); flags, then MESH_* variables, then it, win")
-    p.add_argument("--timeout", type=_seconds, default=None,
-                   help="seconds the whole command may take (each call, and all of them); default: 60 per call")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("MESH_LOG_FORMAT", "text"),
-                   help="log lines as text or as one JSON object each (env MESH_LOG_FORMAT)")
+    _add_global_options(p)
     p.add_argument("--version", action="version",
                    version=f"comfy-mesh {mesh.__version__} (protocol {mesh.PROTOCOL_VERSION})")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -703,11 +965,7 @@ def build_parser() -> argparse.ArgumentParser:
     def command(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         sp.set_defaults(fn=fn)
-        # The global options work after the command too (`mesh serve --secret-file F`), as people write them.
-        for flags, dest in (("--secret-file", "secret_file"), ("--tls-cert", "tls_cert"), ("--tls-key", "tls_key"),
-                            ("--tls-ca", "tls_ca"), ("--tls-server-name", "tls_server_name"),
-                            ("--config", "config")):
-            sp.add_argument(flags, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        _add_global_options(sp, after_command=True)
         if name != "serve":
             sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
@@ -763,9 +1021,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--drain-on-term", action="store_true",
                    help="on SIGTERM, hand keys to their new owners before stopping")
 
-    p.set_defaults(serve_settings=settings_of(s, skip=("ready_file", "secret_file", "tls_cert", "tls_key", "tls_ca",
-                                                       "tls_server_name", "config")))
-    command("config", cmd_config, "the settings `mesh serve` would run with here, and where each comes from")
+    p.set_defaults(serve_settings=settings_of(s, skip=("ready_file", *GLOBAL_OPTIONS)))
+    command("config", cmd_config, "the settings `mesh serve` would run with here and where each comes from, TLS, "
+                                  "the secret's source, node id and advertised address; exit 2 naming any invalid one")
     command("status", cmd_status, "health and summary of a node")
     command("stats", cmd_stats, "counters of a node")
     t = command("top", cmd_top, "a live view of a node: rates, memory, members (Ctrl-C to leave)")
@@ -791,6 +1049,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("keys", nargs="+")
     pg = command("purge", cmd_purge, "delete on every member what one writer wrote (`mesh keys` shows who wrote what)")
     pg.add_argument("--writer", required=True, help="a member id or certificate name from a value's provenance")
+    ow = command("owners", cmd_owners, "which members own KEY in the ring, their state, and which hold a copy")
+    ow.add_argument("key")
     command("peers", cmd_peers, "members of the mesh as a node sees them")
     command("ring", cmd_ring, "ownership share of each member")
     command("drain", cmd_drain, "make a node leave: hand its keys to their new owners, then stop")
@@ -799,6 +1059,7 @@ def build_parser() -> argparse.ArgumentParser:
     ti = tls_sub.add_parser("init", help="write a new CA and a certificate per node (and one for clients)",
                             description="write a new CA and a certificate per node (and one for clients)")
     ti.set_defaults(fn=cmd_tls_init)
+    _add_global_options(ti, after_command=True)
     ti.add_argument("directory")
     ti.add_argument("--nodes", required=True, help="comma-separated node names (one certificate each)")
     ti.add_argument("--hosts", default="", help="extra comma-separated DNS names or IPs for every certificate")
@@ -862,6 +1123,9 @@ def _whole_command_deadline(args: argparse.Namespace) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+_NO_CONFIG = ("tls", "secret", "install-comfyui")  # commands that neither run nor call a node
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -872,8 +1136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("grpc", "zeroconf", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        if args.command in ("serve", "config"):
-            args.settings_sources = _resolve_settings(args)
+        if args.command not in _NO_CONFIG:
+            args.problems = []
+            _configure(args, args.problems if args.command == "config" else None)
         with _whole_command_deadline(args):
             return args.fn(args)
     except CommandTimeout as e:

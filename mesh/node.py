@@ -7,6 +7,7 @@ seeds and no zeroconf is a cluster of one; the code path is the same.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -24,7 +25,7 @@ from mesh.transport.auth import AuthInterceptor, Secret, ServerAuth, as_keyring
 from mesh.transport.revocation import RevocationInterceptor, certificate_name
 from mesh.transport.tls import subject_name
 from mesh.cluster.routing import Cluster, ClusterConfig
-from mesh.storage.disk import DiskStore
+from mesh.storage.disk import DiskStore, probe_directory
 from mesh.transport.link import AUTO, MODES, Links
 from mesh.metrics import Metrics
 from mesh.node_id import default_node_id
@@ -152,6 +153,31 @@ def open_node_only_on_loopback(listen: str, advertise: str, seeds: list[str] | t
         raise ConfigError("without a cluster secret a node joins no mesh (--zeroconf): " + NO_SECRET_HELP)
 
 
+def check_data_dir(path: str) -> None:
+    """Refuse a --data-dir this process cannot write, before the node starts. Why refuse rather than run on:
+    the disk tier is what an operator asked for (values that survive a restart), and a node that cannot write
+    it keeps every value in RAM only while each put logs Permission denied; refused, the fix is one line away."""
+    try:
+        probe_directory(Path(path))
+    except OSError as e:
+        who = _user()
+        fix = (f"make it writable by {who}, the user this node runs as (e.g. `chown -R {who} {path}`), or choose "
+               f"another" if e.errno in (errno.EACCES, errno.EPERM) else "choose another")
+        raise ConfigError(f"cannot use --data-dir {path} (MESH_DATA_DIR): {e.strerror or e}: {fix} directory, "
+                          f"or run without --data-dir (RAM only)") from None
+
+
+def _user() -> str:
+    """This process's user, by name where it has one: what a chown needs."""
+    import os
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
+
+
 def advertised_host(host: str, advertise: str) -> str:
     """What peers dial. A wildcard listen address is no address: take a routable interface address, never
     loopback (peers on other hosts would dial themselves), or refuse and say what to set."""
@@ -170,6 +196,8 @@ class Node:
             raise ValueError("near_fraction must be in [0, 1)")
         self.config = config
         near_budget = max(1, int(config.max_memory * config.near_fraction))
+        if config.data_dir:
+            check_data_dir(config.data_dir)
         disk = DiskStore(Path(config.data_dir), config.max_disk, config.limits) if config.data_dir else None
         self.store = BlobStore(config.max_memory - near_budget if config.near_fraction else config.max_memory,
                                config.min_free_ram, disk=disk)
@@ -230,7 +258,7 @@ class Node:
         self.membership = Membership(me=me, cluster=c.cluster.name, peers=self.peers, seeds=c.seeds,
                                      timing=c.timing, on_change=self._on_membership_change,
                                      on_restart=self._on_member_restart,
-                                     local_stats=lambda: (len(self.store), self.store.used))
+                                     local_stats=self.store.held)
         self.cluster = Cluster(node_id=self.node_id, store=self.store, near=self.near,
                                directory=self.membership, peers=self.peers, config=c.cluster)
         self.servicer = MeshServicer(self.node_id, self.address, self.store, c.limits, self.cluster, self.auth,

@@ -330,17 +330,18 @@ class MeshServicer(pb_grpc.MeshServicer):
                               f"refused: written by a revoked member ({', '.join(sorted(self.revoked & set(header.writers)))})")
             if not self.store.would_take(header):
                 self.store.counters.duplicate_puts += 1
-                return pb.PutReply(existed=True, replicas=1)
+                owners = self.cluster.owners(header.key) if self.cluster is not None and not local_only else []
+                return pb.PutReply(existed=True, replicas=1, owners=owners)
             with self._slot(context):
                 entry, taken = self._receive(header, request_iterator, watch)
             if local_only:
                 stored = self.store.put(entry)
                 return pb.PutReply(stored=stored, existed=not stored, replicas=1)
-            replicas, hinted = self.cluster.put(entry, timeout=self._deadline(context))
+            owners, acked, hinted = self.cluster.put_detail(entry, timeout=self._deadline(context))
             held = self.store.header(header.key)
             if held is not None and held != entry.header and not hinted:  # a concurrent put stored it first
-                return pb.PutReply(existed=True, replicas=replicas)
-            return pb.PutReply(stored=True, replicas=replicas, hinted=hinted)
+                return pb.PutReply(existed=True, replicas=len(acked), owners=owners, acked=acked)
+            return pb.PutReply(stored=True, replicas=len(acked), hinted=hinted, owners=owners, acked=acked)
         except TransferError as e:
             with self._lock:
                 self.transfer_errors += 1
@@ -477,6 +478,7 @@ class MeshServicer(pb_grpc.MeshServicer):
         if self.membership is not None:
             reply.members.extend(self.membership.members_pb())
             reply.warnings.extend(self.membership.warnings())
+        reply.warnings.extend(self.store.warnings())
         return reply
 
     def counters(self) -> dict[str, float]:

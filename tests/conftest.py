@@ -28,6 +28,8 @@ from tests.support.poll import poll as poll  # the tests import it from here
 from tests.support.serve import ServeProcess, start_serve
 
 SECRET = b"test-cluster-secret"
+# The `mesh` processes tests start never read this host's /etc/comfy-mesh/mesh.toml (mesh/settings.py).
+os.environ.setdefault("MESH_CONFIG_DEFAULT", "")
 
 # The root __init__.py (the ComfyUI entry) makes a checkout a package: in a folder whose name is an identifier
 # (`comfy_mesh`) pytest imports this file as `comfy_mesh.tests.conftest`, while tests import `tests.conftest`.

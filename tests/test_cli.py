@@ -140,9 +140,11 @@ def test_wrong_secret_is_one_line_and_non_zero(served: ServeProcess, tmp_path: P
     for args in (["stats"], ["keys", "--json"], ["get", "k", "-o", str(tmp_path / "o")]):
         r = run_mesh(served.address, *args, secret_file=wrong)
         assert r.returncode == 1
-        assert "cluster secret" in one_line_error(r)
-    r = run_mesh(served.address, "stats")  # no secret at all
-    assert r.returncode == 1 and "refused the cluster secret" in one_line_error(r)
+        line = one_line_error(r)  # says it is the wrong secret, and what to give instead
+        assert "a wrong secret" in line and "--secret-file FILE (MESH_SECRET_FILE" in line, line
+    r = run_mesh(served.address, "stats")  # no secret at all: names the option and the variable
+    line = one_line_error(r)
+    assert r.returncode == 1 and "this client has none" in line and "--secret-file FILE (MESH_SECRET_FILE" in line
 
 
 def test_unreachable_node_is_one_line_and_non_zero(secret_file: Path) -> None:
@@ -190,7 +192,11 @@ def test_get_describe_shows_a_comfyui_value(mesh: Callable[..., subprocess.Compl
     raw = tmp_path / "raw.bin"
     raw.write_bytes(b"not a tensor blob")
     mesh("put", "plain", str(raw))
-    bad = mesh("get", "plain", "--describe")
+    plain = mesh("get", "plain", "--describe")  # described by its metadata (content=bytes), not "bad magic"
+    assert plain.returncode == 0 and "raw bytes, as its metadata says (content=bytes)" in plain.stdout, plain
+    assert "magic" not in plain.stdout + plain.stderr
+    mesh("put", "damaged", str(raw), "--meta", "content=comfy-value/1")  # claims to be a ComfyUI value
+    bad = mesh("get", "damaged", "--describe")
     assert bad.returncode == 1 and "not a tensor-tree blob" in one_line_error(bad)
 
 

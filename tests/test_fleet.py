@@ -147,8 +147,9 @@ def _config(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 def test_settings_precedence_flag_env_file_default(tmp_path: Path) -> None:
     toml = tmp_path / "mesh.toml"
+    # With a secret: seeds and zeroconf without one are settings `mesh config` calls invalid (exit 2).
     toml.write_text('max_memory = "2GiB"\nseeds = ["10.0.0.5:8288", "10.0.0.6:8288"]\nnamespace = "for-comfyui"\n'
-                    '[serve]\nheartbeat = 0.25\nreplicas = 3\nzeroconf = true\n')
+                    'secret = "s"\n[serve]\nheartbeat = 0.25\nreplicas = 3\nzeroconf = true\n')
 
     def settings(*args: str, env: dict[str, str] | None = None) -> dict[str, dict[str, object]]:
         r = _config(*args, "config", "--json", env={"MESH_CONFIG": str(toml), **(env or {})})
@@ -171,7 +172,7 @@ def test_settings_precedence_flag_env_file_default(tmp_path: Path) -> None:
 @pytest.mark.parametrize("env, text, message", [
     ({"MESH_HEARTBEAT": "fast"}, "", "MESH_HEARTBEAT must be a float"),
     ({"MESH_ZEROCONF": "maybe"}, "", "MESH_ZEROCONF must be a boolean"),
-    ({}, "[serve]\nheartbeats = 1\n", "unknown settings in [serve]: heartbeats"),
+    ({}, "[serve]\nheartbeats = 1\n", "unknown setting in [serve]: heartbeats (did you mean heartbeat?)"),
     ({}, "max_memory = \n", "not valid TOML"),
 ])
 def test_bad_settings_are_one_line_usage_errors(tmp_path: Path, env: dict[str, str], text: str,

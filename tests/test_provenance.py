@@ -74,7 +74,7 @@ def test_a_value_names_who_took_it_and_every_member_that_handed_it_on(serve: Cal
     env = dict(MESH_TLS_CERT=str(certs / "client.pem"), MESH_TLS_KEY=str(certs / "client-key.pem"),
                MESH_TLS_CA=str(certs / "ca.pem"), MESH_SECRET=SECRET.decode())
     out = run_cli("purge", "--writer", "m", node=a.address, env=env, timeout=30)
-    assert out.returncode == 0 and "purged 1 values written by m" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and "purged 1 value written by m" in out.stdout, out.stdout + out.stderr
     assert writers(b.address, client, "lie") is None and writers(b.address, client, "k") is not None
     with PeerClient(b.address, SECRET, tls=cert(certs, "m")) as m:  # and the purged write cannot come back
         assert not m.put_chunks(header, tuple(iter_chunks(evil, Limits().chunk_size)), local_only=True).stored

@@ -249,6 +249,13 @@ class Cluster:
 
     def put(self, entry: Entry, timeout: float | None = None) -> tuple[int, bool]:
         """Store on the owners: (how many hold it when the call returns, whether this node keeps it as a hint).
+        See put_detail."""
+        _, acked, hinted = self.put_detail(entry, timeout)
+        return len(acked), hinted
+
+    def put_detail(self, entry: Entry, timeout: float | None = None) -> tuple[list[str], list[str], bool]:
+        """Store on the owners: (the owners, those that acknowledged before the call returned, whether this node
+        keeps it as a hint). `mesh put` shows the first two, so an operator sees where a value went.
 
         Waits at most `timeout` (default: the write timeout) for the acknowledgements; copies still under way
         then finish in the background. When no owner took it (all unreachable, say behind a partition), this node
@@ -257,29 +264,30 @@ class Cluster:
         3). A hint that cannot be kept raises StoreFull: a put is never acknowledged for a value held nowhere."""
         wait = self.config.write_timeout + 1 if timeout is None else timeout
         owners = self.owners(entry.header.key)
-        acks = 0
+        acked: list[str] = []
         if self.node_id in owners:
             self.store.put(entry)
-            acks += 1
-        remote = [self._submit_write(self.put_to, o, entry) for o in owners if o != self.node_id]
+            acked.append(self.node_id)
+        remote = {self._submit_write(self.put_to, o, entry): o for o in owners if o != self.node_id}
         need = min(self.config.write_acks, len(owners))
-        if acks < need and remote:
+        if len(acked) < need and remote:
             try:
                 for job in futures.as_completed(remote, timeout=wait):
-                    acks += job.result()
-                    if acks >= need:
+                    if job.result():
+                        acked.append(remote[job])
+                    if len(acked) >= need:
                         break
             except futures.TimeoutError:
                 pass
-        if acks:
-            return acks, False
+        if acked:
+            return owners, acked, False
         self.store.put(entry)  # StoreFull when it can never fit: the caller is told, not acknowledged
         if self.store.header(entry.header.key) is None:
             raise StoreFull(f"no owner of {entry.header.key[:80]} is reachable, and this node could not keep it "
                             f"to hand on later (deleted here, or evicted at once)")
         self._count("hinted_puts")
         self.repair.kick()
-        return 0, True
+        return owners, [], True
 
     def purge(self, writer: str, timeout: float) -> tuple[int, list[str]]:
         """Delete what `writer` wrote on every member: (values deleted, members that did not answer)."""

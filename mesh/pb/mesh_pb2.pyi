@@ -136,16 +136,20 @@ class PutSmallRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[BlobHeader, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., local_only: bool = ...) -> None: ...
 
 class PutReply(_message.Message):
-    __slots__ = ("stored", "existed", "replicas", "hinted")
+    __slots__ = ("stored", "existed", "replicas", "hinted", "owners", "acked")
     STORED_FIELD_NUMBER: _ClassVar[int]
     EXISTED_FIELD_NUMBER: _ClassVar[int]
     REPLICAS_FIELD_NUMBER: _ClassVar[int]
     HINTED_FIELD_NUMBER: _ClassVar[int]
+    OWNERS_FIELD_NUMBER: _ClassVar[int]
+    ACKED_FIELD_NUMBER: _ClassVar[int]
     stored: bool
     existed: bool
     replicas: int
     hinted: bool
-    def __init__(self, stored: bool = ..., existed: bool = ..., replicas: _Optional[int] = ..., hinted: bool = ...) -> None: ...
+    owners: _containers.RepeatedScalarFieldContainer[str]
+    acked: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stored: bool = ..., existed: bool = ..., replicas: _Optional[int] = ..., hinted: bool = ..., owners: _Optional[_Iterable[str]] = ..., acked: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HasRequest(_message.Message):
     __slots__ = ("keys", "local_only", "versions", "write_ids")

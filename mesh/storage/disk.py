@@ -16,6 +16,7 @@ File layout: b"CMB-DISK1", the length (u32) and bytes of the BlobHeader protobuf
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -38,6 +39,7 @@ _LEN = struct.Struct("<I")
 _CHUNK = struct.Struct("<BII")
 SUFFIX = ".blob"
 TMP_SUFFIX = ".tmp"
+WARN_FOR = 600.0  # seconds a failed disk write shows in `mesh status`
 _OURS = re.compile(r"^[0-9a-f]{64}\.blob(\.\d+\.tmp)?$")
 
 
@@ -104,6 +106,22 @@ def decode_file(data: bytes, limits: Limits) -> tuple[Header, tuple[StoredChunk,
     return header, tuple(receiver.chunks)
 
 
+def probe_directory(directory: Path) -> None:
+    """Create `directory` if needed and write, fsync and remove a file in it: OSError (Permission denied, a
+    read-only file system, not a directory) if blobs could not be kept there. A directory that exists is not
+    enough: one owned by another user would take no file, and every put would fall back to RAM."""
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".probe.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"comfy-mesh")
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
 class DiskStore:
     """Blob files under `directory`, LRU within `max_disk` bytes. Thread-safe; file IO happens outside the lock."""
 
@@ -117,6 +135,7 @@ class DiskStore:
         self._index: OrderedDict[str, DiskItem] = OrderedDict()  # least recently used first
         self._used = 0
         self.errors = 0
+        self._last_error: tuple[float, str] | None = None  # (monotonic time, what failed): for `mesh status`
         self.corrupt = 0
         self.evictions = 0
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -165,6 +184,11 @@ class DiskStore:
     def used(self) -> int:
         return self._used
 
+    def keys(self) -> set[str]:
+        """A snapshot of the keys on disk."""
+        with self._lock:
+            return set(self._index)
+
     def header(self, key: str) -> Header | None:
         item = self._index.get(key)
         return item.header if item else None
@@ -198,7 +222,7 @@ class DiskStore:
         """Write a blob crash-safely; False if it could not be written (counted, logged: RAM still has it)."""
         size = sum(len(c.data) + _CHUNK.size for c in chunks) + 1024
         if size > self.max_disk:  # it would evict everything, then itself
-            self.errors += 1
+            self._failed(f"a value of {size} bytes does not fit --max-disk ({self.max_disk} bytes)")
             log.warning("disk tier: %s does not fit the disk budget of %d bytes; kept in RAM only",
                         file_name(header.key), self.max_disk)
             return False
@@ -222,10 +246,23 @@ class DiskStore:
             _fsync_dir(self.directory)
             return True
         except OSError as e:
-            self.errors += 1
+            self._failed(f"cannot write in {self.directory}: {e.strerror or e}")
             log.warning("disk tier: cannot write %s: %s", path.name, e)
             tmp.unlink(missing_ok=True)
             return False
+
+    def _failed(self, why: str) -> None:
+        self.errors += 1
+        self._last_error = (time.monotonic(), why)
+
+    def warnings(self) -> list[str]:
+        """A write that failed lately, for `mesh status`: the value lives in RAM only, and a restart loses it."""
+        if self._last_error is None or time.monotonic() - self._last_error[0] > WARN_FOR:
+            return []
+        n = self.errors
+        return [f"disk tier: {n} value{'s' if n != 1 else ''} not written to disk since start (the last "
+                f"{time.monotonic() - self._last_error[0]:.0f} s ago: {self._last_error[1]}); such values are "
+                f"in RAM only and a restart loses them"]
 
     def touch(self, key: str) -> None:
         """`key` was just used: the last to be evicted."""

@@ -307,6 +307,22 @@ class BlobStore:
             entries = [e for e, _ in self._entries.values() if e.header.key.startswith(prefix)]
         return iter(entries[:limit] if limit else entries)
 
+    def warnings(self) -> list[str]:
+        """What an operator should know about this store (a disk tier that fails to take values)."""
+        return self.disk.warnings() if self.disk is not None else []
+
+    def held(self) -> tuple[int, int]:
+        """(keys, bytes) this node holds in any tier, each key counted once: what `mesh peers` shows. With a
+        disk tier every value is on disk (written through), so its files' bytes, plus values whose disk write
+        failed (RAM only); without one, RAM."""
+        if self.disk is None:
+            return len(self._entries), self._used
+        on_disk = self.disk.keys()  # set operations, not a Python test per key: this runs every membership tick
+        with self._lock:  # usually everything is on disk (written through): one C-level pass says so
+            ram_only = [] if on_disk.issuperset(self._entries) else [
+                self._entries[k][1] for k in self._entries.keys() - on_disk]
+        return len(on_disk) + len(ram_only), self.disk.used + sum(ram_only)
+
     def stats(self) -> dict[str, float]:
         with self._lock:
             out: dict[str, float] = dict(vars(self.counters))

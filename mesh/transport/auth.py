@@ -51,6 +51,7 @@ SESSION_TTL = 300.0          # seconds a node honours a session it minted
 RENEW_AFTER = 240.0          # seconds a caller uses a session before it asks for a fresh one
 REPLAY_WINDOW = 4096         # counters tracked per session: calls may arrive out of order, never twice
 MAX_SESSIONS = 16384         # sessions with replay state one node keeps (only callers with the secret add any)
+WRONG_SECRET = "we do not share a cluster secret"  # the start of a Hello's AuthError when the secrets differ
 STALE = "stale session"      # status detail that tells a caller to say Hello again (node restarted, TTL passed)
 HELLO_METHOD = "/comfymesh.v1.Mesh/Hello"
 # A Hello's request in headers, "<key id>.<nonce hex>": a node answers it before reading any message, so callers
@@ -268,7 +269,7 @@ class ClientAuth:
             reply = hello(request, metadata)
             secret = self.keyring.lookup(reply.key_id)
             if secret is None:
-                raise AuthError(f"we do not share a cluster secret (the node proves key {reply.key_id or '(none)'}, "
+                raise AuthError(f"{WRONG_SECRET} (the node proves key {reply.key_id or '(none)'}, "
                                 f"we hold {', '.join(self.keyring.ids())})")
             expected = hello_proof(secret, nonce, reply.session, reply.node_id, reply.address)
             if not reply.session or not hmac.compare_digest(expected, reply.proof):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from mesh.transport.auth import STALE, AuthError, ClientAuth, Secret, as_keyring
+from mesh.transport.auth import STALE, WRONG_SECRET, AuthError, ClientAuth, Secret, as_keyring
 from mesh.transport.link import Links
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
@@ -104,11 +104,21 @@ def tls_failure(detail: str, tls: bool | None) -> str | None:
             return ("TLS: the node closed the connection during the handshake: it may refuse our client "
                     "certificate (signed by another CA, expired, or not for a client?), or it is down")
         if tls is False:
-            return "the node closed the connection at once: if it serves TLS, give --tls-cert, --tls-key, --tls-ca"
+            return ("the node closed the connection at once: it seems to serve TLS only, and this client speaks "
+                    "plaintext: " + TLS_HINT)
     return None
 
 
-def translate(err: grpc.RpcError, address: str, tls: bool | None = None) -> MeshError:
+# What to set, named for every way a setting is given (flag, environment, config file), since the same errors reach
+# the CLI, `mesh serve` and ComfyUI's log.
+TLS_HINT = ("give it --tls-cert, --tls-key and --tls-ca (MESH_TLS_CERT, MESH_TLS_KEY, MESH_TLS_CA, or tls_cert, "
+            "tls_key, tls_ca in the config file)")
+SECRET_HINT = "--secret-file FILE (MESH_SECRET_FILE, or secret_file in the config file)"
+
+
+def translate(err: grpc.RpcError, address: str, tls: bool | None = None, secret: bool | None = None) -> MeshError:
+    """A gRPC error as one line that says what happened and, where we can tell, what to do. `tls` and `secret`:
+    whether this client dials TLS and holds a secret (None: unknown)."""
     code = err.code() if hasattr(err, "code") else None
     detail = err.details() if hasattr(err, "details") else str(err)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -117,6 +127,9 @@ def translate(err: grpc.RpcError, address: str, tls: bool | None = None) -> Mesh
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         return Unreachable(f"node {address} unreachable: {detail or code}", code)
     if code == grpc.StatusCode.UNAUTHENTICATED:
+        if secret is False:
+            return Unauthenticated(f"node {address} needs the cluster secret, and this client has none ({detail}): "
+                                   f"give it {SECRET_HINT}", code)
         return Unauthenticated(f"node {address} refused the cluster secret: {detail}", code)
     return Refused(f"node {address}: {code.name if code else 'error'}: {detail}", code)
 
@@ -145,6 +158,7 @@ class PeerClient:
         self._transfers = Turns(MAX_TRANSFERS)
         self.timeout = timeout
         self._auth = ClientAuth(as_keyring(secret))
+        self._has_secret = as_keyring(secret) is not None  # what an UNAUTHENTICATED error says to do (translate)
         self._closed = False
         self._tls_on = tls is not None  # what a failed connection's error says about TLS (translate)
         options: list[tuple[str, Any]] = list(channel_options(self.limits))
@@ -188,13 +202,17 @@ class PeerClient:
             if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
                 raise Unauthenticated(f"node {self.address} cannot prove the cluster secret: {e.details()}",
                                       grpc.StatusCode.UNAUTHENTICATED) from None
-            raise translate(e, self.address, self._tls_on) from None
+            raise translate(e, self.address, self._tls_on, self._has_secret) from None
 
     def _md(self, method: str, timeout: float) -> Metadata:
         """This call's proof; says Hello first when there is no session yet (the node proves the secret then)."""
         try:
             return self._auth.metadata(f"/{SERVICE}/{method}", lambda r, md=(): self._hello(r, timeout, md))
         except AuthError as e:
+            if WRONG_SECRET in str(e):
+                raise Unauthenticated(f"node {self.address} holds another cluster secret than this client (a wrong "
+                                      f"secret: {e}): give the secret file every node uses, {SECRET_HINT}",
+                                      grpc.StatusCode.UNAUTHENTICATED) from None
             raise Unauthenticated(f"node {self.address} is not trusted: {e}", grpc.StatusCode.UNAUTHENTICATED) from None
 
     def _stale(self, err: grpc.RpcError) -> bool:
@@ -394,7 +412,7 @@ class PeerClient:
             if e.code() == grpc.StatusCode.CANCELLED and first_byte is not None and receiver is None:
                 raise Unreachable(f"node {self.address} did not answer within {first_byte:.2f} s",
                                   grpc.StatusCode.DEADLINE_EXCEEDED) from None
-            raise translate(e, self.address, self._tls_on) from None
+            raise translate(e, self.address, self._tls_on, self._has_secret) from None
         except TransferError as e:
             calls[-1].cancel()
             raise Refused(f"node {self.address} sent a bad blob for {key!r}: {e}", e.code) from None
@@ -504,7 +522,7 @@ class PeerClient:
                                                                         wait_for_ready=wait_for_ready),
                                          retry=isinstance(chunks, Sequence))
             except grpc.RpcError as e:
-                raise translate(e, self.address, self._tls_on) from None
+                raise translate(e, self.address, self._tls_on, self._has_secret) from None
         if not reply.existed:
             self.links.observe(self.address, header.raw_size, time.monotonic() - started,
                                compressed=compress or packed or sent_packed)
@@ -519,7 +537,7 @@ class PeerClient:
             return self._in_session(name, t, lambda md: method(request, timeout=t, metadata=md,
                                                                wait_for_ready=wait_for_ready))
         except grpc.RpcError as e:
-            raise translate(e, self.address, self._tls_on) from None
+            raise translate(e, self.address, self._tls_on, self._has_secret) from None
 
     def has(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> list[bool]:
         reply = self._unary("Has", pb.HasRequest(keys=keys, local_only=local_only), timeout)
@@ -587,7 +605,7 @@ class PeerClient:
         try:
             md, reply = self._in_session("Ping", t, ping)
         except grpc.RpcError as e:
-            raise translate(e, self.address, self._tls_on) from None
+            raise translate(e, self.address, self._tls_on, self._has_secret) from None
         if md:
             tag = reply.proof
             reply.ClearField("proof")
@@ -607,7 +625,7 @@ class PeerClient:
             return self._in_session("ListKeys", t,
                                     lambda md: list(self._stub.ListKeys(request, timeout=t, metadata=md)))
         except grpc.RpcError as e:
-            raise translate(e, self.address, self._tls_on) from None
+            raise translate(e, self.address, self._tls_on, self._has_secret) from None
 
     def health(self, timeout: float = 2.0) -> str:
         """The grpc.health.v1 status of the node's Mesh service (needs no secret)."""
@@ -617,7 +635,7 @@ class PeerClient:
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service="comfymesh.v1.Mesh"), timeout=timeout)
         except grpc.RpcError as e:
-            raise translate(e, self.address, self._tls_on) from None
+            raise translate(e, self.address, self._tls_on, self._has_secret) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 

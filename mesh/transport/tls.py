@@ -92,7 +92,8 @@ def subject_name(pem: bytes) -> str | None:
 
 
 def load_tls(cert: str | None = None, key: str | None = None, ca: str | None = None,
-             server_name: str | None = None, env: Mapping[str, str] | None = None) -> TlsConfig | None:
+             server_name: str | None = None, env: Mapping[str, str] | None = None,
+             given_by: Mapping[str, str] | None = None) -> TlsConfig | None:
     """Paths from arguments, else from MESH_TLS_* env vars (env defaults to os.environ). None when neither cert nor key given.
 
     Everything is checked here, at startup, so a typo or a stale key fails with a one-line ValueError naming the
@@ -104,8 +105,8 @@ def load_tls(cert: str | None = None, key: str | None = None, ca: str | None = N
     given = {"cert": cert, "key": key, "ca": ca}
     paths: dict[str, tuple[str, str]] = {}  # setting -> (path, where it came from)
     for name, value in given.items():
-        if value:
-            paths[name] = (value, _OPTION[name])
+        if value:  # `given_by`: where an argument came from, when not its option ("tls_cert in FILE")
+            paths[name] = (value, (given_by or {}).get(name, _OPTION[name]))
         elif environ.get(ENV[name]):
             paths[name] = (environ[ENV[name]], ENV[name])
 

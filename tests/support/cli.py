@@ -1,7 +1,8 @@
 """The one way tests and scripts run the `mesh` command line (anything but `mesh serve`, see serve.py).
 
-The child's environment drops MESH_* variables, so a developer's own settings never change what a test sees;
-a test that is about the environment passes what it wants in `env`.
+The child's environment drops MESH_* variables, so a developer's own settings never change what a test sees,
+and sets MESH_CONFIG_DEFAULT empty, so neither does a host's /etc/comfy-mesh/mesh.toml; a test that is about
+the environment or the default file passes what it wants in `env`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ def run_cli(*args: str, node: str | None = None, secret_file: Path | None = None
     if secret_file is not None:
         argv += ["--secret-file", str(secret_file)]
     child_env = {k: v for k, v in os.environ.items() if not k.startswith(tuple(drop_env))}
+    child_env["MESH_CONFIG_DEFAULT"] = ""
     child_env.update(env or {})
     return subprocess.run(argv + list(args), capture_output=capture, text=text, timeout=timeout, env=child_env,
                           check=check, cwd=cwd)
