@@ -20,7 +20,6 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
-import socket  # noqa: E402
 import stat  # noqa: E402
 import sys
 import threading
@@ -32,6 +31,7 @@ from typing import Any
 import mesh  # noqa: E402
 from mesh.address import WILDCARDS, join_hostport, split_hostport, with_port
 from mesh.files import write_atomic
+from mesh.node_id import describe_default
 from mesh.transport.auth import SECRET_ENV, SECRET_FILE_ENV, Keyring, load_keyring, load_secrets
 from mesh.cluster.routing import ClusterConfig
 from mesh.transport.link import AUTO, MODES
@@ -41,7 +41,7 @@ from mesh.pb.mesh_pb2 import MemberState
 from mesh.transport.peer import MeshError, PeerClient
 from mesh.settings import (CONFIG_ENV, DEFAULT_CONFIG, ConfigFile, SettingError, load_config, resolve,
                            settings_of)
-from mesh.transport.tls import TlsConfig, init_tls, load_tls
+from mesh.transport.tls import TlsConfig, init_tls, load_tls, subject_name
 from mesh.units import format_size, parse_size
 from mesh.transport.wire import Limits
 
@@ -776,10 +776,18 @@ def _keyring(args: argparse.Namespace) -> Keyring | None:
     return load_keyring(args.secret_file) or (Keyring([args.file_secret.encode()]) if args.file_secret else None)
 
 
-def _default_node_id(listen: str) -> str:
-    """What `mesh serve` names itself without --node-id (mesh/node.py)."""
-    port = split_hostport(listen)[1] if listen else DEFAULT_PORT
-    return f"{socket.gethostname()}-{port if port else '<port>'}"
+def _default_node_id(args: argparse.Namespace, problems: list[str]) -> tuple[str, str]:
+    """What `mesh serve` names itself without --node-id (Node._pick_node_id), writing nothing."""
+    if args.revoke and args.tls_cert:
+        try:
+            return subject_name(Path(args.tls_cert).read_bytes()), "its certificate's name (--revoke)"
+        except (OSError, ValueError) as e:
+            problems.append(f"--tls-cert: {e}")
+    try:
+        return describe_default(args.data_dir)
+    except ValueError as e:
+        problems.append(str(e))
+        return "?", "the kept id cannot be read"
 
 
 def _config_view(args: argparse.Namespace, problems: list[str]) -> dict[str, Any]:
@@ -808,12 +816,15 @@ def _config_view(args: argparse.Namespace, problems: list[str]) -> dict[str, Any
             check_data_dir(args.data_dir, create=False)
         except ConfigError as e:
             problems.append(str(e))
+    if args.node_id:
+        node_id, node_id_from = args.node_id, args.settings_sources.get("node_id", "--node-id")
+    else:
+        node_id, node_id_from = _default_node_id(args, problems)
     secret = (args.secret_file or os.environ.get(SECRET_FILE_ENV)
               or ("(MESH_SECRET)" if os.environ.get(SECRET_ENV) else "")
               or ("(secret in the config file)" if args.file_secret else "none: an open node"))
     return {"config_file": {"path": args.config_file.path, "why": args.config_file.why},
-            "node_id": args.node_id or _default_node_id(args.listen),
-            "node_id_from": args.settings_sources.get("node_id", "default") if args.node_id else "default",
+            "node_id": node_id, "node_id_from": node_id_from,
             "advertise": advertise, "tls": tls, "secret_file": secret, "secret_source": args.sources["secret"],
             "cli_node": {"value": args.node, "from": args.sources["node"]}, "valid": node_config is not None}
 

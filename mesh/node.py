@@ -153,12 +153,12 @@ def open_node_only_on_loopback(listen: str, advertise: str, seeds: list[str] | t
         raise ConfigError("without a cluster secret a node joins no mesh (--zeroconf): " + NO_SECRET_HELP)
 
 
-def check_data_dir(path: str) -> None:
+def check_data_dir(path: str, create: bool = True) -> None:
     """Refuse a --data-dir this process cannot write, before the node starts. Why refuse rather than run on:
     the disk tier is what an operator asked for (values that survive a restart), and a node that cannot write
     it keeps every value in RAM only while each put logs Permission denied; refused, the fix is one line away."""
     try:
-        probe_directory(Path(path))
+        probe_directory(Path(path), create=create)
     except OSError as e:
         who = _user()
         fix = (f"make it writable by {who}, the user this node runs as (e.g. `chown -R {who} {path}`), or choose "

@@ -55,6 +55,18 @@ def default_node_id(data_dir: str, hostname: str | None = None) -> tuple[str, st
     return node_id, f"new, kept in {path}"
 
 
+def describe_default(data_dir: str, hostname: str | None = None) -> tuple[str, str]:
+    """What `default_node_id` would give, without writing anything (for `mesh config`): the kept id where there
+    is one, else the pattern a start would draw."""
+    if data_dir:
+        path = Path(data_dir) / ID_FILE
+        kept = _read(path)
+        if kept is not None:
+            return kept, f"kept in {path}"
+        return f"{host_part(hostname)}-<random>", f"drawn at the first start, then kept in {path}"
+    return f"{host_part(hostname)}-<random>", "new at each start: no --data-dir to keep it in"
+
+
 def _read(path: Path) -> str | None:
     """The id kept at `path`; None where there is no file."""
     try:

@@ -148,6 +148,21 @@ def test_mesh_config_validates_and_shows_tls_secret_source_id_and_address(tmp_pa
     assert r.returncode == 1 and f"missing.pem (tls_cert in {broken}) does not exist" in one_line(r)
 
 
+def test_mesh_config_shows_the_default_id_a_start_would_use_and_writes_nothing(tmp_path: Path) -> None:
+    """The default id is drawn once and kept in the data dir (mesh/node_id.py): `mesh config` shows the kept one,
+    or the pattern before the first start, and never draws or writes one itself."""
+    data = tmp_path / "data"
+    r = mesh("config", "--json", env={"MESH_DATA_DIR": str(data)})
+    view = json.loads(r.stdout)
+    assert r.returncode == 0 and view["problems"] == [], r.stdout + r.stderr
+    assert view["node_id"].endswith("-<random>") and "kept in" in view["node_id_from"], view
+    assert not data.exists()  # not even the folder: the node makes it at its first start
+    data.mkdir()
+    (data / "node-id").write_text("gpu3-0a1b2c3d\n")
+    view = json.loads(mesh("config", "--json", env={"MESH_DATA_DIR": str(data)}).stdout)
+    assert (view["node_id"], view["node_id_from"]) == ("gpu3-0a1b2c3d", f"kept in {data / 'node-id'}")
+
+
 def test_global_options_work_anywhere_on_the_line(tmp_path: Path, secret_file: Path) -> None:
     """Seen: `mesh serve --log-format json` and `-v` after the command were rejected (exit 2)."""
     # A seed nobody answers at: its failed pings are logged at debug level, which only -v shows.

@@ -17,6 +17,7 @@ File layout: b"CMB-DISK1", the length (u32) and bytes of the BlobHeader protobuf
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -106,10 +107,17 @@ def decode_file(data: bytes, limits: Limits) -> tuple[Header, tuple[StoredChunk,
     return header, tuple(receiver.chunks)
 
 
-def probe_directory(directory: Path) -> None:
+def probe_directory(directory: Path, create: bool = True) -> None:
     """Create `directory` if needed and write, fsync and remove a file in it: OSError (Permission denied, a
     read-only file system, not a directory) if blobs could not be kept there. A directory that exists is not
-    enough: one owned by another user would take no file, and every put would fall back to RAM."""
+    enough: one owned by another user would take no file, and every put would fall back to RAM.
+    `create=False` (`mesh config`, which changes nothing): a missing directory is probed in its nearest existing
+    parent, where the node would create it."""
+    if not create and not directory.exists():
+        parent = next(p for p in directory.parents if p.exists())
+        if not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(parent))
+        directory = parent
     directory.mkdir(parents=True, exist_ok=True)
     probe = directory / f".probe.{os.getpid()}.{threading.get_ident()}{TMP_SUFFIX}"
     try:
