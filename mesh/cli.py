@@ -136,8 +136,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = _serve_config(args)
     except ValueError as e:  # a size that does not parse, limits that contradict each other
         raise ConfigError(str(e)) from None
+    # Signals are handled before the node starts: it answers peers during start(), and a SIGTERM in that window
+    # must drain and stop it like any other, not kill it mid-start.
+    stopping = threading.Event()
+    started: list[Node] = []
+    _handle_signals(args, stopping, started)
     node = Node(config).start()
-    return _run_node(node, args)
+    started.append(node)
+    return _run_node(node, args, stopping)
 
 
 def _serve_config(args: argparse.Namespace) -> NodeConfig:
@@ -163,9 +169,8 @@ def _serve_config(args: argparse.Namespace) -> NodeConfig:
     )
 
 
-def _run_node(node: Node, args: argparse.Namespace) -> int:
-    """Serve until SIGINT or SIGTERM (draining first with --drain-on-term); SIGHUP reloads the secrets."""
-    stopping = threading.Event()
+def _handle_signals(args: argparse.Namespace, stopping: threading.Event, started: list[Node]) -> None:
+    """SIGINT or SIGTERM: stop (draining first with --drain-on-term); SIGHUP: reload the secrets."""
 
     def on_signal(signum: int, _frame: object) -> None:
         logging.getLogger("mesh").info("received %s, %s", signal.Signals(signum).name,
@@ -174,7 +179,10 @@ def _run_node(node: Node, args: argparse.Namespace) -> int:
 
     def on_hangup(_signum: int, _frame: object) -> None:
         """Reload the secret file: rotation (add the next secret, make it first, drop the old) without a restart."""
-        keyring = node.keyring
+        if not started:
+            logging.getLogger("mesh").warning("SIGHUP: secrets not reloaded: the node is still starting")
+            return
+        keyring = started[0].keyring
         try:
             keys = load_secrets(args.secret_file)
             if keyring is None or keys is None:
@@ -188,6 +196,10 @@ def _run_node(node: Node, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_hangup)
+
+
+def _run_node(node: Node, args: argparse.Namespace, stopping: threading.Event) -> int:
+    """Serve until `stopping` (a signal) or the node stops by itself (a drain asked over gRPC)."""
     if args.ready_file:
         # Written whole, then renamed, so a watcher never reads a half-written file.
         ready = Path(args.ready_file)

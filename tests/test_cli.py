@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -14,7 +15,8 @@ import pytest
 
 from tests.conftest import free_port
 from tests.support.cli import run_cli
-from tests.support.serve import ServeProcess
+from tests.support.poll import poll
+from tests.support.serve import ServeProcess, serve_argv
 
 
 def run_mesh(node: str, *args: str, secret_file: Path | None = None, timeout: float = 10
@@ -161,6 +163,30 @@ def test_sigterm_stops_serve_cleanly(served: ServeProcess, secret_file: Path) ->
     assert "stopped" in served.log()
     r = run_mesh(served.address, "stats", secret_file=secret_file, timeout=2)
     assert r.returncode == 1 and "unreachable" in one_line_error(r)
+
+
+def test_sigterm_while_the_node_starts_still_stops_it_cleanly(tmp_path: Path, secret_file: Path) -> None:
+    """The node answers peers before start() returns; a SIGTERM the moment its port accepts (a service manager
+    stopping a unit that just started) must stop it like any other, exit 0, not kill it mid-start."""
+    port = free_port()
+    argv = serve_argv("--drain-on-term", ready_file=tmp_path / "n.ready", secret_file=secret_file,
+                      listen=f"127.0.0.1:{port}")
+    log_path = tmp_path / "n.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def accepts() -> bool:
+            with socket.socket() as s:
+                s.settimeout(0.2)
+                return s.connect_ex(("127.0.0.1", port)) == 0
+        poll(lambda: accepts() or process.poll() is not None, "the port to accept", timeout=30, interval=0.001)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, log_path.read_text()
+        assert "stopped" in log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_sigint_stops_serve_cleanly(served: ServeProcess) -> None:
