@@ -125,6 +125,10 @@ class Bridge:
         else:
             self._lookups.put(batch)
 
+    def available(self) -> bool:
+        """False while closed or while the breaker is open (the mesh just failed to answer)."""
+        return not self._closed.is_set() and time.monotonic() >= self._down_until
+
     def _trip(self, error: Exception) -> None:
         """Open the breaker if the mesh itself did not answer; an answer (busy, refused) is not a dead mesh."""
         if isinstance(error, NodeStopped):

@@ -9,11 +9,11 @@ for a compute lease (mesh/cluster/leases.py, the Lease RPC):
   lease that comes free (its holder crashed, froze, was interrupted or failed), and this instance computes;
 - done: the value is in the mesh already: read it.
 
-**Waiting: polls, not a long-poll.** A waiter asks the owner again every 20 ms at first, backing off to 250 ms.
+**Waiting: polls, not a long-poll.** A waiter asks the owner again every 20 ms at first, backing off to 100 ms.
 A long-poll would hold one of the owner's server threads per waiting instance for seconds (the synchronous gRPC
 server's threads are a fixed budget shared out by gates: mesh/server.py), and a waiter would still need a
 deadline and a retry for owners that change or die; polling holds nothing between asks, costs one small unary
-call per interval, and adds at most one interval (250 ms; 20-70 ms in the first half second) to a wait. The
+call per interval (at most 10 a second per waiter), and adds at most one interval (100 ms) to a wait. The
 wait is awaited on ComfyUI's event loop (asyncio.sleep between asks; each ask runs on a provider thread and is
 awaited under a deadline), so the loop is never blocked.
 
@@ -67,8 +67,9 @@ CALL_TIMEOUT = 1.0    # seconds one lease call may take
 GRACE = 0.5           # seconds after the prompt's end a lease waits for its store to claim it
 DEFAULT_WAIT = 10.0   # seconds to wait on a node whose compute time nobody knows
 HANDOVER = 1.0        # seconds added to an expected compute time: the value's way to the mesh and back
+BREAKER_OPEN = 3.0    # seconds no lease is asked for after a lease call failed (a dead mesh costs one deadline)
 FIRST_POLL = 0.02
-MAX_POLL = 0.25
+MAX_POLL = 0.1
 BACKOFF = 1.5
 
 
@@ -90,16 +91,22 @@ class DedupeCounters:
     wait_timeouts: int = 0     # ... and ran out of time (then computed)
     takeovers: int = 0         # ... and were granted the lease after all (the holder stopped, failed, released)
     lease_errors: int = 0      # lease calls that failed or timed out (then computed without a lease)
+    skipped: int = 0           # pre-execution misses computed without asking: the mesh was just unreachable
     wait_seconds: float = 0.0
     saved_seconds: float = 0.0  # compute seconds this instance did not spend, thanks to the waits that hit
 
 
 class Dedupe:
-    def __init__(self, client: MeshClient, costs: ComputeCosts, *, max_wait: float,
-                 holder: str | None = None) -> None:
+    def __init__(self, client: MeshClient, costs: ComputeCosts, *, max_wait: float, holder: str | None = None,
+                 call_timeout: float = CALL_TIMEOUT, available: Callable[[], bool] = lambda: True) -> None:
+        """`call_timeout`: the deadline of one lease call (at most the lookup deadline: a prompt pays no more
+        for a lease than for a lookup); `available()`: False while the lookups' breaker is open (bridge.py)."""
         self.client = client
         self.costs = costs
         self.max_wait = max_wait
+        self.call_timeout = call_timeout
+        self.available = available
+        self._down_until = 0.0
         self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.counters = DedupeCounters()
         self.prompt_waits = 0
@@ -117,11 +124,14 @@ class Dedupe:
                              fetch: Callable[[], Awaitable[Any]]) -> Any:
         """The pre-execution miss of `key`: a value (from another instance's computation, via `fetch`) or None
         when this instance computes the node now (holding the lease, or without one). Never raises."""
+        if time.monotonic() < self._down_until or not self.available():
+            self._count("skipped")
+            self._release_unclaimed(prompt, key)
+            return None
         try:
             answer = await self._ask(key, class_type)
         except Exception as e:
-            self._count("lease_errors")
-            log.debug("lease on %s failed: %r", key, e)
+            self._failed(key, e)
             return None
         finally:
             self._release_unclaimed(prompt, key)  # earlier nodes of this prompt whose values are not coming
@@ -151,8 +161,7 @@ class Dedupe:
                 try:
                     answer = await self._ask(key, class_type)
                 except Exception as e:
-                    self._count("lease_errors")
-                    log.debug("lease on %s failed while waiting: %r", key, e)
+                    self._failed(key, e)
                     return None
                 if answer.state == GRANTED:  # the holder stopped renewing, failed or gave up: compute here
                     self._count("takeovers")
@@ -177,6 +186,13 @@ class Dedupe:
             self.counters.saved_seconds += saved
         return found
 
+    def _failed(self, key: str, error: BaseException) -> None:
+        """A lease call failed: compute without one, and ask for no lease for a while (one deadline, not one per
+        node, while the mesh does not answer)."""
+        self._count("lease_errors")
+        self._down_until = time.monotonic() + BREAKER_OPEN
+        log.debug("lease on %s failed: %r", key, error)
+
     def wait_bound(self, class_type: str, key: str, answer: Answer) -> float:
         """Never longer than computing would take here (plus the hand-over), capped by MESH_DEDUPE_MAX_WAIT."""
         expected = self.costs.expected(class_type, key) or answer.expected_seconds
@@ -185,8 +201,8 @@ class Dedupe:
 
     async def _ask(self, key: str, class_type: str) -> Answer:
         expected = self.costs.expected(class_type, key) or 0.0
-        job = self._pool.submit(self.client.lease, key, self.holder, CALL_TIMEOUT, ttl=TTL, expected=expected)
-        return await asyncio.wait_for(asyncio.wrap_future(job), CALL_TIMEOUT + 0.5)
+        job = self._pool.submit(self.client.lease, key, self.holder, self.call_timeout, ttl=TTL, expected=expected)
+        return await asyncio.wait_for(asyncio.wrap_future(job), self.call_timeout + 0.25)
 
     # -- holding ----------------------------------------------------------------------------------------------
 
@@ -241,7 +257,7 @@ class Dedupe:
 
     def _call_release(self, key: str, done: bool) -> None:
         try:
-            self.client.lease(key, self.holder, CALL_TIMEOUT, release=True, done=done)
+            self.client.lease(key, self.holder, self.call_timeout, release=True, done=done)
         except Exception as e:  # the lease lapses on its own within TTL
             log.debug("release of lease on %s failed: %r", key, e)
 
@@ -258,7 +274,7 @@ class Dedupe:
             for key, held in due:
                 held.renewed_at = now
                 try:
-                    answer = self.client.lease(key, self.holder, CALL_TIMEOUT, ttl=TTL, expected=held.expected)
+                    answer = self.client.lease(key, self.holder, self.call_timeout, ttl=TTL, expected=held.expected)
                 except Exception as e:
                     log.debug("renewal of lease on %s failed: %r", key, e)
                     continue  # the next renewal may get through; the lease lapses otherwise

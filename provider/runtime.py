@@ -177,7 +177,8 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
                    cache_value=cache_value, lookup_timeout=config.lookup_timeout)
     if config.dedupe:
         holder = f"{node.node_id if node is not None else socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        provider.dedupe = Dedupe(client, provider.costs, max_wait=config.dedupe_max_wait, holder=holder)
+        provider.dedupe = Dedupe(client, provider.costs, max_wait=config.dedupe_max_wait, holder=holder,
+                                 call_timeout=min(1.0, config.lookup_timeout), available=bridge.available)
     runtime = Runtime(provider, bridge, client, node, config, private=private)
     if api is not None and config.fast_keys:
         fast = FastKeys(api)
