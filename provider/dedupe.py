@@ -17,8 +17,9 @@ call per interval (at most 10 a second per waiter), and adds at most one interva
 wait is awaited on ComfyUI's event loop (asyncio.sleep between asks; each ask runs on a provider thread and is
 awaited under a deadline), so the loop is never blocked.
 
-**Bounded.** A wait lasts at most what computing would take here: the key's (else the class type's) compute
-seconds learned by ComputeCosts (else the holder's own figure, else DEFAULT_WAIT), plus HANDOVER for the value
+**Bounded.** A wait lasts at most what computing would take here: the key's compute seconds learned by
+ComputeCosts, else the longest recent figure of its class type (else the holder's own figure, else
+DEFAULT_WAIT), plus HANDOVER for the value
 to reach the mesh and come back, capped by MESH_DEDUPE_MAX_WAIT. Every lease call has a deadline (CALL_TIMEOUT);
 one that fails or times out means "compute now, without a lease": a possible duplicate computation, never a
 stall. A holder's lease lapses TTL seconds after its last renewal, so a holder killed (-9) or frozen (SIGSTOP)
@@ -195,12 +196,12 @@ class Dedupe:
 
     def wait_bound(self, class_type: str, key: str, answer: Answer) -> float:
         """Never longer than computing would take here (plus the hand-over), capped by MESH_DEDUPE_MAX_WAIT."""
-        expected = self.costs.expected(class_type, key) or answer.expected_seconds
+        expected = self.costs.ceiling(class_type, key) or answer.expected_seconds
         bound = expected + HANDOVER if expected else DEFAULT_WAIT
         return max(0.0, min(self.max_wait, bound))
 
     async def _ask(self, key: str, class_type: str) -> Answer:
-        expected = self.costs.expected(class_type, key) or 0.0
+        expected = self.costs.ceiling(class_type, key) or 0.0
         job = self._pool.submit(self.client.lease, key, self.holder, self.call_timeout, ttl=TTL, expected=expected)
         return await asyncio.wait_for(asyncio.wrap_future(job), self.call_timeout + 0.25)
 
@@ -209,7 +210,7 @@ class Dedupe:
     def _hold(self, key: str, class_type: str, prompt: str) -> None:
         with self._lock:
             self.counters.leases += 1
-            self._held[key] = _Held(class_type, prompt, self.costs.expected(class_type, key) or 0.0)
+            self._held[key] = _Held(class_type, prompt, self.costs.ceiling(class_type, key) or 0.0)
 
     def holds(self, key: str) -> bool:
         with self._lock:

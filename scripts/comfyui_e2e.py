@@ -329,8 +329,8 @@ def dedupe(comfy: Path, python: str, work: Path) -> bool:
     common = {"MESH_SECRET": uuid.uuid4().hex, "MESH_MIN_FREE_RAM": "0", "MESH_CLUSTER": "e2e-dedupe"}
     a = Instance("A", comfy, python, work, {**common, "MESH_LISTEN": f"127.0.0.1:{mesh_port}",
                                            "MESH_NODE_ID": "comfy-a"})
-    b = Instance("B", comfy, python, work, {**common, "MESH_LISTEN": "127.0.0.1:0", "MESH_NODE_ID": "comfy-b",
-                                           "MESH_SEEDS": f"127.0.0.1:{mesh_port}"})
+    b = Instance("B", comfy, python, work, {**common, "MESH_LISTEN": f"127.0.0.1:{free_port()}",
+                                           "MESH_NODE_ID": "comfy-b", "MESH_SEEDS": f"127.0.0.1:{mesh_port}"})
     try:
         a.wait_ready()
         b.wait_ready()
