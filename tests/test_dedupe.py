@@ -95,6 +95,15 @@ def lease_holder(node_address: str, key: str) -> str:
         return reply.holder if reply.state == pb.LEASE_HELD else ""
 
 
+def lease_owner(node_address: str, key: str) -> str:
+    """The node id whose table keeps the lease on `key` (its primary owner): asked with a probe, released."""
+    with PeerClient(node_address, SECRET.encode(), timeout=5.0) as c:
+        probe = f"probe-{uuid.uuid4().hex[:8]}"
+        reply = c.lease(pb.LeaseRequest(key=key, holder=probe, ttl=1.0), timeout=5.0)
+        c.lease(pb.LeaseRequest(key=key, holder=probe, op=pb.LEASE_RELEASE), timeout=5.0)
+        return reply.owner
+
+
 def held_answers(procs: list[HarnessProcess]) -> float:
     """How many times the owners told an asker that someone else holds a lease (`lease_held`, all nodes)."""
     total = 0.0
@@ -128,11 +137,21 @@ def test_the_same_prompt_at_once_computes_the_slow_node_once(tmp_path: Path, cle
         assert r["wall_s"] <= results[ran[0]]["wall_s"] + 1.0, (r["wall_s"], results[ran[0]]["wall_s"])
 
 
-def holder_then_waiter(tmp_path: Path, cleanup: list, prompt: dict[str, Any], *args: str
+def holder_then_waiter(tmp_path: Path, cleanup: list, prompt: Any, *args: str, owner: str = ""
                        ) -> tuple[HarnessProcess, HarnessProcess, futures.Future, futures.Future, float, futures.Executor]:
-    """A starts the prompt and takes the lease on its slow node; then B starts it and waits for A."""
+    """A starts the prompt and takes the lease on its slow node; then B starts it and waits for A. `prompt`: a
+    prompt, or a function of a seed whose prompt is tried with seeds until the slow node's lease is kept by
+    `owner` (c0: A's node, c1: B's node)."""
     a, b = fleet(tmp_path, 2, *args)
     cleanup.extend([a, b])
+    if callable(prompt):
+        make = prompt
+        for seed in range(64):
+            prompt = make(seed)
+            if lease_owner(b.address, slow_key(a, prompt)) == owner:
+                break
+        else:
+            raise AssertionError(f"no seed of 64 gives a key whose lease {owner} keeps")
     key = slow_key(a, prompt)
     pool = futures.ThreadPoolExecutor(2)
     ra = pool.submit(a.run, 120, prompt=prompt)
@@ -150,12 +169,17 @@ def waited_after(b_result: dict, b_started: float, event_at: float) -> float:
     return b_started + before_compute - event_at
 
 
+@pytest.mark.parametrize("owner", ["waiter", "holder"])
 @pytest.mark.parametrize("how", ["kill", "freeze"])
 def test_a_holder_killed_or_frozen_frees_its_waiter_within_a_few_seconds(tmp_path: Path, cleanup: list,
-                                                                         how: str) -> None:
-    # A's slow node takes 8 s; B, knowing no compute time for it, would wait up to DEFAULT_WAIT (10 s).
-    prompt = slow_prompt(2000 + (how == "freeze"), delay=8.0)
-    a, b, ra, rb, b_started, pool = holder_then_waiter(tmp_path, cleanup, prompt, "--dedupe-max-wait", "30")
+                                                                         how: str, owner: str) -> None:
+    """The lease is kept by B's node (A stops renewing: it lapses) or by A's own (the owner is gone: B's lease
+    call goes to the key's next owner). A's slow node takes 8 s; B, knowing no compute time for it, would
+    otherwise wait up to DEFAULT_WAIT (10 s)."""
+    base = 2000 + 100 * (how == "freeze") + 200 * (owner == "holder")
+    a, b, ra, rb, b_started, pool = holder_then_waiter(
+        tmp_path, cleanup, lambda s: slow_prompt(base + 2 * s, delay=8.0), "--dedupe-max-wait", "30",
+        owner="c1" if owner == "waiter" else "c0")
     event = time.monotonic()
     a.process.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
     result = rb.result(timeout=60)
@@ -165,6 +189,8 @@ def test_a_holder_killed_or_frozen_frees_its_waiter_within_a_few_seconds(tmp_pat
     stats = provider_stats(b)
     assert stats["provider_dedupe_waits"] == 1
     assert stats["provider_dedupe_takeovers"] + stats["provider_dedupe_lease_errors"] == 1
+    if owner == "waiter":
+        assert b.stats()["node"]["lease_expired"] >= 1  # A's lease lapsed at B's node
     pool.shutdown(wait=False, cancel_futures=True)
 
 
