@@ -271,3 +271,59 @@ def test_dedupe_off_computes_everywhere(tmp_path: Path, cleanup: list) -> None:
     cleanup.extend(procs)
     results = at_once(procs, [slow_prompt(7000, delay=1.0)] * 2)
     assert [("slow" in r["executed"]) for r in results] == [True, True]
+
+
+class FailingLeases:
+    """A mesh whose lease calls fail (a node from before the Lease RPC answers UNIMPLEMENTED): counted calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def lease(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        from mesh.transport.peer import Refused
+        raise Refused("Lease: UNIMPLEMENTED")
+
+
+def test_failing_lease_calls_cost_one_call_then_none_for_a_while() -> None:
+    import asyncio
+
+    from provider.costs import ComputeCosts
+
+    client = FailingLeases()
+    d = dedupe.Dedupe(client, ComputeCosts(), max_wait=60.0)  # type: ignore[arg-type]
+
+    async def fetch() -> Any:
+        raise AssertionError("nothing to fetch")
+
+    async def prompt() -> list[Any]:
+        return [await d.before_compute(f"k{i}", "K", "p", fetch) for i in range(20)]
+
+    try:
+        assert asyncio.run(prompt()) == [None] * 20  # every node computes here, none fails
+        assert client.calls == 1
+        assert d.stats()["provider_dedupe_lease_errors"] == 1 and d.stats()["provider_dedupe_skipped"] == 19
+    finally:
+        d.close()
+
+
+def test_a_wait_is_bounded_by_what_computing_takes_here() -> None:
+    from mesh.cluster.leases import HELD, Answer
+    from provider.costs import ComputeCosts
+
+    costs = ComputeCosts()
+    d = dedupe.Dedupe(FailingLeases(), costs, max_wait=20.0)  # type: ignore[arg-type]
+    try:
+        held = Answer(HELD, "other")
+        assert d.wait_bound("K", "k", held) == dedupe.DEFAULT_WAIT  # never timed, holder knows nothing
+        assert d.wait_bound("K", "k", Answer(HELD, "other", expected_seconds=4.0)) == 4.0 + dedupe.HANDOVER
+        costs.start("j", "K")
+        costs._pending["j"].at -= 30.0  # a node of this class took 30 s here
+        costs.finish("j")
+        assert d.wait_bound("K", "k", held) == 20.0  # capped by MESH_DEDUPE_MAX_WAIT
+        costs.start("k", "K")
+        costs._pending["k"].at -= 2.0
+        costs.finish("k")
+        assert d.wait_bound("K", "k", held) == pytest.approx(2.0 + dedupe.HANDOVER, abs=0.05)  # the key's own
+    finally:
+        d.close()
