@@ -327,3 +327,26 @@ def test_a_wait_is_bounded_by_what_computing_takes_here() -> None:
         assert d.wait_bound("K", "k", held) == pytest.approx(2.0 + dedupe.HANDOVER, abs=0.05)  # the key's own
     finally:
         d.close()
+
+
+def test_a_node_known_to_be_cheap_is_computed_without_a_lease() -> None:
+    import asyncio
+
+    from provider.costs import ComputeCosts
+
+    costs = ComputeCosts()
+    costs.start("k0", "Cheap")
+    costs.finish("k0")  # microseconds
+    client = FailingLeases()
+    d = dedupe.Dedupe(client, costs, max_wait=60.0)  # type: ignore[arg-type]
+
+    async def fetch() -> Any:
+        raise AssertionError("nothing to fetch")
+
+    try:
+        assert asyncio.run(d.before_compute("k1", "Cheap", "p", fetch)) is None
+        assert client.calls == 0 and d.stats()["provider_dedupe_cheap"] == 1
+        assert asyncio.run(d.before_compute("k2", "Unknown", "p", fetch)) is None
+        assert client.calls == 1  # a class never timed here is asked about
+    finally:
+        d.close()
