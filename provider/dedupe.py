@@ -303,10 +303,12 @@ class Dedupe:
         return out
 
     def close(self) -> None:
-        """Release every held lease (best effort, each under its deadline) and stop."""
+        """Release every held lease now, while the client still answers (best effort, each call under its
+        deadline: a lease not released lapses within TTL), and stop."""
         self._stop.set()
         with self._lock:
             keys = list(self._held)
+            self._held.clear()
         for key in keys:
-            self._release(key, False)
+            self._call_release(key, False)
         self._pool.shutdown(wait=False)
