@@ -350,3 +350,17 @@ def test_a_node_known_to_be_cheap_is_computed_without_a_lease() -> None:
         assert client.calls == 1  # a class never timed here is asked about
     finally:
         d.close()
+
+
+def test_sidecar_mode_dedupes_through_the_sidecar(tmp_path: Path, cleanup: list) -> None:
+    """B has no node of its own: its lease calls go to its sidecar (A's node), routed to the key's owner."""
+    a = HarnessProcess(["--secret", SECRET, "--node-id", "c0", "--store-tasks", "immediate"],
+                       log_path=tmp_path / "c0.log")
+    cleanup.append(a)
+    b = HarnessProcess(["--secret", SECRET, "--mode", "sidecar", "--node", a.address, "--store-tasks", "immediate"],
+                       log_path=tmp_path / "b.log")
+    cleanup.append(b)
+    results = at_once([a, b], [slow_prompt(8000)] * 2)
+    assert all(r["errors"] == [] for r in results)
+    assert sum("slow" in r["executed"] for r in results) == 1
+    assert results[0]["outputs"]["slow"] == results[1]["outputs"]["slow"]
