@@ -7,6 +7,7 @@ finishes, run when the prompt's loop next yields). Every wait is bounded; every 
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -21,6 +22,7 @@ import pytest
 from mesh.pb import mesh_pb2 as pb
 from mesh.transport.peer import PeerClient
 from provider import dedupe
+from tests.support.cli import run_cli
 from tests.support.comfy_harness import HarnessProcess
 from tests.support.poll import poll
 
@@ -135,6 +137,17 @@ def test_the_same_prompt_at_once_computes_the_slow_node_once(tmp_path: Path, cle
     assert sum(s["provider_dedupe_saved_seconds"] for s in stats) >= (n - 1) * DELAY * 0.5
     for r in waiters:  # a waiter is served as the value lands, not after a poll's worth of extra time
         assert r["wall_s"] <= results[ran[0]]["wall_s"] + 1.0, (r["wall_s"], results[ran[0]]["wall_s"])
+    # `mesh stats` of a waiter's node shows its provider's dedupe counters; the owners counted the grants.
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET)
+    secret_file.chmod(0o600)
+    waiter = procs[next(i for i in range(n) if i not in ran)]
+    done = run_cli("stats", "--json", node=waiter.address, secret_file=secret_file)
+    assert done.returncode == 0, done.stderr
+    counters = json.loads(done.stdout)["counters"]
+    assert counters["provider_dedupe_waits"] >= 1 and counters["provider_dedupe_wait_seconds"] > 0
+    assert counters["provider_dedupe_saved_seconds"] >= DELAY * 0.5
+    assert sum(p.stats()["node"]["lease_granted"] for p in procs) >= 1
 
 
 def holder_then_waiter(tmp_path: Path, cleanup: list, prompt: Any, *args: str, owner: str = ""
@@ -364,3 +377,19 @@ def test_sidecar_mode_dedupes_through_the_sidecar(tmp_path: Path, cleanup: list)
     assert all(r["errors"] == [] for r in results)
     assert sum("slow" in r["executed"] for r in results) == 1
     assert results[0]["outputs"]["slow"] == results[1]["outputs"]["slow"]
+
+
+def test_dedupe_and_lease_counters_are_prometheus_counters() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from mesh.metrics import _NodeCollector
+
+    registry = CollectorRegistry()
+    registry.register(_NodeCollector(lambda: {"provider_dedupe_waits": 2.0, "provider_dedupe_wait_seconds": 3.5,
+                                              "provider_dedupe_saved_seconds": 6.0, "lease_granted": 4.0,
+                                              "lease_expired": 1.0}, list))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    for line in ("comfy_mesh_provider_dedupe_waits_total 2.0", "comfy_mesh_provider_dedupe_wait_seconds_total 3.5",
+                 "comfy_mesh_provider_dedupe_saved_seconds_total 6.0", "comfy_mesh_lease_granted_total 4.0",
+                 "comfy_mesh_lease_expired_total 1.0"):
+        assert line in text, line
