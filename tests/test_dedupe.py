@@ -393,3 +393,38 @@ def test_dedupe_and_lease_counters_are_prometheus_counters() -> None:
                  "comfy_mesh_provider_dedupe_saved_seconds_total 6.0", "comfy_mesh_lease_granted_total 4.0",
                  "comfy_mesh_lease_expired_total 1.0"):
         assert line in text, line
+
+
+def test_an_owner_that_changes_mid_computation_costs_at_most_a_duplicate(tmp_path: Path, cleanup: list) -> None:
+    """A holds the lease on the slow node at its primary owner; then C joins and becomes that key's primary. B's
+    lease call goes to C, which never heard of A's lease (unless A's renewal re-took it there first): B either
+    waits for A's value or computes it too, but never stalls, and every result is the same."""
+    from mesh.cluster.ring import Ring
+
+    a, b = fleet(tmp_path, 2)
+    cleanup.extend([a, b])
+    for seed in range(64):
+        prompt = slow_prompt(9000 + 2 * seed, delay=5.0)
+        key = slow_key(a, prompt)
+        if Ring({"c0": 1.0, "c1": 1.0, "c2": 1.0}).owners(key, 2)[0] == "c2" \
+                and Ring({"c0": 1.0, "c1": 1.0}).owners(key, 2)[0] == "c1":
+            break
+    else:
+        raise AssertionError("no seed of 64 moves the key's primary from c1 to c2")
+    pool = futures.ThreadPoolExecutor(2)
+    started = time.monotonic()
+    ra = pool.submit(a.run, 120, prompt=prompt)
+    poll(lambda: lease_holder(b.address, key).startswith("c0:"), "A holds the lease at c1", timeout=20)
+    c = HarnessProcess(["--secret", SECRET, "--node-id", "c2", "--store-tasks", "immediate", "--seeds", a.address],
+                       log_path=tmp_path / "c2.log")
+    cleanup.append(c)
+    for p in (b, c):
+        p.wait_members(3)
+    rb = pool.submit(b.run, 120, prompt=prompt)
+    got_a, got_b = ra.result(timeout=60), rb.result(timeout=60)
+    assert got_a["errors"] == [] and got_b["errors"] == []
+    assert got_a["outputs"]["slow"] == got_b["outputs"]["slow"]
+    assert "slow" in got_a["executed"]
+    # B waited for A's value or computed it itself, but never to its bound (10 s): done within two node times.
+    assert time.monotonic() - started < 2 * 5.0 + 5.0
+    pool.shutdown(wait=False, cancel_futures=True)
