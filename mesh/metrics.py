@@ -31,6 +31,10 @@ COUNTERS = {
     "provider_lookups", "provider_hits", "provider_misses", "provider_errors", "provider_stores",
     "provider_stores_dropped", "provider_store_errors", "provider_bytes_in", "provider_bytes_out",
     "provider_breaker_trips",
+    "lease_granted", "lease_renewed", "lease_released", "lease_expired", "lease_done", "lease_held", "lease_dropped",
+    "provider_dedupe_leases", "provider_dedupe_waits", "provider_dedupe_wait_hits", "provider_dedupe_wait_timeouts",
+    "provider_dedupe_takeovers", "provider_dedupe_lease_errors", "provider_dedupe_wait_seconds",
+    "provider_dedupe_saved_seconds",
 }
 GET_SOURCES = {"hits": "local", "remote_hits": "owner", "near_hits": "near_cache",
                "previous_owner_hits": "previous_owner"}

@@ -7,6 +7,9 @@ exception ever leaves a method: errors are counted and logged at debug level.
 
 ComfyUI looks each uncached node up twice per prompt (all at prompt start, then again right before it runs).
 The first answer is remembered for the rest of the prompt, so a miss costs one batched round trip, not two.
+The second lookup of a miss is where the node is about to run: there ComputeCosts starts timing it (until its
+store), and with MESH_DEDUPE the provider takes a compute lease on the key or waits for the instance that holds
+one (provider/dedupe.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from mesh.units import format_size
 
 from .bridge import Bridge
 from .events import COMPUTE_META, Served, compute_seconds
+from .costs import ComputeCosts
+from .dedupe import Dedupe
 from .identity import Identity, KeyIdentities
 from .policy import Policy, value_tree
 
@@ -47,14 +52,22 @@ class PromptStats:
     unshared: int = 0                 # of the misses, keys not shared at all (identity unknown or pending)
     bytes: int = 0                    # blob bytes of the hits, as they came from the mesh
     lookup_seconds: float = 0.0
+    waits: int = 0                    # pre-execution misses that waited for another instance's computation
+    wait_hits: int = 0                # ... and were served its value
+    wait_seconds: float = 0.0
+    saved_seconds: float = 0.0        # compute seconds those values would have cost here
     started: float = field(default_factory=time.monotonic)
     known_misses: set[str] = field(default_factory=set)
     looked_up: dict[str, float] = field(default_factory=dict)  # digest -> when its last lookup ended
 
     def line(self) -> str:
-        return (f"comfy-mesh prompt {self.prompt_id}: {self.lookups} lookups, {self.hits} hits, {self.misses} misses, "
+        line = (f"comfy-mesh prompt {self.prompt_id}: {self.lookups} lookups, {self.hits} hits, {self.misses} misses, "
                 f"{self.errors} errors, {format_size(self.bytes)} from the mesh, "
                 f"{self.lookup_seconds * 1000:.1f} ms in lookups")
+        if self.waits:
+            line += (f", {self.waits} waits for other instances ({self.wait_seconds:.1f} s, {self.wait_hits} served, "
+                     f"{self.saved_seconds:.1f} compute s saved)")
+        return line
 
 
 class _Inbox:
@@ -111,6 +124,8 @@ class MeshCacheProvider:
         self.cache_value = cache_value
         self.lookup_timeout = lookup_timeout
         self.prompt = PromptStats()
+        self.costs = ComputeCosts()  # compute seconds per key and class type (provider/costs.py)
+        self.dedupe: Dedupe | None = None  # mesh-wide in-flight dedupe (MESH_DEDUPE), set by runtime.start
         self.totals: dict[str, float] = {"prompts": 0, "lookups": 0, "hits": 0, "misses": 0, "errors": 0,
                                          "bytes": 0, "stores": 0, "stores_dropped": 0, "lookup_seconds": 0.0,
                                          "lookups_unshared": 0, "stores_unshared": 0, "repeats": 0,
@@ -185,7 +200,16 @@ class MeshCacheProvider:
                 prompt.unshared += 1
                 outcome = 2
                 return None
-            if key in prompt.known_misses:
+            if key in prompt.known_misses:  # the lookup right before the node runs
+                if self.dedupe is not None:
+                    found = await self._before_compute(key, str(context.class_type), prompt)
+                    if found is not None:
+                        value = self._to_cache_value(found.value)
+                        prompt.hits += 1
+                        prompt.bytes += found.size
+                        outcome = 1
+                        return value
+                self.costs.start(key, str(context.class_type))
                 prompt.misses += 1
                 prompt.repeats += 1
                 outcome = 2
@@ -228,6 +252,25 @@ class MeshCacheProvider:
                 saved_seconds=saved, prompt_id=self.prompt.prompt_id))
         except Exception:
             log.debug("served event failed", exc_info=True)
+    async def _before_compute(self, key: str, class_type: str, prompt: PromptStats) -> Any:
+        """Dedupe at a pre-execution miss: the value another instance computed meanwhile, or None (compute)."""
+        assert self.dedupe is not None
+
+        async def fetch() -> Any:
+            try:
+                return await self._submit(key)
+            except Exception:  # a lookup that timed out: compute
+                return None
+
+        dedupe = self.dedupe
+        counters = dedupe.counters
+        waits, hits, waited, saved = counters.waits, counters.wait_hits, counters.wait_seconds, counters.saved_seconds
+        found = await dedupe.before_compute(key, class_type, prompt.prompt_id or str(id(prompt)), fetch)
+        prompt.waits += counters.waits - waits
+        prompt.wait_hits += counters.wait_hits - hits
+        prompt.wait_seconds += counters.wait_seconds - waited
+        prompt.saved_seconds += counters.saved_seconds - saved
+        return found
 
     def _count_class(self, class_type: str, outcome: int, seconds: float) -> None:
         row = self.by_class.get(class_type)
@@ -294,13 +337,19 @@ class MeshCacheProvider:
                 with self._lock:
                     self.totals["stores_unshared"] += 1
                 return
+            self.costs.finish(key)  # seconds since its pre-execution miss (None: not computed in this prompt)
             meta = {"class_type": str(context.class_type), "content": CONTENT}
             computed = self._computed.pop(context.cache_key_hash, None)
             if computed is not None:
                 meta[COMPUTE_META] = f"{computed * 1000:.0f}"
             if identity is not None:
                 meta["identity"] = identity.describe()  # what `mesh keys` and `mesh get --describe` show
-            queued = self.bridge.store(key, value_tree(value.outputs, value.ui), meta)
+            dedupe = self.dedupe
+            claimed = dedupe is not None and dedupe.claim(key)  # its lease is released once the value is stored
+            done = (lambda ok, k=key: dedupe.stored(k, ok)) if claimed and dedupe is not None else None
+            queued = self.bridge.store(key, value_tree(value.outputs, value.ui), meta, done=done)
+            if not queued and done is not None:
+                done(False)
             with self._lock:
                 self.totals["stores" if queued else "stores_dropped"] += 1
         except Exception:
@@ -319,6 +368,8 @@ class MeshCacheProvider:
             self.fast_keys.on_prompt_end()  # remembered digests live for one prompt
         try:
             prompt = self.prompt
+            if self.dedupe is not None:
+                self.dedupe.prompt_end(prompt.prompt_id or str(id(prompt)))
             if prompt.lookups:
                 log.info(prompt.line())
             with self._lock:
@@ -346,4 +397,6 @@ class MeshCacheProvider:
             out.update(self.fast_keys.stats())
         if self.identities is not None:
             out.update(self.identities.stats())
+        if self.dedupe is not None:
+            out.update(self.dedupe.stats())
         return out
