@@ -35,6 +35,7 @@ from mesh.cluster.routing import ClusterConfig
 from mesh.transport.link import AUTO, MODES
 from mesh.membership.driver import Timing, ring_weights
 from mesh.node import DEFAULT_PORT, ConfigError, Node, NodeConfig
+from mesh.storage.eviction import DEFAULT_POLICY, POLICIES
 from mesh.pb.mesh_pb2 import MemberState
 from mesh.transport.peer import MeshError, PeerClient
 from mesh.settings import CONFIG_ENV, SettingError, check_table, read_file, resolve, serve_table_keys, settings_of
@@ -139,6 +140,7 @@ def _serve_config(args: argparse.Namespace) -> NodeConfig:
         listen=args.listen, node_id=args.node_id or "", advertise=args.advertise or "",
         max_memory=parse_size(args.max_memory), min_free_ram=parse_size(args.min_free_ram),
         data_dir=args.data_dir or "", max_disk=parse_size(args.max_disk), metrics_listen=args.metrics_listen or "",
+        eviction=args.eviction,
         secret=load_keyring(args.secret_file) or (Keyring([args.file_secret.encode()]) if args.file_secret else None),
         tls=_tls(args),
         limits=Limits(chunk_size=parse_size(args.chunk_size), max_blob_size=parse_size(args.max_blob_size),
@@ -757,7 +759,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep blobs on disk here too: a restarted node serves what it had (env MESH_DATA_DIR; "
                         "default: RAM only)")
     s.add_argument("--max-disk", default="16GiB",
-                   help="byte budget of --data-dir, LRU (env MESH_MAX_DISK; default 16GiB)")
+                   help="byte budget of --data-dir (env MESH_MAX_DISK; default 16GiB)")
+    s.add_argument("--eviction", choices=POLICIES, default=DEFAULT_POLICY,
+                   help="what a full store (RAM and disk) drops first: cost (the value that saves the fewest compute "
+                        "seconds per byte, GreedyDual-Size-Frequency) or lru (env MESH_EVICTION; default cost)")
     s.add_argument("--metrics-listen", default="",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (env MESH_METRICS_LISTEN)")
     s.add_argument("--min-free-ram", default="1GiB", help="evict while the host has less RAM available (1GiB)")
