@@ -62,6 +62,8 @@ class ProviderConfig:
     fast_keys: bool = True            # provider/fastkeys.py: ComfyUI's key digest once per key per prompt, faster
     identity: bool = True             # provider/identity.py: keys carry the model files' bytes and node packs' code
     identity_cache: str = ""          # where file identities are remembered (default: the user's cache folder)
+    dedupe: bool = True               # mesh-wide in-flight dedupe: wait for a key another instance computes now
+    dedupe_max_wait: float = 60.0     # seconds one such wait may last, at most (then this instance computes)
     direct: bool = True               # sidecar mode: read straight from owners with the ring the sidecar shares
     enabled: bool = True
 
