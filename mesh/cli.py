@@ -23,7 +23,7 @@ import stat  # noqa: E402
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -295,11 +295,13 @@ def cmd_top(args: argparse.Namespace) -> int:
     def view(s: Any, rates: dict[str, float]) -> Group:
         head = Table(title=escape(safe(f"{s.node_id} ({s.address}), up {_duration(s.uptime_seconds)}")),
                      title_justify="left")
-        for col in ("gets/s", "hits/s", "misses/s", "puts/s", "in", "out", "memory", "missing copies"):
+        for col in ("gets/s", "hits/s", "misses/s", "puts/s", "in", "out", "compute saved", "memory",
+                    "missing copies"):
             head.add_column(col)
         c = s.counters
         head.add_row(*(f"{rates.get(n, 0.0):.1f}" for n in ("gets", "hits", "misses", "puts")),
                      f"{format_size(int(rates.get('bytes_in', 0)))}/s", f"{format_size(int(rates.get('bytes_out', 0)))}/s",
+                     f"{rates.get('compute_seconds_saved', 0.0):.1f} s/s",
                      f"{format_size(int(c.get('bytes_used', 0)))} of {format_size(int(c.get('max_memory', 0)))}",
                      str(int(c.get("under_replicated", 0))))
         members = Table()
@@ -309,9 +311,16 @@ def cmd_top(args: argparse.Namespace) -> int:
             members.add_row(*(escape(safe(v)) for v in (m["node_id"], m["address"], m["state"],
                                                           f"{m['last_heard_seconds']:.1f} s", m["keys"],
                                                           format_size(m["bytes"]))))
-        return Group(head, members, *(f"warning: {escape(safe(w))}" for w in s.warnings))
+        classes = Table(title="served by class type (since start)", title_justify="left")
+        for col in ("class type", "hits", "bytes", "compute saved"):
+            classes.add_column(col)
+        for class_type, row in _class_rows(c)[:10]:
+            classes.add_row(escape(safe(class_type)), f"{int(row['hits']):,}", format_size(int(row["bytes_out"])),
+                            _duration(row["seconds_saved"]))
+        tables = [head, members] + ([classes] if classes.row_count else [])
+        return Group(*tables, *(f"warning: {escape(safe(w))}" for w in s.warnings))
 
-    names = ("hits", "misses", "puts", "bytes_in", "bytes_out", "remote_hits", "near_hits")
+    names = ("hits", "misses", "puts", "bytes_in", "bytes_out", "remote_hits", "near_hits", "compute_seconds_saved")
     done = 0
     with _client(args) as client, Live(console=Console(), auto_refresh=False) as live:
         before, then = None, time.monotonic()
@@ -346,11 +355,21 @@ def cmd_stats(args: argparse.Namespace) -> int:
 _SIZE_WORDS = ("bytes", "memory", "ram", "disk")
 
 
+def _class_rows(counters: Mapping[str, float]) -> list[tuple[str, dict[str, float]]]:
+    """The store's `class.<type>.<name>` counters as one row per class type, most compute saved first."""
+    rows: dict[str, dict[str, float]] = {}
+    for name, value in counters.items():
+        if name.startswith("class."):
+            class_type, _, counter = name[len("class."):].rpartition(".")
+            rows.setdefault(class_type, {"hits": 0.0, "bytes_out": 0.0, "seconds_saved": 0.0})[counter] = value
+    return sorted(rows.items(), key=lambda r: (-r[1]["seconds_saved"], r[0]))
+
+
 def _human(name: str, value: float) -> str:
     """A counter as a person reads it: sizes in KiB/MiB/GiB, times in ms or s, counts with separators."""
     if any(word in name for word in _SIZE_WORDS) and "evictions" not in name and "errors" not in name:
         return format_size(int(value))
-    if name.endswith("seconds"):
+    if name.endswith("seconds") or name.endswith("seconds_saved"):
         return _duration(float(value))
     return f"{value:,}" if isinstance(value, int) else f"{value:,.3f}"
 

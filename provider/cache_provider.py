@@ -7,6 +7,11 @@ exception ever leaves a method: errors are counted and logged at debug level.
 
 ComfyUI looks each uncached node up twice per prompt (all at prompt start, then again right before it runs).
 The first answer is remembered for the rest of the prompt, so a miss costs one batched round trip, not two.
+
+What a value cost to compute is measured between its last lookup miss (the node runs next) and its store
+(provider/costs.py) and travels with it: nodes evict by compute seconds saved per byte, and the bridge does not
+store a value cheaper to compute than to fetch. A hit adds its value's compute seconds to the seconds saved, per
+prompt (the log line), in total and per class type (`mesh stats`, /metrics).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from mesh.buffers import RESERVE
 from mesh.units import format_size
 
 from .bridge import Bridge
+from .costs import ComputeCosts
 from .identity import Identity, KeyIdentities
 from .policy import Policy, value_tree
 
@@ -42,6 +48,7 @@ class PromptStats:
     errors: int = 0
     unshared: int = 0                 # of the misses, keys not shared at all (identity unknown or pending)
     bytes: int = 0                    # blob bytes of the hits, as they came from the mesh
+    compute_seconds_saved: float = 0.0  # what computing the hits cost their writers
     lookup_seconds: float = 0.0
     started: float = field(default_factory=time.monotonic)
     known_misses: set[str] = field(default_factory=set)
@@ -49,6 +56,7 @@ class PromptStats:
     def line(self) -> str:
         return (f"comfy-mesh prompt {self.prompt_id}: {self.lookups} lookups, {self.hits} hits, {self.misses} misses, "
                 f"{self.errors} errors, {format_size(self.bytes)} from the mesh, "
+                f"{self.compute_seconds_saved:.2f} s of compute saved, "
                 f"{self.lookup_seconds * 1000:.1f} ms in lookups")
 
 
@@ -108,12 +116,15 @@ class MeshCacheProvider:
         self.prompt = PromptStats()
         self.totals: dict[str, float] = {"prompts": 0, "lookups": 0, "hits": 0, "misses": 0, "errors": 0,
                                          "bytes": 0, "stores": 0, "stores_dropped": 0, "lookup_seconds": 0.0,
-                                         "lookups_unshared": 0, "stores_unshared": 0}
+                                         "lookups_unshared": 0, "stores_unshared": 0,
+                                         "compute_seconds_saved": 0.0}
         self._lock = threading.Lock()
         self.fast_keys: Any = None  # provider/fastkeys.py, when installed into ComfyUI
         # provider/identity.py: what each key depends on beyond its names; None only with MESH_IDENTITY=0
         self.identities: KeyIdentities | None = None
-        # class type -> [lookups, hits, misses, errors, lookup seconds], for per-class metrics (bounded)
+        self.costs = ComputeCosts()  # what each key took to compute here, from its last miss to its store
+        # class type -> [lookups, hits, misses, errors, lookup seconds, bytes of hits, compute seconds saved],
+        # for per-class metrics (bounded)
         self.by_class: dict[str, list[float]] = {}
         # Lookups made in one turn of each event loop, sent to the bridge as one batch when that turn ends (a
         # flush is scheduled on a loop when its list gets its first lookup).
@@ -152,6 +163,7 @@ class MeshCacheProvider:
         prompt.lookups += 1
         key = None
         outcome = 3  # index into by_class: 1 hit, 2 miss, 3 error
+        found = None
         try:
             key, identity = self._keyed(context)
             if self.identities is not None:
@@ -165,16 +177,19 @@ class MeshCacheProvider:
             if key in prompt.known_misses:
                 prompt.misses += 1
                 outcome = 2
+                self.costs.start(key, str(context.class_type))  # the last miss: the node runs from now on
                 return None
             found = await self._submit(key)  # answered, or failed with TimeoutError, within lookup_timeout
             if found is None:
                 prompt.known_misses.add(key)
                 prompt.misses += 1
                 outcome = 2
+                self.costs.start(key, str(context.class_type))
                 return None
             value = self._to_cache_value(found.value)
             prompt.hits += 1
             prompt.bytes += found.size
+            prompt.compute_seconds_saved += found.compute_seconds
             outcome = 1
             return value
         except Exception as e:  # timeouts included: a miss, never an error in the prompt
@@ -186,23 +201,28 @@ class MeshCacheProvider:
         finally:
             seconds = time.perf_counter() - started
             prompt.lookup_seconds += seconds
-            self._count_class(str(getattr(context, "class_type", "?")), outcome, seconds)
+            self._count_class(str(getattr(context, "class_type", "?")), outcome, seconds, found)
 
-    def _count_class(self, class_type: str, outcome: int, seconds: float) -> None:
+    def _count_class(self, class_type: str, outcome: int, seconds: float, found: Any = None) -> None:
         row = self.by_class.get(class_type)
         if row is None:
             if len(self.by_class) >= MAX_CLASS_TYPES:
                 class_type = "(other)"  # a workflow with thousands of custom classes must not grow this forever
                 row = self.by_class.get(class_type)
             if row is None:
-                row = self.by_class[class_type] = [0.0, 0.0, 0.0, 0.0, 0.0]
+                row = self.by_class[class_type] = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
         row[0] += 1
         row[outcome] += 1
         row[4] += seconds
+        if outcome == 1 and found is not None:
+            row[5] += found.size
+            row[6] += found.compute_seconds
 
     def class_stats(self) -> dict[str, dict[str, float]]:
-        """Per ComfyUI class type: lookups, hits, misses, errors and lookup seconds (for Prometheus labels)."""
-        return {c: dict(zip(("lookups", "hits", "misses", "errors", "lookup_seconds"), row))
+        """Per ComfyUI class type: lookups, hits, misses, errors, lookup seconds, bytes of the hits and the
+        compute seconds they saved (for Prometheus labels)."""
+        return {c: dict(zip(("lookups", "hits", "misses", "errors", "lookup_seconds", "bytes",
+                             "compute_seconds_saved"), row))
                 for c, row in list(self.by_class.items())}
 
     def _submit(self, key: str) -> asyncio.Future[Any]:
@@ -256,7 +276,8 @@ class MeshCacheProvider:
             meta = {"class_type": str(context.class_type), "content": CONTENT}
             if identity is not None:
                 meta["identity"] = identity.describe()  # what `mesh keys` and `mesh get --describe` show
-            queued = self.bridge.store(key, value_tree(value.outputs, value.ui), meta)
+            seconds = self.costs.finish(key)  # None: not seen computed here (then stored with no cost)
+            queued = self.bridge.store(key, value_tree(value.outputs, value.ui), meta, seconds)
             with self._lock:
                 self.totals["stores" if queued else "stores_dropped"] += 1
         except Exception:
@@ -279,7 +300,7 @@ class MeshCacheProvider:
                 log.info(prompt.line())
             with self._lock:
                 self.totals["prompts"] += 1
-                for name in ("lookups", "hits", "misses", "errors", "bytes", "lookup_seconds"):
+                for name in ("lookups", "hits", "misses", "errors", "bytes", "lookup_seconds", "compute_seconds_saved"):
                     self.totals[name] += getattr(prompt, name)
                 self.totals["lookups_unshared"] += prompt.unshared
         except Exception:

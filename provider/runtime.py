@@ -142,7 +142,7 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
             listen=config.listen, node_id=config.node_id, advertise=config.advertise,
             max_memory=config.max_memory, min_free_ram=config.min_free_ram, secret=secret, tls=tls, limits=limits,
             data_dir=config.data_dir, max_disk=config.max_disk, metrics_listen=config.metrics_listen,
-            cluster=ClusterConfig(name=config.cluster, replicas=config.replicas),
+            eviction=config.eviction, cluster=ClusterConfig(name=config.cluster, replicas=config.replicas),
             seeds=list(config.seeds), zeroconf=config.zeroconf, compress=config.compress,
         )
         try:
