@@ -8,8 +8,12 @@ exception ever leaves a method: errors are counted and logged at debug level.
 ComfyUI looks each uncached node up twice per prompt (all at prompt start, then again right before it runs).
 The first answer is remembered for the rest of the prompt, so a miss costs one batched round trip, not two.
 
-What a value cost to compute is measured between its last lookup miss (the node runs next) and its store
-(provider/costs.py) and travels with it: nodes evict by compute seconds saved per byte, and the bridge does not
+What a value cost to compute is measured from its last lookup miss (the node runs next) to the next lookup
+of this prompt or its end, whichever comes first: ComfyUI runs one node at a time and looks the next one up
+right before running it, so that is the node's own time, where its store (handed over only as the prompt
+ends) would count the rest of the prompt in. Nodes that are never looked up (output nodes) count into the
+node before them: an upper bound. The figure goes to ComputeCosts (provider/costs.py) and travels with the
+value: nodes evict by compute seconds saved per byte, and the bridge does not
 store a value cheaper to compute than to fetch. A hit adds its value's compute seconds to the seconds saved, per
 prompt (the log line), in total and per class type (`mesh stats`, /metrics).
 """
@@ -20,6 +24,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
@@ -34,6 +39,7 @@ from .identity import Identity, KeyIdentities
 from .policy import Policy, value_tree
 
 MAX_CLASS_TYPES = 512
+MAX_MEASURED = 4096  # compute times kept until their values are stored
 log = logging.getLogger("comfy_mesh")
 
 CONTENT = "comfy-value/1"
@@ -122,7 +128,9 @@ class MeshCacheProvider:
         self.fast_keys: Any = None  # provider/fastkeys.py, when installed into ComfyUI
         # provider/identity.py: what each key depends on beyond its names; None only with MESH_IDENTITY=0
         self.identities: KeyIdentities | None = None
-        self.costs = ComputeCosts()  # what each key took to compute here, from its last miss to its store
+        self.costs = ComputeCosts()  # what each key took to compute here (see the module docstring)
+        self._running: str | None = None  # the key whose node runs now: its last lookup missed
+        self._measured: OrderedDict[str, float] = OrderedDict()  # key -> seconds, until its store (bounded)
         # class type -> [lookups, hits, misses, errors, lookup seconds, bytes of hits, compute seconds saved],
         # for per-class metrics (bounded)
         self.by_class: dict[str, list[float]] = {}
@@ -157,6 +165,18 @@ class MeshCacheProvider:
             log.debug("should_cache failed", exc_info=True)
             return False
 
+    def _ran(self) -> None:
+        """The node that was running has finished (the next lookup came, or the prompt ended): its seconds."""
+        key, self._running = self._running, None
+        if key is None:
+            return
+        seconds = self.costs.finish(key)
+        if seconds is not None:
+            self._measured[key] = seconds
+            self._measured.move_to_end(key)
+            while len(self._measured) > MAX_MEASURED:
+                self._measured.popitem(last=False)
+
     async def on_lookup(self, context: Any) -> Any:
         started = time.perf_counter()
         prompt = self.prompt
@@ -165,6 +185,7 @@ class MeshCacheProvider:
         outcome = 3  # index into by_class: 1 hit, 2 miss, 3 error
         found = None
         try:
+            self._ran()  # a lookup: the node that ran before it has finished
             key, identity = self._keyed(context)
             if self.identities is not None:
                 self.identities.running(identity, context.class_type)  # the last lookup: this node runs next
@@ -174,17 +195,17 @@ class MeshCacheProvider:
                 prompt.unshared += 1
                 outcome = 2
                 return None
-            if key in prompt.known_misses:
+            if key in prompt.known_misses:  # the lookup right before the node runs
                 prompt.misses += 1
                 outcome = 2
                 self.costs.start(key, str(context.class_type))  # the last miss: the node runs from now on
+                self._running = key
                 return None
             found = await self._submit(key)  # answered, or failed with TimeoutError, within lookup_timeout
             if found is None:
                 prompt.known_misses.add(key)
                 prompt.misses += 1
                 outcome = 2
-                self.costs.start(key, str(context.class_type))
                 return None
             value = self._to_cache_value(found.value)
             prompt.hits += 1
@@ -276,7 +297,9 @@ class MeshCacheProvider:
             meta = {"class_type": str(context.class_type), "content": CONTENT}
             if identity is not None:
                 meta["identity"] = identity.describe()  # what `mesh keys` and `mesh get --describe` show
-            seconds = self.costs.finish(key)  # None: not seen computed here (then stored with no cost)
+            seconds = self._measured.pop(key, None)
+            if seconds is None:
+                seconds = self.costs.finish(key)  # None: not seen computed here (then stored with no cost)
             queued = self.bridge.store(key, value_tree(value.outputs, value.ui), meta, seconds)
             with self._lock:
                 self.totals["stores" if queued else "stores_dropped"] += 1
@@ -292,6 +315,10 @@ class MeshCacheProvider:
                 log.debug("identity refresh failed", exc_info=True)
 
     def on_prompt_end(self, prompt_id: str) -> None:
+        try:
+            self._ran()  # the prompt's last node ran to its end
+        except Exception:
+            log.debug("compute timing failed", exc_info=True)
         if self.fast_keys is not None:
             self.fast_keys.on_prompt_end()  # remembered digests live for one prompt
         try:
