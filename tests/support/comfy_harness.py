@@ -899,7 +899,8 @@ def provider_config(args: argparse.Namespace) -> Any:
         cache_output_nodes=args.cache_output_nodes, max_value_size=args.max_value_size,
         lookup_timeout=args.lookup_timeout, store_timeout=args.store_timeout, store_queue=args.store_queue,
         direct=not args.no_direct, fast_keys=args.fast_keys, warm_memory=args.warm_memory,
-        identity=not args.no_identity, identity_cache=args.identity_cache,
+        identity=not args.no_identity, identity_cache=args.identity_cache, eviction=args.eviction,
+        dedupe=args.dedupe,
     )
 
 
@@ -946,6 +947,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-identity", action="store_true", help="MESH_IDENTITY=0: keys by names alone")
     p.add_argument("--identity-cache", default="", help="MESH_IDENTITY_CACHE: where file identities are kept")
     p.add_argument("--store-tasks", choices=("deferred", "immediate"), default="deferred")
+    p.add_argument("--eviction", choices=("cost", "lru"), default="cost", help="MESH_EVICTION of the embedded node")
+    p.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=True,
+                   help="MESH_DEDUPE: mesh-wide in-flight dedupe (where the provider has it)")
     p.add_argument("--serve", action="store_true", help="JSON commands on stdin, JSON replies on stdout")
     p.add_argument("--workflow", default="standard", choices=sorted(WORKFLOWS))
     p.add_argument("--seed", type=int, action="append", help="run the workflow with this seed (repeatable)")
