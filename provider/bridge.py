@@ -110,11 +110,12 @@ class FetchCost:
 class Bridge:
     def __init__(self, client: MeshClient, *, encode: Callable[[object, Mapping[str, str]], bytes | bytearray | None],
                  decoder: Callable[[], Decoder], lookup_timeout: float, store_timeout: float,
-                 store_queue: int, thread_init: Callable[[], None] = lambda: None) -> None:
+                 store_queue: int, thread_init: Callable[[], None] = lambda: None, skip_cheap: bool = True) -> None:
         """`encode(tree, meta)` returns the bytes to store, or None for a value not to be cached (counted as
         refused); it runs on the store thread, never on ComfyUI's. `decoder()` makes what a hit's bytes are fed
         to as they arrive (mesh.codec.StreamDecoder); its `finish()` is the value. `thread_init` runs first on
-        each of the bridge's own threads (they encode and decode values)."""
+        each of the bridge's own threads (they encode and decode values). `skip_cheap`: drop stores cheaper to
+        compute than to fetch (off with MESH_EVICTION=lru: cost then plays no part)."""
         self.client = client
         self.encode = encode
         self.decoder = decoder
@@ -131,6 +132,7 @@ class Bridge:
                                                 initializer=thread_init)
         self._down_until = 0.0
         self.fetch_cost = FetchCost()
+        self.skip_cheap = skip_cheap
         # key -> when it was last pushed, oldest first: a bounded "already there" hint, never a correctness need
         self._recent_stores: OrderedDict[str, float] = OrderedDict()
         self._closed = threading.Event()
@@ -307,7 +309,8 @@ class Bridge:
             if data is None:
                 self._count("stores_refused")
                 return
-            if item.compute_seconds is not None and item.compute_seconds <= self.fetch_cost.seconds(len(data)):
+            if self.skip_cheap and item.compute_seconds is not None \
+                    and item.compute_seconds <= self.fetch_cost.seconds(len(data)):
                 self._count("stores_cheap")  # a hit would cost more than computing it again
                 return
             # A measured 0 s is not "unknown" (0 on the wire): the smallest positive cost says "cheap".

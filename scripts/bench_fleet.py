@@ -1,7 +1,7 @@
 """A fleet replays a trace of prompts that share sub-graphs: how much compute does it execute, against the minimum?
 
-    PYTHONPATH=. .venv/bin/python scripts/bench_fleet.py                  # the default: a few minutes on 2 cores
-    PYTHONPATH=. .venv/bin/python scripts/bench_fleet.py --instances 4 --prompts 40 --trials 5 --json out.json
+    .venv/bin/python scripts/bench_fleet.py                  # the default: a few minutes on 2 cores
+    .venv/bin/python scripts/bench_fleet.py --instances 4 --prompts 40 --trials 5 --json out.json
 
 N ComfyUI-like processes (tests/support/comfy_harness.py, each with its embedded mesh node, one mesh) replay a
 trace at the same time: each instance draws `--prompts` prompts by Zipf popularity over `--workflows` workflows.
