@@ -103,6 +103,7 @@ def test_the_provider_stores_what_is_dear_and_not_what_is_cheaper_to_compute_tha
         second = Engine(rt.provider).run(prompt)  # another "instance": an empty local cache
         assert second.provider_hits == ["blur"] and second.executed == ["image"]
         assert 0.6 <= rt.provider.prompt.compute_seconds_saved < 1.5
+        assert f"{rt.provider.prompt.compute_seconds_saved:.2f} s of compute saved" in rt.provider.prompt.line()
         assert rt.provider.class_stats()["SlowBlur"]["compute_seconds_saved"] == rt.provider.prompt.compute_seconds_saved
     finally:
         rt.close()
