@@ -25,7 +25,9 @@ from mesh.membership.driver import ring_weights
 from mesh.node import Node
 from mesh.transport.peer import MeshError, PeerClient, Unreachable
 from mesh.transport.peers import PeerPool
+from mesh.cluster.leases import DONE, GRANTED, HELD, RELEASED, Answer
 from mesh.cluster.ring import Ring
+from mesh.pb import mesh_pb2 as pb
 from mesh.storage.store import Entry, fresh_write_id
 from mesh.transport.wire import Limits, Tee, iter_chunks, make_header, raw_parts
 
@@ -52,7 +54,18 @@ class MeshClient(Protocol):
             compute_seconds: float = 0.0) -> int: ...
     def stats(self) -> dict[str, float]: ...
     def report(self, reporter: str, counters: Mapping[str, float], timeout: float) -> None: ...
+    def lease(self, key: str, holder: str, timeout: float, *, release: bool = False, done: bool = False,
+              ttl: float = 0.0, expected: float = 0.0) -> Answer: ...
     def close(self) -> None: ...
+
+
+def lease_request(key: str, holder: str, release: bool, done: bool, ttl: float, expected: float) -> pb.LeaseRequest:
+    """A compute-lease call (mesh/cluster/leases.py): acquire (or renew) unless `release`."""
+    return pb.LeaseRequest(key=key, holder=holder, op=pb.LEASE_RELEASE if release else pb.LEASE_ACQUIRE,
+                           ttl=ttl, done=done, expected_seconds=expected)
+
+
+_STATES = {pb.LEASE_GRANTED: GRANTED, pb.LEASE_HELD: HELD, pb.LEASE_DONE: DONE, pb.LEASE_RELEASED: RELEASED}
 
 
 class NodeStopped(Unreachable):
@@ -109,6 +122,12 @@ class LocalClient:
         out = self.node.store.stats()
         out.update(self.cluster.stats())
         return out
+
+    def lease(self, key: str, holder: str, timeout: float, *, release: bool = False, done: bool = False,
+              ttl: float = 0.0, expected: float = 0.0) -> Answer:
+        """A compute lease at the key's primary owner (this node's table, or asked of the owner)."""
+        self._live()
+        return self.cluster.lease(lease_request(key, holder, release, done, ttl, expected), timeout)
 
     def report(self, reporter: str, counters: Mapping[str, float], timeout: float) -> None:
         pass  # in-process: the node reads the provider's counters itself (MeshServicer.stats_sources)
@@ -219,6 +238,14 @@ class RemoteClient:
             compute_seconds: float = 0.0) -> int:
         return self._routed(lambda client, t: client.put(key, data, meta, timeout=t,
                                                          compute_seconds=compute_seconds).replicas, timeout)
+
+    def lease(self, key: str, holder: str, timeout: float, *, release: bool = False, done: bool = False,
+              ttl: float = 0.0, expected: float = 0.0) -> Answer:
+        """A compute lease, routed by the sidecar (or, while it is down, another member) to the key's owner."""
+        request = lease_request(key, holder, release, done, ttl, expected)
+        reply = self._routed(lambda client, t: client.lease(request, timeout=t), timeout)
+        return Answer(_STATES.get(reply.state, HELD), reply.holder, reply.held_seconds, reply.ttl_left,
+                      reply.expected_seconds, reply.owner)
 
     def stats(self) -> dict[str, float]:
         return dict(self.node.stats().counters)

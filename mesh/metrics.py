@@ -30,8 +30,12 @@ COUNTERS = {
     "repair_errors", "repair_deletes_applied", "hinted_puts", "disk_errors", "disk_corrupt", "disk_evictions",
     "provider_lookups", "provider_hits", "provider_misses", "provider_errors", "provider_stores",
     "provider_stores_dropped", "provider_store_errors", "provider_bytes_in", "provider_bytes_out",
-    "provider_breaker_trips", "compute_seconds_saved", "provider_compute_seconds_saved", "provider_stores_cheap",
-    "provider_bridge_stores_cheap",
+    "provider_breaker_trips",
+    "lease_granted", "lease_renewed", "lease_released", "lease_expired", "lease_done", "lease_held", "lease_dropped",
+    "provider_dedupe_leases", "provider_dedupe_waits", "provider_dedupe_wait_hits", "provider_dedupe_wait_timeouts",
+    "provider_dedupe_takeovers", "provider_dedupe_lease_errors", "provider_dedupe_wait_seconds",
+    "provider_dedupe_saved_seconds",
+    "compute_seconds_saved", "provider_compute_seconds_saved", "provider_bridge_stores_cheap",
 }
 # The store's per-class counters, `class.<class type>.<name>` in mesh stats: one labelled family per name here.
 CLASS_COUNTERS = {"hits": "Values served, by ComfyUI class type",

@@ -31,10 +31,12 @@ import mesh
 from mesh.transport.admission import Gate, peer_host
 from mesh.transport.auth import HELLO_KEY, HELLO_METHOD, METADATA_KEY, AuthError, ServerAuth, parse_hello_header, \
     parse_proof
+from mesh.cluster.leases import MAX_HOLDER, Answer
 from mesh.pb import mesh_pb2 as pb
 from mesh.pb import mesh_pb2_grpc as pb_grpc
 from mesh.storage.budget import ByteBudget
 from mesh.storage.store import BlobStore, Entry, StoreFull, fresh_write_id
+from mesh.transport.peer import MeshError
 from mesh.transport.tls import caller_name
 from mesh.watchdog import Watch, Watchdog
 from mesh.transport.wire import (MAX_KEY_BYTES, MAX_WRITER_BYTES, MAX_WRITERS, SERVICE, Header, Limits, RAW, Receiver, TransferError, WireChunk,
@@ -70,6 +72,8 @@ class Cluster(Protocol):
     def delete(self, keys: list[str], timeout: float) -> list[bool]: ...
     def delete_local(self, keys: list[str]) -> list[bool]: ...
     def digest(self, requester: str, buckets: int) -> tuple[list[int], list[int]]: ...
+    def lease(self, request: pb.LeaseRequest, timeout: float) -> Answer: ...
+    def lease_local(self, request: pb.LeaseRequest) -> Answer: ...
     def stats(self) -> dict[str, float]: ...
     @property
     def replicas(self) -> int: ...
@@ -457,6 +461,29 @@ class MeshServicer(pb_grpc.MeshServicer):
                                                        f"(run it again when they are back): {', '.join(failed)}")
         return pb.DeleteReply(deleted=deleted)
 
+    def Lease(self, request: pb.LeaseRequest, context: grpc.ServicerContext) -> pb.LeaseReply:
+        """A compute lease (in-flight dedupe): answered at once by the key's primary owner's table, never
+        waited on here; a caller that is told HELD asks again (mesh/cluster/leases.py)."""
+        with self._timed("Lease"):
+            self._check_key(request.key, context)
+            if not request.holder or len(request.holder.encode()) > MAX_HOLDER or not math.isfinite(request.ttl) \
+                    or not math.isfinite(request.expected_seconds):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"a lease call names a holder of 1 to {MAX_HOLDER} bytes and finite seconds")
+            if self.cluster is None:
+                context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node runs without a cluster")
+            if request.local_only:
+                answer = self.cluster.lease_local(request)
+            else:
+                with self._admit(context, self._routed, "too many routed calls"):
+                    try:
+                        answer = self.cluster.lease(request, self._deadline(context))
+                    except MeshError as e:
+                        context.abort(grpc.StatusCode.UNAVAILABLE, f"no owner answered: {e}")
+            return pb.LeaseReply(state=_LEASE_STATES[answer.state], holder=answer.holder,
+                                 held_seconds=answer.held_seconds, ttl_left=answer.ttl_left,
+                                 expected_seconds=answer.expected_seconds, owner=answer.owner)
+
     def Digest(self, request: pb.DigestRequest, context: grpc.ServicerContext) -> pb.DigestReply:
         if self.cluster is None:
             context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node runs without a cluster")
@@ -555,6 +582,10 @@ class MeshServicer(pb_grpc.MeshServicer):
         return self.on_drain()
 
 
+_LEASE_STATES = {"granted": pb.LEASE_GRANTED, "held": pb.LEASE_HELD, "done": pb.LEASE_DONE,
+                 "released": pb.LEASE_RELEASED}
+
+
 def _short(key: str, limit: int = 80) -> str:
     """A key for a status message: never echo a long one back."""
     return repr(key) if len(key) <= limit else f"{key[:limit]!r}... ({len(key)} characters)"
@@ -619,6 +650,7 @@ def add_to_server(servicer: MeshServicer, server: grpc.Server) -> None:
         "PutSmall": unary(s.PutSmall, data, pb.PutSmallRequest, pb.PutReply, "PutSmall"),
         "Has": unary(s.Has, data, pb.HasRequest, pb.HasReply, "Has"),
         "Delete": unary(s.Delete, data, pb.DeleteRequest, pb.DeleteReply, "Delete"),
+        "Lease": unary(s.Lease, data, pb.LeaseRequest, pb.LeaseReply, "Lease"),
         # Control: a gate of their own, which no transfer or data call can take.
         "Digest": unary(s.Digest, control, pb.DigestRequest, pb.DigestReply, "Digest"),
         "Stats": unary(s.Stats, control, pb.StatsRequest, pb.StatsReply, "Stats"),

@@ -80,6 +80,7 @@ class _Store:
     meta: Mapping[str, str]
     compute_seconds: float | None = None  # measured (provider/costs.py), or None: unknown
     queued_at: float = field(default_factory=time.monotonic)
+    done: Callable[[bool], None] | None = None  # told whether the value is in the mesh once the push ended
 
 
 FETCH_WEIGHT = 0.2           # of a new measurement in FetchCost's means
@@ -159,6 +160,10 @@ class Bridge:
             self._finish([f for _, f in batch], None, "misses")
         else:
             self._lookups.put(batch)
+
+    def available(self) -> bool:
+        """False while closed or while the breaker is open (the mesh just failed to answer)."""
+        return not self._closed.is_set() and time.monotonic() >= self._down_until
 
     def _trip(self, error: Exception) -> None:
         """Open the breaker if the mesh itself did not answer; an answer (busy, refused) is not a dead mesh."""
@@ -259,13 +264,16 @@ class Bridge:
 
     # -- stores ------------------------------------------------------------------------------------------------
 
-    def store(self, key: str, tree: object, meta: Mapping[str, str], compute_seconds: float | None = None) -> bool:
+    def store(self, key: str, tree: object, meta: Mapping[str, str], compute_seconds: float | None = None,
+              done: Callable[[bool], None] | None = None) -> bool:
         """Queue a value for the mesh and return at once; False (counted) if the queue is full. `compute_seconds`:
-        what computing it cost here (None: not measured, stored with no cost)."""
+        what computing it cost here (None: not measured, stored with no cost). `done(stored)` is called on the
+        store thread once the push ended (a compute lease is released then: provider/dedupe.py), unless this
+        returns False."""
         if self._closed.is_set():
             return False
         try:
-            self._stores.put_nowait(_Store(key, tree, meta, compute_seconds))
+            self._stores.put_nowait(_Store(key, tree, meta, compute_seconds, done=done))
         except queue.Full:
             self._count("stores_dropped")
             return False
@@ -299,20 +307,32 @@ class Bridge:
             size = now
 
     def _push(self, item: _Store) -> None:
+        ok = False
+        try:
+            ok = self._push_one(item)
+        finally:
+            if item.done is not None:
+                try:
+                    item.done(ok)
+                except Exception:
+                    log.debug("store callback failed", exc_info=True)
+
+    def _push_one(self, item: _Store) -> bool:
+        """Encode and put one value: True when it is in the mesh (or was put there within the last minute)."""
         if self._closed.is_set() or self._down_until == float("inf"):
-            return  # closed, or the embedded node stopped: what is still queued is dropped
+            return False  # closed, or the embedded node stopped: what is still queued is dropped
         now = time.monotonic()
         if self._recent_stores.get(item.key, -1e9) > now - RECENT_STORE_SECONDS:
-            return  # the same value twice in a minute (another prompt, same inputs): already there
+            return True  # the same value twice in a minute (another prompt, same inputs): already there
         try:
             data = self.encode(item.tree, item.meta)
             if data is None:
                 self._count("stores_refused")
-                return
+                return False
             if self.skip_cheap and item.compute_seconds is not None \
                     and item.compute_seconds <= self.fetch_cost.seconds(len(data)):
                 self._count("stores_cheap")  # a hit would cost more than computing it again
-                return
+                return False  # not in the mesh: a waiter (dedupe) computes it itself
             # A measured 0 s is not "unknown" (0 on the wire): the smallest positive cost says "cheap".
             cost = 0.0 if item.compute_seconds is None else max(item.compute_seconds, 1e-6)
             self.client.put(item.key, data, item.meta, timeout=self.store_timeout, compute_seconds=cost)
@@ -322,14 +342,15 @@ class Bridge:
             elif time.monotonic() >= self._down_until:
                 log.warning("store of %s failed: %s", item.key, e)
             self._count("store_errors")
-            return
+            return False
         except Exception:
             log.exception("store of %s failed", item.key)
             self._count("store_errors")
-            return
+            return False
         self._remember_store(item.key, now)
         self._count("stores")
         self._count("bytes_out", len(data))
+        return True
 
     def _remember_store(self, key: str, now: float) -> None:
         """O(1) per store: expire from the old end only (a rebuild per store was quadratic in a busy minute)."""

@@ -16,6 +16,9 @@ node before them: an upper bound. The figure goes to ComputeCosts (provider/cost
 value: nodes evict by compute seconds saved per byte, and the bridge does not
 store a value cheaper to compute than to fetch. A hit adds its value's compute seconds to the seconds saved, per
 prompt (the log line), in total and per class type (`mesh stats`, /metrics).
+
+The second lookup of a miss is where the node is about to run: there, with MESH_DEDUPE, the provider takes a
+compute lease on the key or waits for the instance that holds one (provider/dedupe.py).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from mesh.units import format_size
 
 from .bridge import Bridge
 from .costs import ComputeCosts
+from .dedupe import Dedupe
 from .identity import Identity, KeyIdentities
 from .policy import Policy, value_tree
 
@@ -56,14 +60,22 @@ class PromptStats:
     bytes: int = 0                    # blob bytes of the hits, as they came from the mesh
     compute_seconds_saved: float = 0.0  # what computing the hits cost their writers
     lookup_seconds: float = 0.0
+    waits: int = 0                    # pre-execution misses that waited for another instance's computation
+    wait_hits: int = 0                # ... and were served its value
+    wait_seconds: float = 0.0
+    saved_seconds: float = 0.0        # compute seconds those values would have cost here
     started: float = field(default_factory=time.monotonic)
     known_misses: set[str] = field(default_factory=set)
 
     def line(self) -> str:
-        return (f"comfy-mesh prompt {self.prompt_id}: {self.lookups} lookups, {self.hits} hits, {self.misses} misses, "
+        line = (f"comfy-mesh prompt {self.prompt_id}: {self.lookups} lookups, {self.hits} hits, {self.misses} misses, "
                 f"{self.errors} errors, {format_size(self.bytes)} from the mesh, "
                 f"{self.compute_seconds_saved:.2f} s of compute saved, "
                 f"{self.lookup_seconds * 1000:.1f} ms in lookups")
+        if self.waits:
+            line += (f", {self.waits} waits for other instances ({self.wait_seconds:.1f} s, {self.wait_hits} served, "
+                     f"{self.saved_seconds:.1f} compute s saved)")
+        return line
 
 
 class _Inbox:
@@ -120,6 +132,7 @@ class MeshCacheProvider:
         self.cache_value = cache_value
         self.lookup_timeout = lookup_timeout
         self.prompt = PromptStats()
+        self.dedupe: Dedupe | None = None  # mesh-wide in-flight dedupe (MESH_DEDUPE), set by runtime.start
         self.totals: dict[str, float] = {"prompts": 0, "lookups": 0, "hits": 0, "misses": 0, "errors": 0,
                                          "bytes": 0, "stores": 0, "stores_dropped": 0, "lookup_seconds": 0.0,
                                          "lookups_unshared": 0, "stores_unshared": 0,
@@ -196,6 +209,15 @@ class MeshCacheProvider:
                 outcome = 2
                 return None
             if key in prompt.known_misses:  # the lookup right before the node runs
+                if self.dedupe is not None:
+                    found = await self._before_compute(key, str(context.class_type), prompt)
+                    if found is not None:
+                        value = self._to_cache_value(found.value)
+                        prompt.hits += 1
+                        prompt.bytes += found.size
+                        prompt.compute_seconds_saved += found.compute_seconds
+                        outcome = 1
+                        return value
                 prompt.misses += 1
                 outcome = 2
                 self.costs.start(key, str(context.class_type))  # the last miss: the node runs from now on
@@ -223,6 +245,26 @@ class MeshCacheProvider:
             seconds = time.perf_counter() - started
             prompt.lookup_seconds += seconds
             self._count_class(str(getattr(context, "class_type", "?")), outcome, seconds, found)
+
+    async def _before_compute(self, key: str, class_type: str, prompt: PromptStats) -> Any:
+        """Dedupe at a pre-execution miss: the value another instance computed meanwhile, or None (compute)."""
+        assert self.dedupe is not None
+
+        async def fetch() -> Any:
+            try:
+                return await self._submit(key)
+            except Exception:  # a lookup that timed out: compute
+                return None
+
+        dedupe = self.dedupe
+        counters = dedupe.counters
+        waits, hits, waited, saved = counters.waits, counters.wait_hits, counters.wait_seconds, counters.saved_seconds
+        found = await dedupe.before_compute(key, class_type, prompt.prompt_id or str(id(prompt)), fetch)
+        prompt.waits += counters.waits - waits
+        prompt.wait_hits += counters.wait_hits - hits
+        prompt.wait_seconds += counters.wait_seconds - waited
+        prompt.saved_seconds += counters.saved_seconds - saved
+        return found
 
     def _count_class(self, class_type: str, outcome: int, seconds: float, found: Any = None) -> None:
         row = self.by_class.get(class_type)
@@ -300,7 +342,12 @@ class MeshCacheProvider:
             seconds = self._measured.pop(key, None)
             if seconds is None:
                 seconds = self.costs.finish(key)  # None: not seen computed here (then stored with no cost)
-            queued = self.bridge.store(key, value_tree(value.outputs, value.ui), meta, seconds)
+            dedupe = self.dedupe
+            claimed = dedupe is not None and dedupe.claim(key)  # its lease is released once the value is stored
+            done = (lambda ok, k=key: dedupe.stored(k, ok)) if claimed and dedupe is not None else None
+            queued = self.bridge.store(key, value_tree(value.outputs, value.ui), meta, seconds, done=done)
+            if not queued and done is not None:
+                done(False)
             with self._lock:
                 self.totals["stores" if queued else "stores_dropped"] += 1
         except Exception:
@@ -323,6 +370,8 @@ class MeshCacheProvider:
             self.fast_keys.on_prompt_end()  # remembered digests live for one prompt
         try:
             prompt = self.prompt
+            if self.dedupe is not None:
+                self.dedupe.prompt_end(prompt.prompt_id or str(id(prompt)))
             if prompt.lookups:
                 log.info(prompt.line())
             with self._lock:
@@ -344,4 +393,6 @@ class MeshCacheProvider:
             out.update(self.fast_keys.stats())
         if self.identities is not None:
             out.update(self.identities.stats())
+        if self.dedupe is not None:
+            out.update(self.dedupe.stats())
         return out

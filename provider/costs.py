@@ -3,7 +3,9 @@
 The provider sees a node's pre-execution lookup miss (ComfyUI runs the node next) and, later, its store (the
 value exists). The time between the two is what computing that key cost. That figure is used twice:
 - in-flight dedupe (provider/dedupe.py) waits for another instance's computation at most as long as computing
-  would take here: `expected(class_type, key)`, the key's own last figure where seen, else the class type's;
+  would take here: `ceiling(class_type, key)`, the key's own last figure where seen, else the longest of the
+  class type's recent figures (one class runs for very different times: a sampler with 4 steps or 40, a blur
+  of no delay or of 3 s; its mean would make waiters give up on the slow ones);
 - cost-aware eviction stores `finish()`'s seconds with the value, so the node can keep what is dear to recompute.
 
 The figure is an upper bound on the compute time: in ComfyUI the store may be handed over only when the event
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +30,7 @@ MAX_KEYS = 4096
 MAX_CLASSES = 512
 MAX_PENDING = 1024
 WEIGHT = 0.3  # of a new figure in a class type's mean
+RECENT = 16   # figures per class type kept for its ceiling
 
 
 @dataclass
@@ -43,6 +46,7 @@ class ComputeCosts:
         self._pending: OrderedDict[str, _Started] = OrderedDict()
         self._by_key: OrderedDict[str, float] = OrderedDict()
         self._by_class: OrderedDict[str, float] = OrderedDict()
+        self._recent: dict[str, deque[float]] = {}  # class type -> its last RECENT figures (same classes as above)
 
     def start(self, key: str, class_type: str) -> None:
         """The node of `key` runs next here (its pre-execution lookup missed)."""
@@ -71,8 +75,10 @@ class ComputeCosts:
             mean = self._by_class.get(started.class_type)
             self._by_class[started.class_type] = seconds if mean is None else mean + WEIGHT * (seconds - mean)
             self._by_class.move_to_end(started.class_type)
+            self._recent.setdefault(started.class_type, deque(maxlen=RECENT)).append(seconds)
             while len(self._by_class) > MAX_CLASSES:
-                self._by_class.popitem(last=False)
+                gone, _ = self._by_class.popitem(last=False)
+                self._recent.pop(gone, None)
             return seconds
 
     def expected(self, class_type: str, key: str | None = None) -> float | None:
@@ -81,6 +87,14 @@ class ComputeCosts:
             if key is not None and key in self._by_key:
                 return self._by_key[key]
             return self._by_class.get(str(class_type))
+
+    def ceiling(self, class_type: str, key: str | None = None) -> float | None:
+        """Seconds computing `key` took here, else the longest recent figure of `class_type`; None if never seen."""
+        with self._lock:
+            if key is not None and key in self._by_key:
+                return self._by_key[key]
+            recent = self._recent.get(str(class_type))
+            return max(recent) if recent else None
 
     def by_class(self) -> dict[str, float]:
         """class type -> its mean compute seconds (for metrics and the log)."""

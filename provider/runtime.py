@@ -26,6 +26,7 @@ from mesh.transport.wire import Limits
 from .bridge import Bridge
 from .cache_provider import MeshCacheProvider
 from .config import DEFAULT_LISTEN, ProviderConfig
+from .dedupe import Dedupe
 from .fastkeys import FastKeys
 from .filehash import FileHashes
 from .identity import KeyIdentities
@@ -94,7 +95,9 @@ class Runtime:
                       "it joins no fleet; `mesh secret FILE` makes one)")
         return (f"comfy-mesh: {where}, namespace {self.provider.namespace!r}, "
                 f"seeds {','.join(self.config.seeds) or 'none'}, zeroconf {'on' if self.config.zeroconf else 'off'}, "
-                f"lookup deadline {self.config.lookup_timeout:g} s")
+                f"lookup deadline {self.config.lookup_timeout:g} s, "
+                + (f"dedupe on (waits at most {self.config.dedupe_max_wait:g} s)" if self.config.dedupe
+                   else "dedupe off"))
 
     def close(self) -> None:
         self._stop.set()
@@ -105,6 +108,8 @@ class Runtime:
         if self._reporting:
             self.bridge.flush(5.0)
             self._report()  # the last counters too, not those of up to REPORT_EVERY seconds ago
+        if self.provider.dedupe is not None:
+            self.provider.dedupe.close()  # its leases released while the client still answers
         self.bridge.close()
         self.client.close()
         RESERVE.configure(0)
@@ -171,6 +176,10 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
     cls = type("MeshCacheProvider", (MeshCacheProvider, base), {}) if base is not None else MeshCacheProvider
     provider = cls(bridge, policy, namespace=namespace_for(comfy_version, config.namespace),
                    cache_value=cache_value, lookup_timeout=config.lookup_timeout)
+    if config.dedupe:
+        holder = f"{node.node_id if node is not None else socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        provider.dedupe = Dedupe(client, provider.costs, max_wait=config.dedupe_max_wait, holder=holder,
+                                 call_timeout=min(1.0, config.lookup_timeout), available=bridge.available)
     runtime = Runtime(provider, bridge, client, node, config, private=private)
     if api is not None and config.fast_keys:
         fast = FastKeys(api)

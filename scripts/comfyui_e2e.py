@@ -2,7 +2,7 @@
 with other bytes never share.
 
 Run by hand (CI has no ComfyUI): COMFYUI_DIR=/path/to/ComfyUI [COMFYUI_PYTHON=/path/to/python] \
-    .venv/bin/python scripts/comfyui_e2e.py [--scenario share|identity|all]
+    .venv/bin/python scripts/comfyui_e2e.py [--scenario share|identity|dedupe|all]
 
 Scenarios:
 - share: A runs a prompt with a slow custom node; B, seeded with A, runs it too and must not execute that node.
@@ -10,6 +10,8 @@ Scenarios:
   Compact 2x upscaler made here with ComfyUI's own Python: A and C hold the same file, B one with other
   weights. After each has identified its file, A runs UpscaleModelLoader -> ImageUpscaleWithModel -> Preview;
   B must compute the upscale itself (and get another image), C must be served A's (the same image).
+- dedupe: the same never-seen prompt is POSTed to A and B at the same moment: its slow node must execute once in
+  the fleet (one instance computes, the other waits for its value: provider/dedupe.py), with the same image.
 
 It needs a ComfyUI with the CacheProvider API (0.21+) whose Python can import the `mesh` package
 (`<comfyui python> -m pip install -e .` or `mesh install-comfyui DIR --python PY`). Each instance gets its own
@@ -152,6 +154,9 @@ class Instance:
         self.exec_log.touch()
         self.log = open(self.base / "comfy.log", "wb")
         full_env = {**os.environ, **env, "MESH_E2E_LOG": str(self.exec_log)}
+        # The provider is linked from this checkout: its `mesh` package must come from here too, not from whatever
+        # ComfyUI's Python has installed (an older checkout would lack what the provider calls).
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
         self.process = subprocess.Popen(comfyui_argv(python, self.port, self.base), cwd=comfy, env=full_env,
                                         stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -315,9 +320,50 @@ def identity(comfy: Path, python: str, work: Path) -> bool:
             h.stop()
 
 
+def dedupe(comfy: Path, python: str, work: Path) -> bool:
+    """The same new prompt POSTed to A and B at once: the slow node runs once in the fleet."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    work = work / "dedupe"
+    mesh_port = free_port()
+    common = {"MESH_SECRET": uuid.uuid4().hex, "MESH_MIN_FREE_RAM": "0", "MESH_CLUSTER": "e2e-dedupe"}
+    a = Instance("A", comfy, python, work, {**common, "MESH_LISTEN": f"127.0.0.1:{mesh_port}",
+                                           "MESH_NODE_ID": "comfy-a"})
+    b = Instance("B", comfy, python, work, {**common, "MESH_LISTEN": f"127.0.0.1:{free_port()}",
+                                           "MESH_NODE_ID": "comfy-b", "MESH_SEEDS": f"127.0.0.1:{mesh_port}"})
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        deadline = time.monotonic() + 60  # B joined A's mesh: A lists two members
+        while a.provider_stats().get("ring_members", 0) < 2:
+            if time.monotonic() > deadline:
+                raise TimeoutError("A and B did not form one mesh in 60 s")
+            time.sleep(0.5)
+        seed = int(time.time()) % 100000 + 7
+        with ThreadPoolExecutor(2) as pool:
+            jobs = [pool.submit(h.run_full, workflow(seed)) for h in (a, b)]
+            (t_a, ea), (t_b, eb) = (j.result() for j in jobs)
+        images = {h.name: h.preview_sha256(e, "4") for h, e in ((a, ea), (b, eb))}
+        for h, t in ((a, t_a), (b, t_b)):
+            stats = h.provider_stats()
+            print(f"{h.name}: {t:.2f} s, slow node executed {h.executions()} time(s), image {images[h.name][:16]}, "
+                  f"waits {stats.get('provider_dedupe_waits', 0):.0f} "
+                  f"({stats.get('provider_dedupe_wait_seconds', 0):.2f} s), "
+                  f"leases held {stats.get('provider_dedupe_leases', 0):.0f}")
+            for line in h.mesh_lines()[-2:]:
+                print(f"   {h.name} log: {line}")
+        ok = a.executions() + b.executions() == 1 and images["A"] == images["B"]
+        print(f"PASS: the slow node ({SLOW_SECONDS:g} s) executed once in the fleet, both got the same image" if ok
+              else "FAIL: see above")
+        return ok
+    finally:
+        a.stop()
+        b.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--scenario", choices=("share", "identity", "all"), default="all")
+    ap.add_argument("--scenario", choices=("share", "identity", "dedupe", "all"), default="all")
     args = ap.parse_args()
     comfy_dir = os.environ.get("COMFYUI_DIR")
     if not comfy_dir:
@@ -333,6 +379,9 @@ def main() -> int:
         if args.scenario in ("identity", "all"):
             print("== identity: same model name, other weights")
             ok = identity(comfy, python, Path(tmp)) and ok
+        if args.scenario in ("dedupe", "all"):
+            print("== dedupe: the same new prompt on A and B at once")
+            ok = dedupe(comfy, python, Path(tmp)) and ok
     return 0 if ok else 1
 
 

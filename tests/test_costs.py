@@ -1,5 +1,7 @@
 """provider/costs.py: compute seconds learned per key and per class type, bounded."""
 
+import pytest
+
 from provider import costs
 from provider.costs import ComputeCosts
 
@@ -57,3 +59,23 @@ def test_memory_is_bounded(monkeypatch) -> None:
         c.start(f"k{i}", "K")
         c.finish(f"k{i}")
     assert len(c._by_key) == 3 and "k0" not in c._by_key
+
+
+def test_the_ceiling_of_a_class_is_its_longest_recent_figure() -> None:
+    """One class type, very different times (a blur of 3 s and one of none): a wait bound from the mean would
+    give up on the slow one; the ceiling does not."""
+    clock = Clock()
+    c = ComputeCosts(clock)
+    for key, seconds in (("slow", 3.0), ("fast", 0.01), ("fast2", 0.01)):
+        c.start(key, "Blur")
+        clock.now += seconds
+        c.finish(key)
+    assert c.expected("Blur") < 1.5
+    assert c.ceiling("Blur") == 3.0
+    assert c.ceiling("Blur", "fast") == pytest.approx(0.01)  # a key's own figure first
+    assert c.ceiling("Other") is None
+    for i in range(costs.RECENT):
+        c.start(f"k{i}", "Blur")
+        clock.now += 0.5
+        c.finish(f"k{i}")
+    assert c.ceiling("Blur") == 0.5  # recent figures only

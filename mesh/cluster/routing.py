@@ -19,9 +19,10 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mesh.cluster.directory import Directory
+from mesh.cluster.leases import Answer, LeaseTable
 from mesh.membership.members import Change, ring_changed
 from mesh.cluster.repair import AntiEntropy
 from mesh.pb import mesh_pb2 as pb
@@ -33,6 +34,8 @@ from mesh.storage.store import BlobStore, Entry, StoreFull
 from mesh.transport.wire import Tee
 
 log = logging.getLogger(__name__)
+
+_STATES = {pb.LEASE_GRANTED: "granted", pb.LEASE_HELD: "held", pb.LEASE_DONE: "done", pb.LEASE_RELEASED: "released"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class Cluster:
         self._writes_idle = threading.Condition()
         self._pending_writes = 0
         self.repair = AntiEntropy(self, store, interval=config.repair_interval, timeout=config.read_timeout)
+        # Compute leases of the keys this node is primary owner of (in-flight dedupe, mesh/cluster/leases.py).
+        self.leases = LeaseTable(lambda key: self.store.header(key) is not None)
         self.counters: dict[str, int] = {"remote_hits": 0, "remote_misses": 0, "previous_owner_hits": 0,
                                          "near_hits": 0, "owner_failures": 0, "replica_write_failures": 0,
                                          "uncached_reads": 0, "hinted_puts": 0}
@@ -244,6 +249,48 @@ class Cluster:
         except MeshError as e:
             log.debug("Has at %s failed: %s", node_id, e)
         return [False] * len(keys)
+
+    # -- compute leases ----------------------------------------------------------------------------------------
+
+    def lease(self, request: pb.LeaseRequest, timeout: float) -> Answer:
+        """A lease call answered by the key's primary owner's table: here, or asked of it (local_only).
+
+        An owner that does not answer is skipped for the next one in ring order, so callers that all see the
+        primary down still meet at one table. Raises Unreachable when no owner answered within `timeout`: the
+        caller then computes without a lease (a possible duplicate, never a stall)."""
+        deadline = time.monotonic() + timeout
+        last: MeshError | None = None
+        for node_id in self.owners(request.key):
+            if node_id == self.node_id:
+                return self.lease_local(request)
+            address = self.directory.address_of(node_id)
+            remaining = deadline - time.monotonic()
+            if address is None or not self.peers.usable(address):
+                continue
+            if remaining <= 0:
+                break
+            try:
+                reply = self.peers.client(address).lease(
+                    request, timeout=min(remaining, max(0.5, self.peers.attempt_budget(address))), local_only=True)
+            except Unreachable as e:
+                self.peers.failed(address)
+                self._count("owner_failures")
+                last = e
+                continue
+            except MeshError as e:
+                last = e
+                continue
+            return Answer(_STATES[reply.state], reply.holder, reply.held_seconds, reply.ttl_left,
+                          reply.expected_seconds, reply.owner or node_id)
+        raise last if last is not None else Unreachable(f"no owner of {request.key[:80]} answered a lease call")
+
+    def lease_local(self, request: pb.LeaseRequest) -> Answer:
+        """This node's own table answers (it is the owner asked)."""
+        if request.op == pb.LEASE_RELEASE:
+            answer = self.leases.release(request.key, request.holder, request.done)
+        else:
+            answer = self.leases.acquire(request.key, request.holder, request.ttl, request.expected_seconds)
+        return replace(answer, owner=self.node_id)
 
     # -- writes ------------------------------------------------------------------------------------------------
 
@@ -425,6 +472,7 @@ class Cluster:
         out.update({f"near_{k}": v for k, v in self.near.stats().items()
                     if k in ("entries", "bytes_used", "max_memory", "evictions")})
         out["ring_members"] = len(self._ring)
+        out.update(self.leases.stats())
         r = self.repair.stats
         out.update(repair_passes=r.passes, repaired=r.repaired, handed_off=r.handed_off,
                    under_replicated=r.under_replicated, repair_pending=r.pending,

@@ -18,6 +18,18 @@ class MemberState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SUSPECT: _ClassVar[MemberState]
     DEAD: _ClassVar[MemberState]
     LEFT: _ClassVar[MemberState]
+
+class LeaseOp(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LEASE_ACQUIRE: _ClassVar[LeaseOp]
+    LEASE_RELEASE: _ClassVar[LeaseOp]
+
+class LeaseState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LEASE_GRANTED: _ClassVar[LeaseState]
+    LEASE_HELD: _ClassVar[LeaseState]
+    LEASE_DONE: _ClassVar[LeaseState]
+    LEASE_RELEASED: _ClassVar[LeaseState]
 CHUNK_RAW: ChunkCodec
 CHUNK_LZ4: ChunkCodec
 CHUNK_LZ4_PLANES4: ChunkCodec
@@ -25,6 +37,12 @@ ALIVE: MemberState
 SUSPECT: MemberState
 DEAD: MemberState
 LEFT: MemberState
+LEASE_ACQUIRE: LeaseOp
+LEASE_RELEASE: LeaseOp
+LEASE_GRANTED: LeaseState
+LEASE_HELD: LeaseState
+LEASE_DONE: LeaseState
+LEASE_RELEASED: LeaseState
 
 class BlobHeader(_message.Message):
     __slots__ = ("key", "raw_size", "stored_size", "codec", "chunk_size", "chunk_count", "checksum", "meta", "created_unix", "write_id", "writers", "compute_seconds")
@@ -355,3 +373,37 @@ class DrainReply(_message.Message):
     handed_off: int
     failed: int
     def __init__(self, handed_off: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
+
+class LeaseRequest(_message.Message):
+    __slots__ = ("key", "holder", "op", "ttl", "done", "local_only", "expected_seconds")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    OP_FIELD_NUMBER: _ClassVar[int]
+    TTL_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    holder: str
+    op: LeaseOp
+    ttl: float
+    done: bool
+    local_only: bool
+    expected_seconds: float
+    def __init__(self, key: _Optional[str] = ..., holder: _Optional[str] = ..., op: _Optional[_Union[LeaseOp, str]] = ..., ttl: _Optional[float] = ..., done: bool = ..., local_only: bool = ..., expected_seconds: _Optional[float] = ...) -> None: ...
+
+class LeaseReply(_message.Message):
+    __slots__ = ("state", "holder", "held_seconds", "ttl_left", "expected_seconds", "owner")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    HELD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TTL_LEFT_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    state: LeaseState
+    holder: str
+    held_seconds: float
+    ttl_left: float
+    expected_seconds: float
+    owner: str
+    def __init__(self, state: _Optional[_Union[LeaseState, str]] = ..., holder: _Optional[str] = ..., held_seconds: _Optional[float] = ..., ttl_left: _Optional[float] = ..., expected_seconds: _Optional[float] = ..., owner: _Optional[str] = ...) -> None: ...

@@ -89,6 +89,11 @@ class MeshStub(object):
                 request_serializer=mesh_dot_pb_dot_mesh__pb2.DrainRequest.SerializeToString,
                 response_deserializer=mesh_dot_pb_dot_mesh__pb2.DrainReply.FromString,
                 _registered_method=True)
+        self.Lease = channel.unary_unary(
+                '/comfymesh.v1.Mesh/Lease',
+                request_serializer=mesh_dot_pb_dot_mesh__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=mesh_dot_pb_dot_mesh__pb2.LeaseReply.FromString,
+                _registered_method=True)
 
 
 class MeshServicer(object):
@@ -175,6 +180,13 @@ class MeshServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Lease(self, request, context):
+        """In-flight dedupe: a short compute lease on a key, kept by the key's primary owner (mesh/cluster/leases.py).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeshServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -232,6 +244,11 @@ def add_MeshServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=mesh_dot_pb_dot_mesh__pb2.DrainRequest.FromString,
                     response_serializer=mesh_dot_pb_dot_mesh__pb2.DrainReply.SerializeToString,
+            ),
+            'Lease': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lease,
+                    request_deserializer=mesh_dot_pb_dot_mesh__pb2.LeaseRequest.FromString,
+                    response_serializer=mesh_dot_pb_dot_mesh__pb2.LeaseReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -531,6 +548,33 @@ class Mesh(object):
             '/comfymesh.v1.Mesh/Drain',
             mesh_dot_pb_dot_mesh__pb2.DrainRequest.SerializeToString,
             mesh_dot_pb_dot_mesh__pb2.DrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/comfymesh.v1.Mesh/Lease',
+            mesh_dot_pb_dot_mesh__pb2.LeaseRequest.SerializeToString,
+            mesh_dot_pb_dot_mesh__pb2.LeaseReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -529,6 +529,15 @@ class PeerClient:
             raise Refused(f"node {self.address} answered {len(present)} of {len(keys)} keys")
         return present
 
+    def lease(self, request: pb.LeaseRequest, timeout: float | None = None, local_only: bool = False
+              ) -> pb.LeaseReply:
+        """A compute-lease call (in-flight dedupe, mesh/cluster/leases.py); `local_only`: this node's table."""
+        if local_only != request.local_only:
+            request = pb.LeaseRequest(key=request.key, holder=request.holder, op=request.op, ttl=request.ttl,
+                                      done=request.done, local_only=local_only,
+                                      expected_seconds=request.expected_seconds)
+        return self._unary("Lease", request, timeout)  # type: ignore[return-value]
+
     def delete(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> int:
         """How many of `keys` existed (anywhere in the mesh, or with local_only on this node)."""
         return sum(self.delete_keys(keys, timeout, local_only))

@@ -351,6 +351,39 @@ class Broken:
         raise RuntimeError("this node always fails")
 
 
+class Interrupted(Exception):
+    """What ComfyUI's interrupt raises inside a node (comfy.model_management.InterruptProcessingException)."""
+
+
+class SlowInterruptible:
+    """A slow node interrupted (it raises, as ComfyUI's interrupt does) when `stop_file` appears; the node that
+    sees it deletes it, so one interrupt stops one computation. The path is an input: part of the key."""
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+
+    def run(self, seed: int, delay: float = 1.0, stop_file: str = "") -> tuple:
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline:
+            if stop_file and os.path.exists(stop_file):
+                try:
+                    os.unlink(stop_file)  # one interrupt: whoever computes the key next runs to the end
+                except FileNotFoundError:
+                    continue  # another instance took this interrupt
+                raise Interrupted("Processing interrupted")
+            time.sleep(0.01)
+        return (torch.rand((1, 32, 32, 3), generator=_gen(seed)),)
+
+
+class SlowOpaque:
+    """A slow node whose value the codec cannot represent (not cacheable)."""
+    RETURN_TYPES = ("OPAQUE",)
+    FUNCTION = "run"
+
+    def run(self, seed: int, delay: float = 1.0) -> tuple:
+        time.sleep(delay)
+        return ([seed, len],)
+
+
 # -------------------------------------------------------------- model folders (ComfyUI's folder_paths) and files
 
 PT_EXTENSIONS = {".ckpt", ".pt", ".pt2", ".bin", ".pth", ".safetensors", ".pkl", ".sft"}
@@ -456,7 +489,7 @@ class StringConcatenate:
 NODE_CLASS_MAPPINGS: dict[str, type] = {cls.__name__: cls for cls in (
     MakeImage, SlowBlur, MakeLatent, MakeConditioning, MakeBF16, MakeFP8, MakeScalars, LoadModel, ApplyModel,
     SaveImage, RandomNoise, AlwaysChanged, Opaque, BigTensor, CheapInt, Broken, UpscaleModelLoader,
-    ImageUpscaleWithModel, CLIPTextEncode, StringConcatenate)}
+    ImageUpscaleWithModel, CLIPTextEncode, StringConcatenate, SlowInterruptible, SlowOpaque)}
 
 
 def load_custom_nodes(folder: Path) -> list[str]:
@@ -900,7 +933,7 @@ def provider_config(args: argparse.Namespace) -> Any:
         lookup_timeout=args.lookup_timeout, store_timeout=args.store_timeout, store_queue=args.store_queue,
         direct=not args.no_direct, fast_keys=args.fast_keys, warm_memory=args.warm_memory,
         identity=not args.no_identity, identity_cache=args.identity_cache, eviction=args.eviction,
-        dedupe=args.dedupe,
+        dedupe=not args.no_dedupe, dedupe_max_wait=args.dedupe_max_wait,
     )
 
 
@@ -913,9 +946,18 @@ def start_runtime(args: argparse.Namespace, base: type | None = None) -> Any:
         load_custom_nodes(Path(args.models) / "custom_nodes")
     # As in ComfyUI: the provider sees the key functions' module (the identity hook and the fast keys install
     # there), the model folders and the node classes with their packs.
-    return runtime.start(provider_config(args), cache_value=CacheValue, traits=traits_lookup(),
-                         comfy_version=COMFY_VERSION, base=base, api=API, folder_paths=FOLDER_PATHS,
-                         nodes=fake_nodes_module())
+    started = runtime.start(provider_config(args), cache_value=CacheValue, traits=traits_lookup(),
+                            comfy_version=COMFY_VERSION, base=base, api=API, folder_paths=FOLDER_PATHS,
+                            nodes=fake_nodes_module())
+    if args.store_delay > 0:
+        encode = started.bridge.encode
+
+        def slow_encode(tree: Any, meta: Any) -> Any:
+            time.sleep(args.store_delay)
+            return encode(tree, meta)
+
+        started.bridge.encode = slow_encode
+    return started
 
 
 def parser() -> argparse.ArgumentParser:
@@ -946,10 +988,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="", help="this ComfyUI's base folder: model folders and custom_nodes/")
     p.add_argument("--no-identity", action="store_true", help="MESH_IDENTITY=0: keys by names alone")
     p.add_argument("--identity-cache", default="", help="MESH_IDENTITY_CACHE: where file identities are kept")
-    p.add_argument("--store-tasks", choices=("deferred", "immediate"), default="deferred")
+    p.add_argument("--store-tasks", choices=("deferred", "immediate"), default="deferred",
+                   help="immediate: store tasks are created as each node finishes and run when the loop next "
+                        "yields (ComfyUI 0.21's code); deferred: only as the prompt's loop shuts down")
     p.add_argument("--eviction", choices=("cost", "lru"), default="cost", help="MESH_EVICTION of the embedded node")
-    p.add_argument("--dedupe", action=argparse.BooleanOptionalAction, default=True,
-                   help="MESH_DEDUPE: mesh-wide in-flight dedupe (where the provider has it)")
+    p.add_argument("--no-dedupe", action="store_true", help="MESH_DEDUPE=0")
+    p.add_argument("--dedupe-max-wait", type=float, default=60.0, help="MESH_DEDUPE_MAX_WAIT")
+    p.add_argument("--store-delay", type=float, default=0.0,
+                   help="seconds every store waits on the provider's store thread before encoding (a slow store)")
     p.add_argument("--serve", action="store_true", help="JSON commands on stdin, JSON replies on stdout")
     p.add_argument("--workflow", default="standard", choices=sorted(WORKFLOWS))
     p.add_argument("--seed", type=int, action="append", help="run the workflow with this seed (repeatable)")

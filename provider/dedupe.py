@@ -1,0 +1,303 @@
+"""Mesh-wide in-flight dedupe: a node another instance is computing right now is waited for, not run again.
+
+At a node's pre-execution lookup miss (ComfyUI runs the node next), the provider asks the key's primary owner
+for a compute lease (mesh/cluster/leases.py, the Lease RPC):
+- granted: this instance computes; the lease is renewed every TTL/3 while it does and released when the value
+  was stored (with `done`, so waiters read it at once) or will not be (the node failed, the value is not
+  cacheable, the store was dropped);
+- held by another instance: this one waits for the value, then takes it like a hit; a wait that runs out, or a
+  lease that comes free (its holder crashed, froze, was interrupted or failed), and this instance computes;
+- done: the value is in the mesh already: read it.
+
+**Waiting: polls, not a long-poll.** A waiter asks the owner again every 20 ms at first, backing off to 100 ms.
+A long-poll would hold one of the owner's server threads per waiting instance for seconds (the synchronous gRPC
+server's threads are a fixed budget shared out by gates: mesh/server.py), and a waiter would still need a
+deadline and a retry for owners that change or die; polling holds nothing between asks, costs one small unary
+call per interval (at most 10 a second per waiter), and adds at most one interval (100 ms) to a wait. The
+wait is awaited on ComfyUI's event loop (asyncio.sleep between asks; each ask runs on a provider thread and is
+awaited under a deadline), so the loop is never blocked.
+
+**Bounded.** A wait lasts at most what computing would take here: the key's compute seconds learned by
+ComputeCosts, else the longest recent figure of its class type (else the holder's own figure, else
+DEFAULT_WAIT), plus HANDOVER for the value
+to reach the mesh and come back, capped by MESH_DEDUPE_MAX_WAIT. Every lease call has a deadline (CALL_TIMEOUT);
+one that fails or times out means "compute now, without a lease": a possible duplicate computation, never a
+stall. A holder's lease lapses TTL seconds after its last renewal, so a holder killed (-9) or frozen (SIGSTOP)
+frees its waiters within TTL plus one poll; one that fails or is interrupted releases at the prompt's end
+(after GRACE, which lets the value of the prompt's last node be handed over first).
+
+**No deadlock.** An instance holds a lease only while it computes that node, or while the value is on its way
+to the mesh on the provider's store thread (which waits on no lease). It cannot hold one while it waits: at
+every pre-execution lookup, after yielding once to the event loop (ComfyUI's store task for the node that just
+ran is then handed over, and claims its lease), any lease of an earlier node that no store claimed is released
+(its value is not coming: not cacheable, or a ComfyUI that runs store tasks only after the prompt). So a waiter
+always waits on a holder that computes or stores, and neither waits on anyone: the "waits for" graph has no
+cycle, and each wait is bounded anyway. Two instances running independent branches in opposite orders each
+wait at most for the other's node to finish (tests/test_dedupe.py).
+
+**Owners down or changing.** The lease lives at the key's primary owner, where the value is written; an owner
+that does not answer is skipped for the next in ring order (mesh/cluster/routing.py). A lease lost with its
+owner, or a ring change that moves the key, lets a second instance compute the key too: wasted work, never a
+wrong value (a lease decides who computes, never what a value is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+from mesh.client import MeshClient
+from mesh.cluster.leases import DONE, GRANTED, HELD, Answer
+
+from .costs import ComputeCosts
+
+log = logging.getLogger("comfy_mesh")
+
+TTL = 3.0             # seconds a lease lives unless renewed
+RENEW_EVERY = 1.0     # seconds between renewals of a held lease (TTL / 3)
+CALL_TIMEOUT = 1.0    # seconds one lease call may take
+GRACE = 0.5           # seconds after the prompt's end a lease waits for its store to claim it
+DEFAULT_WAIT = 10.0   # seconds to wait on a node whose compute time nobody knows
+HANDOVER = 1.0        # seconds added to an expected compute time: the value's way to the mesh and back
+BREAKER_OPEN = 3.0    # seconds no lease is asked for after a lease call failed (a dead mesh costs one deadline)
+FIRST_POLL = 0.02
+MAX_POLL = 0.1
+BACKOFF = 1.5
+
+
+@dataclass
+class _Held:
+    class_type: str
+    prompt: str
+    expected: float
+    renewed_at: float = field(default_factory=time.monotonic)
+    claimed: bool = False             # a store took it over: released once the value is in the mesh
+    ending_at: float | None = None    # the prompt ended unclaimed: released after GRACE
+
+
+@dataclass
+class DedupeCounters:
+    leases: int = 0            # leases granted to this instance (it computed the key)
+    waits: int = 0             # pre-execution misses that waited for another instance
+    wait_hits: int = 0         # ... and got the value
+    wait_timeouts: int = 0     # ... and ran out of time (then computed)
+    takeovers: int = 0         # ... and were granted the lease after all (the holder stopped, failed, released)
+    lease_errors: int = 0      # lease calls that failed or timed out (then computed without a lease)
+    skipped: int = 0           # pre-execution misses computed without asking: the mesh was just unreachable
+    wait_seconds: float = 0.0
+    saved_seconds: float = 0.0  # compute seconds this instance did not spend, thanks to the waits that hit
+
+
+class Dedupe:
+    def __init__(self, client: MeshClient, costs: ComputeCosts, *, max_wait: float, holder: str | None = None,
+                 call_timeout: float = CALL_TIMEOUT, available: Callable[[], bool] = lambda: True) -> None:
+        """`call_timeout`: the deadline of one lease call (at most the lookup deadline: a prompt pays no more
+        for a lease than for a lookup); `available()`: False while the lookups' breaker is open (bridge.py)."""
+        self.client = client
+        self.costs = costs
+        self.max_wait = max_wait
+        self.call_timeout = call_timeout
+        self.available = available
+        self._down_until = 0.0
+        self.holder = holder or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.counters = DedupeCounters()
+        self.prompt_waits = 0
+        self.prompt_wait_seconds = 0.0
+        self._lock = threading.Lock()
+        self._held: dict[str, _Held] = {}
+        self._pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="mesh-provider-lease")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keeper, name="mesh-provider-leases", daemon=True)
+        self._thread.start()
+
+    # -- on ComfyUI's event loop -----------------------------------------------------------------------------
+
+    async def before_compute(self, key: str, class_type: str, prompt: str,
+                             fetch: Callable[[], Awaitable[Any]]) -> Any:
+        """The pre-execution miss of `key`: a value (from another instance's computation, via `fetch`) or None
+        when this instance computes the node now (holding the lease, or without one). Never raises."""
+        if time.monotonic() < self._down_until or not self.available():
+            self._count("skipped")
+            self._release_unclaimed(prompt, key)
+            return None
+        try:
+            answer = await self._ask(key, class_type)
+        except Exception as e:
+            self._failed(key, e)
+            return None
+        finally:
+            self._release_unclaimed(prompt, key)  # earlier nodes of this prompt whose values are not coming
+        if answer.state == GRANTED:
+            self._hold(key, class_type, prompt)
+            return None
+        if answer.state == DONE:
+            return await self._take(key, class_type, fetch, 0.0, answer)
+        return await self._wait(key, class_type, prompt, fetch, answer)
+
+    async def _wait(self, key: str, class_type: str, prompt: str, fetch: Callable[[], Awaitable[Any]],
+                    answer: Answer) -> Any:
+        bound = self.wait_bound(class_type, key, answer)
+        started = time.monotonic()
+        interval = FIRST_POLL
+        self._count("waits")
+        self.prompt_waits += 1
+        log.debug("waiting up to %.1f s for %s (%s), computed by %s", bound, key, class_type, answer.holder)
+        try:
+            while True:
+                remaining = started + bound - time.monotonic()
+                if remaining <= 0:
+                    self._count("wait_timeouts")
+                    return None
+                await asyncio.sleep(min(interval, remaining))
+                interval = min(MAX_POLL, interval * BACKOFF)
+                try:
+                    answer = await self._ask(key, class_type)
+                except Exception as e:
+                    self._failed(key, e)
+                    return None
+                if answer.state == GRANTED:  # the holder stopped renewing, failed or gave up: compute here
+                    self._count("takeovers")
+                    self._hold(key, class_type, prompt)
+                    return None
+                if answer.state == DONE:
+                    return await self._take(key, class_type, fetch, time.monotonic() - started, answer)
+        finally:
+            waited = time.monotonic() - started
+            self.prompt_wait_seconds += waited
+            with self._lock:
+                self.counters.wait_seconds += waited
+
+    async def _take(self, key: str, class_type: str, fetch: Callable[[], Awaitable[Any]], waited: float,
+                    answer: Answer) -> Any:
+        found = await fetch()
+        if found is None:
+            return None  # said done, yet not readable (evicted, its owner just went): compute
+        saved = self.costs.expected(class_type, key) or answer.expected_seconds or waited
+        with self._lock:
+            self.counters.wait_hits += 1
+            self.counters.saved_seconds += saved
+        return found
+
+    def _failed(self, key: str, error: BaseException) -> None:
+        """A lease call failed: compute without one, and ask for no lease for a while (one deadline, not one per
+        node, while the mesh does not answer)."""
+        self._count("lease_errors")
+        self._down_until = time.monotonic() + BREAKER_OPEN
+        log.debug("lease on %s failed: %r", key, error)
+
+    def wait_bound(self, class_type: str, key: str, answer: Answer) -> float:
+        """Never longer than computing would take here (plus the hand-over), capped by MESH_DEDUPE_MAX_WAIT."""
+        expected = self.costs.ceiling(class_type, key) or answer.expected_seconds
+        bound = expected + HANDOVER if expected else DEFAULT_WAIT
+        return max(0.0, min(self.max_wait, bound))
+
+    async def _ask(self, key: str, class_type: str) -> Answer:
+        expected = self.costs.ceiling(class_type, key) or 0.0
+        job = self._pool.submit(self.client.lease, key, self.holder, self.call_timeout, ttl=TTL, expected=expected)
+        return await asyncio.wait_for(asyncio.wrap_future(job), self.call_timeout + 0.25)
+
+    # -- holding ----------------------------------------------------------------------------------------------
+
+    def _hold(self, key: str, class_type: str, prompt: str) -> None:
+        with self._lock:
+            self.counters.leases += 1
+            self._held[key] = _Held(class_type, prompt, self.costs.ceiling(class_type, key) or 0.0)
+
+    def holds(self, key: str) -> bool:
+        with self._lock:
+            return key in self._held
+
+    def claim(self, key: str) -> bool:
+        """A store of `key` takes its lease over (on_store): True if this instance holds it. The store then
+        calls stored(key, ...) once the value is in the mesh, or will not be."""
+        with self._lock:
+            held = self._held.get(key)
+            if held is None:
+                return False
+            held.claimed = True
+            return True
+
+    def stored(self, key: str, ok: bool) -> None:
+        """The claimed store of `key` finished: release the lease, as done when the value is in the mesh."""
+        self._release(key, ok)
+
+    def _release_unclaimed(self, prompt: str, current: str) -> None:
+        with self._lock:
+            gone = [k for k, h in self._held.items() if h.prompt == prompt and not h.claimed and k != current]
+        for key in gone:
+            self._release(key, False)
+
+    def prompt_end(self, prompt: str) -> None:
+        """Leases of the prompt not claimed by a store within GRACE are released (the node failed or was
+        interrupted; or the value is not cacheable)."""
+        now = time.monotonic()
+        with self._lock:
+            for held in self._held.values():
+                if held.prompt == prompt and not held.claimed and held.ending_at is None:
+                    held.ending_at = now
+        self.prompt_waits = 0
+        self.prompt_wait_seconds = 0.0
+
+    def _release(self, key: str, done: bool) -> None:
+        with self._lock:
+            if self._held.pop(key, None) is None:
+                return
+        try:
+            self._pool.submit(self._call_release, key, done)
+        except RuntimeError:
+            pass  # closed: the lease lapses on its own within TTL
+
+    def _call_release(self, key: str, done: bool) -> None:
+        try:
+            self.client.lease(key, self.holder, self.call_timeout, release=True, done=done)
+        except Exception as e:  # the lease lapses on its own within TTL
+            log.debug("release of lease on %s failed: %r", key, e)
+
+    def _keeper(self) -> None:
+        """Renews held leases every RENEW_EVERY; releases those whose prompt ended unclaimed after GRACE."""
+        while not self._stop.wait(0.1):
+            now = time.monotonic()
+            with self._lock:
+                ended = [k for k, h in self._held.items()
+                         if not h.claimed and h.ending_at is not None and now - h.ending_at > GRACE]
+                due = [(k, h) for k, h in self._held.items() if now - h.renewed_at >= RENEW_EVERY and k not in ended]
+            for key in ended:
+                self._release(key, False)
+            for key, held in due:
+                held.renewed_at = now
+                try:
+                    answer = self.client.lease(key, self.holder, self.call_timeout, ttl=TTL, expected=held.expected)
+                except Exception as e:
+                    log.debug("renewal of lease on %s failed: %r", key, e)
+                    continue  # the next renewal may get through; the lease lapses otherwise
+                if answer.state != GRANTED:  # lost (lapsed and taken) or done: nothing left to hold
+                    with self._lock:
+                        self._held.pop(key, None)
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            setattr(self.counters, name, getattr(self.counters, name) + 1)
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            out = {f"provider_dedupe_{k}": float(v) for k, v in self.counters.__dict__.items()}
+            out["provider_dedupe_held"] = float(len(self._held))
+        return out
+
+    def close(self) -> None:
+        """Release every held lease (best effort, each under its deadline) and stop."""
+        self._stop.set()
+        with self._lock:
+            keys = list(self._held)
+        for key in keys:
+            self._release(key, False)
+        self._pool.shutdown(wait=False)

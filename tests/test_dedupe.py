@@ -1,0 +1,247 @@
+"""Mesh-wide in-flight dedupe (provider/dedupe.py) with real processes: ComfyUI-like harness processes, each with
+the real provider and an embedded node, joined into one mesh, running the same prompt at the same moment.
+
+The harness runs store tasks as ComfyUI 0.21's code does (`--store-tasks immediate`: created as each node
+finishes, run when the prompt's loop next yields). Every wait is bounded; every process is killed in a finally.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mesh.pb import mesh_pb2 as pb
+from mesh.transport.peer import PeerClient
+from provider import dedupe
+from tests.support.comfy_harness import HarnessProcess
+from tests.support.poll import poll
+
+SECRET = "dedupe-test-secret"
+DELAY = 1.5  # seconds the slow node takes
+
+
+def fleet(tmp_path: Path, n: int, *args: str) -> list[HarnessProcess]:
+    procs: list[HarnessProcess] = []
+    try:
+        for i in range(n):
+            seeds = ["--seeds", procs[0].address] if procs else []
+            procs.append(HarnessProcess(["--secret", SECRET, "--node-id", f"c{i}", "--store-tasks", "immediate",
+                                         *seeds, *args], log_path=tmp_path / f"c{i}.log"))  # later args win
+        for p in procs:
+            p.wait_members(n)
+        return procs
+    except BaseException:
+        for p in procs:
+            p.kill()
+        raise
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list[HarnessProcess]]:
+    procs: list[HarnessProcess] = []
+    yield procs
+    for p in procs:
+        if p.alive:
+            try:
+                p.process.send_signal(signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        p.kill()
+
+
+def slow_prompt(seed: int, delay: float = DELAY, node: str = "SlowBlur", **extra: Any) -> dict[str, Any]:
+    inputs: dict[str, Any] = {"seed": seed + 1, "delay": delay, **extra}
+    prompt: dict[str, Any] = {"image": {"class_type": "MakeImage", "inputs": {"seed": seed, "batch": 1,
+                                                                               "height": 32, "width": 32}}}
+    if node == "SlowBlur":
+        inputs["image"] = ["image", 0]
+    prompt["slow"] = {"class_type": node, "inputs": inputs}
+    return prompt
+
+
+def at_once(procs: list[HarnessProcess], prompts: list[dict[str, Any]], timeout: float = 60.0) -> list[dict]:
+    """Each process runs its prompt, all started together; their results in order."""
+    barrier = threading.Barrier(len(procs))
+
+    def run(p: HarnessProcess, prompt: dict[str, Any]) -> dict:
+        barrier.wait(timeout=10)
+        return p.run(timeout=timeout, prompt=prompt)
+
+    with futures.ThreadPoolExecutor(len(procs)) as pool:
+        jobs = [pool.submit(run, p, prompt) for p, prompt in zip(procs, prompts)]
+        return [j.result(timeout=timeout + 15) for j in jobs]
+
+
+def provider_stats(p: HarnessProcess) -> dict[str, float]:
+    return p.stats()["provider"]
+
+
+def lease_holder(node_address: str, key: str) -> str:
+    """Who holds the compute lease on `key` now ("" when nobody does): asked with a probe, released at once."""
+    with PeerClient(node_address, SECRET.encode(), timeout=5.0) as c:
+        probe = f"probe-{uuid.uuid4().hex[:8]}"
+        reply = c.lease(pb.LeaseRequest(key=key, holder=probe, ttl=1.0), timeout=5.0)
+        if reply.state == pb.LEASE_GRANTED:
+            c.lease(pb.LeaseRequest(key=key, holder=probe, op=pb.LEASE_RELEASE), timeout=5.0)
+            return ""
+        return reply.holder if reply.state == pb.LEASE_HELD else ""
+
+
+def held_answers(procs: list[HarnessProcess]) -> float:
+    """How many times the owners told an asker that someone else holds a lease (`lease_held`, all nodes)."""
+    total = 0.0
+    for p in procs:
+        with PeerClient(p.address, SECRET.encode(), timeout=5.0) as c:
+            total += c.stats(timeout=5.0).counters.get("lease_held", 0.0)
+    return total
+
+
+def slow_key(p: HarnessProcess, prompt: dict[str, Any]) -> str:
+    return p.call({"cmd": "contexts", "prompt": prompt})["contexts"]["slow"]["key"]
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_the_same_prompt_at_once_computes_the_slow_node_once(tmp_path: Path, cleanup: list, n: int) -> None:
+    procs = fleet(tmp_path, n)
+    cleanup.extend(procs)
+    prompt = slow_prompt(1000 + n)
+    results = at_once(procs, [prompt] * n)
+    assert all(r["errors"] == [] and r["failed"] == [] for r in results)
+    ran = [i for i, r in enumerate(results) if "slow" in r["executed"]]
+    assert len(ran) == 1, f"the slow node ran on {ran}"
+    assert len({str(r["outputs"]["slow"]) for r in results}) == 1  # bit-identical everywhere
+    assert len({str(r["outputs"]["image"]) for r in results}) == 1
+    waiters = [r for i, r in enumerate(results) if i not in ran]
+    assert all("slow" in r["provider_hits"] for r in waiters)
+    stats = [provider_stats(p) for p in procs]
+    assert sum(s["provider_dedupe_wait_hits"] for s in stats) >= n - 1
+    assert sum(s["provider_dedupe_saved_seconds"] for s in stats) >= (n - 1) * DELAY * 0.5
+    for r in waiters:  # a waiter is served as the value lands, not after a poll's worth of extra time
+        assert r["wall_s"] <= results[ran[0]]["wall_s"] + 1.0, (r["wall_s"], results[ran[0]]["wall_s"])
+
+
+def holder_then_waiter(tmp_path: Path, cleanup: list, prompt: dict[str, Any], *args: str
+                       ) -> tuple[HarnessProcess, HarnessProcess, futures.Future, futures.Future, float, futures.Executor]:
+    """A starts the prompt and takes the lease on its slow node; then B starts it and waits for A."""
+    a, b = fleet(tmp_path, 2, *args)
+    cleanup.extend([a, b])
+    key = slow_key(a, prompt)
+    pool = futures.ThreadPoolExecutor(2)
+    ra = pool.submit(a.run, 120, prompt=prompt)
+    poll(lambda: lease_holder(b.address, key).startswith("c0:"), "A holds the lease on the slow node", timeout=20)
+    asked = held_answers([a, b])
+    b_started = time.monotonic()
+    rb = pool.submit(b.run, 120, prompt=prompt)
+    poll(lambda: held_answers([a, b]) > asked, "B was told A holds the lease (it waits)", timeout=20)
+    return a, b, ra, rb, b_started, pool
+
+
+def waited_after(b_result: dict, b_started: float, event_at: float) -> float:
+    """Seconds from `event_at` until B started its own computation of the slow node."""
+    before_compute = b_result["wall_s"] - b_result["nodes"]["slow"]["exec_s"]
+    return b_started + before_compute - event_at
+
+
+@pytest.mark.parametrize("how", ["kill", "freeze"])
+def test_a_holder_killed_or_frozen_frees_its_waiter_within_a_few_seconds(tmp_path: Path, cleanup: list,
+                                                                         how: str) -> None:
+    # A's slow node takes 8 s; B, knowing no compute time for it, would wait up to DEFAULT_WAIT (10 s).
+    prompt = slow_prompt(2000 + (how == "freeze"), delay=8.0)
+    a, b, ra, rb, b_started, pool = holder_then_waiter(tmp_path, cleanup, prompt, "--dedupe-max-wait", "30")
+    event = time.monotonic()
+    a.process.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+    result = rb.result(timeout=60)
+    assert result["errors"] == [] and "slow" in result["executed"]
+    freed = waited_after(result, b_started, event)
+    assert freed < dedupe.TTL + 2.0, f"B computed {freed:.1f} s after A was {how}ed"
+    stats = provider_stats(b)
+    assert stats["provider_dedupe_waits"] == 1
+    assert stats["provider_dedupe_takeovers"] + stats["provider_dedupe_lease_errors"] == 1
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_an_interrupted_holder_frees_its_waiter_at_once(tmp_path: Path, cleanup: list) -> None:
+    stop = tmp_path / "interrupt"
+    prompt = slow_prompt(3000, delay=6.0, node="SlowInterruptible", stop_file=str(stop))
+    a, b, ra, rb, b_started, pool = holder_then_waiter(tmp_path, cleanup, prompt)
+    event = time.monotonic()
+    stop.touch()  # A's node sees it, deletes it and raises, as ComfyUI's interrupt does
+    got_a = ra.result(timeout=30)
+    assert got_a["failed"] == ["slow"]
+    result = rb.result(timeout=60)
+    assert result["errors"] == [] and "slow" in result["executed"]
+    freed = waited_after(result, b_started, event)
+    assert freed < dedupe.GRACE + 2.0, f"B computed {freed:.1f} s after A was interrupted"
+    assert provider_stats(b)["provider_dedupe_takeovers"] == 1
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_an_uncacheable_value_frees_the_waiter_when_the_holder_is_done(tmp_path: Path, cleanup: list) -> None:
+    prompt = slow_prompt(4000, delay=3.0, node="SlowOpaque")
+    a, b, ra, rb, b_started, pool = holder_then_waiter(tmp_path, cleanup, prompt)
+    got_a = ra.result(timeout=30)
+    a_done = time.monotonic()
+    assert got_a["errors"] == [] and "slow" in got_a["executed"]
+    result = rb.result(timeout=60)
+    assert result["errors"] == [] and "slow" in result["executed"]  # nothing to share: B computes it
+    freed = waited_after(result, b_started, a_done)
+    assert freed < 2.0, f"B computed {freed:.1f} s after A finished with a value that is not cached"
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_a_slow_store_is_waited_for_and_served(tmp_path: Path, cleanup: list) -> None:
+    """A's value takes 2 s more to reach the mesh after it is computed: B, waiting, is served it all the same (its
+    wait is bounded by what computing takes plus the hand-over, and A renews its lease while it stores)."""
+    prompt = slow_prompt(5000, delay=3.0)
+    a, b, ra, rb, b_started, pool = holder_then_waiter(tmp_path, cleanup, prompt, "--store-delay", "2.0")
+    result = rb.result(timeout=60)
+    assert ra.result(timeout=30)["errors"] == []
+    assert result["errors"] == [] and "slow" in result["provider_hits"] and "slow" not in result["executed"]
+    assert str(result["outputs"]["slow"]) == str(ra.result()["outputs"]["slow"])
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+@pytest.mark.parametrize("store_tasks", ["immediate", "deferred"])
+def test_no_deadlock_with_independent_branches_in_opposite_orders(tmp_path: Path, cleanup: list,
+                                                                  store_tasks: str) -> None:
+    """A runs X then Y; B runs Y then X (two independent slow nodes). Each computes its first node, then finds
+    the other's in flight and waits for it: both finish in about two node times, each node computed once.
+
+    With store tasks that run only after the prompt (`deferred`), a finished node's value is not coming until
+    then, so its lease is released at the next node's lookup: both may compute both nodes, but neither waits
+    for the other to the bound (a lease held while waiting would make each wait for the other's)."""
+    a, b = fleet(tmp_path, 2, "--store-tasks", store_tasks)
+    cleanup.extend([a, b])
+
+    def branch(name: str, seed: int) -> dict[str, Any]:
+        return {f"{name}_image": {"class_type": "MakeImage", "inputs": {"seed": seed, "batch": 1, "height": 16,
+                                                                        "width": 16}},
+                name: {"class_type": "SlowBlur", "inputs": {"image": [f"{name}_image", 0], "seed": seed,
+                                                            "delay": 2.0}}}
+
+    seed = 6001 if store_tasks == "immediate" else 6101
+    x, y = branch("x", seed), branch("y", seed + 1)
+    results = at_once([a, b], [{**x, **y}, {**y, **x}])
+    assert all(r["errors"] == [] for r in results)
+    assert results[0]["outputs"]["x"] == results[1]["outputs"]["x"]
+    assert results[0]["outputs"]["y"] == results[1]["outputs"]["y"]
+    # Not a wait to the bound (10 s for a node never timed) on either side: at most two node times and change.
+    assert max(r["wall_s"] for r in results) < 2 * 2.0 + 2.5, [r["wall_s"] for r in results]
+    if store_tasks == "immediate":
+        executed = [n for r in results for n in r["executed"] if n in ("x", "y")]
+        assert sorted(executed) == ["x", "y"], executed
+
+
+def test_dedupe_off_computes_everywhere(tmp_path: Path, cleanup: list) -> None:
+    procs = fleet(tmp_path, 2, "--no-dedupe")
+    cleanup.extend(procs)
+    results = at_once(procs, [slow_prompt(7000, delay=1.0)] * 2)
+    assert [("slow" in r["executed"]) for r in results] == [True, True]
