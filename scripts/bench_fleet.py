@@ -139,8 +139,7 @@ def mode_args(mode: str, max_memory: int) -> list[str]:
     if mode == "none":
         return ["--no-provider"]
     eviction = "lru" if mode == "lru" else "cost"
-    return ["--max-memory", str(max_memory), "--eviction", eviction,
-            "--dedupe" if mode == "cost+dedupe" else "--no-dedupe"]
+    return ["--max-memory", str(max_memory), "--eviction", eviction] + ([] if mode == "cost+dedupe" else ["--no-dedupe"])
 
 
 def node_key(name: str, w: int, v: int) -> str:
