@@ -116,7 +116,7 @@ class Bridge:
         refused); it runs on the store thread, never on ComfyUI's. `decoder()` makes what a hit's bytes are fed
         to as they arrive (mesh.codec.StreamDecoder); its `finish()` is the value. `thread_init` runs first on
         each of the bridge's own threads (they encode and decode values). `skip_cheap`: drop stores cheaper to
-        compute than to fetch (off with MESH_EVICTION=lru: cost then plays no part)."""
+        compute than to fetch (off with MESH_STORE_CHEAP=1)."""
         self.client = client
         self.encode = encode
         self.decoder = decoder

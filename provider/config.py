@@ -48,6 +48,7 @@ class ProviderConfig:
     metrics_listen: str = ""          # embedded node's Prometheus endpoint, HOST:PORT
     max_disk: int = parse_size("16GiB")
     eviction: str = "cost"            # embedded node: cost (compute seconds saved per byte) or lru
+    store_cheap: bool = False         # also store values cheaper to compute again than to fetch
     min_free_ram: int = parse_size("2GiB")
     namespace: str = ""               # operator's part of the key namespace (model set, fleet name...)
     allow: tuple[str, ...] = ()       # class types to cache; empty: all that pass the other rules

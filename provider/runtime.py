@@ -172,7 +172,7 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
 
     bridge = Bridge(client, encode=encode, decoder=codec.StreamDecoder, lookup_timeout=config.lookup_timeout,
                     store_timeout=config.store_timeout, store_queue=config.store_queue, thread_init=torch_on_one_core,
-                    skip_cheap=config.eviction == "cost")
+                    skip_cheap=not config.store_cheap)
     cls = type("MeshCacheProvider", (MeshCacheProvider, base), {}) if base is not None else MeshCacheProvider
     provider = cls(bridge, policy, namespace=namespace_for(comfy_version, config.namespace),
                    cache_value=cache_value, lookup_timeout=config.lookup_timeout)

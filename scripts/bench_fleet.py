@@ -138,8 +138,10 @@ def start_fleet(n: int, workdir: Path, args: list[str]) -> list[HarnessProcess]:
 def mode_args(mode: str, max_memory: int) -> list[str]:
     if mode == "none":
         return ["--no-provider"]
-    eviction = "lru" if mode == "lru" else "cost"
-    return ["--max-memory", str(max_memory), "--eviction", eviction] + ([] if mode == "cost+dedupe" else ["--no-dedupe"])
+    if mode == "lru":  # comfy-mesh before costs: every value stored, least recently used evicted
+        return ["--max-memory", str(max_memory), "--eviction", "lru", "--store-cheap", "--no-dedupe"]
+    return ["--max-memory", str(max_memory), "--eviction", "cost", "--no-store-cheap"] \
+        + ([] if mode == "cost+dedupe" else ["--no-dedupe"])
 
 
 def node_key(name: str, w: int, v: int) -> str:

@@ -89,7 +89,7 @@ def test_the_provider_stores_what_is_dear_and_not_what_is_cheaper_to_compute_tha
 
     prompt = {"image": {"class_type": "MakeImage", "inputs": {"seed": 5, "batch": 1, "height": 64, "width": 64}},
               "blur": {"class_type": "SlowBlur", "inputs": {"image": ["image", 0], "seed": 6, "delay": 0.6}}}
-    rt = start_runtime(parser().parse_args(["--secret", "s"]))
+    rt = start_runtime(parser().parse_args(["--secret", "s", "--no-store-cheap"]))
     try:
         MakeImage().run(seed=1)  # torch's first call in a process is slow: not what the node costs
         rt.bridge.fetch_cost = FetchCost(fixed=0.25)
