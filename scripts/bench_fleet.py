@@ -23,6 +23,9 @@ replication factor (each node's --max-memory is sized so), ComfyUI's own caches 
 Then 4 instances (`--same-instances`) run the same new prompt at the same moment: how often its slow node ran
 in the fleet, and each instance's wall time against the slow node's compute time.
 
+Real ComfyUI instances (COMFYUI_DIR, as scripts/comfyui_e2e.py starts them) are not driven yet: with COMFYUI_DIR
+set this says so and runs the harness.
+
 Targets (issue 23): at 25 % of the working set, cost-aware saves >= 1.5x the compute seconds LRU saves; with
 dedupe, <= 1.1x the minimum at a budget that holds the working set; 4 instances and the same new prompt: the
 slow node runs once, walls <= compute + 10 %. Every prompt's outputs are checked against the no-provider run
@@ -247,6 +250,8 @@ def main() -> int:
     args = ap.parse_args()
 
     dedupe = has_dedupe()
+    if os.environ.get("COMFYUI_DIR"):
+        print("COMFYUI_DIR is set, but this benchmark drives the ComfyUI harness only (real ComfyUI: not yet)")
     load_before = os.getloadavg()
     modes: list[tuple[str, float]] = [("none", 0.0), ("lru", args.budget), ("cost", args.budget)]
     if dedupe:
