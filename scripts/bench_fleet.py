@@ -17,8 +17,9 @@ on a fresh fleet with an empty mesh, interleaved within each trial so load drift
 - cost: comfy-mesh, `--eviction cost` (mesh/storage/eviction.py), no dedupe;
 - cost+dedupe: as cost, MESH_DEDUPE=1 ("n/a" while the provider has no dedupe, provider/dedupe.py).
 at a mesh budget of `--budget` of the working set (default 0.25) and, for cost and cost+dedupe, at one that
-holds it (`--full-budget`, default 1.5). The mesh budget is what the nodes' stores hold together over the
-replication factor (each node's --max-memory is sized so), ComfyUI's own caches aside.
+holds it (`--full-budget`, default 1.5). The mesh budget is the nodes' --max-memory together over the
+replication factor (a quarter of each node's budget is its near cache of keys it reads but does not own),
+ComfyUI's own caches aside.
 
 Then 4 instances (`--same-instances`) run the same new prompt at the same moment: how often its slow node ran
 in the fleet, and each instance's wall time against the slow node's compute time.
@@ -274,7 +275,7 @@ def main() -> int:
             trial_runs: dict[tuple[str, float], RunResult] = {}
             for k, (mode, budget) in enumerate(modes):
                 salt = trial * 100 + k + 1  # every run computes anew: nothing of an earlier run in any cache
-                max_memory = max(1 << 20, int(budget * ws * args.replicas / (args.instances * 0.75)))
+                max_memory = max(1 << 20, int(budget * ws * args.replicas / args.instances))
                 r = run_trace(mode, budget, traces, max_memory, salt, workdir, reference.setdefault(str(salt), {}))
                 runs[(mode, budget)].append(r)
                 trial_runs[(mode, budget)] = r
