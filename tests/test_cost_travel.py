@@ -117,3 +117,31 @@ def test_the_fetch_cost_is_learnt_from_hits() -> None:
         cost.measured(0.004, 1000)                 # small hits: all round trip
         cost.measured(0.004 + 0.010, 10 << 20)     # 10 MiB in 10 ms more: 1 GiB/s
     assert abs(cost.fixed - 0.004) < 1e-4 and abs(cost.seconds(10 << 20) - 0.014) < 1e-3
+
+
+def test_a_value_too_cheap_to_keep_is_not_put_and_says_so_to_its_lease() -> None:
+    """The store's callback (dedupe releases its compute lease there) hears "not in the mesh", so waiters compute
+    at once; a dear value is put with its cost, a value of unknown cost with none."""
+    from mesh import codec
+    from mesh.client import LocalClient
+    from provider.bridge import Bridge, FetchCost
+    from tests.support.comfy_harness import parser, start_runtime
+
+    rt = start_runtime(parser().parse_args(["--secret", "s"]))
+    told: dict[str, bool] = {}
+    bridge = Bridge(LocalClient(rt.node), encode=lambda tree, meta: codec.encode(tree),
+                    decoder=codec.StreamDecoder, lookup_timeout=1, store_timeout=5, store_queue=16)
+    try:
+        bridge.fetch_cost = FetchCost(fixed=0.01)
+        for key, seconds in (("cheap", 0.002), ("dear", 0.5), ("unknown", None)):
+            assert bridge.store(key, [key], {"class_type": "X"}, seconds,
+                                done=lambda ok, k=key: told.__setitem__(k, ok))
+        assert bridge.flush(10)
+        assert told == {"cheap": False, "dear": True, "unknown": True}
+        assert bridge.counters.stores_cheap == 1 and bridge.counters.stores == 2
+        assert rt.node.store.header("cheap") is None
+        assert rt.node.store.header("dear").compute_seconds == 0.5  # type: ignore[union-attr]
+        assert rt.node.store.header("unknown").compute_seconds == 0.0  # type: ignore[union-attr]
+    finally:
+        bridge.close()
+        rt.close()
