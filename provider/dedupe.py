@@ -68,6 +68,8 @@ CALL_TIMEOUT = 1.0    # seconds one lease call may take
 GRACE = 0.5           # seconds after the prompt's end a lease waits for its store to claim it
 DEFAULT_WAIT = 10.0   # seconds to wait on a node whose compute time nobody knows
 HANDOVER = 1.0        # seconds added to an expected compute time: the value's way to the mesh and back
+CHEAP = 0.1           # seconds: a node known to compute faster than this here is not worth a lease (a round trip
+                      # per node, and waiting for a value's hand-over would take longer than computing it)
 BREAKER_OPEN = 3.0    # seconds no lease is asked for after a lease call failed (a dead mesh costs one deadline)
 FIRST_POLL = 0.02
 MAX_POLL = 0.1
@@ -93,6 +95,7 @@ class DedupeCounters:
     takeovers: int = 0         # ... and were granted the lease after all (the holder stopped, failed, released)
     lease_errors: int = 0      # lease calls that failed or timed out (then computed without a lease)
     skipped: int = 0           # pre-execution misses computed without asking: the mesh was just unreachable
+    cheap: int = 0             # pre-execution misses of nodes known to be cheap here: computed without a lease
     wait_seconds: float = 0.0
     saved_seconds: float = 0.0  # compute seconds this instance did not spend, thanks to the waits that hit
 
@@ -125,6 +128,12 @@ class Dedupe:
                              fetch: Callable[[], Awaitable[Any]]) -> Any:
         """The pre-execution miss of `key`: a value (from another instance's computation, via `fetch`) or None
         when this instance computes the node now (holding the lease, or without one). Never raises."""
+        known = self.costs.ceiling(class_type, key)
+        if known is not None and known < CHEAP:
+            # No lease and no wait: an earlier node's unclaimed lease may stay until the next lease asked for
+            # (its store task may not have run yet), as this instance waits on nobody here.
+            self._count("cheap")
+            return None
         if time.monotonic() < self._down_until or not self.available():
             self._count("skipped")
             self._release_unclaimed(prompt, key)
@@ -294,10 +303,12 @@ class Dedupe:
         return out
 
     def close(self) -> None:
-        """Release every held lease (best effort, each under its deadline) and stop."""
+        """Release every held lease now, while the client still answers (best effort, each call under its
+        deadline: a lease not released lapses within TTL), and stop."""
         self._stop.set()
         with self._lock:
             keys = list(self._held)
+            self._held.clear()
         for key in keys:
-            self._release(key, False)
+            self._call_release(key, False)
         self._pool.shutdown(wait=False)

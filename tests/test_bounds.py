@@ -132,7 +132,7 @@ def answers_everything(address: str, rounds: int, tag: str) -> float:
     return slowest
 
 
-UNARY = ("Has", "Stats", "PutSmall", "Ping", "Digest", "Delete", "Drain")
+UNARY = ("Has", "Stats", "PutSmall", "Ping", "Digest", "Delete", "Drain", "Lease")
 
 
 def test_silent_unary_calls_of_one_member_leave_control_and_data_calls_answering(

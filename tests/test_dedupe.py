@@ -7,6 +7,7 @@ finishes, run when the prompt's loop next yields). Every wait is bounded; every 
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -21,6 +22,7 @@ import pytest
 from mesh.pb import mesh_pb2 as pb
 from mesh.transport.peer import PeerClient
 from provider import dedupe
+from tests.support.cli import run_cli
 from tests.support.comfy_harness import HarnessProcess
 from tests.support.poll import poll
 
@@ -95,6 +97,15 @@ def lease_holder(node_address: str, key: str) -> str:
         return reply.holder if reply.state == pb.LEASE_HELD else ""
 
 
+def lease_owner(node_address: str, key: str) -> str:
+    """The node id whose table keeps the lease on `key` (its primary owner): asked with a probe, released."""
+    with PeerClient(node_address, SECRET.encode(), timeout=5.0) as c:
+        probe = f"probe-{uuid.uuid4().hex[:8]}"
+        reply = c.lease(pb.LeaseRequest(key=key, holder=probe, ttl=1.0), timeout=5.0)
+        c.lease(pb.LeaseRequest(key=key, holder=probe, op=pb.LEASE_RELEASE), timeout=5.0)
+        return reply.owner
+
+
 def held_answers(procs: list[HarnessProcess]) -> float:
     """How many times the owners told an asker that someone else holds a lease (`lease_held`, all nodes)."""
     total = 0.0
@@ -126,13 +137,34 @@ def test_the_same_prompt_at_once_computes_the_slow_node_once(tmp_path: Path, cle
     assert sum(s["provider_dedupe_saved_seconds"] for s in stats) >= (n - 1) * DELAY * 0.5
     for r in waiters:  # a waiter is served as the value lands, not after a poll's worth of extra time
         assert r["wall_s"] <= results[ran[0]]["wall_s"] + 1.0, (r["wall_s"], results[ran[0]]["wall_s"])
+    # `mesh stats` of a waiter's node shows its provider's dedupe counters; the owners counted the grants.
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET)
+    secret_file.chmod(0o600)
+    waiter = procs[next(i for i in range(n) if i not in ran)]
+    done = run_cli("stats", "--json", node=waiter.address, secret_file=secret_file)
+    assert done.returncode == 0, done.stderr
+    counters = json.loads(done.stdout)["counters"]
+    assert counters["provider_dedupe_waits"] >= 1 and counters["provider_dedupe_wait_seconds"] > 0
+    assert counters["provider_dedupe_saved_seconds"] >= DELAY * 0.5
+    assert sum(p.stats()["node"]["lease_granted"] for p in procs) >= 1
 
 
-def holder_then_waiter(tmp_path: Path, cleanup: list, prompt: dict[str, Any], *args: str
+def holder_then_waiter(tmp_path: Path, cleanup: list, prompt: Any, *args: str, owner: str = ""
                        ) -> tuple[HarnessProcess, HarnessProcess, futures.Future, futures.Future, float, futures.Executor]:
-    """A starts the prompt and takes the lease on its slow node; then B starts it and waits for A."""
+    """A starts the prompt and takes the lease on its slow node; then B starts it and waits for A. `prompt`: a
+    prompt, or a function of a seed whose prompt is tried with seeds until the slow node's lease is kept by
+    `owner` (c0: A's node, c1: B's node)."""
     a, b = fleet(tmp_path, 2, *args)
     cleanup.extend([a, b])
+    if callable(prompt):
+        make = prompt
+        for seed in range(64):
+            prompt = make(seed)
+            if lease_owner(b.address, slow_key(a, prompt)) == owner:
+                break
+        else:
+            raise AssertionError(f"no seed of 64 gives a key whose lease {owner} keeps")
     key = slow_key(a, prompt)
     pool = futures.ThreadPoolExecutor(2)
     ra = pool.submit(a.run, 120, prompt=prompt)
@@ -150,12 +182,17 @@ def waited_after(b_result: dict, b_started: float, event_at: float) -> float:
     return b_started + before_compute - event_at
 
 
+@pytest.mark.parametrize("owner", ["waiter", "holder"])
 @pytest.mark.parametrize("how", ["kill", "freeze"])
 def test_a_holder_killed_or_frozen_frees_its_waiter_within_a_few_seconds(tmp_path: Path, cleanup: list,
-                                                                         how: str) -> None:
-    # A's slow node takes 8 s; B, knowing no compute time for it, would wait up to DEFAULT_WAIT (10 s).
-    prompt = slow_prompt(2000 + (how == "freeze"), delay=8.0)
-    a, b, ra, rb, b_started, pool = holder_then_waiter(tmp_path, cleanup, prompt, "--dedupe-max-wait", "30")
+                                                                         how: str, owner: str) -> None:
+    """The lease is kept by B's node (A stops renewing: it lapses) or by A's own (the owner is gone: B's lease
+    call goes to the key's next owner). A's slow node takes 8 s; B, knowing no compute time for it, would
+    otherwise wait up to DEFAULT_WAIT (10 s)."""
+    base = 2000 + 100 * (how == "freeze") + 200 * (owner == "holder")
+    a, b, ra, rb, b_started, pool = holder_then_waiter(
+        tmp_path, cleanup, lambda s: slow_prompt(base + 2 * s, delay=8.0), "--dedupe-max-wait", "30",
+        owner="c1" if owner == "waiter" else "c0")
     event = time.monotonic()
     a.process.send_signal(signal.SIGKILL if how == "kill" else signal.SIGSTOP)
     result = rb.result(timeout=60)
@@ -165,6 +202,8 @@ def test_a_holder_killed_or_frozen_frees_its_waiter_within_a_few_seconds(tmp_pat
     stats = provider_stats(b)
     assert stats["provider_dedupe_waits"] == 1
     assert stats["provider_dedupe_takeovers"] + stats["provider_dedupe_lease_errors"] == 1
+    if owner == "waiter":
+        assert b.stats()["node"]["lease_expired"] >= 1  # A's lease lapsed at B's node
     pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -245,3 +284,112 @@ def test_dedupe_off_computes_everywhere(tmp_path: Path, cleanup: list) -> None:
     cleanup.extend(procs)
     results = at_once(procs, [slow_prompt(7000, delay=1.0)] * 2)
     assert [("slow" in r["executed"]) for r in results] == [True, True]
+
+
+class FailingLeases:
+    """A mesh whose lease calls fail (a node from before the Lease RPC answers UNIMPLEMENTED): counted calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def lease(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        from mesh.transport.peer import Refused
+        raise Refused("Lease: UNIMPLEMENTED")
+
+
+def test_failing_lease_calls_cost_one_call_then_none_for_a_while() -> None:
+    import asyncio
+
+    from provider.costs import ComputeCosts
+
+    client = FailingLeases()
+    d = dedupe.Dedupe(client, ComputeCosts(), max_wait=60.0)  # type: ignore[arg-type]
+
+    async def fetch() -> Any:
+        raise AssertionError("nothing to fetch")
+
+    async def prompt() -> list[Any]:
+        return [await d.before_compute(f"k{i}", "K", "p", fetch) for i in range(20)]
+
+    try:
+        assert asyncio.run(prompt()) == [None] * 20  # every node computes here, none fails
+        assert client.calls == 1
+        assert d.stats()["provider_dedupe_lease_errors"] == 1 and d.stats()["provider_dedupe_skipped"] == 19
+    finally:
+        d.close()
+
+
+def test_a_wait_is_bounded_by_what_computing_takes_here() -> None:
+    from mesh.cluster.leases import HELD, Answer
+    from provider.costs import ComputeCosts
+
+    costs = ComputeCosts()
+    d = dedupe.Dedupe(FailingLeases(), costs, max_wait=20.0)  # type: ignore[arg-type]
+    try:
+        held = Answer(HELD, "other")
+        assert d.wait_bound("K", "k", held) == dedupe.DEFAULT_WAIT  # never timed, holder knows nothing
+        assert d.wait_bound("K", "k", Answer(HELD, "other", expected_seconds=4.0)) == 4.0 + dedupe.HANDOVER
+        costs.start("j", "K")
+        costs._pending["j"].at -= 30.0  # a node of this class took 30 s here
+        costs.finish("j")
+        assert d.wait_bound("K", "k", held) == 20.0  # capped by MESH_DEDUPE_MAX_WAIT
+        costs.start("k", "K")
+        costs._pending["k"].at -= 2.0
+        costs.finish("k")
+        assert d.wait_bound("K", "k", held) == pytest.approx(2.0 + dedupe.HANDOVER, abs=0.05)  # the key's own
+    finally:
+        d.close()
+
+
+def test_a_node_known_to_be_cheap_is_computed_without_a_lease() -> None:
+    import asyncio
+
+    from provider.costs import ComputeCosts
+
+    costs = ComputeCosts()
+    costs.start("k0", "Cheap")
+    costs.finish("k0")  # microseconds
+    client = FailingLeases()
+    d = dedupe.Dedupe(client, costs, max_wait=60.0)  # type: ignore[arg-type]
+
+    async def fetch() -> Any:
+        raise AssertionError("nothing to fetch")
+
+    try:
+        assert asyncio.run(d.before_compute("k1", "Cheap", "p", fetch)) is None
+        assert client.calls == 0 and d.stats()["provider_dedupe_cheap"] == 1
+        assert asyncio.run(d.before_compute("k2", "Unknown", "p", fetch)) is None
+        assert client.calls == 1  # a class never timed here is asked about
+    finally:
+        d.close()
+
+
+def test_sidecar_mode_dedupes_through_the_sidecar(tmp_path: Path, cleanup: list) -> None:
+    """B has no node of its own: its lease calls go to its sidecar (A's node), routed to the key's owner."""
+    a = HarnessProcess(["--secret", SECRET, "--node-id", "c0", "--store-tasks", "immediate"],
+                       log_path=tmp_path / "c0.log")
+    cleanup.append(a)
+    b = HarnessProcess(["--secret", SECRET, "--mode", "sidecar", "--node", a.address, "--store-tasks", "immediate"],
+                       log_path=tmp_path / "b.log")
+    cleanup.append(b)
+    results = at_once([a, b], [slow_prompt(8000)] * 2)
+    assert all(r["errors"] == [] for r in results)
+    assert sum("slow" in r["executed"] for r in results) == 1
+    assert results[0]["outputs"]["slow"] == results[1]["outputs"]["slow"]
+
+
+def test_dedupe_and_lease_counters_are_prometheus_counters() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from mesh.metrics import _NodeCollector
+
+    registry = CollectorRegistry()
+    registry.register(_NodeCollector(lambda: {"provider_dedupe_waits": 2.0, "provider_dedupe_wait_seconds": 3.5,
+                                              "provider_dedupe_saved_seconds": 6.0, "lease_granted": 4.0,
+                                              "lease_expired": 1.0}, list))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    for line in ("comfy_mesh_provider_dedupe_waits_total 2.0", "comfy_mesh_provider_dedupe_wait_seconds_total 3.5",
+                 "comfy_mesh_provider_dedupe_saved_seconds_total 6.0", "comfy_mesh_lease_granted_total 4.0",
+                 "comfy_mesh_lease_expired_total 1.0"):
+        assert line in text, line

@@ -339,6 +339,7 @@ def test_health_answers_without_a_secret_other_rpcs_do_not(node: Node) -> None:
             "Get": lambda md: list(stub.Get(pb.GetRequest(key="k"), timeout=5, metadata=md)),
             "ListKeys": lambda md: list(stub.ListKeys(pb.ListKeysRequest(), timeout=5, metadata=md)),
             "Drain": lambda md: stub.Drain(pb.DrainRequest(), timeout=5, metadata=md),
+            "Lease": lambda md: stub.Lease(pb.LeaseRequest(key="k", holder="h"), timeout=5, metadata=md),
         }
         for name, call in calls.items():
             for md in [(), token_metadata(node.address, name, b"wrong")]:
