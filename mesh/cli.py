@@ -24,7 +24,7 @@ import stat  # noqa: E402
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from mesh.cluster.routing import ClusterConfig
 from mesh.transport.link import AUTO, MODES
 from mesh.membership.driver import Timing, ring_weights
 from mesh.node import DEFAULT_PORT, ConfigError, Node, NodeConfig, advertised_host, check_data_dir, validate
+from mesh.storage.eviction import DEFAULT_POLICY, POLICIES
 from mesh.pb.mesh_pb2 import MemberState
 from mesh.transport.peer import MeshError, PeerClient
 from mesh.settings import (CONFIG_ENV, DEFAULT_CONFIG, ConfigFile, SettingError, load_config, resolve,
@@ -151,6 +152,7 @@ def _serve_config(args: argparse.Namespace) -> NodeConfig:
         listen=args.listen, node_id=args.node_id or "", advertise=args.advertise or "",
         max_memory=parse_size(args.max_memory), min_free_ram=parse_size(args.min_free_ram),
         data_dir=args.data_dir or "", max_disk=parse_size(args.max_disk), metrics_listen=args.metrics_listen or "",
+        eviction=args.eviction,
         secret=_keyring(args),
         tls=_tls(args),
         limits=Limits(chunk_size=parse_size(args.chunk_size), max_blob_size=parse_size(args.max_blob_size),
@@ -338,11 +340,13 @@ def cmd_top(args: argparse.Namespace) -> int:
     def view(s: Any, rates: dict[str, float]) -> Group:
         head = Table(title=escape(safe(f"{s.node_id} ({s.address}), up {_duration(s.uptime_seconds)}")),
                      title_justify="left")
-        for col in ("gets/s", "hits/s", "misses/s", "puts/s", "in", "out", "memory", "missing copies"):
+        for col in ("gets/s", "hits/s", "misses/s", "puts/s", "in", "out", "compute saved", "memory",
+                    "missing copies"):
             head.add_column(col)
         c = s.counters
         head.add_row(*(f"{rates.get(n, 0.0):.1f}" for n in ("gets", "hits", "misses", "puts")),
                      f"{format_size(int(rates.get('bytes_in', 0)))}/s", f"{format_size(int(rates.get('bytes_out', 0)))}/s",
+                     f"{rates.get('compute_seconds_saved', 0.0):.1f} s/s",
                      f"{format_size(int(c.get('bytes_used', 0)))} of {format_size(int(c.get('max_memory', 0)))}",
                      str(int(c.get("under_replicated", 0))))
         members = Table()
@@ -352,9 +356,16 @@ def cmd_top(args: argparse.Namespace) -> int:
             members.add_row(*(escape(safe(v)) for v in (m["node_id"], m["address"], m["state"],
                                                           f"{m['last_heard_seconds']:.1f} s", m["keys"],
                                                           format_size(m["bytes"]))))
-        return Group(head, members, *(f"warning: {escape(safe(w))}" for w in s.warnings))
+        classes = Table(title="served by class type (since start)", title_justify="left")
+        for col in ("class type", "hits", "bytes", "compute saved"):
+            classes.add_column(col)
+        for class_type, row in _class_rows(c)[:10]:
+            classes.add_row(escape(safe(class_type)), f"{int(row['hits']):,}", format_size(int(row["bytes_out"])),
+                            _duration(row["seconds_saved"]))
+        tables = [head, members] + ([classes] if classes.row_count else [])
+        return Group(*tables, *(f"warning: {escape(safe(w))}" for w in s.warnings))
 
-    names = ("hits", "misses", "puts", "bytes_in", "bytes_out", "remote_hits", "near_hits")
+    names = ("hits", "misses", "puts", "bytes_in", "bytes_out", "remote_hits", "near_hits", "compute_seconds_saved")
     done = 0
     with _client(args) as client, Live(console=Console(), auto_refresh=False) as live:
         before, then = None, time.monotonic()
@@ -405,11 +416,21 @@ def _is_size(name: str) -> bool:
     return "bytes" in words or words[-1] in ("memory", "ram") or name.endswith("max_disk")
 
 
+def _class_rows(counters: Mapping[str, float]) -> list[tuple[str, dict[str, float]]]:
+    """The store's `class.<type>.<name>` counters as one row per class type, most compute saved first."""
+    rows: dict[str, dict[str, float]] = {}
+    for name, value in counters.items():
+        if name.startswith("class."):
+            class_type, _, counter = name[len("class."):].rpartition(".")
+            rows.setdefault(class_type, {"hits": 0.0, "bytes_out": 0.0, "seconds_saved": 0.0})[counter] = value
+    return sorted(rows.items(), key=lambda r: (-r[1]["seconds_saved"], r[0]))
+
+
 def _human(name: str, value: float) -> str:
     """A counter as a person reads it: sizes in KiB/MiB/GiB, times in ms or s, counts with separators."""
     if _is_size(name):
         return format_size(int(value))
-    if name.endswith("seconds"):
+    if name.endswith("seconds") or name.endswith("seconds_saved"):
         return _duration(float(value))
     return f"{value:,}" if isinstance(value, int) else f"{value:,.3f}"
 
@@ -1003,7 +1024,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep blobs on disk here too: a restarted node serves what it had (env MESH_DATA_DIR; "
                         "default: RAM only)")
     s.add_argument("--max-disk", default="16GiB",
-                   help="byte budget of --data-dir, LRU (env MESH_MAX_DISK; default 16GiB)")
+                   help="byte budget of --data-dir (env MESH_MAX_DISK; default 16GiB)")
+    s.add_argument("--eviction", choices=POLICIES, default=DEFAULT_POLICY,
+                   help="what a full store (RAM and disk) drops first: cost (the value that saves the fewest compute "
+                        "seconds per byte, GreedyDual-Size-Frequency) or lru (env MESH_EVICTION; default cost)")
     s.add_argument("--metrics-listen", default="",
                    help="serve Prometheus metrics at http://HOST:PORT/metrics (env MESH_METRICS_LISTEN)")
     s.add_argument("--min-free-ram", default="1GiB", help="evict while the host has less RAM available (1GiB)")

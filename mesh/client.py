@@ -50,7 +50,8 @@ class Sink(Tee, Protocol):
 class MeshClient(Protocol):
     def get_into(self, key: str, timeout: float, sink: Sink) -> bool: ...
     def has(self, keys: list[str], timeout: float) -> list[bool]: ...
-    def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int: ...
+    def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float,
+            compute_seconds: float = 0.0) -> int: ...
     def stats(self) -> dict[str, float]: ...
     def report(self, reporter: str, counters: Mapping[str, float], timeout: float) -> None: ...
     def lease(self, key: str, holder: str, timeout: float, *, release: bool = False, done: bool = False,
@@ -104,9 +105,11 @@ class LocalClient:
         self._live()
         return self.cluster.has(keys, timeout)
 
-    def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int:
+    def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float,
+            compute_seconds: float = 0.0) -> int:
+        """`compute_seconds`: what computing the value cost (0: unknown); nodes evict by it (eviction.py)."""
         self._live()
-        header = make_header(key, data, self.limits.chunk_size, meta)
+        header = make_header(key, data, self.limits.chunk_size, meta, compute_seconds)
         # Stored raw unless the operator asked for lz4 everywhere: each transfer to a slow link compresses on the way.
         chunks = tuple(iter_chunks(data, self.limits.chunk_size, self.node.config.compress == LZ4))
         stored = sum(len(c.data) for c in chunks)
@@ -231,8 +234,10 @@ class RemoteClient:
     def has(self, keys: list[str], timeout: float) -> list[bool]:
         return self._routed(lambda client, t: client.has(keys, timeout=t), timeout)
 
-    def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float) -> int:
-        return self._routed(lambda client, t: client.put(key, data, meta, timeout=t).replicas, timeout)
+    def put(self, key: str, data: Bytes, meta: Mapping[str, str], timeout: float,
+            compute_seconds: float = 0.0) -> int:
+        return self._routed(lambda client, t: client.put(key, data, meta, timeout=t,
+                                                         compute_seconds=compute_seconds).replicas, timeout)
 
     def lease(self, key: str, holder: str, timeout: float, *, release: bool = False, done: bool = False,
               ttl: float = 0.0, expected: float = 0.0) -> Answer:

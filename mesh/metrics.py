@@ -35,7 +35,12 @@ COUNTERS = {
     "provider_dedupe_leases", "provider_dedupe_waits", "provider_dedupe_wait_hits", "provider_dedupe_wait_timeouts",
     "provider_dedupe_takeovers", "provider_dedupe_lease_errors", "provider_dedupe_wait_seconds",
     "provider_dedupe_saved_seconds",
+    "compute_seconds_saved", "provider_compute_seconds_saved", "provider_bridge_stores_cheap",
 }
+# The store's per-class counters, `class.<class type>.<name>` in mesh stats: one labelled family per name here.
+CLASS_COUNTERS = {"hits": "Values served, by ComfyUI class type",
+                  "bytes_out": "Bytes of the values served, by ComfyUI class type",
+                  "seconds_saved": "Compute seconds the values served had cost their writers, by ComfyUI class type"}
 GET_SOURCES = {"hits": "local", "remote_hits": "owner", "near_hits": "near_cache",
                "previous_owner_hits": "previous_owner"}
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -53,12 +58,20 @@ class _NodeCollector:
         for name, source in GET_SOURCES.items():
             sources.add_metric([source], counters.get(name, 0.0))
         yield sources
+        by_class = {name: CounterMetricFamily(PREFIX + f"class_{name}", help, labels=["class_type"])
+                    for name, help in CLASS_COUNTERS.items()}
         for name, value in sorted(counters.items()):
+            if name.startswith("class."):
+                class_type, _, counter = name[len("class."):].rpartition(".")
+                if counter in by_class:
+                    by_class[counter].add_metric([class_type], value)
+                continue
             metric = PREFIX + name.replace(".", "_")
             if name in COUNTERS:
                 yield CounterMetricFamily(metric, f"mesh stats counter {name}", value=value)
             else:
                 yield GaugeMetricFamily(metric, f"mesh stats value {name}", value=value)
+        yield from by_class.values()
         states = GaugeMetricFamily(PREFIX + "members", "Members this node knows, by state", labels=["state"])
         members = self._members()
         for state in ("ALIVE", "SUSPECT", "DEAD", "LEFT"):
@@ -75,13 +88,13 @@ class _ClassCollector:
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
         families = {name: CounterMetricFamily(PREFIX + f"provider_class_{name}", f"Provider {name} by class type",
-                                              labels=["class_type"]) for name in ("lookups", "hits", "misses",
-                                                                                  "errors")}
+                                              labels=["class_type"])
+                    for name in ("lookups", "hits", "misses", "errors", "bytes", "compute_seconds_saved")}
         seconds = SummaryMetricFamily(PREFIX + "provider_class_lookup_seconds",
                                       "Time lookups cost prompts, by class type", labels=["class_type"])
         for class_type, row in sorted(stats.items()):
             for name, family in families.items():
-                family.add_metric([class_type], row[name])
+                family.add_metric([class_type], row.get(name, 0.0))
             seconds.add_metric([class_type], count_value=row["lookups"], sum_value=row["lookup_seconds"])
         yield from families.values()
         yield seconds

@@ -34,6 +34,7 @@ from mesh.membership.driver import Member, Membership, Timing
 from mesh.pb import mesh_pb2 as pb
 from mesh.transport.peers import PeerPool
 from mesh.server import HEALTH_SERVICE, MeshServicer, add_health_to_server, add_reflection_to_server, add_to_server
+from mesh.storage.eviction import DEFAULT_POLICY, POLICIES
 from mesh.storage.store import BlobStore
 from mesh.units import format_size
 from mesh.transport.wire import SERVICE, GiB, Limits
@@ -59,6 +60,7 @@ class NodeConfig:
     data_dir: str = ""                # the disk tier: blobs survive a restart (empty: RAM only)
     metrics_listen: str = ""          # HOST:PORT of the Prometheus endpoint (empty: none)
     max_disk: int = 16 * GiB
+    eviction: str = DEFAULT_POLICY    # cost: compute seconds saved per byte (mesh/storage/eviction.py); lru
     secret: Secret = None             # one secret, several (the first signs: rotation), or a shared Keyring
     tls: TlsConfig | None = None      # with it, the node serves TLS only (mTLS when it has a CA) and dials peers so
     limits: Limits = field(default_factory=Limits)
@@ -83,6 +85,7 @@ def validate(config: NodeConfig) -> None:
         (c.max_memory > 0, "--max-memory must be positive"),
         (c.compress in MODES, f"--compress must be one of {', '.join(MODES)}"),
         (c.min_free_ram >= 0, "--min-free-ram must not be negative"),
+        (c.eviction in POLICIES, f"--eviction must be one of {', '.join(POLICIES)}"),
         (not c.data_dir or c.max_disk > 0, "--max-disk must be positive"),
         (t.interval > 0, "--heartbeat must be positive"),
         (t.suspect_after > t.interval, "--suspect-after must be longer than --heartbeat"),
@@ -198,10 +201,11 @@ class Node:
         near_budget = max(1, int(config.max_memory * config.near_fraction))
         if config.data_dir:
             check_data_dir(config.data_dir)
-        disk = DiskStore(Path(config.data_dir), config.max_disk, config.limits) if config.data_dir else None
+        disk = DiskStore(Path(config.data_dir), config.max_disk, config.limits,
+                         eviction=config.eviction) if config.data_dir else None
         self.store = BlobStore(config.max_memory - near_budget if config.near_fraction else config.max_memory,
-                               config.min_free_ram, disk=disk)
-        self.near = BlobStore(near_budget, config.min_free_ram)
+                               config.min_free_ram, disk=disk, eviction=config.eviction)
+        self.near = BlobStore(near_budget, config.min_free_ram, eviction=config.eviction)
         self.server: grpc.Server | None = None
         self.servicer: MeshServicer | None = None
         self.cluster: Cluster | None = None

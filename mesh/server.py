@@ -561,7 +561,8 @@ class MeshServicer(pb_grpc.MeshServicer):
             for h, stored_at in listed[:request.limit] if request.limit else listed:
                 watch.touch(self.limits.idle_timeout)
                 yield pb.KeyInfo(key=h.key, raw_size=h.raw_size, stored_size=h.stored_size,
-                                 age_seconds=now - stored_at, meta=dict(h.meta), writers=h.writers)
+                                 age_seconds=now - stored_at, meta=dict(h.meta), writers=h.writers,
+                                 compute_seconds=h.compute_seconds)
 
     def Ping(self, request: pb.PingRequest, context: grpc.ServicerContext) -> pb.PingReply:
         if self.membership is None:

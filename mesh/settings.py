@@ -36,7 +36,7 @@ PROVIDER_KEYS = frozenset({
     "secret_file", "tls_cert", "tls_key", "tls_ca", "tls_server_name", "max_memory", "data_dir", "metrics_listen",
     "max_disk", "min_free_ram", "namespace", "allow", "deny", "cache_output_nodes", "max_value_size",
     "lookup_timeout", "store_timeout", "store_queue", "shuffle", "warm_memory", "compress", "fast_keys", "identity",
-    "identity_cache", "direct", "enabled"})
+    "identity_cache", "direct", "enabled", "dedupe", "dedupe_max_wait", "eviction", "store_cheap"})
 # What every command reads from the file: the node to talk to, and how (the cluster secret, TLS).
 CLIENT_KEYS = frozenset({"node", "secret", "secret_file", "tls_cert", "tls_key", "tls_ca", "tls_server_name"})
 

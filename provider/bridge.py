@@ -11,6 +11,11 @@ are fetched. An unreachable mesh trips a breaker for a few seconds, during which
 immediate miss: a dead mesh must not cost each node a deadline. A mesh that answered "no" (busy, refused) is
 alive and trips nothing; a key it refused is just a miss. An embedded node that stopped (drained) turns the
 provider off with one warning.
+
+A value goes to the mesh with what computing it cost (BlobHeader.compute_seconds: nodes keep what saves the most
+compute per byte), unless it is cheaper to compute again than to fetch: the bridge measures what its hits cost
+(a fixed part per fetch and a part per byte, both exponentially weighted means, FetchCost) and drops a store
+whose compute seconds do not exceed what fetching its encoded bytes would take (counted as stores_cheap).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class BridgeCounters:
     bytes_in: int = 0
     bytes_out: int = 0
     breaker_trips: int = 0
+    stores_cheap: int = 0          # values cheaper to compute again than to fetch: not stored
 
 
 class Decoder(Sink, Protocol):
@@ -68,6 +74,7 @@ class Found:
     size: int
     meta: Mapping[str, str] = field(default_factory=dict)
     writers: tuple[str, ...] = ()
+    compute_seconds: float = 0.0  # what computing it cost its writer (0: unknown): the compute this hit saved
 
 
 @dataclass
@@ -75,18 +82,45 @@ class _Store:
     key: str
     tree: object
     meta: Mapping[str, str]
+    compute_seconds: float | None = None  # measured (provider/costs.py), or None: unknown
     queued_at: float = field(default_factory=time.monotonic)
     done: Callable[[bool], None] | None = None  # told whether the value is in the mesh once the push ended
+
+
+FETCH_WEIGHT = 0.2           # of a new measurement in FetchCost's means
+SMALL_FETCH = 64 * 1024      # fetches below this many bytes measure the fixed part; larger ones the part per byte
+
+
+@dataclass
+class FetchCost:
+    """What a hit costs this process: a fixed part per fetch and a part per byte (round trips, transfer, decode).
+
+    Until measured, 1 ms and 1 GiB/s. Two figures rather than seconds per byte: a 4 KiB hit is all round trip,
+    and its seconds per byte would make every large value look too dear to fetch."""
+
+    fixed: float = 0.001
+    per_byte: float = 1.0 / (1 << 30)
+
+    def seconds(self, size: int) -> float:
+        return self.fixed + self.per_byte * size
+
+    def measured(self, seconds: float, size: int) -> None:
+        if size < SMALL_FETCH:
+            self.fixed += FETCH_WEIGHT * (seconds - self.fixed)
+        else:
+            rate = max(0.0, seconds - self.fixed) / size
+            self.per_byte += FETCH_WEIGHT * (rate - self.per_byte)
 
 
 class Bridge:
     def __init__(self, client: MeshClient, *, encode: Callable[[object, Mapping[str, str]], bytes | bytearray | None],
                  decoder: Callable[[], Decoder], lookup_timeout: float, store_timeout: float,
-                 store_queue: int, thread_init: Callable[[], None] = lambda: None) -> None:
+                 store_queue: int, thread_init: Callable[[], None] = lambda: None, skip_cheap: bool = True) -> None:
         """`encode(tree, meta)` returns the bytes to store, or None for a value not to be cached (counted as
         refused); it runs on the store thread, never on ComfyUI's. `decoder()` makes what a hit's bytes are fed
         to as they arrive (mesh.codec.StreamDecoder); its `finish()` is the value. `thread_init` runs first on
-        each of the bridge's own threads (they encode and decode values)."""
+        each of the bridge's own threads (they encode and decode values). `skip_cheap`: drop stores cheaper to
+        compute than to fetch (off with MESH_STORE_CHEAP=1)."""
         self.client = client
         self.encode = encode
         self.decoder = decoder
@@ -102,6 +136,8 @@ class Bridge:
         self._pool = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="mesh-provider-get",
                                                 initializer=thread_init)
         self._down_until = 0.0
+        self.fetch_cost = FetchCost()
+        self.skip_cheap = skip_cheap
         # key -> when it was last pushed, oldest first: a bounded "already there" hint, never a correctness need
         self._recent_stores: OrderedDict[str, float] = OrderedDict()
         self._closed = threading.Event()
@@ -203,6 +239,7 @@ class Bridge:
 
     def _fetch(self, key: str, waiting: list[futures.Future[Found | None]], deadline: float) -> None:
         try:
+            started = time.monotonic()
             sink = self.decoder()
             if not self.client.get_into(key, max(0.01, deadline - time.monotonic()), sink):
                 self._finish(waiting, None, "misses")
@@ -218,10 +255,12 @@ class Bridge:
             log.warning("cannot decode %s from the mesh: %s", key, e)
             self._finish(waiting, None, "errors")
             return
+        self.fetch_cost.measured(time.monotonic() - started, size)
         self._count("bytes_in", size)
         meta = dict(getattr(header, "meta", None) or {})
         writers = tuple(getattr(header, "writers", None) or ())
-        self._finish(waiting, Found(value, size, meta, writers), "hits")
+        compute = float(getattr(header, "compute_seconds", 0.0) or 0.0)
+        self._finish(waiting, Found(value, size, meta, writers, compute), "hits")
 
     def _finish(self, waiting: list[futures.Future[Found | None]], value: Found | None, counter: str) -> None:
         self._count(counter, len(waiting))
@@ -233,15 +272,16 @@ class Bridge:
 
     # -- stores ------------------------------------------------------------------------------------------------
 
-    def store(self, key: str, tree: object, meta: Mapping[str, str],
+    def store(self, key: str, tree: object, meta: Mapping[str, str], compute_seconds: float | None = None,
               done: Callable[[bool], None] | None = None) -> bool:
-        """Queue a value for the mesh and return at once; False (counted) if the queue is full. `done(stored)`
-        is called on the store thread once the push ended (a compute lease is released then: provider/dedupe.py),
-        unless this returns False."""
+        """Queue a value for the mesh and return at once; False (counted) if the queue is full. `compute_seconds`:
+        what computing it cost here (None: not measured, stored with no cost). `done(stored)` is called on the
+        store thread once the push ended (a compute lease is released then: provider/dedupe.py), unless this
+        returns False."""
         if self._closed.is_set():
             return False
         try:
-            self._stores.put_nowait(_Store(key, tree, meta, done=done))
+            self._stores.put_nowait(_Store(key, tree, meta, compute_seconds, done=done))
         except queue.Full:
             self._count("stores_dropped")
             return False
@@ -297,7 +337,13 @@ class Bridge:
             if data is None:
                 self._count("stores_refused")
                 return False
-            self.client.put(item.key, data, item.meta, timeout=self.store_timeout)
+            if self.skip_cheap and item.compute_seconds is not None \
+                    and item.compute_seconds <= self.fetch_cost.seconds(len(data)):
+                self._count("stores_cheap")  # a hit would cost more than computing it again
+                return False  # not in the mesh: a waiter (dedupe) computes it itself
+            # A measured 0 s is not "unknown" (0 on the wire): the smallest positive cost says "cheap".
+            cost = 0.0 if item.compute_seconds is None else max(item.compute_seconds, 1e-6)
+            self.client.put(item.key, data, item.meta, timeout=self.store_timeout, compute_seconds=cost)
         except MeshError as e:
             if isinstance(e, NodeStopped):
                 self._trip(e)  # one warning, then stores are dropped like lookups are misses

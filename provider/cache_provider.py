@@ -7,9 +7,18 @@ exception ever leaves a method: errors are counted and logged at debug level.
 
 ComfyUI looks each uncached node up twice per prompt (all at prompt start, then again right before it runs).
 The first answer is remembered for the rest of the prompt, so a miss costs one batched round trip, not two.
-The second lookup of a miss is where the node is about to run: there ComputeCosts starts timing it (until its
-store), and with MESH_DEDUPE the provider takes a compute lease on the key or waits for the instance that holds
-one (provider/dedupe.py).
+
+What a value cost to compute is measured from its last lookup miss (the node runs next) to the next lookup
+of this prompt or its end, whichever comes first: ComfyUI runs one node at a time and looks the next one up
+right before running it, so that is the node's own time, where its store (handed over only as the prompt
+ends) would count the rest of the prompt in. Nodes that are never looked up (output nodes) count into the
+node before them: an upper bound. The figure goes to ComputeCosts (provider/costs.py) and travels with the
+value: nodes evict by compute seconds saved per byte, and the bridge does not
+store a value cheaper to compute than to fetch. A hit adds its value's compute seconds to the seconds saved, per
+prompt (the log line), in total and per class type (`mesh stats`, /metrics).
+
+The second lookup of a miss is where the node is about to run: there, with MESH_DEDUPE, the provider takes a
+compute lease on the key or waits for the instance that holds one (provider/dedupe.py).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
@@ -27,14 +37,14 @@ from mesh.buffers import RESERVE
 from mesh.units import format_size
 
 from .bridge import Bridge
-from .events import COMPUTE_META, Served, compute_seconds
+from .events import Served
 from .costs import ComputeCosts
 from .dedupe import Dedupe
 from .identity import Identity, KeyIdentities
 from .policy import Policy, value_tree
 
 MAX_CLASS_TYPES = 512
-MAX_TIMED = 4096  # compute times measured and not yet stored (a store that never comes must not grow this)
+MAX_MEASURED = 4096  # compute times kept until their values are stored
 log = logging.getLogger("comfy_mesh")
 
 CONTENT = "comfy-value/1"
@@ -47,26 +57,26 @@ class PromptStats:
     hits: int = 0
     misses: int = 0
     repeats: int = 0                  # of the misses, second lookups of a key already missed in this prompt
-    saved_seconds: float = 0.0        # compute time the hits cost their writers, where they carried it
     errors: int = 0
     unshared: int = 0                 # of the misses, keys not shared at all (identity unknown or pending)
     bytes: int = 0                    # blob bytes of the hits, as they came from the mesh
+    compute_seconds_saved: float = 0.0  # what computing the hits cost their writers
     lookup_seconds: float = 0.0
     waits: int = 0                    # pre-execution misses that waited for another instance's computation
     wait_hits: int = 0                # ... and were served its value
     wait_seconds: float = 0.0
-    saved_seconds: float = 0.0        # compute seconds those values would have cost here
+    wait_saved_seconds: float = 0.0   # compute seconds those values would have cost here
     started: float = field(default_factory=time.monotonic)
     known_misses: set[str] = field(default_factory=set)
-    looked_up: dict[str, float] = field(default_factory=dict)  # digest -> when its last lookup ended
 
     def line(self) -> str:
         line = (f"comfy-mesh prompt {self.prompt_id}: {self.lookups} lookups, {self.hits} hits, {self.misses} misses, "
                 f"{self.errors} errors, {format_size(self.bytes)} from the mesh, "
+                f"{self.compute_seconds_saved:.2f} s of compute saved, "
                 f"{self.lookup_seconds * 1000:.1f} ms in lookups")
         if self.waits:
             line += (f", {self.waits} waits for other instances ({self.wait_seconds:.1f} s, {self.wait_hits} served, "
-                     f"{self.saved_seconds:.1f} compute s saved)")
+                     f"{self.wait_saved_seconds:.1f} compute s saved)")
         return line
 
 
@@ -124,22 +134,23 @@ class MeshCacheProvider:
         self.cache_value = cache_value
         self.lookup_timeout = lookup_timeout
         self.prompt = PromptStats()
-        self.costs = ComputeCosts()  # compute seconds per key and class type (provider/costs.py)
         self.dedupe: Dedupe | None = None  # mesh-wide in-flight dedupe (MESH_DEDUPE), set by runtime.start
         self.totals: dict[str, float] = {"prompts": 0, "lookups": 0, "hits": 0, "misses": 0, "errors": 0,
                                          "bytes": 0, "stores": 0, "stores_dropped": 0, "lookup_seconds": 0.0,
                                          "lookups_unshared": 0, "stores_unshared": 0, "repeats": 0,
-                                         "saved_seconds": 0.0}
+                                         "compute_seconds_saved": 0.0}
         # Called with each node served from the mesh, on ComfyUI's prompt thread: it must only hand off
-        # (provider/web.py sends it to the page with PromptServer.send_sync). None: nobody listens.
+        # (provider/routes.py sends it to the page with PromptServer.send_sync). None: nobody listens.
         self.on_served: Callable[[Served], None] | None = None
-        # digest -> seconds its node took to compute here (last lookup to store), for the stored meta
-        self._computed: dict[str, float] = {}
         self._lock = threading.Lock()
         self.fast_keys: Any = None  # provider/fastkeys.py, when installed into ComfyUI
         # provider/identity.py: what each key depends on beyond its names; None only with MESH_IDENTITY=0
         self.identities: KeyIdentities | None = None
-        # class type -> [lookups, hits, misses, errors, lookup seconds], for per-class metrics (bounded)
+        self.costs = ComputeCosts()  # what each key took to compute here (see the module docstring)
+        self._running: str | None = None  # the key whose node runs now: its last lookup missed
+        self._measured: OrderedDict[str, float] = OrderedDict()  # key -> seconds, until its store (bounded)
+        # class type -> [lookups, hits, misses, errors, lookup seconds, bytes of hits, compute seconds saved],
+        # for per-class metrics (bounded)
         self.by_class: dict[str, list[float]] = {}
         # Lookups made in one turn of each event loop, sent to the bridge as one batch when that turn ends (a
         # flush is scheduled on a loop when its list gets its first lookup).
@@ -167,22 +178,22 @@ class MeshCacheProvider:
         """The class rules only, for a lookup and for a store alike: one dictionary lookup. Whether a value can
         be stored (representable, not too large) is decided by walking it, on the store thread (Policy)."""
         try:
-            if value is not None:
-                self._timed(context.cache_key_hash)
             return self.policy.allows_class(context.class_type)
         except Exception:
             log.debug("should_cache failed", exc_info=True)
             return False
 
-    def _timed(self, digest: str) -> None:
-        """ComfyUI asks should_cache(context, value) right after the node ran, and looked it up right before:
-        the time between is what it cost to compute, stored with the value so a hit can say what it saved."""
-        started = self.prompt.looked_up.pop(digest, None)
-        if started is None:
+    def _ran(self) -> None:
+        """The node that was running has finished (the next lookup came, or the prompt ended): its seconds."""
+        key, self._running = self._running, None
+        if key is None:
             return
-        if len(self._computed) >= MAX_TIMED:
-            self._computed.clear()
-        self._computed[digest] = time.perf_counter() - started
+        seconds = self.costs.finish(key)
+        if seconds is not None:
+            self._measured[key] = seconds
+            self._measured.move_to_end(key)
+            while len(self._measured) > MAX_MEASURED:
+                self._measured.popitem(last=False)
 
     async def on_lookup(self, context: Any) -> Any:
         started = time.perf_counter()
@@ -190,7 +201,9 @@ class MeshCacheProvider:
         prompt.lookups += 1
         key = None
         outcome = 3  # index into by_class: 1 hit, 2 miss, 3 error
+        found = None
         try:
+            self._ran()  # a lookup: the node that ran before it has finished
             key, identity = self._keyed(context)
             if self.identities is not None:
                 self.identities.running(identity, context.class_type)  # the last lookup: this node runs next
@@ -207,12 +220,14 @@ class MeshCacheProvider:
                         value = self._to_cache_value(found.value)
                         prompt.hits += 1
                         prompt.bytes += found.size
+                        prompt.compute_seconds_saved += found.compute_seconds
                         outcome = 1
                         return value
-                self.costs.start(key, str(context.class_type))
                 prompt.misses += 1
                 prompt.repeats += 1
                 outcome = 2
+                self.costs.start(key, str(context.class_type))  # the last miss: the node runs from now on
+                self._running = key
                 return None
             found = await self._submit(key)  # answered, or failed with TimeoutError, within lookup_timeout
             if found is None:
@@ -223,11 +238,10 @@ class MeshCacheProvider:
             value = self._to_cache_value(found.value)
             prompt.hits += 1
             prompt.bytes += found.size
+            prompt.compute_seconds_saved += found.compute_seconds
             outcome = 1
-            saved = compute_seconds(found.meta)
-            prompt.saved_seconds += saved or 0.0
             if self.on_served is not None:
-                self._served(context, found, time.perf_counter() - started, saved)
+                self._served(context, found, time.perf_counter() - started, found.compute_seconds or None)
             return value
         except Exception as e:  # timeouts included: a miss, never an error in the prompt
             prompt.errors += 1
@@ -236,12 +250,9 @@ class MeshCacheProvider:
             log.debug("lookup of %s failed: %r", getattr(context, "class_type", "?"), e)
             return None
         finally:
-            ended = time.perf_counter()
-            seconds = ended - started
+            seconds = time.perf_counter() - started
             prompt.lookup_seconds += seconds
-            if outcome != 1:
-                prompt.looked_up[getattr(context, "cache_key_hash", "")] = ended  # it runs next, if this was its last
-            self._count_class(str(getattr(context, "class_type", "?")), outcome, seconds)
+            self._count_class(str(getattr(context, "class_type", "?")), outcome, seconds, found)
 
     def _served(self, context: Any, found: Any, seconds: float, saved: float | None) -> None:
         """Tell whoever listens (the web page) which node the mesh served; never fails the lookup."""
@@ -252,6 +263,7 @@ class MeshCacheProvider:
                 saved_seconds=saved, prompt_id=self.prompt.prompt_id))
         except Exception:
             log.debug("served event failed", exc_info=True)
+
     async def _before_compute(self, key: str, class_type: str, prompt: PromptStats) -> Any:
         """Dedupe at a pre-execution miss: the value another instance computed meanwhile, or None (compute)."""
         assert self.dedupe is not None
@@ -269,24 +281,29 @@ class MeshCacheProvider:
         prompt.waits += counters.waits - waits
         prompt.wait_hits += counters.wait_hits - hits
         prompt.wait_seconds += counters.wait_seconds - waited
-        prompt.saved_seconds += counters.saved_seconds - saved
+        prompt.wait_saved_seconds += counters.saved_seconds - saved
         return found
 
-    def _count_class(self, class_type: str, outcome: int, seconds: float) -> None:
+    def _count_class(self, class_type: str, outcome: int, seconds: float, found: Any = None) -> None:
         row = self.by_class.get(class_type)
         if row is None:
             if len(self.by_class) >= MAX_CLASS_TYPES:
                 class_type = "(other)"  # a workflow with thousands of custom classes must not grow this forever
                 row = self.by_class.get(class_type)
             if row is None:
-                row = self.by_class[class_type] = [0.0, 0.0, 0.0, 0.0, 0.0]
+                row = self.by_class[class_type] = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
         row[0] += 1
         row[outcome] += 1
         row[4] += seconds
+        if outcome == 1 and found is not None:
+            row[5] += found.size
+            row[6] += found.compute_seconds
 
     def class_stats(self) -> dict[str, dict[str, float]]:
-        """Per ComfyUI class type: lookups, hits, misses, errors and lookup seconds (for Prometheus labels)."""
-        return {c: dict(zip(("lookups", "hits", "misses", "errors", "lookup_seconds"), row))
+        """Per ComfyUI class type: lookups, hits, misses, errors, lookup seconds, bytes of the hits and the
+        compute seconds they saved (for Prometheus labels)."""
+        return {c: dict(zip(("lookups", "hits", "misses", "errors", "lookup_seconds", "bytes",
+                             "compute_seconds_saved"), row))
                 for c, row in list(self.by_class.items())}
 
     def _submit(self, key: str) -> asyncio.Future[Any]:
@@ -337,17 +354,16 @@ class MeshCacheProvider:
                 with self._lock:
                     self.totals["stores_unshared"] += 1
                 return
-            self.costs.finish(key)  # seconds since its pre-execution miss (None: not computed in this prompt)
             meta = {"class_type": str(context.class_type), "content": CONTENT}
-            computed = self._computed.pop(context.cache_key_hash, None)
-            if computed is not None:
-                meta[COMPUTE_META] = f"{computed * 1000:.0f}"
             if identity is not None:
                 meta["identity"] = identity.describe()  # what `mesh keys` and `mesh get --describe` show
+            seconds = self._measured.pop(key, None)
+            if seconds is None:
+                seconds = self.costs.finish(key)  # None: not seen computed here (then stored with no cost)
             dedupe = self.dedupe
             claimed = dedupe is not None and dedupe.claim(key)  # its lease is released once the value is stored
             done = (lambda ok, k=key: dedupe.stored(k, ok)) if claimed and dedupe is not None else None
-            queued = self.bridge.store(key, value_tree(value.outputs, value.ui), meta, done=done)
+            queued = self.bridge.store(key, value_tree(value.outputs, value.ui), meta, seconds, done=done)
             if not queued and done is not None:
                 done(False)
             with self._lock:
@@ -364,6 +380,10 @@ class MeshCacheProvider:
                 log.debug("identity refresh failed", exc_info=True)
 
     def on_prompt_end(self, prompt_id: str) -> None:
+        try:
+            self._ran()  # the prompt's last node ran to its end
+        except Exception:
+            log.debug("compute timing failed", exc_info=True)
         if self.fast_keys is not None:
             self.fast_keys.on_prompt_end()  # remembered digests live for one prompt
         try:
@@ -375,7 +395,7 @@ class MeshCacheProvider:
             with self._lock:
                 self.totals["prompts"] += 1
                 for name in ("lookups", "hits", "misses", "errors", "bytes", "lookup_seconds", "repeats",
-                             "saved_seconds"):
+                             "compute_seconds_saved"):
                     self.totals[name] += getattr(prompt, name)
                 self.totals["lookups_unshared"] += prompt.unshared
         except Exception:

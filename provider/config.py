@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from mesh.transport.auth import SECRET_ENV, SECRET_FILE_ENV, Keyring, load_keyring
+from mesh.storage.eviction import POLICIES
 from mesh.transport.link import MODES
 from mesh.transport.tls import TlsConfig, load_tls
 from mesh.units import parse_size
@@ -46,6 +47,8 @@ class ProviderConfig:
     data_dir: str = ""                # embedded node's disk tier (empty: RAM only)
     metrics_listen: str = ""          # embedded node's Prometheus endpoint, HOST:PORT
     max_disk: int = parse_size("16GiB")
+    eviction: str = "cost"            # embedded node: cost (compute seconds saved per byte) or lru
+    store_cheap: bool = False         # also store values cheaper to compute again than to fetch
     min_free_ram: int = parse_size("2GiB")
     namespace: str = ""               # operator's part of the key namespace (model set, fleet name...)
     allow: tuple[str, ...] = ()       # class types to cache; empty: all that pass the other rules
@@ -87,6 +90,8 @@ class ProviderConfig:
         config = cls(**values)  # type: ignore[arg-type]
         if config.mode not in ("embedded", "sidecar"):
             raise ValueError(f"MESH_MODE must be embedded or sidecar, not {config.mode!r}")
+        if config.eviction not in POLICIES:
+            raise ValueError(f"MESH_EVICTION must be one of {', '.join(POLICIES)}, not {config.eviction!r}")
         if config.compress not in MODES:
             raise ValueError(f"MESH_COMPRESS must be one of {', '.join(MODES)}, not {config.compress!r}")
         return config

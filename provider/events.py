@@ -1,29 +1,16 @@
 """What the web page is told about a node the mesh served: `comfy-mesh.served`, one event per node.
 
-The provider measures a node's compute time where it runs (from its last lookup, right before ComfyUI executes
-it, to ComfyUI's should_cache(context, value), right after) and stores it with the value in the blob's meta, so
-the instance that is served the value can say what it saved. Values stored without it say nothing (None).
+The provider measures a node's compute time where it runs (provider/costs.py: from its last lookup miss, right
+before ComfyUI executes it, to the next lookup or the prompt's end) and stores it with the value
+(BlobHeader.compute_seconds, which eviction weighs too), so the instance that is served the value can say what it
+saved. Values stored without it say nothing (None).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 EVENT = "comfy-mesh.served"
-COMPUTE_META = "compute_ms"  # the value's compute time on its writer, whole milliseconds, in the blob's meta
-
-
-def compute_seconds(meta: Mapping[str, str]) -> float | None:
-    """The compute time a value carries in its meta, or None (stored without it, or not a number)."""
-    raw = meta.get(COMPUTE_META)
-    if raw is None:
-        return None
-    try:
-        ms = float(raw)
-    except ValueError:
-        return None
-    return ms / 1000.0 if ms >= 0 and ms == ms and ms != float("inf") else None
 
 
 @dataclass(frozen=True)

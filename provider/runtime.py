@@ -147,7 +147,7 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
             listen=config.listen, node_id=config.node_id, advertise=config.advertise,
             max_memory=config.max_memory, min_free_ram=config.min_free_ram, secret=secret, tls=tls, limits=limits,
             data_dir=config.data_dir, max_disk=config.max_disk, metrics_listen=config.metrics_listen,
-            cluster=ClusterConfig(name=config.cluster, replicas=config.replicas),
+            eviction=config.eviction, cluster=ClusterConfig(name=config.cluster, replicas=config.replicas),
             seeds=list(config.seeds), zeroconf=config.zeroconf, compress=config.compress,
         )
         try:
@@ -171,7 +171,8 @@ def start(config: ProviderConfig, *, cache_value: Callable[..., Any], traits: Tr
         return codec.encode(tree, shuffle=config.shuffle, levels=True)
 
     bridge = Bridge(client, encode=encode, decoder=codec.StreamDecoder, lookup_timeout=config.lookup_timeout,
-                    store_timeout=config.store_timeout, store_queue=config.store_queue, thread_init=torch_on_one_core)
+                    store_timeout=config.store_timeout, store_queue=config.store_queue, thread_init=torch_on_one_core,
+                    skip_cheap=not config.store_cheap)
     cls = type("MeshCacheProvider", (MeshCacheProvider, base), {}) if base is not None else MeshCacheProvider
     provider = cls(bridge, policy, namespace=namespace_for(comfy_version, config.namespace),
                    cache_value=cache_value, lookup_timeout=config.lookup_timeout)

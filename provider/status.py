@@ -42,7 +42,7 @@ def provider_part(runtime: Runtime) -> dict[str, Any]:
         "prompts": int(t["prompts"]), "lookups": int(t["lookups"]), "hits": int(t["hits"]),
         "misses": int(t["misses"] - t["repeats"]), "errors": int(t["errors"]),
         "hit_ratio": round(t["hits"] / looked, 4) if looked > 0 else None,
-        "bytes_served": int(t["bytes"]), "saved_seconds": round(t["saved_seconds"], 3),
+        "bytes_served": int(t["bytes"]), "saved_seconds": round(t["compute_seconds_saved"], 3),
         "lookup_seconds": round(t["lookup_seconds"], 3), "stores": int(bridge.stores),
         "stores_dropped": int(t["stores_dropped"] + bridge.stores_dropped), "store_errors": int(bridge.store_errors),
         "breaker_trips": int(bridge.breaker_trips),

@@ -234,7 +234,7 @@ class Instance:
             now = self.provider_stats()
             handed = count(now, "stores")
             if handed and count(now, "bridge_stores", "bridge_stores_refused", "bridge_store_errors",
-                                "bridge_stores_dropped") >= handed:
+                                "bridge_stores_dropped", "bridge_stores_cheap") >= handed:
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: stores not pushed in {timeout} s")

@@ -45,7 +45,7 @@ LEASE_DONE: LeaseState
 LEASE_RELEASED: LeaseState
 
 class BlobHeader(_message.Message):
-    __slots__ = ("key", "raw_size", "stored_size", "codec", "chunk_size", "chunk_count", "checksum", "meta", "created_unix", "write_id", "writers")
+    __slots__ = ("key", "raw_size", "stored_size", "codec", "chunk_size", "chunk_count", "checksum", "meta", "created_unix", "write_id", "writers", "compute_seconds")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class BlobHeader(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     WRITE_ID_FIELD_NUMBER: _ClassVar[int]
     WRITERS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     key: str
     raw_size: int
     stored_size: int
@@ -75,7 +76,8 @@ class BlobHeader(_message.Message):
     created_unix: float
     write_id: int
     writers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, key: _Optional[str] = ..., raw_size: _Optional[int] = ..., stored_size: _Optional[int] = ..., codec: _Optional[str] = ..., chunk_size: _Optional[int] = ..., chunk_count: _Optional[int] = ..., checksum: _Optional[int] = ..., meta: _Optional[_Mapping[str, str]] = ..., created_unix: _Optional[float] = ..., write_id: _Optional[int] = ..., writers: _Optional[_Iterable[str]] = ...) -> None: ...
+    compute_seconds: float
+    def __init__(self, key: _Optional[str] = ..., raw_size: _Optional[int] = ..., stored_size: _Optional[int] = ..., codec: _Optional[str] = ..., chunk_size: _Optional[int] = ..., chunk_count: _Optional[int] = ..., checksum: _Optional[int] = ..., meta: _Optional[_Mapping[str, str]] = ..., created_unix: _Optional[float] = ..., write_id: _Optional[int] = ..., writers: _Optional[_Iterable[str]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("index", "codec", "raw_size", "data")
@@ -286,7 +288,7 @@ class ListKeysRequest(_message.Message):
     def __init__(self, limit: _Optional[int] = ..., prefix: _Optional[str] = ...) -> None: ...
 
 class KeyInfo(_message.Message):
-    __slots__ = ("key", "raw_size", "stored_size", "age_seconds", "meta", "writers")
+    __slots__ = ("key", "raw_size", "stored_size", "age_seconds", "meta", "writers", "compute_seconds")
     class MetaEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -300,13 +302,15 @@ class KeyInfo(_message.Message):
     AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     META_FIELD_NUMBER: _ClassVar[int]
     WRITERS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     key: str
     raw_size: int
     stored_size: int
     age_seconds: float
     meta: _containers.ScalarMap[str, str]
     writers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, key: _Optional[str] = ..., raw_size: _Optional[int] = ..., stored_size: _Optional[int] = ..., age_seconds: _Optional[float] = ..., meta: _Optional[_Mapping[str, str]] = ..., writers: _Optional[_Iterable[str]] = ...) -> None: ...
+    compute_seconds: float
+    def __init__(self, key: _Optional[str] = ..., raw_size: _Optional[int] = ..., stored_size: _Optional[int] = ..., age_seconds: _Optional[float] = ..., meta: _Optional[_Mapping[str, str]] = ..., writers: _Optional[_Iterable[str]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class Member(_message.Message):
     __slots__ = ("node_id", "address", "state", "incarnation", "capacity", "last_heard_age", "keys", "bytes", "suspecter")

@@ -11,7 +11,11 @@ real name. A file is still verified when it is read (lz4 framing and the xxh3 ch
 on the wire): a torn or corrupt file is a miss, and is removed, never wrong bytes.
 
 File layout: b"CMB-DISK1", the length (u32) and bytes of the BlobHeader protobuf, then per chunk its codec
-(u8), raw size (u32), stored size (u32) and the stored bytes (lz4 or raw, as received).
+(u8), raw size (u32), stored size (u32) and the stored bytes (lz4 or raw, as received). The header is the
+protobuf, so a field added to BlobHeader (compute_seconds) is kept on disk with no new format, and a file written
+before it reads back with the field unset (a value of unknown cost: mesh/storage/eviction.py).
+
+Which file goes when the budget is short is the node's eviction policy (`--eviction`), as in RAM.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.pb import mesh_pb2 as pb
+from mesh.storage.eviction import DEFAULT_POLICY, make_policy
 from mesh.transport.wire import Header, Limits, Receiver, StoredChunk, TransferError, WireChunk
 
 log = logging.getLogger(__name__)
@@ -131,9 +136,11 @@ def probe_directory(directory: Path, create: bool = True) -> None:
 
 
 class DiskStore:
-    """Blob files under `directory`, LRU within `max_disk` bytes. Thread-safe; file IO happens outside the lock."""
+    """Blob files under `directory` within `max_disk` bytes, evicted by `eviction` (mesh/storage/eviction.py).
+    Thread-safe; file IO happens outside the lock."""
 
-    def __init__(self, directory: Path, max_disk: int, limits: Limits | None = None) -> None:
+    def __init__(self, directory: Path, max_disk: int, limits: Limits | None = None,
+                 eviction: str = DEFAULT_POLICY) -> None:
         if max_disk <= 0:
             raise ValueError("max_disk must be positive")
         self.directory = Path(directory)
@@ -141,6 +148,7 @@ class DiskStore:
         self.limits = limits or Limits()
         self._lock = threading.Lock()
         self._index: OrderedDict[str, DiskItem] = OrderedDict()  # least recently used first
+        self._policy = make_policy(eviction)
         self._used = 0
         self.errors = 0
         self._last_error: tuple[float, str] | None = None  # (monotonic time, what failed): for `mesh status`
@@ -175,6 +183,7 @@ class DiskStore:
             found.append(DiskItem(header, path, st.st_size, st.st_mtime))
         for item in sorted(found, key=lambda i: i.stored_at):
             self._index[item.header.key] = item
+            self._policy.add(item.header.key, item.size, item.header.compute_seconds)
             self._used += item.size
         self._evict()
         if found:
@@ -212,6 +221,7 @@ class DiskStore:
             if item is None:
                 return None
             self._index.move_to_end(key)
+            self._policy.touch(key)
         try:
             data = item.path.read_bytes()
             header, chunks = decode_file(data, self.limits)
@@ -248,7 +258,9 @@ class DiskStore:
                 old = self._index.pop(header.key, None)
                 if old is not None:
                     self._used -= old.size
+                    self._policy.remove(header.key)
                 self._index[header.key] = DiskItem(header, path, size, time.time())
+                self._policy.add(header.key, size, header.compute_seconds)
                 self._used += size
                 self._evict()
             _fsync_dir(self.directory)
@@ -277,6 +289,7 @@ class DiskStore:
         with self._lock:
             if key in self._index:
                 self._index.move_to_end(key)
+                self._policy.touch(key)
 
     def delete(self, key: str) -> bool:
         with self._lock:
@@ -290,13 +303,18 @@ class DiskStore:
         with self._lock:
             if self._index.get(key) is item:
                 del self._index[key]
+                self._policy.remove(key)
                 self._used -= item.size
                 item.path.unlink(missing_ok=True)
 
     def _evict(self) -> None:
-        """Under the lock: drop LRU files until the budget holds."""
+        """Under the lock: drop files in the policy's order until the budget holds."""
         while self._used > self.max_disk and self._index:
-            _, item = self._index.popitem(last=False)
+            key = self._policy.victim()
+            if key is None or key not in self._index:  # cannot happen: both always hold the same keys
+                key = next(iter(self._index))
+                self._policy.remove(key)
+            item = self._index.pop(key)
             self._used -= item.size
             self.evictions += 1
             item.path.unlink(missing_ok=True)

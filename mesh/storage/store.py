@@ -1,4 +1,9 @@
-"""The node's local blob store: verified blobs under a byte budget, LRU eviction, RAM-pressure eviction.
+"""The node's local blob store: verified blobs under a byte budget, cost-aware eviction, RAM-pressure eviction.
+
+What a full store drops is decided by mesh/storage/eviction.py: by default the value that saves the fewest
+compute seconds per byte (`--eviction cost`), or the least recently used (`--eviction lru`). Every hit adds the
+value's compute seconds (BlobHeader.compute_seconds, measured by its writer) to `compute_seconds_saved`, in
+total and per ComfyUI class type (`class.<type>.seconds_saved` beside `class.<type>.hits` and `.bytes_out`).
 
 The conflict rule, one for puts and deletes, with no clock in it (a skewed node, or a member that claims any
 time it likes, must not be able to win a conflict or undo a delete):
@@ -30,12 +35,14 @@ from dataclasses import dataclass, field
 import psutil
 
 from mesh.storage.disk import DiskStore
+from mesh.storage.eviction import DEFAULT_POLICY, make_policy
 from mesh.transport.wire import Header, StoredChunk, meta_size
 
 ENTRY_OVERHEAD = 512  # bytes of bookkeeping charged per blob, so many tiny blobs cannot exceed the budget
 CHUNK_OVERHEAD = 64
 TOMBSTONE_TTL = 600.0  # seconds (this host's monotonic clock) a delete refuses copies of what it removed
 MAX_TOMBSTONES = 100_000
+MAX_CLASS_TYPES = 256  # class types counted apart in the stats; the rest are summed under "(other)"
 
 
 def fresh_write_id() -> int:
@@ -74,6 +81,7 @@ class Counters:
     refused: int = 0
     conflicts_kept: int = 0    # puts of a different value for a key held here: the held one stays
     tombstoned: int = 0       # copies refused because their write was deleted here
+    compute_seconds_saved: float = 0.0  # sum of the compute seconds of the values served (hits)
 
 
 def available_ram() -> int:
@@ -81,10 +89,11 @@ def available_ram() -> int:
 
 
 class BlobStore:
-    """Thread-safe LRU of verified blobs. All bookkeeping happens under one lock; data is never copied."""
+    """Thread-safe store of verified blobs. All bookkeeping happens under one lock; data is never copied."""
 
     def __init__(self, max_memory: int, min_free_ram: int = 0,
-                 ram_probe: Callable[[], int] = available_ram, disk: DiskStore | None = None) -> None:
+                 ram_probe: Callable[[], int] = available_ram, disk: DiskStore | None = None,
+                 eviction: str = DEFAULT_POLICY) -> None:
         if max_memory <= 0:
             raise ValueError("max_memory must be positive")
         self.max_memory = max_memory
@@ -97,6 +106,9 @@ class BlobStore:
         # key -> (write ids deleted, monotonic time of the last delete), oldest first
         self._tombstones: OrderedDict[str, tuple[frozenset[int], float]] = OrderedDict()
         self._used = 0
+        self.eviction = eviction
+        self._policy = make_policy(eviction)  # which RAM entry goes first when the budget is short
+        self._by_class: dict[str, list[float]] = {}  # class type -> [hits, bytes out, compute seconds saved]
         self.counters = Counters()
 
     def __len__(self) -> int:
@@ -118,8 +130,8 @@ class BlobStore:
             item = self._entries.get(key)
             if item is not None:
                 self._entries.move_to_end(key)
-                self.counters.hits += 1
-                self.counters.bytes_out += item[1]
+                self._policy.touch(key)
+                self._count_hit(item[0].header, item[1])
         if item is not None:
             if self.disk is not None:
                 self.disk.touch(key)  # the disk's LRU follows use, not only RAM misses
@@ -129,9 +141,27 @@ class BlobStore:
             if entry is None:
                 self.counters.misses += 1
             else:
-                self.counters.hits += 1
-                self.counters.bytes_out += entry.size
+                self._count_hit(entry.header, entry.size)
         return entry
+
+    def _count_hit(self, header: Header, size: int) -> None:
+        """Under the lock: a value served, and the compute it saved the reader."""
+        self.counters.hits += 1
+        self.counters.bytes_out += size
+        self.counters.compute_seconds_saved += header.compute_seconds
+        class_type = header.meta.get("class_type", "")
+        if not class_type:
+            return
+        row = self._by_class.get(class_type)
+        if row is None:
+            if len(self._by_class) >= MAX_CLASS_TYPES:
+                class_type = "(other)"
+                row = self._by_class.get(class_type)
+            if row is None:
+                row = self._by_class[class_type] = [0.0, 0.0, 0.0]
+        row[0] += 1
+        row[1] += size
+        row[2] += header.compute_seconds
 
     def _from_disk(self, key: str) -> Entry | None:
         """A blob only the disk tier holds, read back (verified) and kept in RAM as the hot set."""
@@ -209,6 +239,7 @@ class BlobStore:
                 with self._lock:
                     if key in self._entries:
                         self._entries.move_to_end(key)
+                        self._policy.touch(key)  # computed again elsewhere: asked for
                     if held.write_id == entry.header.write_id:
                         self.counters.duplicate_puts += 1
                     else:
@@ -220,6 +251,7 @@ class BlobStore:
                 old = self._entries.pop(key, None)
                 if old is not None:
                     self._used -= old[1]
+                    self._policy.remove(key)
                 self._insert(entry, size)
                 self.counters.puts += 1
                 self.counters.bytes_in += size
@@ -227,10 +259,11 @@ class BlobStore:
         return True
 
     def _insert(self, entry: Entry, size: int) -> None:
-        """Under the lock: make room (LRU) and keep the entry in RAM."""
+        """Under the lock: make room (the eviction policy) and keep the entry in RAM."""
         while self._used + size > self.max_memory and self._entries:
-            self._evict_oldest()
+            self._evict_one()
         self._entries[entry.header.key] = (entry, size)
+        self._policy.add(entry.header.key, size, entry.header.compute_seconds)
         self._used += size
 
     def delete(self, keys: list[str], tombstone: bool = False) -> int:
@@ -262,6 +295,7 @@ class BlobStore:
                 item = self._entries.pop(key, None)
                 if item is not None:
                     self._used -= item[1]
+                    self._policy.remove(key)
                 if item is not None or key in on_disk:
                     deleted += 1
                     on_disk.discard(key)
@@ -279,7 +313,7 @@ class BlobStore:
         return [h.key for h, _ in self.catalog() if writer in h.writers]
 
     def relieve_pressure(self) -> int:
-        """Evict LRU blobs until the bytes freed cover the shortfall of available RAM. Returns evictions.
+        """Evict blobs (the eviction policy's order) until the bytes freed cover the shortfall of available RAM. Returns evictions.
 
         The shortfall is measured once rather than re-probed per eviction: a blob still being streamed to a
         reader is not freed at once, and re-probing would then empty the whole store.
@@ -290,13 +324,17 @@ class BlobStore:
         evicted = 0
         with self._lock:
             while deficit > 0 and self._entries:
-                deficit -= self._evict_oldest()
+                deficit -= self._evict_one()
                 self.counters.pressure_evictions += 1
                 evicted += 1
         return evicted
 
-    def _evict_oldest(self) -> int:
-        _, (_, size) = self._entries.popitem(last=False)
+    def _evict_one(self) -> int:
+        key = self._policy.victim()
+        if key is None or key not in self._entries:  # cannot happen: both always hold the same keys
+            key = next(iter(self._entries))
+            self._policy.remove(key)
+        _, size = self._entries.pop(key)
         self._used -= size
         self.counters.evictions += 1
         return size
@@ -328,6 +366,10 @@ class BlobStore:
             out: dict[str, float] = dict(vars(self.counters))
             out.update(entries=len(self._entries), bytes_used=self._used, max_memory=self.max_memory,
                        min_free_ram=self.min_free_ram)
+            for class_type, (hits, size, seconds) in self._by_class.items():
+                out[f"class.{class_type}.hits"] = hits
+                out[f"class.{class_type}.bytes_out"] = size
+                out[f"class.{class_type}.seconds_saved"] = seconds
         if self.disk is not None:
             out.update(self.disk.stats())
         return out

@@ -419,10 +419,11 @@ class PeerClient:
 
     def put(self, key: str, data: bytes | bytearray | memoryview, meta: Mapping[str, str] | None = None,
             timeout: float | None = None, compress: bool | None = None, local_only: bool = False,
-            progress: Progress | None = None) -> pb.PutReply:
+            progress: Progress | None = None, compute_seconds: float = 0.0) -> pb.PutReply:
         """Store bytes under `key`. Raw chunks are framed straight from `data`; compressed ones (`compress`,
-        by default: whether the link to this node is slow) are packed ahead while earlier ones are on the wire."""
-        header = make_header(key, data, self.limits.chunk_size, meta)
+        by default: whether the link to this node is slow) are packed ahead while earlier ones are on the wire.
+        `compute_seconds`: what computing the value cost (0: unknown), kept with it for eviction."""
+        header = make_header(key, data, self.limits.chunk_size, meta, compute_seconds)
         if compress is None:
             compress = self.links.compress(self.address)
         return self._put_made(header, lambda planes: iter_chunks(data, self.limits.chunk_size, compress, copy=False,

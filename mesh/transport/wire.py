@@ -57,6 +57,7 @@ MAX_META_BYTES = 16 * KiB  # all names and values of a blob's meta together; cou
 MAX_META_ITEMS = 64
 MAX_WRITERS = 16           # provenance names a copy carries; a receiver keeps the newest and adds its caller
 MAX_WRITER_BYTES = 256
+MAX_COMPUTE_SECONDS = 86400.0  # a claimed compute cost above a day counts as a day (it only weighs eviction)
 
 
 @dataclass(frozen=True)
@@ -109,8 +110,14 @@ class Header:
     codec: str = CODEC
     write_id: int = 0           # given once by the node that took the write (0: see __post_init__)
     writers: tuple[str, ...] = ()  # provenance, oldest first (proto/mesh.proto BlobHeader.writers)
+    compute_seconds: float = 0.0   # what computing it cost its writer; 0: unknown (BlobHeader.compute_seconds)
 
     def __post_init__(self) -> None:
+        cost = self.compute_seconds
+        if not (isinstance(cost, (int, float)) and math.isfinite(cost) and cost >= 0):
+            object.__setattr__(self, "compute_seconds", 0.0)  # advisory: a nonsense claim counts as unknown
+        elif cost > MAX_COMPUTE_SECONDS:
+            object.__setattr__(self, "compute_seconds", MAX_COMPUTE_SECONDS)  # no writer pins a value forever
         if not self.write_id:  # a header from before write ids (a node, a disk tier, a client of that time)
             object.__setattr__(self, "write_id", legacy_write_id(self.key, self.checksum))
 
@@ -119,6 +126,7 @@ class Header:
             key=self.key, raw_size=self.raw_size, stored_size=self.stored_size, codec=self.codec,
             chunk_size=self.chunk_size, chunk_count=self.chunk_count, checksum=self.checksum,
             meta=dict(self.meta), created_unix=self.created_unix, write_id=self.write_id, writers=self.writers,
+            compute_seconds=self.compute_seconds,
         )
 
     @classmethod
@@ -126,7 +134,7 @@ class Header:
         return cls(
             key=h.key, raw_size=h.raw_size, chunk_size=h.chunk_size, chunk_count=h.chunk_count,
             checksum=h.checksum, stored_size=h.stored_size, meta=dict(h.meta), created_unix=h.created_unix,
-            codec=h.codec, write_id=h.write_id, writers=tuple(h.writers),
+            codec=h.codec, write_id=h.write_id, writers=tuple(h.writers), compute_seconds=h.compute_seconds,
         )
 
 
@@ -381,10 +389,10 @@ def without_planes(header: Header, chunks: Sequence[StoredChunk]) -> Header:
 
 
 def make_header(key: str, data: bytes | bytearray | memoryview, chunk_size: int,
-                meta: Mapping[str, str] | None = None) -> Header:
+                meta: Mapping[str, str] | None = None, compute_seconds: float = 0.0) -> Header:
     size = len(data)
     return Header(key=key, raw_size=size, chunk_size=chunk_size, chunk_count=chunk_count(size, chunk_size),
-                  checksum=checksum(data), meta=dict(meta or {}))
+                  checksum=checksum(data), meta=dict(meta or {}), compute_seconds=compute_seconds)
 
 
 def file_header(key: str, path: str | os.PathLike[str], chunk_size: int,

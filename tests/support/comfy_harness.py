@@ -932,7 +932,8 @@ def provider_config(args: argparse.Namespace) -> Any:
         cache_output_nodes=args.cache_output_nodes, max_value_size=args.max_value_size,
         lookup_timeout=args.lookup_timeout, store_timeout=args.store_timeout, store_queue=args.store_queue,
         direct=not args.no_direct, fast_keys=args.fast_keys, warm_memory=args.warm_memory,
-        identity=not args.no_identity, identity_cache=args.identity_cache,
+        identity=not args.no_identity, identity_cache=args.identity_cache, eviction=args.eviction,
+        store_cheap=args.store_cheap,
         dedupe=not args.no_dedupe, dedupe_max_wait=args.dedupe_max_wait,
     )
 
@@ -991,6 +992,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--store-tasks", choices=("deferred", "immediate"), default="deferred",
                    help="immediate: store tasks are created as each node finishes and run when the loop next "
                         "yields (ComfyUI 0.21's code); deferred: only as the prompt's loop shuts down")
+    p.add_argument("--eviction", choices=("cost", "lru"), default="cost", help="MESH_EVICTION of the embedded node")
+    p.add_argument("--store-cheap", action=argparse.BooleanOptionalAction, default=True,
+                   help="MESH_STORE_CHEAP: store values cheaper to compute than to fetch too (the harness's default, "
+                        "so tests see every small value shared; --no-store-cheap is the provider's default)")
     p.add_argument("--no-dedupe", action="store_true", help="MESH_DEDUPE=0")
     p.add_argument("--dedupe-max-wait", type=float, default=60.0, help="MESH_DEDUPE_MAX_WAIT")
     p.add_argument("--store-delay", type=float, default=0.0,
