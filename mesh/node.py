@@ -129,9 +129,10 @@ def no_loopback_with_remote_seeds(listen: str, advertise: str, seeds: list[str] 
 
 
 def _seed_host(seed: str) -> str:
-    """The host of a seed as written (`dns:NAME:PORT` is a name: not loopback, whatever it resolves to)."""
+    """The host of a seed as written (`dns:NAME:PORT` is a name: loopback only when it is a loopback name, such
+    as localhost, whatever else it resolves to)."""
     if seed.startswith("dns:"):
-        return seed[4:]
+        seed = seed[4:]
     try:
         return split_hostport(seed)[0]
     except ValueError:

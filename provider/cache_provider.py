@@ -222,6 +222,8 @@ class MeshCacheProvider:
                         prompt.bytes += found.size
                         prompt.compute_seconds_saved += found.compute_seconds
                         outcome = 1
+                        if self.on_served is not None:  # served after a wait: marked on the page like any hit
+                            self._served(context, found, time.perf_counter() - started, found.compute_seconds or None)
                         return value
                 prompt.misses += 1
                 prompt.repeats += 1

@@ -62,6 +62,24 @@ def parse_settings(body: object) -> dict[str, Any]:
     return out
 
 
+def cross_site(request: Any) -> str:
+    """Why a settings change is refused as cross-site, or "". A JSON body is required: another site's page can
+    send a form or a `no-cors` text/plain POST without a CORS preflight, but not `application/json`; and an
+    Origin header naming another host than the one asked is refused too (ComfyUI checks origins only when it
+    listens on loopback, and a fleet's ComfyUI listens on the LAN)."""
+    if request.content_type != "application/json":
+        return "settings are changed with a JSON body (Content-Type: application/json)"
+    origin = request.headers.get("Origin")
+    if origin and origin != "null":
+        from urllib.parse import urlsplit
+
+        if urlsplit(origin).netloc.lower() != request.host.lower():
+            return f"settings are changed from ComfyUI's own page, not from {origin}"
+    elif origin == "null":
+        return "settings are changed from ComfyUI's own page, not from an opaque origin"
+    return ""
+
+
 class WebRoutes:
     """The handlers, over whatever runtime the custom node started (None: not running, `reason` says why)."""
 
@@ -110,6 +128,9 @@ class WebRoutes:
     async def post_settings(self, request: Any) -> Any:
         from aiohttp import web
 
+        refused = cross_site(request)
+        if refused:  # a form or no-cors fetch from another site must not turn the cache off for everyone
+            return web.json_response({"error": refused}, status=403)
         runtime = self._runtime()
         if runtime is None:
             return web.json_response({"running": False, "reason": self._reason()}, status=503)

@@ -86,7 +86,7 @@ def test_a_loopback_node_with_seeds_on_other_hosts_refuses_to_start(tmp_path: Pa
 
 
 def test_loopback_seeds_on_loopback_are_fine() -> None:
-    node = Node(NodeConfig(listen="127.0.0.1:0", secret=b"s", seeds=["127.0.0.1:9", "localhost:9"],
+    node = Node(NodeConfig(listen="127.0.0.1:0", secret=b"s", seeds=["127.0.0.1:9", "localhost:9", "dns:localhost:9"],
                            max_memory=64 * MiB, min_free_ram=0)).start()
     node.stop(grace=0)
     with pytest.raises(ConfigError, match="10.0.0.5:8288"):

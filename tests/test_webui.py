@@ -227,15 +227,26 @@ def test_settings_route_turns_the_provider_off_and_adds_never_cached_classes(pai
                     assert not b.provider.should_cache(Ctx("SlowBlur")) and b.provider.should_cache(Ctx("MakeImage"))
                 if body == {"enabled": False}:
                     assert not b.provider.should_cache(Ctx("MakeImage"))
-            r = await client.post("/comfy-mesh/settings", data=b"not json")
+            r = await client.post("/comfy-mesh/settings", data=b"not json", headers={"Content-Type": "application/json"})
             out.append((r.status, await r.json()))
+            # Another site's page: a form/no-cors text/plain POST needs no preflight; an Origin of another host
+            for kwargs in ({"data": b'{"enabled": false}', "headers": {"Content-Type": "text/plain"}},
+                           {"json": {"enabled": False}, "headers": {"Origin": "http://evil.example"}}):
+                r = await client.post("/comfy-mesh/settings", **kwargs)
+                cross.append((r.status, await r.json()))
+                assert b.provider.should_cache(Ctx("MakeImage"))  # still on
+            r = await client.post("/comfy-mesh/settings", json={"never": []},
+                                  headers={"Origin": f"http://{client.server.host}:{client.server.port}"})
+            cross.append((r.status, await r.json()))
             out.append(((r := await client.get("/comfy-mesh/settings")).status, await r.json()))
         finally:
             b.provider.policy.configure(enabled=True, never=[])
             await client.close()
         return out
 
+    cross: list[tuple[int, dict[str, Any]]] = []
     never, off, bad_bool, unknown, back, not_json, current = asyncio.run(go())
+    assert [status for status, _ in cross] == [403, 403, 200], cross  # the page's own origin is fine
     assert never == (200, {"running": True, "enabled": True, "never": ["MakeLatent", "SlowBlur"], "deny": [],
                            "allow": []})
     assert off[0] == 200 and off[1]["enabled"] is False
