@@ -79,6 +79,7 @@ class Config:
     fresh_periods: int = 3          # a helper heard from directly within this many periods is "fresh"
     soon_full_after: int = 10       # probe_soon probes fully a member not heard from for this many periods
     rr_every: int = 4               # the round robin has at least every rr_every-th probe (_pick_target)
+    queue_rr_after: int = 8         # ... even before new suspects, when more than this many wait to be probed
     # Cut off (see Swim._cut_off): of the last cut_window round-robin probes, cut_failed failed although a
     # helper answered (nacked) in time; evidence older than cut_horizon periods does not count.
     cut_window: int = 3
@@ -88,8 +89,9 @@ class Config:
     # about sweep_periods periods, at most max_sweep a period; a member silent to sweep_strikes of them, at
     # least a period apart, is suspected.
     sweep_periods: int = 8
-    max_sweep: int = 64
+    max_sweep: int = 128
     sweep_strikes: int = 2
+    sweep_quiet: int = 10           # "not heard from lately": for this many periods (a flapping link's phase)
 
 
 @dataclass
@@ -686,7 +688,7 @@ class Swim:
             return []
         c = self.config
         self._next_sweep = now + c.period
-        quiet_since = now - c.fresh_periods * c.period
+        quiet_since = now - c.sweep_quiet * c.period
         members = self.table.members
 
         def due(node_id: str) -> bool:
@@ -794,7 +796,11 @@ class Swim:
         self._turn += 1
         soon_turn = self._turn % self.config.rr_every != 0
         while True:
-            node_id = next(iter(self._to_probe), None) if soon_turn else None
+            # New suspects (full probes) go before the round robin's turn too, unless more than queue_rr_after
+            # wait: then many members went silent at once, the round robin's sample of the ring is what tells
+            # a cut-off node so (cut_off), and one turn in rr_every hardly delays so long a queue.
+            crowded = len(self._to_probe) > self.config.queue_rr_after
+            node_id = next((n for n, full in self._to_probe.items() if soon_turn or full and not crowded), None)
             if node_id is None:
                 break
             indirect = self._to_probe.pop(node_id)
