@@ -184,6 +184,11 @@ class Swim:
         self._sweep_order: list[str] = []
         self._sweeping: dict[str, float] = {}     # node id -> when its sweep Ping went out (one at a time)
         self._strikes: dict[str, tuple[int, float]] = {}   # node id -> silent sweep Pings, when the last was
+        # After a heal (_revived), the members we hold DEAD, to be asked in sweep batches (_sweep_back).
+        self._back_order: list[str] = []
+        self._back_budget = 0
+        self._next_back = 0.0
+        self._next_back_round = 0.0
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
@@ -348,6 +353,17 @@ class Swim:
         if dead_at is None:
             return []  # a new life: a restart, which says nothing about the others
         self._tell_dead[node_id] = dead_at
+        c = self.config
+        if not self._back_order and now >= self._next_back_round:
+            # The cut that made us hold them DEAD has healed, for this one at least: ask every member we hold
+            # DEAD, in sweep batches, instead of one every retry_dead_every s (a side that swept 990 members
+            # DEAD would otherwise take minutes to see them back). One round per retry_dead_every at most.
+            self._next_back_round = now + c.retry_dead_every
+            self._back_order = [m.node_id for m in self.table.members.values()
+                                if m.state == DEAD and m.node_id != node_id]
+            self.rng.shuffle(self._back_order)
+            self._back_budget = min(c.max_sweep, math.ceil(len(self._back_order) / c.sweep_periods))
+            self._next_back = now
         return self._healed(now)
 
     def _healed(self, now: float) -> list[Change]:
@@ -502,6 +518,8 @@ class Swim:
             times.append(self._next_sync)
         if self._was_cut_off or self._sweeping:
             times.append(self._next_sweep)
+        if self._back_order:
+            times.append(self._next_back)
         return min(times)
 
     def sync_period(self) -> float:
@@ -527,6 +545,7 @@ class Swim:
                     changes += self._sweep_silent(str(p.key), now)
         changes += self._advance_probe(now)
         changes += self._sweep(now)
+        self._sweep_back(now)
         if self.table.candidates and now >= self._next_dial:
             self._next_dial = now + self.config.period
             joining = self.table.alive_count() <= 1
@@ -718,6 +737,23 @@ class Swim:
             self._sweeping[node_id] = now
             self._send(m.address, self._request(now, node_id), "sweep", 0.9 * c.period, now, key=node_id)
         return []
+
+    def _sweep_back(self, now: float) -> None:
+        """One period's share of the Pings to the members we hold DEAD after a heal (_revived): those that
+        answer are back at once (their answer is authentic, as any probe's)."""
+        if not self._back_order or now < self._next_back:
+            return
+        c = self.config
+        self._next_back = now + c.period
+        sent = 0
+        while self._back_order and sent < self._back_budget:
+            m = self.table.get(self._back_order.pop())
+            if m is None or m.state != DEAD or m.node_id in self._sweeping:
+                continue
+            sent += 1
+            self.counters.sweeps += 1
+            self._sweeping[m.node_id] = now
+            self._send(m.address, self._request(now, m.node_id), "sweep", 0.9 * c.period, now, key=m.node_id)
 
     def _sweep_silent(self, node_id: str, now: float) -> list[Change]:
         """A sweep Ping went unanswered: a strike; `sweep_strikes` of them make a suspicion, ours."""
