@@ -25,7 +25,8 @@ what was put: a wrong byte is counted, never hidden. Scenarios:
   instead: `most_dead_in_a_view` counts the false DEADs (target 0).
 - oneway: five hosts as in partition; for --partition-seconds the frames n0 sends to n1 and n2, and n3 to n4,
   are dropped one way. Everyone still reaches everyone through a third: SUSPECT and DEAD seen in any view
-  (target 0), nodes that took themselves for cut off and their sweep Pings (target 0), keys lost, wrong bytes.
+  (target 0), nodes that took themselves for cut off and their sweep Pings (target 0), keys lost, wrong bytes;
+  `--control`: the same run without the fault, for what the machine's load alone costs.
 - skew: three owners of every key, one 10 minutes fast and one 10 minutes slow (libfaketime): conflicts written
   0.3 s apart through differently skewed nodes (copies the later write won: target 0), and deletes through a
   skewed node followed at once by re-puts (re-puts lost: target 0).
@@ -517,8 +518,9 @@ def oneway(a: argparse.Namespace) -> dict:
         logs = [work / f"n{i}.log" for i in range(n)]
         offsets = [p.stat().st_size for p in logs]  # each node logs every state change it makes
         h = fleet.hosts
-        lab.cut([h[0]], [h[1], h[2]], both_ways=False)
-        lab.cut([h[3]], [h[4]], both_ways=False)
+        if not a.control:
+            lab.cut([h[0]], [h[1], h[2]], both_ways=False)
+            lab.cut([h[3]], [h[4]], both_ways=False)
         time.sleep(a.partition_seconds)
         lab.heal()
         time.sleep(5.0)  # load after the heal
@@ -528,12 +530,15 @@ def oneway(a: argparse.Namespace) -> dict:
             t.join(timeout=30)
         stats = [fleet.stats(i) for i in range(n)]
         result = fleet.verify(a.replicas)
-        logged = "".join(p.read_bytes()[o:].decode(errors="replace") for p, o in zip(logs, offsets))
+        logged = "".join(f"[n{i}] " + line for i, (p, o) in enumerate(zip(logs, offsets))
+                         for line in p.read_bytes()[o:].decode(errors="replace").splitlines(keepends=True))
     reads = record["reads"]
-    return {"scenario": "oneway", "fault_s": a.partition_seconds, "views": sum(len(v) for v in views.values()),
+    return {"scenario": "oneway", "fault_s": a.partition_seconds, "control": a.control, "views": sum(len(v) for v in views.values()),
             "views_unanswered": sum(1 for v in views.values() for st in v if not st),
             "suspect_marks": logged.count(" is SUSPECT "), "dead_marks": logged.count(" is DEAD "),
             "refutations": logged.count("refuted a suspicion"),
+            "marks": [line.strip() for line in logged.splitlines() if " is SUSPECT " in line or " is DEAD " in line
+                      or "refuted" in line][:40],
             "most_suspect_in_a_view": max(st.get("SUSPECT", 0) for v in views.values() for st in v),
             "most_dead_in_a_view": max(st.get("DEAD", 0) for v in views.values() for st in v),
             "cut_off": sum(int(s.get("membership_cut_off", 0)) for s in stats),
@@ -576,6 +581,8 @@ def main() -> int:
                    help="partition, oneway: how long the cut (the one-way fault) lasts")
     p.add_argument("--flap", type=float, default=0.0,
                    help="partition: instead of one cut, the link goes down and up every FLAP seconds")
+    p.add_argument("--control", action="store_true",
+                   help="oneway: the same run without the fault (what the machine's load alone costs)")
     p.add_argument("--json", help="write the results here too")
     a = p.parse_args()
     a.value_size = parse_size(a.value_size)

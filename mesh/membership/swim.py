@@ -20,6 +20,11 @@ stale news is most dangerous (each side holds the other DEAD at the incarnation 
 wins a tie): a member back from DEAD is told so and refutes, and its news and ours from the cut are not
 applied (Swim._revived).
 
+Cut off from most of the ring (Swim.cut_off): one probe a period is how SWIM finds one failure, not a
+partition's other side. A node whose random probes fail while the helpers that answer it nack sweeps the ring
+with direct Pings, suspects what stays silent to two of them, and, once a member it held DEAD answers (a
+heal), asks every member it holds DEAD in the same batches (_sweep_back).
+
 Lifeguard: a local health score (0..max_awareness) stretches our probe timeouts while we miss acks and nacks
 (a slow node must not accuse others of its own slowness), and helpers nack so we can tell the two apart. Only
 the silence of helpers we heard from lately counts (Swim._health): members across a partition are silent to
