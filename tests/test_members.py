@@ -464,6 +464,24 @@ def test_neither_a_slow_node_nor_a_ring_with_a_few_dead_sweeps(case: str) -> Non
     assert not answering & _marked(changes, SUSPECT, DEAD)
 
 
+def test_after_a_heal_every_member_held_dead_is_asked_in_a_few_periods() -> None:
+    # A side that swept 990 members DEAD would otherwise see them back one every retry_dead_every (10 s).
+    others = tuple(f"m{i:02d}" for i in range(20))
+    swim, fake = node(members=others)
+    for m in others:
+        swim.table.apply(rec(m, DEAD), 0.0, authentic=False)
+    swim.handle_request(pb.PingRequest(sender=rec("m00")), "tok", 1.0)  # answers at the incarnation it died at
+    assert swim.table.get("m00").state == ALIVE  # type: ignore[union-attr]
+    asked: list[str] = []
+    for period in range(CFG.sweep_periods):
+        swim.tick(1.0 + period)
+        asked += [a.split(":")[0] for a, _, seq in fake.take() if seq in fake.bulk]
+    assert sorted(asked) == sorted(others[1:])  # each once, in batches of ceil(19 / sweep_periods)
+    swim.handle_request(pb.PingRequest(sender=rec("m05")), "tok", 9.5)  # another one back: no second round yet
+    swim.tick(9.5)
+    assert not [seq for _, _, seq in fake.take() if seq in fake.bulk]
+
+
 def test_a_suspicion_of_us_is_refuted_by_our_next_message() -> None:
     swim, fake = node()
     changes = swim.handle_request(pb.PingRequest(sender=rec("a"), updates=[rec("me", SUSPECT, suspecter="b")]),
