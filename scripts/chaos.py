@@ -6,6 +6,7 @@
     .venv/bin/python scripts/chaos.py --scenario freeze
     .venv/bin/python scripts/chaos.py --scenario partition --partition-seconds 30
     .venv/bin/python scripts/chaos.py --scenario skew
+    .venv/bin/python scripts/chaos.py --scenario oneway --partition-seconds 30
     .venv/bin/python scripts/chaos.py --scenario all --json bench-results/chaos.json
 
 Every value is derived from its key (a seeded PRNG), so every get is checked byte for byte (sha256) against
@@ -22,6 +23,10 @@ what was put: a wrong byte is counted, never hidden. Scenarios:
   (on the owners the ring names after the heal), wrong bytes, misses during the cut, seconds for each side to
   hold the other DEAD, seconds to agreement after the heal. With --flap 2 the link goes down and up every 2 s
   instead: `most_dead_in_a_view` counts the false DEADs (target 0).
+- oneway: five hosts as in partition; for --partition-seconds the frames n0 sends to n1 and n2, and n3 to n4,
+  are dropped one way. Everyone still reaches everyone through a third: SUSPECT and DEAD seen in any view
+  (target 0), nodes that took themselves for cut off and their sweep Pings (target 0), keys lost, wrong bytes;
+  `--control`: the same run without the fault, for what the machine's load alone costs.
 - skew: three owners of every key, one 10 minutes fast and one 10 minutes slow (libfaketime): conflicts written
   0.3 s apart through differently skewed nodes (copies the later write won: target 0), and deletes through a
   skewed node followed at once by re-puts (re-puts lost: target 0).
@@ -478,6 +483,72 @@ def skew(a: argparse.Namespace) -> dict:
         mesh.close()
 
 
+def oneway(a: argparse.Namespace) -> dict:
+    """Five hosts in network namespaces (production timings), a verifying load from a sixth; for
+    `--partition-seconds`, the frames n0 sends to n1 and n2, and those n3 sends to n4, are dropped, one way (the
+    other direction is untouched; TCP, and so gRPC, then fails both ways between them). Every member still
+    reaches every other through a third, so indirect probes must keep everyone ALIVE: SUSPECT and DEAD in any
+    view (target 0), and no node may take itself for cut off (sweeps, target 0)."""
+    from tests.netns import NetLab, netns_available
+    from tests.support.netfleet import NetFleet
+
+    if (why := netns_available()) is not None:
+        return {"scenario": "oneway", "skipped": why}
+    n = 5
+    with tempfile.TemporaryDirectory(prefix="chaos-oneway-") as tmp, NetLab(n + 1) as lab:
+        work = Path(tmp)
+        secret = work / "secret"
+        secret.write_bytes(os.urandom(32).hex().encode())
+        args = ["--replicas", str(a.replicas), "--max-memory", a.max_memory]
+        fleet = NetFleet(lab, n, 7441, secret, work, args)
+        poll_until(fleet.agreed, 60)
+        fleet.start_load(a.partition_seconds + 300, "--size", str(a.value_size))
+        time.sleep(5.0)  # load before the fault
+        views: dict[int, list[dict[str, int]]] = {i: [] for i in range(n)}
+        stop = threading.Event()
+
+        def watch(i: int) -> None:
+            while not stop.is_set():
+                views[i].append(fleet.states(i))
+                stop.wait(0.1)
+
+        watchers = [threading.Thread(target=watch, args=(i,), daemon=True) for i in range(n)]
+        for t in watchers:
+            t.start()
+        logs = [work / f"n{i}.log" for i in range(n)]
+        offsets = [p.stat().st_size for p in logs]  # each node logs every state change it makes
+        h = fleet.hosts
+        if not a.control:
+            lab.cut([h[0]], [h[1], h[2]], both_ways=False)
+            lab.cut([h[3]], [h[4]], both_ways=False)
+        time.sleep(a.partition_seconds)
+        lab.heal()
+        time.sleep(5.0)  # load after the heal
+        record = fleet.stop_load()
+        stop.set()
+        for t in watchers:
+            t.join(timeout=30)
+        stats = [fleet.stats(i) for i in range(n)]
+        result = fleet.verify(a.replicas)
+        logged = "".join(f"[n{i}] " + line for i, (p, o) in enumerate(zip(logs, offsets))
+                         for line in p.read_bytes()[o:].decode(errors="replace").splitlines(keepends=True))
+    reads = record["reads"]
+    return {"scenario": "oneway", "fault_s": a.partition_seconds, "control": a.control, "views": sum(len(v) for v in views.values()),
+            "views_unanswered": sum(1 for v in views.values() for st in v if not st),
+            "suspect_marks": logged.count(" is SUSPECT "), "dead_marks": logged.count(" is DEAD "),
+            "refutations": logged.count("refuted a suspicion"),
+            "marks": [line.strip() for line in logged.splitlines() if " is SUSPECT " in line or " is DEAD " in line
+                      or "refuted" in line][:40],
+            "most_suspect_in_a_view": max(st.get("SUSPECT", 0) for v in views.values() for st in v),
+            "most_dead_in_a_view": max(st.get("DEAD", 0) for v in views.values() for st in v),
+            "cut_off": sum(int(s.get("membership_cut_off", 0)) for s in stats),
+            "sweeps": sum(int(s.get("membership_sweeps", 0)) for s in stats),
+            "acked": len(record["acked"]), "put_errors": record["put_errors"], "keys_lost": len(result["lost"]),
+            "wrong_bytes": len(result["wrong"]) + sum(1 for _, r in reads if r == "wrong"),
+            "reads": len(reads), "misses": sum(1 for _, r in reads if r == "miss"),
+            "read_errors": sum(1 for _, r in reads if r == "error"), "loadavg": os.getloadavg()}
+
+
 def poll_until(check: Callable[[], bool], limit: float) -> bool:
     """Whether `check` held within `limit` seconds (polled; a scenario reports a miss rather than failing)."""
     deadline = time.monotonic() + limit
@@ -490,7 +561,8 @@ def poll_until(check: Callable[[], bool], limit: float) -> bool:
 
 SCENARIOS: dict[str, Callable[[Fleet, argparse.Namespace], dict]] = {
     "rolling-restart": rolling_restart, "kill9": kill9, "freeze": freeze}
-STANDALONE: dict[str, Callable[[argparse.Namespace], dict]] = {"partition": partition, "skew": skew}
+STANDALONE: dict[str, Callable[[argparse.Namespace], dict]] = {"partition": partition, "skew": skew,
+                                                              "oneway": oneway}
 
 
 def main() -> int:
@@ -505,9 +577,12 @@ def main() -> int:
     p.add_argument("--fault-every", type=float, default=20.0, help="kill9: seconds between faults")
     p.add_argument("--lookup-timeout", type=float, default=3.0, help="freeze: deadline of each get")
     p.add_argument("--data-dir", action="store_true", help="give every node a --data-dir (the disk tier)")
-    p.add_argument("--partition-seconds", type=float, default=30.0, help="partition: how long the cut lasts")
+    p.add_argument("--partition-seconds", type=float, default=30.0,
+                   help="partition, oneway: how long the cut (the one-way fault) lasts")
     p.add_argument("--flap", type=float, default=0.0,
                    help="partition: instead of one cut, the link goes down and up every FLAP seconds")
+    p.add_argument("--control", action="store_true",
+                   help="oneway: the same run without the fault (what the machine's load alone costs)")
     p.add_argument("--json", help="write the results here too")
     a = p.parse_args()
     a.value_size = parse_size(a.value_size)

@@ -171,7 +171,7 @@ class SimTransport:
         self.net = net
         self.node = node
 
-    def send(self, address: str, request: pb.PingRequest, seq: int, timeout: float) -> None:
+    def send(self, address: str, request: pb.PingRequest, seq: int, timeout: float, bulk: bool = False) -> None:
         self.net.send(self.node, address, request, seq)
 
     def reply(self, token: object, reply: pb.PingReply) -> None:
@@ -288,6 +288,8 @@ class PartitionResult:
     false_dead_after_heal: int = 0            # DEAD marks of anyone after the heal (everyone is alive)
     all_alive_after: float = float("nan")     # s from the heal until every table had every member ALIVE
     not_alive_at_end: int = 0                 # (observer, member) pairs still not ALIVE when the run ended
+    cut_off: tuple[int, int] = (0, 0)         # members per side (minority, majority) that found themselves cut off
+    sweeps: int = 0                           # sweep Pings sent, all members (swim.Swim.cut_off)
     wall_seconds: float = 0.0
 
 
@@ -385,6 +387,9 @@ def simulate_partition(n: int, minority: int, seed: int = 1, loss: float = 0.0,
         if not_alive["pairs"] == 0 and res.all_alive_after != res.all_alive_after:
             res.all_alive_after = t - t_heal
     res.not_alive_at_end = not_alive["pairs"]
+    res.cut_off = tuple(sum(1 for nd in nodes if side[nd.node_id] == s and nd.swim.counters.cut_off)  # type: ignore
+                        for s in (0, 1))
+    res.sweeps = sum(nd.swim.counters.sweeps for nd in nodes)
     res.wall_seconds = time.perf_counter() - started
     return res
 
@@ -398,7 +403,8 @@ def partition_main(args: argparse.Namespace) -> int:
           f"reads {'on' if not args.no_reads else 'off'}, timing {args.timing}"
           + (f", flapping every {args.flap:g} s" if args.flap else ""))
     print(f"{'split':>9} {'seed':>4} {'minority->all DEAD s':>20} {'majority->all DEAD s':>20} "
-          f"{'least':>5} {'least':>5} {'D acr':>6} {'false D in':>10} {'false D heal':>12} {'all ALIVE s':>11} {'left':>5} {'wall s':>6}")
+          f"{'least':>5} {'least':>5} {'D acr':>6} {'false D in':>10} {'false D heal':>12} {'all ALIVE s':>11} {'left':>5} "
+          f"{'cut off':>7} {'sweeps':>6} {'wall s':>6}")
     for n, m in zip(sizes, minority):
         for seed in range(args.seed, args.seed + args.seeds):
             config, limits = None, None
@@ -410,7 +416,8 @@ def partition_main(args: argparse.Namespace) -> int:
             out.append(r)
             print(f"{f'{m}|{n - m}':>9} {seed:>4} {r.minority_all_dead:>20.2f} {r.majority_all_dead:>20.2f} "
                   f"{r.minority_least:>5} {r.majority_least:>5} {r.dead_across:>6} {r.false_dead_within:>10} {r.false_dead_after_heal:>12} {r.all_alive_after:>11.2f} "
-                  f"{r.not_alive_at_end:>5} {r.wall_seconds:>6.1f}", flush=True)
+                  f"{r.not_alive_at_end:>5} {f'{r.cut_off[0]}|{r.cut_off[1]}':>7} {r.sweeps:>6} {r.wall_seconds:>6.1f}",
+                  flush=True)
         runs = [r for r in out if r.n == n and r.minority == m]
         for name in ("minority_all_dead", "majority_all_dead", "all_alive_after"):
             v = sorted(getattr(r, name) for r in runs)

@@ -240,12 +240,14 @@ class NetLab:
     def link_up(self, host: Host) -> None:
         _ip("-n", self.switch_ns, "link", "set", host.bridge_port, "up")
 
-    def cut(self, side_a: list[Host], side_b: list[Host]) -> None:
+    def cut(self, side_a: list[Host], side_b: list[Host], *, both_ways: bool = True) -> None:
         """Partition: every packet between the two sides is dropped silently, both ways, as a failed switch or
         firewall does (no reset, no ICMP: connections time out). Each host is told a MAC address for the other
         side's addresses that nobody has (a permanent neighbour entry), so its frames reach no one; iptables and
-        tc actions are not available on this kernel. `heal` undoes it."""
-        for here, there in ((side_a, side_b), (side_b, side_a)):
+        tc actions are not available on this kernel. `both_ways=False`: only side_a's frames to side_b are
+        dropped (a one-way fault; TCP then fails both ways between them, its handshake needs both). `heal`
+        undoes it."""
+        for here, there in ((side_a, side_b), (side_b, side_a)) if both_ways else ((side_a, side_b),):
             for h in here:
                 for other in there:
                     _ip("-n", h.ns, "neigh", "replace", other.addr, "lladdr", _NOWHERE, "nud", "permanent",

@@ -229,9 +229,12 @@ class FakeTransport:
     def __init__(self) -> None:
         self.sent: list[tuple[str, pb.PingRequest, int]] = []
         self.replies: list[tuple[object, pb.PingReply]] = []
+        self.bulk: set[int] = set()   # seqs of sweep Pings
 
-    def send(self, address: str, request: pb.PingRequest, seq: int, timeout: float) -> None:
+    def send(self, address: str, request: pb.PingRequest, seq: int, timeout: float, bulk: bool = False) -> None:
         self.sent.append((address, request, seq))
+        if bulk:
+            self.bulk.add(seq)
 
     def reply(self, token: object, reply: pb.PingReply) -> None:
         self.replies.append((token, reply))
@@ -403,6 +406,86 @@ def test_a_helper_that_went_silent_is_not_asked_while_others_answer() -> None:
     swim.handle_request(pb.PingRequest(sender=rec("d")), "tok", 9.5)  # d was heard from last...
     assert helpers_asked("b", 10.0) == ["d:1"]                           # ...then stayed silent as a helper
     assert helpers_asked("c", 20.0) == ["a:1"]  # heard from longer ago than d, but it never failed us
+
+
+def _cut_run(answering: set[str], silent: set[str], *, nack: bool = True, heard: set[str] | None = None,
+             until: float = 40.0) -> tuple[Swim, list, list[str]]:
+    """Drive one node over a network where only `answering` members answer (helpers nack a silent target when
+    `nack`). Everyone was heard from at 0.0 and, at 5.0 when the run starts, `heard` (default: every answering
+    member) just now. Returns the node, its changes, and where its sweep Pings went."""
+    fake = FakeTransport()
+    swim = Swim(table(Limits(period=CFG.period), tuple(sorted(answering | silent))), fake, CFG, random.Random(3))
+    swim._next_sync = 1e9
+    changes: list = []
+    swept: list[str] = []
+    now = 5.0
+    for node_id in answering if heard is None else heard:
+        swim.handle_request(pb.PingRequest(sender=rec(node_id)), "tok", now)
+    while now < until:
+        changes += swim.tick(now)
+        for address, request, seq in fake.take():
+            node_id = address.split(":")[0]
+            if seq in fake.bulk:
+                swept.append(node_id)
+            if node_id in answering:
+                if not request.HasField("probe"):
+                    changes += ack(swim, address, seq, now + 0.01)
+                elif request.probe.node_id in answering:
+                    changes += ack(swim, address, seq, now + 0.05)
+                elif nack:
+                    changes += swim.handle_reply(seq, pb.PingReply(responder=rec(node_id), nack=True), now + 0.2)
+        now = max(now + 0.01, min(swim.next_wakeup(), now + CFG.period))
+    return swim, changes, swept
+
+
+def _marked(changes: list, *states: int) -> set[str]:
+    return {c.node_id for c in changes if isinstance(c, StateChanged) and c.new in states}
+
+
+def test_cut_off_from_most_of_the_ring_the_node_sweeps_it_and_suspects_only_the_silent() -> None:
+    # A 3|21 cut seen from the minority (issue 20: at 10|990 one probe a period found 40 to 95 of 990 DEAD in
+    # two minutes). Round-robin probes fail while the helpers on our side nack: we are cut off, so we Ping every
+    # member we have not heard from lately; those silent to two Pings are suspected, all within a few periods.
+    answering, silent = {"f1", "f2", "f3"}, {f"s{i:02d}" for i in range(21)}
+    swim, changes, swept = _cut_run(answering, silent, heard={"f1", "f2"}, until=40.0)
+    assert swim.counters.cut_off == 1
+    assert _marked(changes, SUSPECT) == silent                  # all of them, and only them
+    assert "f3" in swept and not {"f1", "f2"} & set(swept)     # f3 answered the sweep; f1, f2 were heard lately
+    assert all(swept.count(n) <= 3 for n in silent)             # bounded: about two Pings each
+    # Probes alone (one a period, most of them re-probes of suspects) suspected only a few in these 35 periods.
+    assert swim.counters.suspicions < 10 and swim.counters.sweep_suspicions >= 11
+
+
+@pytest.mark.parametrize("case", ["slow", "healthy"])
+def test_neither_a_slow_node_nor_a_ring_with_a_few_dead_sweeps(case: str) -> None:
+    # Slow (or behind a lossy link of its own): no helper nacks in time, so its failed probes are its own
+    # health's business (Lifeguard), never evidence that the ring is gone. Healthy: 3 dead of 24 fail a few
+    # round-robin probes, not most of them.
+    if case == "slow":
+        answering, silent, nack = {"f1", "f2"}, {f"s{i:02d}" for i in range(21)}, False
+    else:
+        answering, silent, nack = {f"f{i:02d}" for i in range(21)}, {"s1", "s2", "s3"}, True
+    swim, changes, swept = _cut_run(answering, silent, nack=nack, until=60.0)
+    assert swim.counters.cut_off == 0 and swept == []
+    assert not answering & _marked(changes, SUSPECT, DEAD)
+
+
+def test_after_a_heal_every_member_held_dead_is_asked_in_a_few_periods() -> None:
+    # A side that swept 990 members DEAD would otherwise see them back one every retry_dead_every (10 s).
+    others = tuple(f"m{i:02d}" for i in range(20))
+    swim, fake = node(members=others)
+    for m in others:
+        swim.table.apply(rec(m, DEAD), 0.0, authentic=False)
+    swim.handle_request(pb.PingRequest(sender=rec("m00")), "tok", 1.0)  # answers at the incarnation it died at
+    assert swim.table.get("m00").state == ALIVE  # type: ignore[union-attr]
+    asked: list[str] = []
+    for period in range(CFG.sweep_periods):
+        swim.tick(1.0 + period)
+        asked += [a.split(":")[0] for a, _, seq in fake.take() if seq in fake.bulk]
+    assert sorted(asked) == sorted(others[1:])  # each once, in batches of ceil(19 / sweep_periods)
+    swim.handle_request(pb.PingRequest(sender=rec("m05")), "tok", 9.5)  # another one back: no second round yet
+    swim.tick(9.5)
+    assert not [seq for _, _, seq in fake.take() if seq in fake.bulk]
 
 
 def test_a_suspicion_of_us_is_refuted_by_our_next_message() -> None:

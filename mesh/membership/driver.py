@@ -54,6 +54,12 @@ class ClusterMismatch(ValueError):
     """A ping from another cluster or protocol version."""
 
 
+# A sweep (Swim.cut_off) sends up to this many Pings a period, each on its own thread of a pool of this size
+# (a blocked gRPC call holds one until its deadline, under a period): a sweep never waits for a thread, and
+# never takes one from a probe.
+SWEEP_WORKERS = 32
+
+
 @dataclass(frozen=True)
 class Timing:
     """`interval` is SWIM's probe period; a member that misses a probe is SUSPECT, and DEAD once the
@@ -70,7 +76,7 @@ class Timing:
     def swim(self, cluster: str) -> Config:
         return Config(cluster=cluster, protocol=mesh.PROTOCOL_VERSION, period=self.interval,
                       probe_timeout=min(self.ping_timeout, max(0.05, self.interval / 2)),
-                      dial_timeout=self.ping_timeout)
+                      dial_timeout=self.ping_timeout, max_sweep=SWEEP_WORKERS)
 
     def limits(self) -> Limits:
         return Limits(period=self.interval, forget_after=self.forget_after,
@@ -152,6 +158,7 @@ class Membership:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="mesh-ping")
+        self._sweep_pool = futures.ThreadPoolExecutor(max_workers=SWEEP_WORKERS, thread_name_prefix="mesh-sweep")
         # One thread tells the node, in order: a later change must never be overtaken by an earlier one.
         self._notifier = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-members")
         self._leaving: list[futures.Future[None]] = []
@@ -266,6 +273,7 @@ class Membership:
         if self._thread is not None:
             self._thread.join(timeout=self.timing.ping_timeout + 2)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._sweep_pool.shutdown(wait=False, cancel_futures=True)
         self._notifier.shutdown(wait=False, cancel_futures=True)
 
     def leave(self) -> None:
@@ -278,10 +286,10 @@ class Membership:
 
     # -- the transport the protocol sends through ------------------------------------------------------------------
 
-    def send(self, address: str, request: pb.PingRequest, seq: int, timeout: float) -> None:
-        """Called by the protocol under our lock: the call itself runs on the pool."""
+    def send(self, address: str, request: pb.PingRequest, seq: int, timeout: float, bulk: bool = False) -> None:
+        """Called by the protocol under our lock: the call itself runs on a pool (a sweep's on its own)."""
         try:
-            f = self._pool.submit(self._call, address, request, seq, timeout)
+            f = (self._sweep_pool if bulk else self._pool).submit(self._call, address, request, seq, timeout)
         except RuntimeError:
             return  # stopping
         if request.sender.state == LEFT:
@@ -455,7 +463,11 @@ class Membership:
     def stats(self) -> dict[str, float]:
         """The gossip counters, named for `mesh stats` and /metrics."""
         with self._lock:
-            return {f"membership_{k}": float(v) for k, v in self.counters.items()}
+            out = {f"membership_{k}": float(v) for k, v in self.counters.items()}
+            c = self.swim.counters  # a partition seen from here (Swim.cut_off): how often, what it cost
+            out.update(membership_cut_off=float(c.cut_off), membership_sweeps=float(c.sweeps),
+                       membership_sweep_suspicions=float(c.sweep_suspicions))
+            return out
 
     def _refresh_seeds(self, now: float) -> None:
         """Seeds (re-resolved: a DNS name may have new records) are candidates until they answer as members."""

@@ -43,6 +43,12 @@ class NetFleet:
                       wrap=self.lab.argv(self.client_host, []), check=True)
         return json.loads(out.stdout)
 
+    def stats(self, i: int) -> dict[str, float]:
+        """`mesh stats --json` counters of node i (membership_* among them)."""
+        out = run_cli("stats", "--json", node=self.addresses[i], secret_file=self.secret_file, rpc_timeout=5,
+                      wrap=self.lab.argv(self.client_host, []), check=True)
+        return json.loads(out.stdout)["counters"]
+
     def states(self, i: int) -> dict[str, int]:
         """ALIVE/SUSPECT/DEAD/LEFT counts in node i's view, or {} where it does not answer in time."""
         try:
