@@ -8,7 +8,9 @@ seeds and no zeroconf is a cluster of one; the code path is the same.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
+import socket
 import threading
 import time
 from concurrent import futures
@@ -115,12 +117,17 @@ def validate(config: NodeConfig) -> None:
 def no_loopback_with_remote_seeds(listen: str, advertise: str, seeds: list[str] | tuple[str, ...]) -> None:
     """A node advertises the address its peers dial: a loopback one reaches only this host, so with seeds on
     other hosts one seed on this host admitted it and the others could not, and their rings disagreed on who owns
-    which key (issue 22). Refused before anything starts, naming the fix."""
+    which key (issue 22). Refused before anything starts, naming the fix.
+
+    A seed is on another host when it is, or its name resolves to, an address that is not loopback. A name that
+    does not resolve (yet: a Kubernetes Service before its pods are ready) is not counted here: the node starts,
+    warns that the seed does not resolve, and a member on the LAN still refuses it if it advertises loopback
+    (membership/members.py), so no ring ever holds it. This check is the early, clear error; that one the rule."""
     address = advertise or listen
     host = split_hostport(address)[0]
     if host in WILDCARDS or not is_loopback(host):
         return
-    remote = [s.strip() for s in seeds if s.strip() and not is_loopback(_seed_host(s.strip()))]
+    remote = [s.strip() for s in seeds if s.strip() and _seed_is_remote(s.strip())]
     if remote:
         raise ConfigError(f"this node would advertise {address}, a loopback address, but its seeds "
                           f"({', '.join(remote)}) are other hosts, which cannot reach it there: listen on the LAN "
@@ -128,15 +135,25 @@ def no_loopback_with_remote_seeds(listen: str, advertise: str, seeds: list[str] 
                           f"MESH_ADVERTISE HOST:PORT)")
 
 
-def _seed_host(seed: str) -> str:
-    """The host of a seed as written (`dns:NAME:PORT` is a name: loopback only when it is a loopback name, such
-    as localhost, whatever else it resolves to)."""
-    if seed.startswith("dns:"):
-        seed = seed[4:]
+def _seed_is_remote(seed: str) -> bool:
+    """Whether a seed as written (`host:port` or `dns:NAME:PORT`) is on another host: an address that is not
+    loopback, or a name that resolves to one. False for a name that does not resolve (see above)."""
     try:
-        return split_hostport(seed)[0]
+        host = split_hostport(seed[4:] if seed.startswith("dns:") else seed)[0]
     except ValueError:
-        return seed
+        return False  # not a seed at all: validation names it
+    if is_loopback(host):
+        return False
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True  # an address, not loopback
+    except ValueError:
+        pass
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)}
+    except (OSError, UnicodeError):
+        return False
+    return any(not is_loopback(a) for a in found)
 
 
 NO_SECRET_HELP = ("make one with `mesh secret /etc/comfy-mesh/secret` and give it to every node and ComfyUI "

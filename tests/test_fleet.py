@@ -148,8 +148,10 @@ def _config(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 def test_settings_precedence_flag_env_file_default(tmp_path: Path) -> None:
     toml = tmp_path / "mesh.toml"
     # With a secret: seeds and zeroconf without one are settings `mesh config` calls invalid (exit 2).
+    # A LAN address to advertise: a loopback node with seeds on other hosts is invalid too.
     toml.write_text('max_memory = "2GiB"\nseeds = ["10.0.0.5:8288", "10.0.0.6:8288"]\nnamespace = "for-comfyui"\n'
-                    'secret = "s"\n[serve]\nheartbeat = 0.25\nreplicas = 3\nzeroconf = true\n')
+                    'secret = "s"\n[serve]\nheartbeat = 0.25\nreplicas = 3\nzeroconf = true\n'
+                    'advertise = "10.0.0.4:8288"\n')
 
     def settings(*args: str, env: dict[str, str] | None = None) -> dict[str, dict[str, object]]:
         r = _config(*args, "config", "--json", env={"MESH_CONFIG": str(toml), **(env or {})})

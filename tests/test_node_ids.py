@@ -70,8 +70,8 @@ def test_a_node_restarted_with_its_data_dir_is_the_same_member(tmp_path: Path) -
 
 @pytest.mark.parametrize("args", [
     ["--listen", "127.0.0.1:0", "--seeds", "10.1.2.3:8288"],
-    ["--listen", "127.0.0.1:0", "--seeds", "127.0.0.1:9,dns:mesh.default.svc:8288"],
-    ["--listen", "0.0.0.0:0", "--advertise", "127.0.0.1:8288", "--seeds", "gpu2:8288"],
+    ["--listen", "127.0.0.1:0", "--seeds", "127.0.0.1:9,dns:mesh.default.svc:8288,10.1.2.4:8288"],
+    ["--listen", "0.0.0.0:0", "--advertise", "127.0.0.1:8288", "--seeds", "[2001:db8::5]:8288"],
 ])
 def test_a_loopback_node_with_seeds_on_other_hosts_refuses_to_start(tmp_path: Path, args: list[str]) -> None:
     secret = tmp_path / "secret"
@@ -83,6 +83,17 @@ def test_a_loopback_node_with_seeds_on_other_hosts_refuses_to_start(tmp_path: Pa
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     assert "a loopback address" in lines[0] and "MESH_LISTEN 0.0.0.0:PORT" in lines[0] and \
         "--advertise" in lines[0], lines[0]
+
+
+def test_which_seeds_are_on_other_hosts() -> None:
+    """Names are resolved: one that resolves to loopback only is this host; one that does not resolve is not
+    counted at start (the membership rule still refuses a loopback member on the LAN)."""
+    from mesh.node import _seed_is_remote
+
+    assert _seed_is_remote("10.0.0.5:8288") and _seed_is_remote("[2001:db8::1]:8288")
+    assert not _seed_is_remote("127.0.0.1:8288") and not _seed_is_remote("[::1]:8288")
+    assert not _seed_is_remote("localhost:8288") and not _seed_is_remote("dns:localhost:8288")
+    assert not _seed_is_remote("dns:nohost.invalid:8288") and not _seed_is_remote("nohost.invalid:8288")
 
 
 def test_loopback_seeds_on_loopback_are_fine() -> None:
