@@ -82,9 +82,15 @@ def find_config(flag: str | None, env: Mapping[str, str]) -> tuple[str, str]:
     if CONFIG_ENV in env:
         return env[CONFIG_ENV], CONFIG_ENV
     default = env.get(DEFAULT_CONFIG_ENV, DEFAULT_CONFIG)
-    if default and os.path.lexists(default):
-        return default, "the default path"
-    return "", ""
+    if not default:
+        return "", ""
+    try:
+        os.lstat(default)
+    except PermissionError:  # there, but in a folder this user cannot enter (/etc/comfy-mesh is root:comfy-mesh
+        return default, "the default path"  # 0750): reading it says so, rather than running without it
+    except OSError:
+        return "", ""
+    return default, "the default path"
 
 
 @dataclass(frozen=True)
@@ -119,6 +125,9 @@ def load_config(flag: str | None, env: Mapping[str, str], serve_keys: Iterable[s
         data = tomllib.loads(Path(path).read_text())
     except OSError as e:
         hint = f"; set {CONFIG_ENV} to another file, or {CONFIG_ENV}= for none" if why == "the default path" else ""
+        if isinstance(e, PermissionError):
+            hint = (f": run as root or as a member of the file's group (e.g. `usermod -aG comfy-mesh $USER`)"
+                    f"{hint}")
         raise SettingError(f"cannot read the config file {where}: {e.strerror or e}{hint}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SettingError(f"config file {where} is not valid TOML: {e}") from None

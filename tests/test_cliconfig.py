@@ -210,6 +210,26 @@ def test_a_data_dir_the_node_cannot_write_is_refused_at_start(unwritable_dir: tu
     assert not list(data.iterdir())
 
 
+def test_a_default_config_this_user_cannot_read_is_an_error_not_an_open_node(
+        unwritable_dir: tuple[Path, list[str]]) -> None:
+    """Seen (README recipe run as a non-root admin): /etc/comfy-mesh is root:comfy-mesh 0750, so for anyone else
+    the default file did not exist: the CLI spoke plaintext to a TLS node, and `mesh serve` would have started an
+    open loopback node. Now it is an error naming the file and what to do."""
+    folder, wrap = unwritable_dir
+    config = folder / "mesh.toml"
+    os.chmod(folder, 0o755)
+    config.write_text('secret = "s"\n')
+    os.chmod(folder, 0o000)  # like /etc/comfy-mesh to a user outside its group
+    try:
+        for args in (["status"], ["config"], ["serve", "--listen", "127.0.0.1:0"]):
+            r = run_cli(*args, env={"MESH_CONFIG_DEFAULT": str(config)}, wrap=wrap, timeout=20)
+            line = one_line(r)
+            assert r.returncode == 2, (args, r.stdout, line)
+            assert f"cannot read the config file {config} (the default path): Permission denied: run as root" in line
+    finally:
+        os.chmod(folder, 0o755)
+
+
 def test_failed_disk_writes_show_in_status(tmp_path: Path, secret_file: Path) -> None:
     """A disk tier that stops taking values (here: a value larger than --max-disk) is a warning in `mesh
     status` and in its disk line, not only a log line per put."""
