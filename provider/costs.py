@@ -88,6 +88,11 @@ class ComputeCosts:
                 return self._by_key[key]
             return self._by_class.get(str(class_type))
 
+    def measured(self, key: str) -> float | None:
+        """Seconds computing `key` itself took here; None when this instance has not computed it."""
+        with self._lock:
+            return self._by_key.get(key)
+
     def ceiling(self, class_type: str, key: str | None = None) -> float | None:
         """Seconds computing `key` took here, else the longest recent figure of `class_type`; None if never seen."""
         with self._lock:

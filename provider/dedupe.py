@@ -13,7 +13,8 @@ for a compute lease (mesh/cluster/leases.py, the Lease RPC):
 A long-poll would hold one of the owner's server threads per waiting instance for seconds (the synchronous gRPC
 server's threads are a fixed budget shared out by gates: mesh/server.py), and a waiter would still need a
 deadline and a retry for owners that change or die; polling holds nothing between asks, costs one small unary
-call per interval (at most 10 a second per waiter), and adds at most one interval (100 ms) to a wait. The
+call per interval (at most 50 a second per waiter, about 20 asks per expected compute time), and adds at most
+one interval to a wait: 100 ms, or POLL_SHARE (5 %) of the expected compute time where that is shorter. The
 wait is awaited on ComfyUI's event loop (asyncio.sleep between asks; each ask runs on a provider thread and is
 awaited under a deadline), so the loop is never blocked.
 
@@ -74,6 +75,7 @@ BREAKER_OPEN = 3.0    # seconds no lease is asked for after a lease call failed 
 FIRST_POLL = 0.02
 MAX_POLL = 0.1
 BACKOFF = 1.5
+POLL_SHARE = 0.05     # of the expected compute time: the longest poll interval (a wait adds at most 5 % of it)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class _Held:
     expected: float
     renewed_at: float = field(default_factory=time.monotonic)
     claimed: bool = False             # a store took it over: released once the value is in the mesh
+    promised: bool = False            # ComfyUI said a store task for it is coming (should_cache with the value)
     ending_at: float | None = None    # the prompt ended unclaimed: released after GRACE
 
 
@@ -145,6 +148,8 @@ class Dedupe:
             return None
         finally:
             self._release_unclaimed(prompt, key)  # earlier nodes of this prompt whose values are not coming
+        if answer.state == HELD:
+            self._release_unclaimed(prompt, key, waiting=True)  # no lease is held while this instance waits
         if answer.state == GRANTED:
             self._hold(key, class_type, prompt)
             return None
@@ -155,19 +160,23 @@ class Dedupe:
     async def _wait(self, key: str, class_type: str, prompt: str, fetch: Callable[[], Awaitable[Any]],
                     answer: Answer) -> Any:
         bound = self.wait_bound(class_type, key, answer)
+        # Past the bound, a holder still answered HELD (it renewed within TTL: alive) is waited for up to
+        # MESH_DEDUPE_MAX_WAIT, unless this instance measured this very key: see "Bounded" above.
+        live_bound = bound if self.costs.measured(key) is not None else max(bound, self.max_wait)
         started = time.monotonic()
         interval = FIRST_POLL
+        longest = min(MAX_POLL, max(FIRST_POLL, POLL_SHARE * max(0.0, bound - HANDOVER)))
         self._count("waits")
         self.prompt_waits += 1
         log.debug("waiting up to %.1f s for %s (%s), computed by %s", bound, key, class_type, answer.holder)
         try:
             while True:
-                remaining = started + bound - time.monotonic()
+                remaining = started + (live_bound if answer.state == HELD else bound) - time.monotonic()
                 if remaining <= 0:
                     self._count("wait_timeouts")
                     return None
                 await asyncio.sleep(min(interval, remaining))
-                interval = min(MAX_POLL, interval * BACKOFF)
+                interval = min(longest, interval * BACKOFF)
                 try:
                     answer = await self._ask(key, class_type)
                 except Exception as e:
@@ -204,8 +213,15 @@ class Dedupe:
         log.debug("lease on %s failed: %r", key, error)
 
     def wait_bound(self, class_type: str, key: str, answer: Answer) -> float:
-        """Never longer than computing would take here (plus the hand-over), capped by MESH_DEDUPE_MAX_WAIT."""
-        expected = self.costs.ceiling(class_type, key) or answer.expected_seconds
+        """What computing would take by the best figure known (this key's own here; else the longest of this
+        class type's recent figures here and the holder's own figure), plus the hand-over, capped by
+        MESH_DEDUPE_MAX_WAIT. A key measured here is bounded by that alone; for any other, the wait goes on past
+        this while the holder stays alive (see the module docstring, "Bounded")."""
+        measured = self.costs.measured(key)
+        if measured is not None:
+            expected: float | None = measured
+        else:
+            expected = max(self.costs.ceiling(class_type) or 0.0, answer.expected_seconds or 0.0)
         bound = expected + HANDOVER if expected else DEFAULT_WAIT
         return max(0.0, min(self.max_wait, bound))
 
@@ -225,6 +241,15 @@ class Dedupe:
         with self._lock:
             return key in self._held
 
+    def promise(self, key: str) -> None:
+        """ComfyUI will hand the value of `key` (the node that just ran) to a store task: keep its lease past
+        this prompt's next lookups (a ComfyUI may run store tasks only after the prompt), until the store claims
+        it, this instance is about to wait for another's lease, or GRACE after the prompt's end."""
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None:
+                held.promised = True
+
     def claim(self, key: str) -> bool:
         """A store of `key` takes its lease over (on_store): True if this instance holds it. The store then
         calls stored(key, ...) once the value is in the mesh, or will not be."""
@@ -239,9 +264,12 @@ class Dedupe:
         """The claimed store of `key` finished: release the lease, as done when the value is in the mesh."""
         self._release(key, ok)
 
-    def _release_unclaimed(self, prompt: str, current: str) -> None:
+    def _release_unclaimed(self, prompt: str, current: str, waiting: bool = False) -> None:
+        """Release the prompt's earlier leases no store claimed: those whose value is not coming, and, when
+        this instance is about to wait (`waiting`), the promised ones too (a lease is never held while waiting)."""
         with self._lock:
-            gone = [k for k, h in self._held.items() if h.prompt == prompt and not h.claimed and k != current]
+            gone = [k for k, h in self._held.items()
+                    if h.prompt == prompt and not h.claimed and k != current and (waiting or not h.promised)]
         for key in gone:
             self._release(key, False)
 
