@@ -18,21 +18,36 @@ one interval to a wait: 100 ms, or POLL_SHARE (5 %) of the expected compute time
 wait is awaited on ComfyUI's event loop (asyncio.sleep between asks; each ask runs on a provider thread and is
 awaited under a deadline), so the loop is never blocked.
 
-**Bounded.** A wait lasts at most what computing would take here: the key's compute seconds learned by
-ComputeCosts, else the longest recent figure of its class type (else the holder's own figure, else
-DEFAULT_WAIT), plus HANDOVER for the value
-to reach the mesh and come back, capped by MESH_DEDUPE_MAX_WAIT. Every lease call has a deadline (CALL_TIMEOUT);
+**Bounded.** Issue 23's rule: a wait is never longer than computing would take (learned per class type, and
+per key where seen), capped by a setting; a waiter whose wait runs out computes itself. Here:
+- a key this instance computed before: its own figure plus HANDOVER (the value's way to the mesh and back),
+  capped by MESH_DEDUPE_MAX_WAIT. That figure is a measurement: past it, computing here would have been done;
+- any other key: the same bound from the best guess (the longest recent figure of its class type here, or the
+  holder's own figure, the larger; DEFAULT_WAIT if neither) and, past it, the wait goes on while the holder
+  stays alive (answered HELD: it renewed within TTL), up to MESH_DEDUPE_MAX_WAIT. A class figure is about
+  other keys (a sampler of 4 steps or 40, a blur of 0.3 s or 1.2 s), not a bound on this one. A live holder
+  started before this waiter; at a like speed it finishes first, so a waiter that gives up and starts from
+  nothing can only finish later, i.e. the wait is still "never longer than computing would take". What
+  remains, a holder much slower than this instance or stuck while its renewals go on, is what the setting
+  caps. A holder that stops renewing (killed, frozen, cut off) frees its waiters within TTL, as before;
+Every lease call has a deadline (CALL_TIMEOUT);
 one that fails or times out means "compute now, without a lease": a possible duplicate computation, never a
 stall. A holder's lease lapses TTL seconds after its last renewal, so a holder killed (-9) or frozen (SIGSTOP)
 frees its waiters within TTL plus one poll; one that fails or is interrupted releases at the prompt's end
 (after GRACE, which lets the value of the prompt's last node be handed over first).
 
-**No deadlock.** An instance holds a lease only while it computes that node, or while the value is on its way
-to the mesh on the provider's store thread (which waits on no lease). It cannot hold one while it waits: at
-every pre-execution lookup, after yielding once to the event loop (ComfyUI's store task for the node that just
-ran is then handed over, and claims its lease), any lease of an earlier node that no store claimed is released
-(its value is not coming: not cacheable, or a ComfyUI that runs store tasks only after the prompt). So a waiter
-always waits on a holder that computes or stores, and neither waits on anyone: the "waits for" graph has no
+**No deadlock.** An instance holds a lease only while it computes that node, while the value is on its way
+to the mesh on the provider's store thread (which waits on no lease), or while ComfyUI promised a store of it
+(should_cache asked with the value said yes: the store task may run only after the prompt) and this instance
+goes on computing. It cannot hold one while it waits: at every pre-execution lookup, after yielding once to the
+event loop (ComfyUI's store task for the node that just ran is then handed over, and claims its lease), any
+lease of an earlier node that no store claimed and none was promised is released (its value is not coming), and
+when the answer says another instance holds this node, the promised ones are released too before the wait
+(their values would come only after the prompt, i.e. after this wait: holding them would make waits chain).
+Promised leases no store claims are released GRACE after the prompt's end. So a waiter
+always waits on a holder that computes or stores (or computes later nodes of its prompt, its promised store to
+come at the end: a waiter then waits for the rest of that prompt, still within the bounds above), and no holder
+waits on anyone: the "waits for" graph has no
 cycle, and each wait is bounded anyway. Two instances running independent branches in opposite orders each
 wait at most for the other's node to finish (tests/test_dedupe.py).
 
