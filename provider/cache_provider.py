@@ -176,9 +176,16 @@ class MeshCacheProvider:
 
     def should_cache(self, context: Any, value: Any = None) -> bool:
         """The class rules only, for a lookup and for a store alike: one dictionary lookup. Whether a value can
-        be stored (representable, not too large) is decided by walking it, on the store thread (Policy)."""
+        be stored (representable, not too large) is decided by walking it, on the store thread (Policy).
+
+        Asked with the value, right after the node ran, a yes means ComfyUI creates a store task for it: the
+        lease of the node that just ran (`_running`) is promised to that store (Dedupe.promise), so it is not
+        given up at the next node's lookup when the task runs only after the prompt."""
         try:
-            return self.policy.allows_class(context.class_type)
+            allowed = self.policy.allows_class(context.class_type)
+            if allowed and value is not None and self.dedupe is not None and self._running is not None:
+                self.dedupe.promise(self._running)
+            return allowed
         except Exception:
             log.debug("should_cache failed", exc_info=True)
             return False

@@ -2,10 +2,11 @@
 
 The provider sees a node's pre-execution lookup miss (ComfyUI runs the node next) and, later, its store (the
 value exists). The time between the two is what computing that key cost. That figure is used twice:
-- in-flight dedupe (provider/dedupe.py) waits for another instance's computation at most as long as computing
-  would take here: `ceiling(class_type, key)`, the key's own last figure where seen, else the longest of the
-  class type's recent figures (one class runs for very different times: a sampler with 4 steps or 40, a blur
-  of no delay or of 3 s; its mean would make waiters give up on the slow ones);
+- in-flight dedupe (provider/dedupe.py) bounds a wait for another instance's computation by what computing
+  would take here: `measured(key)`, the key's own last figure where seen, else `ceiling(class_type)`, the
+  longest of the class type's recent figures (one class runs for very different times: a sampler with 4 steps
+  or 40, a blur of no delay or of 3 s; its mean would make waiters give up on the slow ones), a guess past
+  which a waiter still waits for a live holder (see dedupe.py, "Bounded");
 - cost-aware eviction stores `finish()`'s seconds with the value, so the node can keep what is dear to recompute.
 
 The figure is an upper bound on the compute time: in ComfyUI the store may be handed over only when the event
@@ -87,6 +88,11 @@ class ComputeCosts:
             if key is not None and key in self._by_key:
                 return self._by_key[key]
             return self._by_class.get(str(class_type))
+
+    def measured(self, key: str) -> float | None:
+        """Seconds computing `key` itself took here; None when this instance has not computed it."""
+        with self._lock:
+            return self._by_key.get(key)
 
     def ceiling(self, class_type: str, key: str | None = None) -> float | None:
         """Seconds computing `key` took here, else the longest recent figure of `class_type`; None if never seen."""

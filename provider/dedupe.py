@@ -13,25 +13,41 @@ for a compute lease (mesh/cluster/leases.py, the Lease RPC):
 A long-poll would hold one of the owner's server threads per waiting instance for seconds (the synchronous gRPC
 server's threads are a fixed budget shared out by gates: mesh/server.py), and a waiter would still need a
 deadline and a retry for owners that change or die; polling holds nothing between asks, costs one small unary
-call per interval (at most 10 a second per waiter), and adds at most one interval (100 ms) to a wait. The
+call per interval (at most 50 a second per waiter, about 20 asks per expected compute time), and adds at most
+one interval to a wait: 100 ms, or POLL_SHARE (5 %) of the expected compute time where that is shorter. The
 wait is awaited on ComfyUI's event loop (asyncio.sleep between asks; each ask runs on a provider thread and is
 awaited under a deadline), so the loop is never blocked.
 
-**Bounded.** A wait lasts at most what computing would take here: the key's compute seconds learned by
-ComputeCosts, else the longest recent figure of its class type (else the holder's own figure, else
-DEFAULT_WAIT), plus HANDOVER for the value
-to reach the mesh and come back, capped by MESH_DEDUPE_MAX_WAIT. Every lease call has a deadline (CALL_TIMEOUT);
+**Bounded.** Issue 23's rule: a wait is never longer than computing would take (learned per class type, and
+per key where seen), capped by a setting; a waiter whose wait runs out computes itself. Here:
+- a key this instance computed before: its own figure plus HANDOVER (the value's way to the mesh and back),
+  capped by MESH_DEDUPE_MAX_WAIT. That figure is a measurement: past it, computing here would have been done;
+- any other key: the same bound from the best guess (the longest recent figure of its class type here, or the
+  holder's own figure, the larger; DEFAULT_WAIT if neither) and, past it, the wait goes on while the holder
+  stays alive (answered HELD: it renewed within TTL), up to MESH_DEDUPE_MAX_WAIT. A class figure is about
+  other keys (a sampler of 4 steps or 40, a blur of 0.3 s or 1.2 s), not a bound on this one. A live holder
+  started before this waiter; at a like speed it finishes first, so a waiter that gives up and starts from
+  nothing can only finish later, i.e. the wait is still "never longer than computing would take". What
+  remains, a holder much slower than this instance or stuck while its renewals go on, is what the setting
+  caps. A holder that stops renewing (killed, frozen, cut off) frees its waiters within TTL, as before;
+Every lease call has a deadline (CALL_TIMEOUT);
 one that fails or times out means "compute now, without a lease": a possible duplicate computation, never a
 stall. A holder's lease lapses TTL seconds after its last renewal, so a holder killed (-9) or frozen (SIGSTOP)
 frees its waiters within TTL plus one poll; one that fails or is interrupted releases at the prompt's end
 (after GRACE, which lets the value of the prompt's last node be handed over first).
 
-**No deadlock.** An instance holds a lease only while it computes that node, or while the value is on its way
-to the mesh on the provider's store thread (which waits on no lease). It cannot hold one while it waits: at
-every pre-execution lookup, after yielding once to the event loop (ComfyUI's store task for the node that just
-ran is then handed over, and claims its lease), any lease of an earlier node that no store claimed is released
-(its value is not coming: not cacheable, or a ComfyUI that runs store tasks only after the prompt). So a waiter
-always waits on a holder that computes or stores, and neither waits on anyone: the "waits for" graph has no
+**No deadlock.** An instance holds a lease only while it computes that node, while the value is on its way
+to the mesh on the provider's store thread (which waits on no lease), or while ComfyUI promised a store of it
+(should_cache asked with the value said yes: the store task may run only after the prompt) and this instance
+goes on computing. It cannot hold one while it waits: at every pre-execution lookup, after yielding once to the
+event loop (ComfyUI's store task for the node that just ran is then handed over, and claims its lease), any
+lease of an earlier node that no store claimed and none was promised is released (its value is not coming), and
+when the answer says another instance holds this node, the promised ones are released too before the wait
+(their values would come only after the prompt, i.e. after this wait: holding them would make waits chain).
+Promised leases no store claims are released GRACE after the prompt's end. So a waiter
+always waits on a holder that computes or stores (or computes later nodes of its prompt, its promised store to
+come at the end: a waiter then waits for the rest of that prompt, still within the bounds above), and no holder
+waits on anyone: the "waits for" graph has no
 cycle, and each wait is bounded anyway. Two instances running independent branches in opposite orders each
 wait at most for the other's node to finish (tests/test_dedupe.py).
 
@@ -74,6 +90,7 @@ BREAKER_OPEN = 3.0    # seconds no lease is asked for after a lease call failed 
 FIRST_POLL = 0.02
 MAX_POLL = 0.1
 BACKOFF = 1.5
+POLL_SHARE = 0.05     # of the expected compute time: the longest poll interval (a wait adds at most 5 % of it)
 
 
 @dataclass
@@ -83,6 +100,7 @@ class _Held:
     expected: float
     renewed_at: float = field(default_factory=time.monotonic)
     claimed: bool = False             # a store took it over: released once the value is in the mesh
+    promised: bool = False            # ComfyUI said a store task for it is coming (should_cache with the value)
     ending_at: float | None = None    # the prompt ended unclaimed: released after GRACE
 
 
@@ -145,6 +163,8 @@ class Dedupe:
             return None
         finally:
             self._release_unclaimed(prompt, key)  # earlier nodes of this prompt whose values are not coming
+        if answer.state == HELD:
+            self._release_unclaimed(prompt, key, waiting=True)  # no lease is held while this instance waits
         if answer.state == GRANTED:
             self._hold(key, class_type, prompt)
             return None
@@ -155,19 +175,23 @@ class Dedupe:
     async def _wait(self, key: str, class_type: str, prompt: str, fetch: Callable[[], Awaitable[Any]],
                     answer: Answer) -> Any:
         bound = self.wait_bound(class_type, key, answer)
+        # Past the bound, a holder still answered HELD (it renewed within TTL: alive) is waited for up to
+        # MESH_DEDUPE_MAX_WAIT, unless this instance measured this very key: see "Bounded" above.
+        live_bound = bound if self.costs.measured(key) is not None else max(bound, self.max_wait)
         started = time.monotonic()
         interval = FIRST_POLL
+        longest = min(MAX_POLL, max(FIRST_POLL, POLL_SHARE * max(0.0, bound - HANDOVER)))
         self._count("waits")
         self.prompt_waits += 1
         log.debug("waiting up to %.1f s for %s (%s), computed by %s", bound, key, class_type, answer.holder)
         try:
             while True:
-                remaining = started + bound - time.monotonic()
+                remaining = started + (live_bound if answer.state == HELD else bound) - time.monotonic()
                 if remaining <= 0:
                     self._count("wait_timeouts")
                     return None
                 await asyncio.sleep(min(interval, remaining))
-                interval = min(MAX_POLL, interval * BACKOFF)
+                interval = min(longest, interval * BACKOFF)
                 try:
                     answer = await self._ask(key, class_type)
                 except Exception as e:
@@ -204,8 +228,15 @@ class Dedupe:
         log.debug("lease on %s failed: %r", key, error)
 
     def wait_bound(self, class_type: str, key: str, answer: Answer) -> float:
-        """Never longer than computing would take here (plus the hand-over), capped by MESH_DEDUPE_MAX_WAIT."""
-        expected = self.costs.ceiling(class_type, key) or answer.expected_seconds
+        """What computing would take by the best figure known (this key's own here; else the longest of this
+        class type's recent figures here and the holder's own figure), plus the hand-over, capped by
+        MESH_DEDUPE_MAX_WAIT. A key measured here is bounded by that alone; for any other, the wait goes on past
+        this while the holder stays alive (see the module docstring, "Bounded")."""
+        measured = self.costs.measured(key)
+        if measured is not None:
+            expected: float | None = measured
+        else:
+            expected = max(self.costs.ceiling(class_type) or 0.0, answer.expected_seconds or 0.0)
         bound = expected + HANDOVER if expected else DEFAULT_WAIT
         return max(0.0, min(self.max_wait, bound))
 
@@ -225,6 +256,15 @@ class Dedupe:
         with self._lock:
             return key in self._held
 
+    def promise(self, key: str) -> None:
+        """ComfyUI will hand the value of `key` (the node that just ran) to a store task: keep its lease past
+        this prompt's next lookups (a ComfyUI may run store tasks only after the prompt), until the store claims
+        it, this instance is about to wait for another's lease, or GRACE after the prompt's end."""
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None:
+                held.promised = True
+
     def claim(self, key: str) -> bool:
         """A store of `key` takes its lease over (on_store): True if this instance holds it. The store then
         calls stored(key, ...) once the value is in the mesh, or will not be."""
@@ -239,9 +279,12 @@ class Dedupe:
         """The claimed store of `key` finished: release the lease, as done when the value is in the mesh."""
         self._release(key, ok)
 
-    def _release_unclaimed(self, prompt: str, current: str) -> None:
+    def _release_unclaimed(self, prompt: str, current: str, waiting: bool = False) -> None:
+        """Release the prompt's earlier leases no store claimed: those whose value is not coming, and, when
+        this instance is about to wait (`waiting`), the promised ones too (a lease is never held while waiting)."""
         with self._lock:
-            gone = [k for k, h in self._held.items() if h.prompt == prompt and not h.claimed and k != current]
+            gone = [k for k, h in self._held.items()
+                    if h.prompt == prompt and not h.claimed and k != current and (waiting or not h.promised)]
         for key in gone:
             self._release(key, False)
 

@@ -150,6 +150,22 @@ def test_the_same_prompt_at_once_computes_the_slow_node_once(tmp_path: Path, cle
     assert sum(p.stats()["node"]["lease_granted"] for p in procs) >= 1
 
 
+def test_store_tasks_run_after_the_prompt_still_compute_a_node_once(tmp_path: Path, cleanup: list) -> None:
+    """A ComfyUI whose store tasks run only after the prompt (`deferred`): the holder runs a node after the slow
+    one before the slow node's store claims its lease. ComfyUI said a store is coming (should_cache with the
+    value), so the lease is kept through that node, not given up as "no value coming" (the waiter then computed)."""
+    procs = fleet(tmp_path, 2, "--store-tasks", "deferred")
+    cleanup.extend(procs)
+    prompt = slow_prompt(1500)
+    prompt["after"] = {"class_type": "SlowBlur", "inputs": {"image": ["slow", 0], "seed": 3, "delay": 0.0}}
+    results = at_once(procs, [prompt] * 2)
+    assert all(r["errors"] == [] and r["failed"] == [] for r in results)
+    ran = [i for i, r in enumerate(results) if "slow" in r["executed"]]
+    assert len(ran) == 1, f"the slow node ran on {ran}"
+    assert len({str(r["outputs"]["after"]) for r in results}) == 1
+    assert sum(provider_stats(p)["provider_dedupe_takeovers"] for p in procs) == 0
+
+
 def holder_then_waiter(tmp_path: Path, cleanup: list, prompt: Any, *args: str, owner: str = ""
                        ) -> tuple[HarnessProcess, HarnessProcess, futures.Future, futures.Future, float, futures.Executor]:
     """A starts the prompt and takes the lease on its slow node; then B starts it and waits for A. `prompt`: a
@@ -246,6 +262,30 @@ def test_a_slow_store_is_waited_for_and_served(tmp_path: Path, cleanup: list) ->
     assert result["errors"] == [] and "slow" in result["provider_hits"] and "slow" not in result["executed"]
     assert str(result["outputs"]["slow"]) == str(ra.result()["outputs"]["slow"])
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_a_waiter_whose_class_history_underestimates_the_key_waits_for_a_live_holder(tmp_path: Path,
+                                                                                    cleanup: list) -> None:
+    """B has run this class type only fast (0.2 s), so its guess for a never-seen key of it is 0.2 s plus the
+    hand-over; A computes that key for 4 s and renews its lease. B must not give up on A and compute too (it
+    would finish after A): it waits for the live holder and is served A's value."""
+    a, b = fleet(tmp_path, 2)
+    cleanup.extend([a, b])
+    warm = b.run(60, prompt=slow_prompt(7000, delay=0.2))
+    assert warm["errors"] == [] and "slow" in warm["executed"]
+    prompt = slow_prompt(7100, delay=4.0)
+    key = slow_key(a, prompt)
+    with futures.ThreadPoolExecutor(2) as pool:
+        ra = pool.submit(a.run, 120, prompt=prompt)
+        poll(lambda: lease_holder(b.address, key).startswith("c0:"), "A holds the lease on the slow node",
+             timeout=20)
+        rb = pool.submit(b.run, 120, prompt=prompt)
+        result, got_a = rb.result(timeout=60), ra.result(timeout=60)
+    assert got_a["errors"] == [] and "slow" in got_a["executed"]
+    assert result["errors"] == [] and "slow" not in result["executed"], "B gave up on a live holder and computed"
+    assert "slow" in result["provider_hits"] and result["outputs"]["slow"] == got_a["outputs"]["slow"]
+    stats = provider_stats(b)
+    assert stats["provider_dedupe_waits"] == 1 and stats["provider_dedupe_wait_timeouts"] == 0
 
 
 @pytest.mark.parametrize("store_tasks", ["immediate", "deferred"])
