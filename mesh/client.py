@@ -25,7 +25,7 @@ from mesh.membership.driver import ring_weights
 from mesh.node import Node
 from mesh.transport.peer import MeshError, PeerClient, Unreachable
 from mesh.transport.peers import PeerPool
-from mesh.cluster.leases import DONE, GRANTED, HELD, RELEASED, Answer
+from mesh.cluster.leases import COMPUTE, DONE, GRANTED, HELD, RELEASED, Answer
 from mesh.cluster.ring import Ring
 from mesh.pb import mesh_pb2 as pb
 from mesh.storage.store import Entry, fresh_write_id
@@ -55,17 +55,19 @@ class MeshClient(Protocol):
     def stats(self) -> dict[str, float]: ...
     def report(self, reporter: str, counters: Mapping[str, float], timeout: float) -> None: ...
     def lease(self, key: str, holder: str, timeout: float, *, release: bool = False, done: bool = False,
-              ttl: float = 0.0, expected: float = 0.0) -> Answer: ...
+              ttl: float = 0.0, expected: float = 0.0, uncached: bool = False) -> Answer: ...
     def close(self) -> None: ...
 
 
-def lease_request(key: str, holder: str, release: bool, done: bool, ttl: float, expected: float) -> pb.LeaseRequest:
+def lease_request(key: str, holder: str, release: bool, done: bool, ttl: float, expected: float,
+                  uncached: bool = False) -> pb.LeaseRequest:
     """A compute-lease call (mesh/cluster/leases.py): acquire (or renew) unless `release`."""
     return pb.LeaseRequest(key=key, holder=holder, op=pb.LEASE_RELEASE if release else pb.LEASE_ACQUIRE,
-                           ttl=ttl, done=done, expected_seconds=expected)
+                           ttl=ttl, done=done, expected_seconds=expected, uncached=uncached)
 
 
-_STATES = {pb.LEASE_GRANTED: GRANTED, pb.LEASE_HELD: HELD, pb.LEASE_DONE: DONE, pb.LEASE_RELEASED: RELEASED}
+_STATES = {pb.LEASE_GRANTED: GRANTED, pb.LEASE_HELD: HELD, pb.LEASE_DONE: DONE, pb.LEASE_RELEASED: RELEASED,
+           pb.LEASE_COMPUTE: COMPUTE}
 
 
 class NodeStopped(Unreachable):
@@ -124,10 +126,10 @@ class LocalClient:
         return out
 
     def lease(self, key: str, holder: str, timeout: float, *, release: bool = False, done: bool = False,
-              ttl: float = 0.0, expected: float = 0.0) -> Answer:
+              ttl: float = 0.0, expected: float = 0.0, uncached: bool = False) -> Answer:
         """A compute lease at the key's primary owner (this node's table, or asked of the owner)."""
         self._live()
-        return self.cluster.lease(lease_request(key, holder, release, done, ttl, expected), timeout)
+        return self.cluster.lease(lease_request(key, holder, release, done, ttl, expected, uncached), timeout)
 
     def report(self, reporter: str, counters: Mapping[str, float], timeout: float) -> None:
         pass  # in-process: the node reads the provider's counters itself (MeshServicer.stats_sources)
@@ -240,9 +242,9 @@ class RemoteClient:
                                                          compute_seconds=compute_seconds).replicas, timeout)
 
     def lease(self, key: str, holder: str, timeout: float, *, release: bool = False, done: bool = False,
-              ttl: float = 0.0, expected: float = 0.0) -> Answer:
+              ttl: float = 0.0, expected: float = 0.0, uncached: bool = False) -> Answer:
         """A compute lease, routed by the sidecar (or, while it is down, another member) to the key's owner."""
-        request = lease_request(key, holder, release, done, ttl, expected)
+        request = lease_request(key, holder, release, done, ttl, expected, uncached)
         reply = self._routed(lambda client, t: client.lease(request, timeout=t), timeout)
         return Answer(_STATES.get(reply.state, HELD), reply.holder, reply.held_seconds, reply.ttl_left,
                       reply.expected_seconds, reply.owner)

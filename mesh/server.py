@@ -585,7 +585,7 @@ class MeshServicer(pb_grpc.MeshServicer):
 
 
 _LEASE_STATES = {"granted": pb.LEASE_GRANTED, "held": pb.LEASE_HELD, "done": pb.LEASE_DONE,
-                 "released": pb.LEASE_RELEASED}
+                 "released": pb.LEASE_RELEASED, "compute": pb.LEASE_COMPUTE}
 
 
 def _short(key: str, limit: int = 80) -> str:

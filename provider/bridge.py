@@ -84,7 +84,8 @@ class _Store:
     meta: Mapping[str, str]
     compute_seconds: float | None = None  # measured (provider/costs.py), or None: unknown
     queued_at: float = field(default_factory=time.monotonic)
-    done: Callable[[bool], None] | None = None  # told whether the value is in the mesh once the push ended
+    done: Callable[[bool, bool], None] | None = None  # (stored, never: it will not be) once the push ended
+    never: bool = False                               # the value is not for the mesh at all (refused, cheap)
 
 
 FETCH_WEIGHT = 0.2           # of a new measurement in FetchCost's means
@@ -273,11 +274,11 @@ class Bridge:
     # -- stores ------------------------------------------------------------------------------------------------
 
     def store(self, key: str, tree: object, meta: Mapping[str, str], compute_seconds: float | None = None,
-              done: Callable[[bool], None] | None = None) -> bool:
+              done: Callable[[bool, bool], None] | None = None) -> bool:
         """Queue a value for the mesh and return at once; False (counted) if the queue is full. `compute_seconds`:
-        what computing it cost here (None: not measured, stored with no cost). `done(stored)` is called on the
-        store thread once the push ended (a compute lease is released then: provider/dedupe.py), unless this
-        returns False."""
+        what computing it cost here (None: not measured, stored with no cost). `done(stored, never)` is called on
+        the store thread once the push ended (a compute lease is released then: provider/dedupe.py; `never`: the
+        value is not for the mesh at all, refused or too cheap to keep), unless this returns False."""
         if self._closed.is_set():
             return False
         try:
@@ -321,7 +322,7 @@ class Bridge:
         finally:
             if item.done is not None:
                 try:
-                    item.done(ok)
+                    item.done(ok, item.never)
                 except Exception:
                     log.debug("store callback failed", exc_info=True)
 
@@ -336,10 +337,12 @@ class Bridge:
             data = self.encode(item.tree, item.meta)
             if data is None:
                 self._count("stores_refused")
+                item.never = True
                 return False
             if self.skip_cheap and item.compute_seconds is not None \
                     and item.compute_seconds <= self.fetch_cost.seconds(len(data)):
                 self._count("stores_cheap")  # a hit would cost more than computing it again
+                item.never = True
                 return False  # not in the mesh: a waiter (dedupe) computes it itself
             # A measured 0 s is not "unknown" (0 on the wire): the smallest positive cost says "cheap".
             cost = 0.0 if item.compute_seconds is None else max(item.compute_seconds, 1e-6)

@@ -371,10 +371,10 @@ class MeshCacheProvider:
                 seconds = self.costs.finish(key)  # None: not seen computed here (then stored with no cost)
             dedupe = self.dedupe
             claimed = dedupe is not None and dedupe.claim(key)  # its lease is released once the value is stored
-            done = (lambda ok, k=key: dedupe.stored(k, ok)) if claimed and dedupe is not None else None
+            done = (lambda ok, never, k=key: dedupe.stored(k, ok, never)) if claimed and dedupe is not None else None
             queued = self.bridge.store(key, value_tree(value.outputs, value.ui), meta, seconds, done=done)
             if not queued and done is not None:
-                done(False)
+                done(False, False)
             with self._lock:
                 self.totals["stores" if queued else "stores_dropped"] += 1
         except Exception:

@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mesh.client import MeshClient
-from mesh.cluster.leases import DONE, GRANTED, HELD, Answer
+from mesh.cluster.leases import COMPUTE, DONE, GRANTED, HELD, Answer
 
 from .costs import ComputeCosts
 
@@ -114,6 +114,7 @@ class DedupeCounters:
     lease_errors: int = 0      # lease calls that failed or timed out (then computed without a lease)
     skipped: int = 0           # pre-execution misses computed without asking: the mesh was just unreachable
     cheap: int = 0             # pre-execution misses of nodes known to be cheap here: computed without a lease
+    uncached: int = 0          # ... of nodes whose holder said its value is not stored: computed at once
     wait_seconds: float = 0.0
     saved_seconds: float = 0.0  # compute seconds this instance did not spend, thanks to the waits that hit
 
@@ -170,6 +171,9 @@ class Dedupe:
             return None
         if answer.state == DONE:
             return await self._take(key, class_type, fetch, 0.0, answer)
+        if answer.state == COMPUTE:  # its holder will not store it: nobody's value to wait for
+            self._count("uncached")
+            return None
         return await self._wait(key, class_type, prompt, fetch, answer)
 
     async def _wait(self, key: str, class_type: str, prompt: str, fetch: Callable[[], Awaitable[Any]],
@@ -203,6 +207,9 @@ class Dedupe:
                     return None
                 if answer.state == DONE:
                     return await self._take(key, class_type, fetch, time.monotonic() - started, answer)
+                if answer.state == COMPUTE:  # the holder computed it and will not store it: compute here, now
+                    self._count("uncached")
+                    return None
         finally:
             waited = time.monotonic() - started
             self.prompt_wait_seconds += waited
@@ -275,9 +282,10 @@ class Dedupe:
             held.claimed = True
             return True
 
-    def stored(self, key: str, ok: bool) -> None:
-        """The claimed store of `key` finished: release the lease, as done when the value is in the mesh."""
-        self._release(key, ok)
+    def stored(self, key: str, ok: bool, uncached: bool = False) -> None:
+        """The claimed store of `key` finished: release the lease, as done when the value is in the mesh, as
+        `uncached` when it never will be (too cheap to keep, not cacheable): then waiters compute at once."""
+        self._release(key, ok, uncached)
 
     def _release_unclaimed(self, prompt: str, current: str, waiting: bool = False) -> None:
         """Release the prompt's earlier leases no store claimed: those whose value is not coming, and, when
@@ -299,18 +307,18 @@ class Dedupe:
         self.prompt_waits = 0
         self.prompt_wait_seconds = 0.0
 
-    def _release(self, key: str, done: bool) -> None:
+    def _release(self, key: str, done: bool, uncached: bool = False) -> None:
         with self._lock:
             if self._held.pop(key, None) is None:
                 return
         try:
-            self._pool.submit(self._call_release, key, done)
+            self._pool.submit(self._call_release, key, done, uncached)
         except RuntimeError:
             pass  # closed: the lease lapses on its own within TTL
 
-    def _call_release(self, key: str, done: bool) -> None:
+    def _call_release(self, key: str, done: bool, uncached: bool = False) -> None:
         try:
-            self.client.lease(key, self.holder, self.call_timeout, release=True, done=done)
+            self.client.lease(key, self.holder, self.call_timeout, release=True, done=done, uncached=uncached)
         except Exception as e:  # the lease lapses on its own within TTL
             log.debug("release of lease on %s failed: %r", key, e)
 

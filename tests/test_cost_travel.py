@@ -128,16 +128,17 @@ def test_a_value_too_cheap_to_keep_is_not_put_and_says_so_to_its_lease() -> None
     from tests.support.comfy_harness import parser, start_runtime
 
     rt = start_runtime(parser().parse_args(["--secret", "s"]))
-    told: dict[str, bool] = {}
+    told: dict[str, tuple[bool, bool]] = {}
     bridge = Bridge(LocalClient(rt.node), encode=lambda tree, meta: codec.encode(tree),
                     decoder=codec.StreamDecoder, lookup_timeout=1, store_timeout=5, store_queue=16)
     try:
         bridge.fetch_cost = FetchCost(fixed=0.01)
         for key, seconds in (("cheap", 0.002), ("dear", 0.5), ("unknown", None)):
             assert bridge.store(key, [key], {"class_type": "X"}, seconds,
-                                done=lambda ok, k=key: told.__setitem__(k, ok))
+                                done=lambda ok, never, k=key: told.__setitem__(k, (ok, never)))
         assert bridge.flush(10)
-        assert told == {"cheap": False, "dear": True, "unknown": True}
+        # the cheap value is not stored, and never will be: its lease is released as such (waiters compute now)
+        assert told == {"cheap": (False, True), "dear": (True, False), "unknown": (True, False)}
         assert bridge.counters.stores_cheap == 1 and bridge.counters.stores == 2
         assert rt.node.store.header("cheap") is None
         assert rt.node.store.header("dear").compute_seconds == 0.5  # type: ignore[union-attr]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mesh.cluster import leases
-from mesh.cluster.leases import DONE, GRANTED, HELD, RELEASED, LeaseTable
+from mesh.cluster.leases import COMPUTE, DONE, GRANTED, HELD, RELEASED, LeaseTable
 from mesh.pb import mesh_pb2 as pb
 from mesh.transport.peer import Refused
 from tests.support.localmesh import LocalMesh
@@ -48,6 +48,20 @@ def test_the_holder_renews_and_a_lapsed_lease_goes_to_the_next_asker() -> None:
     assert (answer.state, answer.holder) == (GRANTED, "b")
     assert t.stats()["lease_expired"] == 1
     assert t.acquire("k", "a", 3.0).state == HELD  # the old holder lost it
+
+
+def test_a_value_its_holder_will_not_store_is_answered_compute_for_a_while() -> None:
+    """The holder's value is too cheap to keep or not cacheable: everyone computes it now, in parallel, instead
+    of the next waiter being granted it, computing, not storing either, while the rest wait again."""
+    t, clock = table()
+    t.acquire("k", "a", 3.0)
+    assert t.release("k", "b", uncached=True).state == RELEASED  # not the holder: says nothing
+    assert t.acquire("k", "b", 3.0).state == HELD
+    t.release("k", "a", uncached=True)
+    assert t.acquire("k", "b", 3.0).state == COMPUTE and t.acquire("k", "c", 3.0).state == COMPUTE
+    assert t.stats()["lease_uncached"] == 2
+    clock.now += leases.DONE_TTL + 0.1  # a while later (other inputs, another size): leased as usual again
+    assert t.acquire("k", "b", 3.0).state == GRANTED
 
 
 def test_release_frees_the_key_only_for_its_holder() -> None:
@@ -108,3 +122,52 @@ def test_the_lease_rpc_meets_at_the_keys_owner_from_every_node() -> None:
         finally:
             a.close()
             b.close()
+
+
+def test_instances_compute_a_value_nobody_stores_side_by_side_not_in_turns() -> None:
+    """Three instances at one node whose value is not stored (too cheap to keep, not cacheable), through the
+    real table and the provider's Dedupe: the holder's release says so, and the waiters compute at once. Without
+    it each waited for the one before: 0.4 s of compute took three times as long (found by review)."""
+    import asyncio
+    import time
+    from collections import deque
+
+    from provider.costs import ComputeCosts
+    from provider.dedupe import Dedupe
+
+    t = LeaseTable(lambda k: False)
+
+    class Client:
+        def lease(self, key: str, holder: str, timeout: float, *, release: bool = False, done: bool = False,
+                  ttl: float = 0.0, expected: float = 0.0, uncached: bool = False) -> leases.Answer:
+            return t.release(key, holder, done, uncached) if release else t.acquire(key, holder, ttl, expected)
+
+    compute = 1.0
+
+    async def instance(i: int, t0: float) -> tuple[float, float]:
+        costs = ComputeCosts()
+        costs._recent.setdefault("Upscale", deque()).append(compute)  # the class took `compute` here before
+        d = Dedupe(Client(), costs, max_wait=60.0, holder=f"i{i}")  # type: ignore[arg-type]
+
+        async def fetch() -> None:
+            return None
+
+        try:
+            await d.before_compute("k", "Upscale", f"p{i}", fetch)
+            start = time.monotonic() - t0
+            await asyncio.sleep(compute)  # the node runs
+            if d.claim("k"):
+                d.stored("k", False, True)  # not stored, and never will be
+            return start, time.monotonic() - t0
+        finally:
+            d.close()
+
+    async def main() -> list[tuple[float, float]]:
+        t0 = time.monotonic()
+        return list(await asyncio.gather(*(instance(i, t0) for i in range(3))))
+
+    runs = sorted(asyncio.run(main()))
+    waiters = runs[1:]  # they waited for the holder's value, then learnt it is not coming: all compute now
+    assert max(start for start, _ in waiters) < min(end for _, end in waiters), runs  # side by side, not in turns
+    # ... and as soon as the holder said so (a poll or two), not when their wait for its value ran out
+    assert max(start for start, _ in waiters) < runs[0][1] + compute / 2, runs

@@ -15,6 +15,11 @@ Why it cannot stall anyone:
   next asker is granted a fresh one and computes too. A duplicate computation, never a stall or a wrong value:
   a lease decides only who computes, never what a value is.
 
+A holder whose value will not be stored at all (too cheap to keep, not cacheable) releases with `uncached`: the
+key is then answered COMPUTE for DONE_TTL seconds, and every waiter computes it at once, in parallel. Without
+it the next waiter would be granted the lease, compute, not store either, and the next would wait for it: the
+instances would take turns at a node that none of them can share.
+
 A holder that stored the value releases with `done`: the key is then answered DONE for DONE_TTL seconds, even
 if the value is not (yet) in this node's store (a put returns once one owner holds it; the copy to this owner
 may still be on its way), so waiters read it from the mesh rather than compute it again.
@@ -38,7 +43,7 @@ MIN_TTL = 0.5
 DONE_TTL = 30.0      # seconds a released-as-stored key is answered DONE without the value here
 MAX_HOLDER = 200     # bytes of a holder name
 
-GRANTED, HELD, DONE, RELEASED = "granted", "held", "done", "released"
+GRANTED, HELD, DONE, RELEASED, COMPUTE = "granted", "held", "done", "released", "compute"
 
 
 @dataclass
@@ -69,9 +74,10 @@ class LeaseTable:
         self._lock = threading.Lock()
         self._leases: OrderedDict[str, Lease] = OrderedDict()   # oldest grant first
         self._done: OrderedDict[str, float] = OrderedDict()     # key -> when it was released as stored
+        self._uncached: OrderedDict[str, float] = OrderedDict()  # key -> when its holder said it is not stored
         self.counters: dict[str, int] = {"lease_granted": 0, "lease_renewed": 0, "lease_released": 0,
                                          "lease_expired": 0, "lease_done": 0, "lease_held": 0,
-                                         "lease_dropped": 0}
+                                         "lease_dropped": 0, "lease_uncached": 0}
 
     def acquire(self, key: str, holder: str, ttl: float, expected_seconds: float = 0.0) -> Answer:
         """Grant (or renew, for its holder) the lease on `key`; HELD naming another live holder; DONE when
@@ -85,6 +91,9 @@ class LeaseTable:
                     del self._leases[key]
                 self.counters["lease_done"] += 1
                 return Answer(DONE)
+            if self._is_uncached(key, now):
+                self.counters["lease_uncached"] += 1
+                return Answer(COMPUTE)
             if lease is not None and lease.expires_at <= now:
                 del self._leases[key]
                 self.counters["lease_expired"] += 1
@@ -103,20 +112,33 @@ class LeaseTable:
             self._trim(now)
             return Answer(GRANTED, holder, 0.0, ttl, expected_seconds)
 
-    def release(self, key: str, holder: str, done: bool = False) -> Answer:
-        """Give the lease back (only its holder can); `done`: the value was stored, answer DONE for a while."""
+    def release(self, key: str, holder: str, done: bool = False, uncached: bool = False) -> Answer:
+        """Give the lease back (only its holder can); `done`: the value was stored, answer DONE for a while;
+        `uncached` (from its holder only): the value will not be stored, answer COMPUTE for a while."""
         now = self._clock()
         with self._lock:
             lease = self._leases.get(key)
             if lease is not None and lease.holder == holder:
                 del self._leases[key]
                 self.counters["lease_released"] += 1
+                if uncached and not done:
+                    self._uncached[key] = now
+                    self._uncached.move_to_end(key)
+                    while len(self._uncached) > MAX_DONE:
+                        self._uncached.popitem(last=False)
             if done:
                 self._done[key] = now
                 self._done.move_to_end(key)
                 while len(self._done) > MAX_DONE:
                     self._done.popitem(last=False)
         return Answer(RELEASED)
+
+    def _is_uncached(self, key: str, now: float) -> bool:
+        at = self._uncached.get(key)
+        if at is not None and now - at > DONE_TTL:
+            del self._uncached[key]
+            return False
+        return at is not None
 
     def _is_done(self, key: str, now: float) -> bool:
         at = self._done.get(key)

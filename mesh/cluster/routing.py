@@ -35,7 +35,8 @@ from mesh.transport.wire import Tee
 
 log = logging.getLogger(__name__)
 
-_STATES = {pb.LEASE_GRANTED: "granted", pb.LEASE_HELD: "held", pb.LEASE_DONE: "done", pb.LEASE_RELEASED: "released"}
+_STATES = {pb.LEASE_GRANTED: "granted", pb.LEASE_HELD: "held", pb.LEASE_DONE: "done", pb.LEASE_RELEASED: "released",
+           pb.LEASE_COMPUTE: "compute"}
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,7 @@ class Cluster:
     def lease_local(self, request: pb.LeaseRequest) -> Answer:
         """This node's own table answers (it is the owner asked)."""
         if request.op == pb.LEASE_RELEASE:
-            answer = self.leases.release(request.key, request.holder, request.done)
+            answer = self.leases.release(request.key, request.holder, request.done, request.uncached)
         else:
             answer = self.leases.acquire(request.key, request.holder, request.ttl, request.expected_seconds)
         return replace(answer, owner=self.node_id)

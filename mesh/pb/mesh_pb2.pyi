@@ -30,6 +30,7 @@ class LeaseState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LEASE_HELD: _ClassVar[LeaseState]
     LEASE_DONE: _ClassVar[LeaseState]
     LEASE_RELEASED: _ClassVar[LeaseState]
+    LEASE_COMPUTE: _ClassVar[LeaseState]
 CHUNK_RAW: ChunkCodec
 CHUNK_LZ4: ChunkCodec
 CHUNK_LZ4_PLANES4: ChunkCodec
@@ -43,6 +44,7 @@ LEASE_GRANTED: LeaseState
 LEASE_HELD: LeaseState
 LEASE_DONE: LeaseState
 LEASE_RELEASED: LeaseState
+LEASE_COMPUTE: LeaseState
 
 class BlobHeader(_message.Message):
     __slots__ = ("key", "raw_size", "stored_size", "codec", "chunk_size", "chunk_count", "checksum", "meta", "created_unix", "write_id", "writers", "compute_seconds")
@@ -379,7 +381,7 @@ class DrainReply(_message.Message):
     def __init__(self, handed_off: _Optional[int] = ..., failed: _Optional[int] = ...) -> None: ...
 
 class LeaseRequest(_message.Message):
-    __slots__ = ("key", "holder", "op", "ttl", "done", "local_only", "expected_seconds")
+    __slots__ = ("key", "holder", "op", "ttl", "done", "local_only", "expected_seconds", "uncached")
     KEY_FIELD_NUMBER: _ClassVar[int]
     HOLDER_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
@@ -387,6 +389,7 @@ class LeaseRequest(_message.Message):
     DONE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ONLY_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UNCACHED_FIELD_NUMBER: _ClassVar[int]
     key: str
     holder: str
     op: LeaseOp
@@ -394,7 +397,8 @@ class LeaseRequest(_message.Message):
     done: bool
     local_only: bool
     expected_seconds: float
-    def __init__(self, key: _Optional[str] = ..., holder: _Optional[str] = ..., op: _Optional[_Union[LeaseOp, str]] = ..., ttl: _Optional[float] = ..., done: bool = ..., local_only: bool = ..., expected_seconds: _Optional[float] = ...) -> None: ...
+    uncached: bool
+    def __init__(self, key: _Optional[str] = ..., holder: _Optional[str] = ..., op: _Optional[_Union[LeaseOp, str]] = ..., ttl: _Optional[float] = ..., done: bool = ..., local_only: bool = ..., expected_seconds: _Optional[float] = ..., uncached: bool = ...) -> None: ...
 
 class LeaseReply(_message.Message):
     __slots__ = ("state", "holder", "held_seconds", "ttl_left", "expected_seconds", "owner")

@@ -553,7 +553,7 @@ class PeerClient:
         if local_only != request.local_only:
             request = pb.LeaseRequest(key=request.key, holder=request.holder, op=request.op, ttl=request.ttl,
                                       done=request.done, local_only=local_only,
-                                      expected_seconds=request.expected_seconds)
+                                      expected_seconds=request.expected_seconds, uncached=request.uncached)
         return self._unary("Lease", request, timeout)  # type: ignore[return-value]
 
     def delete(self, keys: list[str], timeout: float | None = None, local_only: bool = False) -> int:
