@@ -226,6 +226,7 @@ class MeshCacheProvider:
                     if found is not None:
                         value = self._to_cache_value(found.value)
                         prompt.hits += 1
+                        prompt.repeats += 1  # its first lookup's miss is superseded: one node, served
                         prompt.bytes += found.size
                         prompt.compute_seconds_saved += found.compute_seconds
                         outcome = 1

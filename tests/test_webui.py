@@ -326,3 +326,49 @@ def status_of(rt: Any) -> dict[str, Any]:
             await client.close()
 
     return asyncio.run(go())
+
+
+def test_a_node_served_after_a_dedupe_wait_is_marked_and_counted_once_as_served() -> None:
+    """Its prompt-start lookup missed, its pre-execution lookup was served another instance's value after a
+    wait: one served event, and the panel counts one node, served (not a miss and a hit)."""
+    import types
+
+    from provider.bridge import Found
+    from provider.cache_provider import MeshCacheProvider
+    from provider.dedupe import DedupeCounters
+    from provider.policy import Policy
+    from provider.status import provider_part
+
+    class Bridge:
+        counters = types.SimpleNamespace(stores=0, stores_dropped=0, store_errors=0, breaker_trips=0)
+
+        def submit(self, batch: list[Any]) -> None:
+            for _, future in batch:
+                future.set_result(None)  # a miss at the prompt-start lookup
+
+    class Dedupe:
+        counters = DedupeCounters()
+
+        async def before_compute(self, key: str, class_type: str, prompt: str, fetch: Any) -> Found:
+            return Found({"outputs": [[1]], "ui": None}, 10, {}, ("gpu2",), 5.0)  # computed meanwhile by gpu2
+
+        def prompt_end(self, prompt: str) -> None:
+            pass
+
+    p = MeshCacheProvider(Bridge(), Policy(lambda c: None), namespace="ns",  # type: ignore[arg-type]
+                          cache_value=lambda outputs, ui: ("VALUE", outputs), lookup_timeout=1.0)
+    p.dedupe = Dedupe()  # type: ignore[assignment]
+    served: list[Any] = []
+    p.on_served = served.append
+    ctx = types.SimpleNamespace(cache_key_hash="abc", class_type="KSampler", node_id="3")
+
+    async def prompt() -> list[Any]:
+        p.on_prompt_start("P1")
+        answers = [await p.on_lookup(ctx), await p.on_lookup(ctx)]
+        p.on_prompt_end("P1")
+        return answers
+
+    assert asyncio.run(prompt()) == [None, ("VALUE", [[1]])]
+    assert [(e.node_id, e.member, e.saved_seconds) for e in served] == [("3", "gpu2", 5.0)]
+    part = provider_part(types.SimpleNamespace(provider=p))  # type: ignore[arg-type]
+    assert (part["hits"], part["misses"], part["hit_ratio"]) == (1, 0, 1.0)
