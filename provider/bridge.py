@@ -67,12 +67,11 @@ class Decoder(Sink, Protocol):
 @dataclass(frozen=True)
 class Found:
     """A lookup's answer when the key was there: the decoded value, the size of the blob it came from, and what
-    its header says about it (meta such as the compute time it cost its writer; writers, oldest first), so the
-    web page can say where a served node came from and what it saved."""
+    its header says about it (writers, oldest first; the compute time it cost its writer), so the web page can
+    say where a served node came from and what it saved."""
 
     value: object
     size: int
-    meta: Mapping[str, str] = field(default_factory=dict)
     writers: tuple[str, ...] = ()
     compute_seconds: float = 0.0  # what computing it cost its writer (0: unknown): the compute this hit saved
 
@@ -258,10 +257,9 @@ class Bridge:
             return
         self.fetch_cost.measured(time.monotonic() - started, size)
         self._count("bytes_in", size)
-        meta = dict(getattr(header, "meta", None) or {})
         writers = tuple(getattr(header, "writers", None) or ())
         compute = float(getattr(header, "compute_seconds", 0.0) or 0.0)
-        self._finish(waiting, Found(value, size, meta, writers, compute), "hits")
+        self._finish(waiting, Found(value, size, writers, compute), "hits")
 
     def _finish(self, waiting: list[futures.Future[Found | None]], value: Found | None, counter: str) -> None:
         self._count(counter, len(waiting))

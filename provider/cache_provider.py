@@ -27,7 +27,6 @@ import asyncio
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent import futures
 from dataclasses import asdict, dataclass, field
@@ -44,7 +43,6 @@ from .identity import Identity, KeyIdentities
 from .policy import Policy, value_tree
 
 MAX_CLASS_TYPES = 512
-MAX_MEASURED = 4096  # compute times kept until their values are stored
 log = logging.getLogger("comfy_mesh")
 
 CONTENT = "comfy-value/1"
@@ -148,7 +146,6 @@ class MeshCacheProvider:
         self.identities: KeyIdentities | None = None
         self.costs = ComputeCosts()  # what each key took to compute here (see the module docstring)
         self._running: str | None = None  # the key whose node runs now: its last lookup missed
-        self._measured: OrderedDict[str, float] = OrderedDict()  # key -> seconds, until its store (bounded)
         # class type -> [lookups, hits, misses, errors, lookup seconds, bytes of hits, compute seconds saved],
         # for per-class metrics (bounded)
         self.by_class: dict[str, list[float]] = {}
@@ -195,12 +192,7 @@ class MeshCacheProvider:
         key, self._running = self._running, None
         if key is None:
             return
-        seconds = self.costs.finish(key)
-        if seconds is not None:
-            self._measured[key] = seconds
-            self._measured.move_to_end(key)
-            while len(self._measured) > MAX_MEASURED:
-                self._measured.popitem(last=False)
+        self.costs.finish(key)  # learnt there, per key: what its store sends with the value
 
     async def on_lookup(self, context: Any) -> Any:
         started = time.perf_counter()
@@ -367,9 +359,9 @@ class MeshCacheProvider:
             meta = {"class_type": str(context.class_type), "content": CONTENT}
             if identity is not None:
                 meta["identity"] = identity.describe()  # what `mesh keys` and `mesh get --describe` show
-            seconds = self._measured.pop(key, None)
+            seconds = self.costs.finish(key)  # still running by our count: the store came before the next lookup
             if seconds is None:
-                seconds = self.costs.finish(key)  # None: not seen computed here (then stored with no cost)
+                seconds = self.costs.measured(key)  # None: not computed here (then stored with no cost)
             dedupe = self.dedupe
             claimed = dedupe is not None and dedupe.claim(key)  # its lease is released once the value is stored
             done = (lambda ok, never, k=key: dedupe.stored(k, ok, never)) if claimed and dedupe is not None else None

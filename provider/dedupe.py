@@ -221,7 +221,9 @@ class Dedupe:
         found = await fetch()
         if found is None:
             return None  # said done, yet not readable (evicted, its owner just went): compute
-        saved = self.costs.expected(class_type, key) or answer.expected_seconds or waited
+        # What the wait saved: the value's cost as its writer measured it (the figure hits count too), else ours.
+        saved = getattr(found, "compute_seconds", 0.0) or self.costs.expected(class_type, key) \
+            or answer.expected_seconds or waited
         with self._lock:
             self.counters.wait_hits += 1
             self.counters.saved_seconds += saved

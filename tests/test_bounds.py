@@ -246,7 +246,7 @@ def test_one_source_host_leaves_room_for_another(serve: Callable[..., ServeProce
     source (::1, the same node listening on both), health, an older client's Hello (a message, not headers),
     Ping and Stats answer every time."""
     port = free_port()
-    node = serve("--node-id", "n", "--listen", f"[::]:{port}", "--advertise", f"127.0.0.1:{port}")
+    serve("--node-id", "n", "--listen", f"[::]:{port}", "--advertise", f"127.0.0.1:{port}")
     v4, v6 = f"127.0.0.1:{port}", f"[::1]:{port}"
     proofs = [one_session(v4) for _ in range(40)]
     squats = [Squat(v4, 16, lambda i: ("/grpc.health.v1.Health/Check", (), ())),

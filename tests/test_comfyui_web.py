@@ -23,7 +23,7 @@ import shutil
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +39,18 @@ if not CHROMIUM or not DRIVER:
     pytest.skip("no chromium/chromedriver: apt-get install -y chromium chromium-driver", allow_module_level=True)
 
 from scripts.comfyui_e2e import Instance, free_port, http, workflow  # noqa: E402
+from tests.support.poll import poll  # noqa: E402
 
 PAGE_TIMEOUT = 120.0
 SLOW_NODE = "2"  # workflow(): 1 EmptyImage -> 2 MeshE2ESlowBlur -> 3 ImageInvert -> 4 PreviewImage
 
 
-def wait_for(check: Callable[[], Any], what: str, timeout: float) -> Any:
-    """Poll `check` until it returns something truthy (returned), at most `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout} s: {what}")
-        time.sleep(0.25)
+def drawn(browser: Any) -> None:
+    """Return once the page has drawn two more frames (the canvas redraws on the next one): what a screenshot
+    needs, asked of the browser instead of guessed with a sleep."""
+    browser.set_script_timeout(10)
+    browser.execute_async_script(
+        "const done = arguments[arguments.length - 1]; requestAnimationFrame(() => requestAnimationFrame(done));")
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +115,7 @@ def open_page(driver: Any, inst: Instance) -> None:
     # A first visit opens the templates browser over the canvas; a user who has seen it does not get it.
     set_setting(inst, "Comfy.TutorialCompleted", True)
     driver.get(inst.url)
-    wait_for(lambda: driver.execute_script(
+    poll(lambda: driver.execute_script(
         "return !!(window.comfyAPI?.app?.app?.graph && window.comfyMesh && window.LGraphBadge)"),
         "the frontend and the comfy-mesh extension loaded", PAGE_TIMEOUT)
 
@@ -158,7 +155,7 @@ def test_b_page_marks_the_nodes_served_from_the_mesh_and_lists_both_members(
 
     open_page(browser, b)
     queue_on_page(browser, workflow(seed), shots)
-    served = wait_for(lambda: browser.execute_script(
+    served = poll(lambda: browser.execute_script(
         "const s = window.comfyMesh.served.get(arguments[0]); return s ? JSON.stringify(s) : null", SLOW_NODE),
         "a comfy-mesh.served event for the slow node on B's page", PAGE_TIMEOUT)
     served = json.loads(served)
@@ -179,16 +176,16 @@ def test_b_page_marks_the_nodes_served_from_the_mesh_and_lists_both_members(
     for value in (False, True):
         browser.execute_script("window.comfyAPI.app.app.extensionManager.setting.set('ComfyMesh.Enabled', arguments[0])",
                                value)
-        wait_for(lambda: b_settings(b)["enabled"] is value, f"the provider's policy enabled={value}", 15)
+        poll(lambda: b_settings(b)["enabled"] is value, f"the provider's policy enabled={value}", 15)
 
     browser.find_element("css selector", ".comfy-mesh-tab-button").click()
-    rows = wait_for(lambda: browser.execute_script(
+    rows = poll(lambda: browser.execute_script(
         "return [...document.querySelectorAll('#comfy-mesh-members tr[data-member]')]"
         ".map(r => [r.dataset.member, r.dataset.state])"), "the Mesh panel's members", 30)
     assert dict(rows) == {"comfy-a": "ALIVE", "comfy-b": "ALIVE"}
     text = browser.find_element("id", "comfy-mesh-panel").text
     assert "hit ratio" in text and "compute saved" in text and "memory:" in text
-    time.sleep(0.5)  # one frame of the canvas: a screenshot, not a condition
+    drawn(browser)
     browser.save_screenshot(str(shots / "webui-panel.png"))
     browser.set_window_size(1800, 330)
     browser.find_element("css selector", ".comfy-mesh-tab-button").click()  # closed: the canvas alone
@@ -197,7 +194,7 @@ def test_b_page_marks_the_nodes_served_from_the_mesh_and_lists_both_members(
         [...app.graph.nodes].sort((x, y) => x.id - y.id).forEach((n, i) => { n.pos = [40 + i * 420, 150]; });
         app.canvas.ds.offset = [0, 0]; app.graph.setDirtyCanvas(true, true);
     """)
-    time.sleep(0.5)
+    drawn(browser)
     browser.save_screenshot(str(shots / "webui-badge.png"))
 
 
@@ -215,7 +212,7 @@ def test_with_nodes_2_0_the_mark_is_on_the_node_element(comfyuis: tuple[Instance
         assert browser.execute_script(
             "return window.comfyAPI.app.app.extensionManager.setting.get('Comfy.VueNodes.Enabled')") is True
         queue_on_page(browser, workflow(seed), shots)
-        text = wait_for(lambda: browser.execute_script(
+        text = poll(lambda: browser.execute_script(
             "return document.querySelector('[data-node-id=\"2\"] > .comfy-mesh-badge')?.textContent"),
             "the mesh badge on the slow node's element", PAGE_TIMEOUT)
         assert "comfy-a" in text and "saved" in text, text

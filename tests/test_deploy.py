@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
 from tests.support.cli import run_cli
 from tests.support.poll import poll
 from tests.support.sandbox import SYSTEM_PYTHON, container_argv, missing_tools, read_unit, sandbox_argv
@@ -56,6 +57,15 @@ def test_the_install_script_passes_shellcheck() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def fake_etc(root: Path) -> None:
+    """The files useradd and groupadd need under a temporary root (`ROOT=` of install-systemd.sh)."""
+    (root / "etc").mkdir()
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (root / "etc" / "group").write_text("root:x:0:\n")
+    for name in ("shadow", "gshadow"):
+        (root / "etc" / name).touch(mode=0o600)
+
+
 @pytest.fixture(scope="module")
 def installed() -> Iterator[Path]:
     """A temporary root with the wheel installed by install-systemd.sh (readable by the service user: 0755)."""
@@ -68,11 +78,7 @@ def installed() -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="mesh-deploy-"))
     try:
         root.chmod(0o755)
-        (root / "etc").mkdir()
-        (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
-        (root / "etc" / "group").write_text("root:x:0:\n")
-        for name in ("shadow", "gshadow"):
-            (root / "etc" / name).touch(mode=0o600)
+        fake_etc(root)
         dist = root / "dist"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "PYTHON", "VIRTUAL_ENV"))}
         r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(REPO)],
@@ -413,14 +419,6 @@ def test_compose_gives_the_secret_to_the_container_users() -> None:
             assert str(gid) in [str(g) for g in service["group_add"]], f"{name} cannot read the secret"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pod_env(container: dict, replace: dict[str, str]) -> dict[str, str]:
     """The container's environment as the kubelet builds it (fieldRefs, $(VAR) references), then with the
     pod's paths and ports swapped for the test's (`replace`)."""
@@ -476,7 +474,7 @@ def test_the_pods_command_and_probes_run_as_its_uid(installed: Path, tmp_path: P
         os.chown(data, 0, fs_group if fs_group is not None else 0)
         data.chmod(0o2770 if fs_group is not None else 0o755)
 
-        grpc_port, metrics_port = _free_port(), _free_port()
+        grpc_port, metrics_port = free_port(), free_port()
         env = _pod_env(container, {mounts[secret_vol["name"]]: str(secrets), mounts[claim]: str(data),
                                    ":8288": f":{grpc_port}", ":9288": f":{metrics_port}"})
         env |= {"PATH": f"{mesh.parent}:/usr/bin:/bin", "HOME": "/", "LANG": "C.UTF-8",
@@ -537,11 +535,7 @@ def test_install_refuses_a_python_the_service_user_cannot_run(tmp_path: Path) ->
         root.chmod(0o755)
         (private / "python3").symlink_to(os.path.realpath(SYSTEM_PYTHON if Path(SYSTEM_PYTHON).exists()
                                                           else sys.executable))
-        (root / "etc").mkdir()
-        (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
-        (root / "etc" / "group").write_text("root:x:0:\n")
-        for name in ("shadow", "gshadow"):
-            (root / "etc" / name).touch(mode=0o600)
+        fake_etc(root)
         wheel = tmp_path / "comfy_mesh-0.1.0-py3-none-any.whl"
         wheel.write_bytes(b"")  # never reached: the script stops before pip
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "PYTHON", "VIRTUAL_ENV"))}

@@ -13,28 +13,17 @@ root entry, provider/ or mesh/ before these tests can see it. Each builds venvs 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from tests.support.shell import sh
+
 REPO = Path(__file__).resolve().parent.parent
 HARNESS = REPO / "tests" / "support" / "comfy_harness.py"
 SECRET = "install-test-secret"
-
-
-def sh(*argv: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600,
-       ok: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run argv with no PYTHONPATH and no MESH_* settings of the developer's: nothing of this checkout leaks in."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "PYTHON"))}
-    r = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                       env={**clean, **(env or {})})
-    if ok:
-        assert r.returncode == 0, f"{argv}: {r.stdout[-3000:]} {r.stderr[-3000:]}"
-    return r
 
 
 def clone(dest: Path) -> Path:

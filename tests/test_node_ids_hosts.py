@@ -79,7 +79,7 @@ def test_two_nodes_under_one_id_are_refused_and_named_on_both_sides(tmp_path: Pa
         poll(lambda: _cli(lab, c, secret, "status")["members"]["ALIVE"] == 2, "a and c form a mesh",  # type: ignore[index]
              interval=0.3)
         _serve(lab, tmp_path, "b", b, secret, "--node-id", "gpu", "--seeds", f"{a.addr}:{PORT},{c.addr}:{PORT}")
-        clash = f"node id 'gpu' is claimed by two nodes, at {{}} and at {{}}"
+        clash = "node id 'gpu' is claimed by two nodes, at {} and at {}"
         named = [clash.format(f"{a.addr}:{PORT}", f"{b.addr}:{PORT}"),
                  clash.format(f"{b.addr}:{PORT}", f"{a.addr}:{PORT}")]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -14,16 +13,10 @@ import pytest
 
 from tests.support.cli import run_cli
 from tests.support.serve import start_serve
+from tests.support.shell import sh
 
 REPO = Path(__file__).resolve().parent.parent
 OLD_PROTOBUF = "protobuf==5.29.6"
-
-
-def sh(*argv: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MESH_", "PYTHON"))}
-    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
-    assert r.returncode == 0, f"{argv}: {r.stdout[-2000:]} {r.stderr[-2000:]}"
-    return r
 
 
 @pytest.mark.slow

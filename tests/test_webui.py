@@ -350,7 +350,7 @@ def test_a_node_served_after_a_dedupe_wait_is_marked_and_counted_once_as_served(
         counters = DedupeCounters()
 
         async def before_compute(self, key: str, class_type: str, prompt: str, fetch: Any) -> Found:
-            return Found({"outputs": [[1]], "ui": None}, 10, {}, ("gpu2",), 5.0)  # computed meanwhile by gpu2
+            return Found({"outputs": [[1]], "ui": None}, 10, ("gpu2",), 5.0)  # computed meanwhile by gpu2
 
         def prompt_end(self, prompt: str) -> None:
             pass

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
-def poll(check: Callable[[], bool], what: str, timeout: float = 30.0, interval: float = 0.05) -> None:
-    """Wait until `check()` holds, at most `timeout` seconds; TimeoutError naming `what` otherwise. `check` may
-    raise to stop the wait early (a process that died)."""
+def poll(check: Callable[[], T], what: str, timeout: float = 30.0, interval: float = 0.05) -> T:
+    """Wait until `check()` holds, at most `timeout` seconds, and return what it answered (truthy);
+    TimeoutError naming `what` otherwise. `check` may raise to stop the wait early (a process that died)."""
     deadline = time.monotonic() + timeout
-    while not check():
+    while not (got := check()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"not within {timeout} s: {what}")
         time.sleep(interval)
+    return got
